@@ -1,0 +1,216 @@
+"""Bit-wise block-sparse FlashAttention forward (Triton).
+
+How is this kernel parallelized? One program per (query tile of BLOCK_M rows, batch x head).
+Its KV loop walks the set bits of the query block's mask row: find the lowest set bit, process
+that 128-token KV block, clear the bit, repeat. Skipped blocks cost nothing: not their loads,
+not their QK^T. The row's words are held in registers as a small vector, so the walk is a
+``for`` loop with a trip count known up front (the popcount), which Triton can software-pipeline.
+
+The math lives in ``bsa_forward_tile``. The eager kernel below calls it; the Inductor template
+(``scaling_attn_compile.lowering``) pastes its source, so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MASK_BLOCK = 128  # tokens per mask block (queries and keys); BLOCK_N == MASK_BLOCK
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def bsa_popcount(x):
+    """Set bits of each uint32 lane (SWAR; no intrinsic needed, so it also runs interpreted)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24
+
+
+@triton.jit
+def bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h, off_b, off_h,
+                     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr):
+    """The level this (batch element, head) uses: level_table[#{bounds <= t}, h]. On device, no sync."""
+    t = tl.load(TS + off_b * stride_ts).to(tl.float32)
+    offs = tl.arange(0, BOUNDS_P2)
+    bounds = tl.load(BOUNDS + offs, mask=offs < NUM_BOUNDS, other=float("inf"))
+    bucket = tl.sum((bounds <= t).to(tl.int32), axis=0)
+    return tl.load(LEVEL_TABLE + bucket * stride_lt_t + off_h * stride_lt_h)
+
+
+@triton.jit
+def bsa_forward_tile(
+    Q, K, V, MASKS, LEVEL_TABLE, BOUNDS, TS,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mh, stride_ml, stride_mu, stride_mw,
+    stride_lt_t, stride_lt_h, stride_ts,
+    off_b, off_h, pid_m, SEQ_LEN, qk_scale,
+    NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
+    NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """One (BLOCK_M, HEAD_DIM) output tile, normalised, in float32.
+
+    ``qk_scale`` is the softmax scale times log2(e): the loop works in exp2.
+    """
+    tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
+    tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n0 = tl.arange(0, BLOCK_N)
+
+    # -- this tile's mask row: level from the timestep, words into registers ------------------
+    level = bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h,
+                             off_b, off_h, NUM_BOUNDS, BOUNDS_P2)
+    qblock = (pid_m * BLOCK_M) // 128
+    offs_w = tl.arange(0, NUM_WORDS_P2)
+    row = MASKS + off_h * stride_mh + level * stride_ml + qblock * stride_mu
+    words = tl.load(row + offs_w * stride_mw, mask=offs_w < NUM_WORDS, other=0).to(tl.uint32,
+                                                                                    bitcast=True)
+    # The diagonal block is always kept, so no query row is ever empty.
+    diag_bit = tl.full([NUM_WORDS_P2], 1, tl.uint32) << (qblock % 32).to(tl.uint32)
+    words = words | tl.where(offs_w == qblock // 32, diag_bit, 0)
+    n_kept = tl.sum(bsa_popcount(words), axis=0)
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
+                + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_LEN, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for _ in range(0, n_kept):
+        # -- find-first-set over the row's words, then clear that bit ---------------------------
+        wi = tl.min(tl.where(words != 0, offs_w, NUM_WORDS_P2), axis=0)
+        w = tl.sum(tl.where(offs_w == wi, words, 0), axis=0)
+        low = w & (~w + 1)
+        # log2 of a power of two: its float32 exponent (exact, and needs no clz intrinsic).
+        bit = ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        words = tl.where(offs_w == wi, words ^ low, words)
+        start_n = (wi * 32 + bit) * BLOCK_N
+
+        # -- S = Q K^T on this block; columns past SEQ_LEN (partial last block) are -inf --------
+        offs_n = start_n + offs_n0
+        in_seq = offs_n < SEQ_LEN
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=in_seq[None, :], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        qk = tl.where(in_seq[None, :], qk, float("-inf"))
+
+        # -- online softmax update ---------------------------------------------------------------
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=in_seq[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    return acc / l_i[:, None], offs_m, offs_d
+
+
+@triton.jit
+def _bsa_forward_kernel(
+    Q, K, V, MASKS, LEVEL_TABLE, BOUNDS, TS, OUT,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_mh, stride_ml, stride_mu, stride_mw,
+    stride_lt_t, stride_lt_h, stride_ts,
+    NUM_HEADS, SEQ_LEN, qk_scale,
+    NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
+    NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // NUM_HEADS
+    off_h = off_bh % NUM_HEADS
+    acc, offs_m, offs_d = bsa_forward_tile(
+        Q, K, V, MASKS, LEVEL_TABLE, BOUNDS, TS,
+        stride_qb, stride_qh, stride_qs, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_mh, stride_ml, stride_mu, stride_mw,
+        stride_lt_t, stride_lt_h, stride_ts,
+        off_b, off_h, pid_m, SEQ_LEN, qk_scale,
+        NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM,
+    )
+    out = OUT + off_b * stride_ob + off_h * stride_oh
+    tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             acc.to(OUT.dtype.element_ty), mask=offs_m[:, None] < SEQ_LEN)
+
+
+# Tile configurations tried by the eager launcher's autotuner, as (BLOCK_M, num_warps, num_stages).
+CONFIGS = [(128, 8, 2), (128, 8, 3), (128, 4, 2), (64, 4, 2), (64, 4, 3)]
+# A single config for the interpreter and for tests that should not autotune.
+DEFAULT_CONFIG = (128, 8, 2)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else triton.next_power_of_2(n)
+
+
+def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) -> dict:
+    """Compile-time constants shared by the eager launch and the Inductor template."""
+    return dict(NUM_WORDS=num_words, NUM_WORDS_P2=_pow2(num_words), NUM_BOUNDS=num_bounds,
+                BOUNDS_P2=_pow2(num_bounds), BLOCK_N=MASK_BLOCK, HEAD_DIM=head_dim)
+
+
+def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
+                                   scale: float, config: tuple[int, int, int] | None = None):
+    """Launch the kernel, writing into ``out`` (same shape as ``q``). Inputs are validated by the op.
+
+    ``config`` pins (BLOCK_M, num_warps, num_stages); ``None`` uses the autotuned choice.
+    """
+    B, H, S, D = q.shape
+    ts = timestep.reshape(-1)
+    stride_ts = 0 if ts.numel() == 1 else ts.stride(0)
+    meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
+    block_m, num_warps, num_stages = config or pick_config(q, k, v, masks, level_table,
+                                                           bucket_bounds, ts, out, scale)
+    grid = (triton.cdiv(S, block_m), B * H)
+    _bsa_forward_kernel[grid](
+        q, k, v, masks, level_table, bucket_bounds, ts, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *masks.stride(),
+        *level_table.stride(), stride_ts,
+        H, S, scale * LOG2E,
+        BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages, **meta,
+    )
+    return out
+
+
+_TUNED: dict[tuple, tuple[int, int, int]] = {}
+
+
+def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale):
+    """Benchmark CONFIGS once per (shape, dtype, density-table shape) key and cache the winner."""
+    key = (tuple(q.shape), q.dtype, tuple(masks.shape), bucket_bounds.numel(), str(q.device))
+    if key in _TUNED:
+        return _TUNED[key]
+    if q.device.type != "cuda":  # the interpreter: nothing to tune
+        return DEFAULT_CONFIG
+    from triton.testing import do_bench
+
+    times = {}
+    for cfg in CONFIGS:
+        fn = lambda c=cfg: block_sparse_attention_forward(q, k, v, masks, level_table,
+                                                           bucket_bounds, ts, out, scale, c)
+        try:
+            times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config that does not fit (shared memory, registers) is skipped
+            continue
+    if not times:
+        raise RuntimeError("block_sparse_attention: no kernel configuration compiled for "
+                           f"shape {tuple(q.shape)} {q.dtype}")
+    _TUNED[key] = min(times, key=times.get)
+    return _TUNED[key]

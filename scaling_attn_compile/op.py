@@ -1,0 +1,111 @@
+"""The block-sparse attention op: ``torch.ops.scaling_attn.sparse_attention``.
+
+``sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale) -> out``
+
+* ``q, k, v``: ``(B, H, S, D)``, fp16/bf16 (fp32 too on the CPU reference and the interpreter);
+  any strides with a contiguous last dim, e.g. the ``(B, H, S, D)`` views of ``(B, S, H, D)``
+  memory that diffusers passes to SDPA.
+* ``masks`` int32 ``(H, L, NB, W)``, ``level_table`` int32 ``(NT, H)``, ``bucket_bounds`` float32
+  ``(NT - 1,)``: one layer's tables, format in :mod:`scaling_attn_compile.masks`.
+* ``timestep``: ``(B,)`` or ``()``; picks each batch element's density level on the device
+  (no ``.item()``, no host sync, so CUDA graphs can capture it).
+* ``scale``: the softmax scale (``1 / sqrt(D)`` for SDPA's default).
+* ``out``: same shape, dtype and strides as ``q``.
+
+Semantics: :func:`scaling_attn_compile.reference.sparse_attention_reference`. On CUDA the op
+launches the Triton kernel in ``kernels/``; on the CPU it runs the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .masks import num_blocks, num_words
+from .reference import sparse_attention_reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = (64, 128)
+
+
+def _check(cond: bool, exc: type[Exception], msg: str) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep) -> None:
+    """Raise ValueError/TypeError naming the argument, what was expected and what was got."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(t.dim() == 4, ValueError,
+               f"sparse_attention: {name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+    _check(k.shape == q.shape and v.shape == q.shape, ValueError,
+           "sparse_attention: q, k and v must have the same shape (self-attention, Sq == Sk), got "
+           f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _check(k.dtype == q.dtype and v.dtype == q.dtype, TypeError,
+           f"sparse_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(q.dtype.is_floating_point, TypeError,
+           f"sparse_attention: q must be a floating-point tensor, got {q.dtype}")
+    _check(k.device == q.device and v.device == q.device, ValueError,
+           f"sparse_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, S, D = q.shape
+    nb, nw = num_blocks(S), num_words(S)
+    _check(masks.dtype == torch.int32, TypeError,
+           f"sparse_attention: masks must be int32 bit-packed words, got {masks.dtype}")
+    _check(masks.dim() == 4 and masks.shape[0] == H and masks.shape[2] == nb
+           and masks.shape[3] == nw and masks.shape[1] >= 1, ValueError,
+           f"sparse_attention: masks must have shape (H={H}, L>=1, NB={nb}, W={nw}) for S={S}, "
+           f"got {tuple(masks.shape)}; materialise the plan for this sequence length")
+    _check(level_table.dtype == torch.int32, TypeError,
+           f"sparse_attention: level_table must be int32, got {level_table.dtype}")
+    _check(bucket_bounds.dim() == 1, ValueError,
+           f"sparse_attention: bucket_bounds must be 1-D (NT - 1,), got {tuple(bucket_bounds.shape)}")
+    _check(bucket_bounds.dtype == torch.float32, TypeError,
+           f"sparse_attention: bucket_bounds must be float32, got {bucket_bounds.dtype}")
+    nt = bucket_bounds.numel() + 1
+    _check(level_table.dim() == 2 and tuple(level_table.shape) == (nt, H), ValueError,
+           f"sparse_attention: level_table must have shape (NT={nt}, H={H}), got "
+           f"{tuple(level_table.shape)}")
+    _check(timestep.dim() == 0 or (timestep.dim() == 1 and timestep.shape[0] in (1, B)), ValueError,
+           f"sparse_attention: timestep must have shape ({B},) or (), got {tuple(timestep.shape)}")
+    for name, t in (("masks", masks), ("level_table", level_table),
+                    ("bucket_bounds", bucket_bounds), ("timestep", timestep)):
+        _check(t.device == q.device, ValueError,
+               f"sparse_attention: {name} must be on q's device {q.device}, got {t.device}")
+
+
+def validate_kernel_inputs(q, *, interpret: bool = False) -> None:
+    """What the Triton kernel supports beyond the op's semantics."""
+    _check(q.is_cuda or interpret, ValueError,
+           f"block-sparse kernel: tensors must be CUDA tensors, got device {q.device} "
+           "(the op runs the reference on the CPU; set TRITON_INTERPRET=1 to interpret the kernel)")
+    _check(q.dtype in KERNEL_DTYPES or (interpret and q.dtype == torch.float32), TypeError,
+           f"block-sparse kernel: dtype must be float16 or bfloat16, got {q.dtype}")
+    _check(q.shape[-1] in HEAD_DIMS, ValueError,
+           f"block-sparse kernel: head_dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+
+
+@torch.library.custom_op("scaling_attn::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
+                     level_table: torch.Tensor, bucket_bounds: torch.Tensor,
+                     timestep: torch.Tensor, scale: float) -> torch.Tensor:
+    validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    out = torch.empty_like(q)  # same strides as q, as the fake promises
+    if q.is_cuda:
+        validate_kernel_inputs(q)
+        from .kernels.block_sparse_attention import block_sparse_attention_forward
+
+        return block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds,
+                                              timestep, out, scale)
+    return out.copy_(sparse_attention_reference(q, k, v, masks, level_table, bucket_bounds,
+                                                timestep, scale))
+
+
+@sparse_attention.register_fake
+def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale):
+    validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    return torch.empty_like(q)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
