@@ -1,0 +1,97 @@
+"""Materialised tables: what the backend binds to a model for one latent grid.
+
+A plan (WEST topology + FAST schedule, :mod:`scaling_attn_compile.plan`) is resolution-free;
+``plan.materialize(grid)`` turns it into :class:`AttentionTables` for one latent grid
+``(F, H, W)`` (after patching). The backend only ever sees these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .masks import add_diagonal, num_blocks, pack_blocks
+
+
+@dataclass
+class AttentionTables:
+    """Per-layer op inputs for one latent grid.
+
+    Attributes:
+        grid: latent token grid ``(F, H, W)`` after patching; ``S = F * H * W``.
+        masks: per layer, int32 ``(H, L, NB, W)`` bit-packed block masks.
+        level_tables: per layer, int32 ``(NT, H)``.
+        bucket_bounds: float32 ``(NT - 1,)``, ascending timestep boundaries (shared by layers).
+        level_densities: per layer, float ``(H, L)`` kept-block fraction of each level (for logs).
+    """
+
+    grid: tuple[int, int, int]
+    masks: list[torch.Tensor]
+    level_tables: list[torch.Tensor]
+    bucket_bounds: torch.Tensor
+    level_densities: list[torch.Tensor] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.masks)
+
+    @property
+    def num_heads(self) -> int:
+        return self.masks[0].shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return math.prod(self.grid)
+
+    def to(self, device) -> AttentionTables:
+        return AttentionTables(
+            self.grid,
+            [m.to(device) for m in self.masks],
+            [t.to(device) for t in self.level_tables],
+            self.bucket_bounds.to(device),
+            self.level_densities,
+        )
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(masks, level_table, bucket_bounds)`` of layer ``i``, in the op's argument order."""
+        return self.masks[i], self.level_tables[i], self.bucket_bounds
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.masks, *self.level_tables])
+
+
+def uniform_tables(num_layers: int, num_heads: int, grid: tuple[int, int, int], density: float,
+                   *, seed: int = 0, pattern: str = "random") -> AttentionTables:
+    """Tables with one level per layer at ``density`` kept blocks, for benchmarks and tests.
+
+    ``pattern="random"`` keeps a random ``density`` fraction of each query-block row (plus the
+    diagonal); ``"local"`` keeps the nearest blocks to the diagonal (a band). Density 1.0 is
+    all blocks.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"uniform_tables: density must be in (0, 1], got {density}")
+    s = math.prod(grid)
+    nb = num_blocks(s)
+    keep = max(1, round(density * nb))
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for _ in range(num_layers):
+        if pattern == "random":
+            score = torch.rand(num_heads, nb, nb, generator=g)
+        elif pattern == "local":
+            idx = torch.arange(nb)
+            score = -(idx[:, None] - idx[None, :]).abs().float().expand(num_heads, nb, nb)
+        else:
+            raise ValueError(f"uniform_tables: pattern must be 'random' or 'local', got {pattern!r}")
+        score = score + 2.0 * torch.eye(nb)  # the diagonal is always among the kept blocks
+        top = score.topk(keep, dim=-1).indices
+        block = torch.zeros(num_heads, nb, nb, dtype=torch.bool).scatter_(-1, top, True)
+        masks.append(pack_blocks(add_diagonal(block))[:, None])  # (H, 1, NB, W)
+    return AttentionTables(
+        grid=tuple(grid),
+        masks=masks,
+        level_tables=[torch.zeros(1, num_heads, dtype=torch.int32) for _ in range(num_layers)],
+        bucket_bounds=torch.zeros(0, dtype=torch.float32),
+    )
