@@ -40,6 +40,47 @@ def bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_
 
 
 @triton.jit
+def bsa_next_block(words, offs_w, NUM_WORDS_P2: tl.constexpr):
+    """Find-first-set over a row's words: returns (KV block index of the lowest set bit, words
+    with that bit cleared)."""
+    wi = tl.min(tl.where(words != 0, offs_w, NUM_WORDS_P2), axis=0)
+    w = tl.sum(tl.where(offs_w == wi, words, 0), axis=0)
+    low = w & (~w + 1)
+    # log2 of a power of two is its float32 exponent: exact, and needs no clz intrinsic.
+    bit = ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    return wi * 32 + bit, tl.where(offs_w == wi, words ^ low, words)
+
+
+@triton.jit
+def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_n0, offs_d, SEQ_LEN,
+                     stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                     PARTIAL: tl.constexpr):
+    """One online-softmax step over the 128 keys starting at ``start_n``. ``PARTIAL`` masks keys
+    past ``SEQ_LEN``; only the last block needs it, so the hot loop runs without it."""
+    offs_n = start_n + offs_n0
+    if PARTIAL:
+        in_seq = offs_n < SEQ_LEN
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=in_seq[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=in_seq[:, None], other=0.0)
+        qk = tl.dot(q, k)
+        qk = tl.where(in_seq[None, :], qk, float("-inf"))
+    else:
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+        qk = tl.dot(q, k)
+    # Scale folded into one FMA with the max subtraction, in exp2 (the Triton tutorial's trick).
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def bsa_forward_tile(
     Q, K, V, MASKS, LEVEL_TABLE, BOUNDS, TS,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -51,10 +92,12 @@ def bsa_forward_tile(
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_S: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD_DIM) output tile, normalised, in float32.
 
-    ``qk_scale`` is the softmax scale times log2(e): the loop works in exp2.
+    ``qk_scale`` is the softmax scale times log2(e): the loop works in exp2. ``EVEN_S`` says
+    ``SEQ_LEN % 128 == 0`` (no partial last block).
     """
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
@@ -69,11 +112,17 @@ def bsa_forward_tile(
     qblock = (pid_m * BLOCK_M) // 128
     offs_w = tl.arange(0, NUM_WORDS_P2)
     row = MASKS + off_h * stride_mh + level * stride_ml + qblock * stride_mu
-    words = tl.load(row + offs_w * stride_mw, mask=offs_w < NUM_WORDS, other=0).to(tl.uint32,
-                                                                                    bitcast=True)
+    words = tl.load(row + offs_w * stride_mw, mask=offs_w < NUM_WORDS, other=0)
+    words = words.to(tl.uint32, bitcast=True)
     # The diagonal block is always kept, so no query row is ever empty.
-    diag_bit = tl.full([NUM_WORDS_P2], 1, tl.uint32) << (qblock % 32).to(tl.uint32)
-    words = words | tl.where(offs_w == qblock // 32, diag_bit, 0)
+    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
+    words = words | tl.where(offs_w == qblock // 32, one << (qblock % 32).to(tl.uint32), 0)
+    if not EVEN_S:
+        # The partial last block is taken out of the walk and done after it, with masking.
+        last = tl.cdiv(SEQ_LEN, BLOCK_N) - 1
+        last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
+        has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
+        words = words & ~last_bit
     n_kept = tl.sum(bsa_popcount(words), axis=0)
 
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
@@ -86,34 +135,15 @@ def bsa_forward_tile(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     for _ in range(0, n_kept):
-        # -- find-first-set over the row's words, then clear that bit ---------------------------
-        wi = tl.min(tl.where(words != 0, offs_w, NUM_WORDS_P2), axis=0)
-        w = tl.sum(tl.where(offs_w == wi, words, 0), axis=0)
-        low = w & (~w + 1)
-        # log2 of a power of two: its float32 exponent (exact, and needs no clz intrinsic).
-        bit = ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        words = tl.where(offs_w == wi, words ^ low, words)
-        start_n = (wi * 32 + bit) * BLOCK_N
-
-        # -- S = Q K^T on this block; columns past SEQ_LEN (partial last block) are -inf --------
-        offs_n = start_n + offs_n0
-        in_seq = offs_n < SEQ_LEN
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=in_seq[None, :], other=0.0)
-        qk = tl.dot(q, k) * qk_scale
-        qk = tl.where(in_seq[None, :], qk, float("-inf"))
-
-        # -- online softmax update ---------------------------------------------------------------
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=in_seq[:, None], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
-
+        kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
+        acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, kv_block * BLOCK_N,
+                                         offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
+                                         stride_vs, stride_vd, qk_scale, False)
+    if not EVEN_S:
+        if has_last:
+            acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, last * BLOCK_N,
+                                             offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
+                                             stride_vs, stride_vd, qk_scale, True)
     return acc / l_i[:, None], offs_m, offs_d
 
 
@@ -130,6 +160,7 @@ def _bsa_forward_kernel(
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_S: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -143,7 +174,7 @@ def _bsa_forward_kernel(
         stride_mh, stride_ml, stride_mu, stride_mw,
         stride_lt_t, stride_lt_h, stride_ts,
         off_b, off_h, pid_m, SEQ_LEN, qk_scale,
-        NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM,
+        NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
     )
     out = OUT + off_b * stride_ob + off_h * stride_oh
     tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
@@ -163,7 +194,8 @@ def _pow2(n: int) -> int:
 def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) -> dict:
     """Compile-time constants shared by the eager launch and the Inductor template."""
     return dict(NUM_WORDS=num_words, NUM_WORDS_P2=_pow2(num_words), NUM_BOUNDS=num_bounds,
-                BOUNDS_P2=_pow2(num_bounds), BLOCK_N=MASK_BLOCK, HEAD_DIM=head_dim)
+                BOUNDS_P2=_pow2(num_bounds), BLOCK_N=MASK_BLOCK, HEAD_DIM=head_dim,
+                EVEN_S=seq_len % MASK_BLOCK == 0)
 
 
 def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
@@ -190,6 +222,7 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
 
 
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
+TUNING_TIMES: dict[tuple, dict] = {}  # key -> {config: median ms}, kept for benchmark records
 
 
 def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale):
@@ -212,5 +245,6 @@ def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale):
     if not times:
         raise RuntimeError("block_sparse_attention: no kernel configuration compiled for "
                            f"shape {tuple(q.shape)} {q.dtype}")
+    TUNING_TIMES[key] = times
     _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
