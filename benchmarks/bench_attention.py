@@ -52,8 +52,10 @@ class Record:
 
 
 def environment() -> dict:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    # The device's copy of the tree has no .git: the launcher can pass the SHA in the environment.
+    sha = os.environ.get("GIT_SHA") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
     import triton
 
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -12,6 +12,9 @@ The math lives in ``bsa_forward_tile``. The eager kernel below calls it; the Ind
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
@@ -52,13 +55,20 @@ def bsa_next_block(words, offs_w, NUM_WORDS_P2: tl.constexpr):
 
 
 @triton.jit
-def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, start_n, offs_n0, offs_d, SEQ_LEN,
-                     stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                     PARTIAL: tl.constexpr):
+def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, offs_n0, offs_d,
+                     SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                     PARTIAL: tl.constexpr, USE_TMA: tl.constexpr):
     """One online-softmax step over the 128 keys starting at ``start_n``. ``PARTIAL`` masks keys
     past ``SEQ_LEN``; only the last block needs it, so the hot loop runs without it."""
     offs_n = start_n + offs_n0
-    if PARTIAL:
+    if USE_TMA:
+        # The tensor-memory accelerator zero-fills rows past SEQ_LEN; the -inf mask is still ours.
+        k = k_desc.load([start_n, 0]).T
+        v = v_desc.load([start_n, 0])
+        qk = tl.dot(q, k)
+        if PARTIAL:
+            qk = tl.where((offs_n < SEQ_LEN)[None, :], qk, float("-inf"))
+    elif PARTIAL:
         in_seq = offs_n < SEQ_LEN
         k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                     mask=in_seq[None, :], other=0.0)
@@ -92,7 +102,7 @@ def bsa_forward_tile(
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EVEN_S: tl.constexpr,
+    EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """One (BLOCK_M, HEAD_DIM) output tile, normalised, in float32.
 
@@ -129,21 +139,30 @@ def bsa_forward_tile(
                 + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_LEN, other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
+    k_desc = None
+    v_desc = None
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[SEQ_LEN, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[SEQ_LEN, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for _ in range(0, n_kept):
+    for _ in tl.range(0, n_kept, warp_specialize=WARP_SPECIALIZE):
         kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-        acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, kv_block * BLOCK_N,
-                                         offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
-                                         stride_vs, stride_vd, qk_scale, False)
+        acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
+                                         kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN,
+                                         stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                         False, USE_TMA)
     if not EVEN_S:
         if has_last:
-            acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, last * BLOCK_N,
-                                             offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
-                                             stride_vs, stride_vd, qk_scale, True)
+            acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
+                                             last * BLOCK_N, offs_n0, offs_d, SEQ_LEN,
+                                             stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                                             True, USE_TMA)
     return acc / l_i[:, None], offs_m, offs_d
 
 
@@ -160,7 +179,7 @@ def _bsa_forward_kernel(
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EVEN_S: tl.constexpr,
+    EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -175,16 +194,28 @@ def _bsa_forward_kernel(
         stride_lt_t, stride_lt_h, stride_ts,
         off_b, off_h, pid_m, SEQ_LEN, qk_scale,
         NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
+        USE_TMA, WARP_SPECIALIZE,
     )
     out = OUT + off_b * stride_ob + off_h * stride_oh
     tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              acc.to(OUT.dtype.element_ty), mask=offs_m[:, None] < SEQ_LEN)
 
 
-# Tile configurations tried by the eager launcher's autotuner, as (BLOCK_M, num_warps, num_stages).
-CONFIGS = [(128, 8, 2), (128, 8, 3), (128, 4, 2), (64, 4, 2), (64, 4, 3)]
+class KernelConfig(NamedTuple):
+    """One tile configuration of the kernel."""
+
+    block_m: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool = False  # K/V through device-side tensor descriptors (Hopper TMA)
+    warp_specialize: bool = False
+
+
+# Tile configurations tried by the eager launcher's autotuner.
+CONFIGS = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4, 2),
+           KernelConfig(64, 4, 2), KernelConfig(64, 4, 3)]
 # A single config for the interpreter and for tests that should not autotune.
-DEFAULT_CONFIG = (128, 8, 2)
+DEFAULT_CONFIG = KernelConfig(128, 8, 2)
 
 
 def _pow2(n: int) -> int:
@@ -199,29 +230,38 @@ def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) ->
 
 
 def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
-                                   scale: float, config: tuple[int, int, int] | None = None):
+                                   scale: float, config: tuple | None = None):
     """Launch the kernel, writing into ``out`` (same shape as ``q``). Inputs are validated by the op.
 
-    ``config`` pins (BLOCK_M, num_warps, num_stages); ``None`` uses the autotuned choice.
+    ``config`` pins a :class:`KernelConfig` (or a tuple of its fields); ``None`` autotunes.
     """
     B, H, S, D = q.shape
     ts = timestep.reshape(-1)
     stride_ts = 0 if ts.numel() == 1 else ts.stride(0)
     meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
-    block_m, num_warps, num_stages = config or pick_config(q, k, v, masks, level_table,
-                                                           bucket_bounds, ts, out, scale)
-    grid = (triton.cdiv(S, block_m), B * H)
+    cfg = KernelConfig(*(config or pick_config(q, k, v, masks, level_table, bucket_bounds, ts,
+                                               out, scale)))
+    if cfg.use_tma:
+        _ensure_tma_allocator()
+    grid = (triton.cdiv(S, cfg.block_m), B * H)
     _bsa_forward_kernel[grid](
         q, k, v, masks, level_table, bucket_bounds, ts, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *masks.stride(),
         *level_table.stride(), stride_ts,
         H, S, scale * LOG2E,
-        BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages, **meta,
+        BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize, **meta,
     )
     return out
 
 
-_TUNED: dict[tuple, tuple[int, int, int]] = {}
+def _ensure_tma_allocator():
+    """Device-side tensor descriptors need a global scratch allocation per program."""
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                 device="cuda"))
+
+
+_TUNED: dict[tuple, KernelConfig] = {}
 TUNING_TIMES: dict[tuple, dict] = {}  # key -> {config: median ms}, kept for benchmark records
 
 
