@@ -1,0 +1,301 @@
+"""Inductor lowering of ``torch.ops.scaling_attn.sparse_attention``: a Triton template on CUDA,
+the eager op (an extern call) everywhere else.
+
+Importing this module registers the lowering; :mod:`scaling_attn_compile.backend` imports it.
+
+One source of kernel math: the template's source is the stub below plus the *source text* of
+the ``@triton.jit`` functions in ``kernels/block_sparse_attention.py`` (``bsa_popcount``,
+``bsa_select_level``, ``bsa_forward_tile``), the same functions the eager launcher calls. The
+stub only computes program ids, passes strides and sizes, and stores the tile through
+``store_output`` (so Inductor can fuse a pointwise epilogue).
+
+Cache hygiene: Inductor's FX graph cache key does not cover this project's files, so a kernel
+edit could reuse stale generated code. :class:`KernelSourceHash` is a no-op post-grad pass whose
+``uuid()`` hashes this file, ``backend.py`` and the kernel file; the backend installs it in the
+config patches it gives ``compile_fx``.
+
+Version notes (torch 2.11 to 2.14, ``research/inductor.md`` section 1): the template is created
+once at import (a duplicate ``TritonTemplate`` name asserts up to 2.13);
+``autotune_select_algorithm`` returns ``node`` on 2.11 and ``(node, choice)`` from 2.12;
+``store_output`` takes ``val_shape`` in all four, but the stub only passes it when the installed
+signature has it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import re
+import types
+
+import torch
+from torch._inductor import ir
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.lowering import fallback_handler, register_lowering
+from torch._inductor.select_algorithm import (
+    SymbolicGridFn,
+    TritonTemplate,
+    TritonTemplateKernel,
+    autotune_select_algorithm,
+    realize_inputs,
+)
+from torch._inductor.virtualized import V
+
+from . import op as _op  # registers torch.ops.scaling_attn.sparse_attention
+from .kernels import block_sparse_attention as _kernel
+from .masks import num_blocks, pack_blocks
+
+log = logging.getLogger("scaling_attn_compile")
+
+OP = torch.ops.scaling_attn.sparse_attention.default
+TEMPLATE_NAME = "scaling_attn_bsa"
+
+# Devices the template is generated for. Anything else (the CPU) gets the eager op. Tests add
+# "cpu" (with Inductor's triton cpu backend) to render the template without a GPU.
+TEMPLATE_DEVICE_TYPES = {"cuda"}
+
+# The entry point of the kernel math; it and every jit function it calls (found by walking the
+# globals its code names) are pasted into the template.
+_TILE_FN = _kernel.bsa_forward_tile
+
+
+def _is_jit(obj) -> bool:
+    return hasattr(obj, "fn") and hasattr(obj, "src") or type(obj).__name__ in (
+        "JITFunction", "InterpretedFunction")
+
+
+def _jit_closure(root) -> list:
+    """``root`` and the jit functions it calls, transitively, callees first."""
+    order, seen = [], set()
+
+    def visit(fn):
+        raw = getattr(fn, "fn", fn)
+        if raw.__name__ in seen:
+            return
+        seen.add(raw.__name__)
+        for name in raw.__code__.co_names:
+            obj = raw.__globals__.get(name)
+            if obj is not None and _is_jit(obj):
+                visit(obj)
+        order.append(fn)
+
+    visit(root)
+    return order
+
+
+def _jit_source(fn, allowed_globals: set[str]) -> str:
+    """``@triton.jit`` + the source of a jit function, decorator lines stripped.
+
+    ``JITFunction.src`` starts at ``def`` in triton 3.6 and 3.9 (``JITCallable.__init__`` cuts
+    everything before the first ``^def``); the regex below makes that true whatever a future
+    version keeps, and falls back to ``inspect`` for objects without ``.src``.
+    """
+    raw = getattr(fn, "fn", fn)
+    src = getattr(fn, "src", None) or inspect.getsource(raw)
+    m = re.search(r"^def\s+\w+\s*\(", src, re.MULTILINE)
+    if m is None:
+        raise RuntimeError(f"lowering: cannot find the def line of jit function {raw.__name__}")
+    src = src[m.start():]
+    # The pasted function runs in the generated module, whose globals are triton's and the
+    # pasted functions only: a module-level constant of the kernel file would be a NameError on
+    # the GPU. Catch it here, at import, on any machine.
+    for name in raw.__code__.co_names:
+        value = raw.__globals__.get(name)
+        if value is not None and name not in allowed_globals and not isinstance(
+                value, types.ModuleType):
+            raise RuntimeError(
+                f"lowering: jit function {raw.__name__} uses the module global {name!r} of "
+                f"{inspect.getsourcefile(raw)}; the Inductor template pastes only the jit "
+                "functions' source, so pass it as an argument or a tl.constexpr (launch_meta)")
+    if "'''" in src:  # Inductor embeds the kernel in a ''' string in its output code
+        raise RuntimeError(f"lowering: jit function {raw.__name__} contains ''' (use \"\"\")")
+    return "@triton.jit\n" + src
+
+
+def _helpers_source() -> str:
+    fns = _jit_closure(_TILE_FN)
+    allowed = {getattr(f, "fn", f).__name__ for f in fns}
+    return "\n\n".join(_jit_source(f, allowed) for f in fns)
+
+
+def _tile_call() -> str:
+    """``bsa_forward_tile(<its parameter names>)``: the stub defines a local or a constexpr of
+    each name, so the call follows the function's signature instead of copying it."""
+    raw = getattr(_TILE_FN, "fn", _TILE_FN)
+    names = list(inspect.signature(raw).parameters)
+    return f"{raw.__name__}({', '.join(names)})"
+
+
+def _store_output_call() -> str:
+    params = inspect.signature(TritonTemplateKernel.store_output).parameters
+    extra = ', val_shape=("BLOCK_M", "HEAD_DIM")' if "val_shape" in params else ""
+    return f'{{{{store_output(("idx_b", "idx_h", "idx_m", "idx_d"), "acc", "mask"{extra})}}}}'
+
+
+# The stub. Grid: (cdiv(S, BLOCK_M), B, H). It binds one local per non-constexpr parameter of
+# bsa_forward_tile; the constexpr parameters (BLOCK_M, NUM_WORDS, EVEN_S, ...) are the kernel's
+# defines, made from the lowering's kwargs: BLOCK_M from the config, the rest from the kernel
+# module's launch_meta, the same function the eager launcher uses.
+_STUB = r'''
+{{def_kernel("Q", "K", "V", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS")}}
+    stride_qb, stride_qh, stride_qs, stride_qd = {{stride("Q")}}
+    stride_kb, stride_kh, stride_ks, stride_kd = {{stride("K")}}
+    stride_vb, stride_vh, stride_vs, stride_vd = {{stride("V")}}
+    stride_mh, stride_ml, stride_mu, stride_mw = {{stride("MASKS")}}
+    stride_lt_t, stride_lt_h = {{stride("LEVEL_TABLE")}}
+    stride_ts = STRIDE_TS
+    qk_scale = QK_SCALE
+    SEQ_LEN = {{size("Q", 2)}}
+    pid_m = tl.program_id(0)
+    off_b = tl.program_id(1)
+    off_h = tl.program_id(2)
+    acc, offs_m, offs_d = TILE_CALL
+    idx_b = off_b.to(INDEX_DTYPE)
+    idx_h = off_h.to(INDEX_DTYPE)
+    idx_m = offs_m[:, None].to(INDEX_DTYPE)
+    idx_d = offs_d[None, :].to(INDEX_DTYPE)
+    mask = (idx_m < SEQ_LEN) & (idx_d < HEAD_DIM)
+    STORE_OUTPUT
+'''
+
+
+def template_source() -> str:
+    """The full Jinja source: stub, then the kernel module's jit functions (verbatim, in a raw
+    block so that no ``{{``/``{#`` in them is ever read as Jinja). Helpers come after the kernel,
+    as in Inductor's flex template: ``def_kernel`` emits the imports at the top of the module.
+    """
+    stub = _STUB.replace("STORE_OUTPUT", _store_output_call()).replace("TILE_CALL", _tile_call())
+    return stub + "\n\n{% raw %}\n" + _helpers_source() + "\n{% endraw %}\n"
+
+
+@SymbolicGridFn
+def _grid(b, h, m, d, meta, *, cdiv):
+    return (cdiv(m, meta["BLOCK_M"]), b, h)
+
+
+# Created once, at import: torch <= 2.13 asserts on a second TritonTemplate with this name.
+if TEMPLATE_NAME in TritonTemplate.all_templates:  # importlib reload in a test session
+    _TEMPLATE = TritonTemplate.all_templates[TEMPLATE_NAME]
+else:
+    _TEMPLATE = TritonTemplate(name=TEMPLATE_NAME, grid=_grid, source=template_source())
+
+
+def _select(name, choices, input_nodes, layout, **kwargs):
+    result = autotune_select_algorithm(name, choices, input_nodes, layout, **kwargs)
+    return result[0] if isinstance(result, tuple) else result  # 2.11: node; >= 2.12: (node, choice)
+
+
+def _static(x) -> int:
+    return int(V.graph.sizevars.size_hint(x)) if not isinstance(x, int) else x
+
+
+def _shape(node) -> list[int]:
+    return [_static(s) for s in node.get_size()]
+
+
+def _like(node, values: torch.Tensor) -> torch.Tensor:
+    """``values`` copied into a tensor with ``node``'s size, strides, dtype and device."""
+    size, stride = _shape(node), [_static(s) for s in node.get_stride()]
+    out = torch.empty_strided(size, stride, dtype=node.get_dtype(), device=node.get_device())
+    return out.copy_(values.to(out.device, out.dtype).expand(size))
+
+
+def _input_gen_fns(seq_len: int):
+    """Valid op inputs for autotuning benchmarks. Random int32 words and levels would index out
+    of bounds (an illegal memory access); all real blocks kept is the slowest valid mask, which is
+    what the tile configs must be good at.
+    """
+    nb = num_blocks(seq_len)
+
+    def masks(node):
+        h, levels, rows, _ = _shape(node)
+        full = torch.ones(h, levels, rows, nb, dtype=torch.bool)
+        return _like(node, pack_blocks(full))
+
+    def level_table(node):
+        return _like(node, torch.zeros(_shape(node), dtype=torch.int32))
+
+    def bounds(node):
+        n = _shape(node)[0]
+        return _like(node, torch.linspace(0.0, 1000.0, n + 2)[1:-1])  # sorted, in (0, 1000)
+
+    def timestep(node):
+        return _like(node, torch.full(_shape(node), 500.0))
+
+    return {3: masks, 4: level_table, 5: bounds, 6: timestep}
+
+
+def _template_supported(q) -> bool:
+    head_dim = _static(q.get_size()[-1])
+    return q.get_dtype() in _op.KERNEL_DTYPES and head_dim in _op.HEAD_DIMS
+
+
+@register_lowering(OP, type_promotion_kind=None)
+def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale):
+    device = q.get_device()
+    if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q):
+        # CPU (and unsupported dtypes / head dims on CUDA, which the eager op rejects with a
+        # clear error): an extern call to the registered eager implementation.
+        return fallback_handler(OP, add_to_fallback_set=False)(
+            q, k, v, masks, level_table, bucket_bounds, timestep, scale)
+
+    inputs = [realize_inputs(x) for x in (q, k, v, masks, level_table, bucket_bounds, timestep)]
+    q = inputs[0]
+    size = list(q.get_size())
+    b, h, s, d = (_static(x) for x in size)
+    # Output: q's size and fill order, as the fake (empty_like(q)) promises.
+    stride = ir.FlexibleLayout.stride_ordered(size, ir.get_stride_order(q.get_stride()))
+    layout = ir.FixedLayout(device, q.get_dtype(), size, stride)
+
+    ts = inputs[6]
+    ts_numel = math.prod(_shape(ts))
+    stride_ts = 0 if ts_numel == 1 else _static(ts.get_stride()[0])
+    meta = _kernel.launch_meta(s, _shape(inputs[3])[-1], _shape(inputs[5])[0], d)
+    choices: list = []
+    for block_m, num_warps, num_stages in _kernel.CONFIGS:
+        err = _TEMPLATE.maybe_append_choice(
+            choices, input_nodes=inputs, layout=layout, num_stages=num_stages,
+            num_warps=num_warps, call_sizes=size, BLOCK_M=block_m,
+            QK_SCALE=float(scale) * _kernel.LOG2E, STRIDE_TS=stride_ts, **meta)
+        if err is not None:
+            log.debug("sparse_attention template config %s skipped: %s",
+                      (block_m, num_warps, num_stages), err)
+    if not choices:
+        log.warning("sparse_attention: no template choice for q %s %s; using the eager op",
+                    (b, h, s, d), q.get_dtype())
+        return fallback_handler(OP, add_to_fallback_set=False)(*inputs, scale)
+    return _select(TEMPLATE_NAME, choices, inputs, layout, input_gen_fns=_input_gen_fns(s))
+
+
+_HASHED_FILES = (
+    os.path.abspath(__file__),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend.py"),
+    os.path.abspath(_kernel.__file__),
+)
+
+
+class KernelSourceHash(CustomGraphPass):
+    """A post-grad pass that does nothing; its ``uuid()`` puts the lowering, backend and kernel
+    sources into Inductor's FX graph cache key, so a changed kernel never reuses stale code.
+
+    ``inner`` (optional) is a user pass to run and hash along (the backend composes it when the
+    user's ``inductor_config`` sets ``post_grad_custom_post_pass`` too).
+    """
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+
+    def uuid(self):
+        inner = ""
+        if self.inner is not None:
+            inner_uuid = getattr(self.inner, "uuid", None)
+            if inner_uuid is None:
+                return None  # an un-hashable user pass: Inductor bypasses the cache, as it would
+            inner = repr(inner_uuid())
+        return get_hash_for_files(tuple(f for f in _HASHED_FILES if os.path.exists(f)), inner)
