@@ -1,0 +1,485 @@
+"""The plan: one file holding a model's WEST topology and (optionally) its FAST schedule.
+
+    plan = load_plan("wan2.1-t2v-1.3b.plan.safetensors")
+    plan.check_model(pipe.transformer)                  # clear error on a different model
+    tables = plan.materialize((21, 30, 52))            # AttentionTables for one latent grid
+
+File format (``FORMAT_VERSION`` 1): a safetensors file. Tensors:
+
+``west.codes``          uint8 ``(num_layers, H, NB0, NB0)``: threshold codes at the calibration
+                        grid (``NB0 = ceil(F0*H0*W0 / 128)``); code ``c`` means ``T in ((c-1)/255,
+                        c/255]``, mask at keep-density ``p`` is ``c <= ceil(255 p)`` (see ``west``).
+``fast.levels``         float32 ``(NL,)``, only with a schedule: ascending WEST thresholds ``p``.
+``fast.level_tables``   int32 ``(num_layers, NT, H)``: level index per (layer, bucket, head).
+``fast.bucket_bounds``  float32 ``(NT - 1,)``: ascending timestep boundaries (``masks`` module).
+
+The JSON metadata sits in the safetensors header under the key ``"scaling_attn_plan"``: format
+name and version, model class, config and its fingerprint, a weights fingerprint, layers, heads,
+head_dim, block size, patch size, calibration grid and inputs, FAST info, and a sha256 of every
+tensor's bytes (safetensors itself checks the header and sizes, not the data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import west
+from .masks import BLOCK, num_blocks, num_words, pack_blocks
+from .tables import AttentionTables
+
+FORMAT = "scaling-attn-plan"
+FORMAT_VERSION = 1
+META_KEY = "scaling_attn_plan"
+DEFAULT_DENSITY = 0.5  # no schedule, no levels: one level at 50% kept blocks (paper: 45-74%)
+MAX_TABLE_BYTES = 600 * 10**6  # budget for one grid's materialised tables on the GPU
+
+Grid = tuple[int, int, int]
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used: bad file, wrong version, wrong model, bad arguments."""
+
+
+class PlanFileError(PlanError):
+    """The file is not a readable plan (truncated, corrupted, not a plan)."""
+
+
+class PlanVersionError(PlanError):
+    """The file's format version is not the one this package reads."""
+
+
+class PlanModelMismatch(PlanError):
+    """The plan was calibrated for another model (config or weights)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model fingerprints
+# --------------------------------------------------------------------------------------------
+
+def _unwrap(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+
+
+def model_config(transformer) -> dict:
+    """The architecture config of a diffusers transformer, JSON-able, private keys dropped."""
+    cfg = dict(_unwrap(transformer).config)
+    out = {}
+    for k, v in sorted(cfg.items()):
+        if k.startswith("_"):
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_fingerprint(config: dict) -> str:
+    """sha256 (16 hex) of the sorted JSON of an architecture config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
+    """sha256 (16 hex) of a strided sample of every ``blocks.<i>.attn1`` q/k projection weight.
+
+    WEST topology is weight-encoded, so another checkpoint of the same architecture is another
+    topology. Values are rounded to bfloat16 first so a checkpoint matches itself whether it is
+    run in float32, float16 or bfloat16. ``None`` for meta tensors (no weights).
+    """
+    model = _unwrap(transformer)
+    h = hashlib.sha256()
+    for block in model.blocks:
+        for name in ("to_q", "to_k"):
+            w = getattr(block.attn1, name).weight
+            if w.is_meta:
+                return None
+            flat = w.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // samples)][:samples]
+            h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Data classes
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class FastSchedule:
+    """FAST: the level each (layer, timestep bucket, head) uses. Filled by ``fast.py`` (issue 5).
+
+    Attributes:
+        levels: ascending WEST keep-density thresholds ``p`` in ``(0, 1]``, ``(NL,)``; level ``i``
+            of a layer/head is the mask ``T <= levels[i]`` (achieved density >= ``levels[i]``).
+        level_tables: int32 ``(num_layers, NT, H)``, values in ``[0, NL)``.
+        bucket_bounds: float32 ``(NT - 1,)`` ascending timestep boundaries (0..1000 units);
+            ``bucket(t) = #{bounds <= t}``, so a schedule profiled at 50 steps serves 30 too.
+        info: JSON-able facts about how it was made (target density, A(l, t) parameters, ...).
+    """
+
+    levels: list[float]
+    level_tables: torch.Tensor
+    bucket_bounds: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    def validate(self, num_layers: int, num_heads: int) -> None:
+        lv = list(self.levels)
+        if not lv or any(not 0.0 < p <= 1.0 for p in lv) or lv != sorted(lv):
+            raise PlanError(f"FastSchedule.levels: expected a non-empty ascending list in (0, 1], "
+                            f"got {lv}")
+        lt, bb = self.level_tables, self.bucket_bounds
+        if lt.dtype != torch.int32 or lt.dim() != 3 or lt.shape[0] != num_layers \
+                or lt.shape[2] != num_heads:
+            raise PlanError(f"FastSchedule.level_tables: expected int32 (num_layers={num_layers}, "
+                            f"NT, H={num_heads}), got {lt.dtype} {tuple(lt.shape)}")
+        if lt.numel() and (int(lt.min()) < 0 or int(lt.max()) >= len(lv)):
+            raise PlanError(f"FastSchedule.level_tables: values must index levels [0, {len(lv)}), "
+                            f"got range [{int(lt.min())}, {int(lt.max())}]")
+        if bb.dtype != torch.float32 or bb.dim() != 1 or bb.shape[0] != lt.shape[1] - 1:
+            raise PlanError(f"FastSchedule.bucket_bounds: expected float32 (NT-1={lt.shape[1] - 1},), "
+                            f"got {bb.dtype} {tuple(bb.shape)}")
+        if bb.numel() > 1 and not bool((bb[1:] >= bb[:-1]).all()):
+            raise PlanError(f"FastSchedule.bucket_bounds: must be ascending, got {bb.tolist()}")
+
+
+@dataclass
+class PlanMeta:
+    """The plan's JSON metadata (see the module doc)."""
+
+    model_class: str
+    model_config: dict
+    config_fingerprint: str
+    weights_fingerprint: str | None
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    patch_size: list[int]
+    calib_grid: list[int]
+    num_calibration_inputs: int
+    calibration: dict = field(default_factory=dict)  # timesteps, steps, source, ...
+    block_size: int = BLOCK
+    code_max: int = west.CODE_MAX
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class Plan:
+    """WEST topology (+ optional FAST schedule) of one model.
+
+    Attributes:
+        codes: uint8 ``(num_layers, H, NB0, NB0)`` threshold codes at ``meta.calib_grid``.
+        meta: :class:`PlanMeta`.
+        schedule: :class:`FastSchedule` or ``None``.
+    """
+
+    codes: torch.Tensor
+    meta: PlanMeta
+    schedule: FastSchedule | None = None
+    _remapped: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        m = self.meta
+        nb0 = num_blocks(math.prod(m.calib_grid))
+        want = (m.num_layers, m.num_heads, nb0, nb0)
+        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != want:
+            raise PlanError(f"Plan.codes: expected uint8 {want} for calib_grid {m.calib_grid}, got "
+                            f"{self.codes.dtype} {tuple(self.codes.shape)}")
+        if self.schedule is not None:
+            self.schedule.validate(m.num_layers, m.num_heads)
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, transformer, calib_grid: Grid,
+                   num_calibration_inputs: int, calibration: dict | None = None) -> Plan:
+        """A plan for ``transformer`` from threshold codes extracted at ``calib_grid (F, H, W)``."""
+        model = _unwrap(transformer)
+        cfg = model_config(model)
+        heads = cfg["num_attention_heads"]
+        meta = PlanMeta(
+            model_class=type(model).__name__, model_config=cfg,
+            config_fingerprint=config_fingerprint(cfg),
+            weights_fingerprint=weights_fingerprint(model),
+            num_layers=len(model.blocks), num_heads=heads, head_dim=cfg["attention_head_dim"],
+            patch_size=list(cfg["patch_size"]), calib_grid=list(calib_grid),
+            num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}))
+        return cls(codes.to("cpu", torch.uint8).contiguous(), meta)
+
+    def with_schedule(self, schedule: FastSchedule | None) -> Plan:
+        """This plan with ``schedule`` (validated); the topology is shared, not copied."""
+        return Plan(self.codes, self.meta, schedule)
+
+    # ---- basic facts -------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.meta.num_heads
+
+    @property
+    def calib_grid(self) -> Grid:
+        return tuple(self.meta.calib_grid)
+
+    def grid_for(self, latent_shape) -> Grid:
+        """Token grid ``(F, H, W)`` of latents ``(B, C, F, H, W)`` or ``(C, F, H, W)`` after patching."""
+        f, h, w = (int(x) for x in tuple(latent_shape)[-3:])
+        pt, ph, pw = self.meta.patch_size
+        if f % pt or h % ph or w % pw:
+            raise PlanError(f"grid_for: latent (F, H, W) = {(f, h, w)} must be divisible by the "
+                            f"patch size {tuple(self.meta.patch_size)}")
+        return (f // pt, h // ph, w // pw)
+
+    # ---- masks -------------------------------------------------------------------------------
+
+    def thresholds(self, grid: Grid | None = None) -> torch.Tensor:
+        """Codes ``(num_layers, H, NB, NB)`` at ``grid`` (the calibration grid by default),
+        remapped conservatively through 3D block coordinates; cached per grid."""
+        grid = self.calib_grid if grid is None else tuple(int(x) for x in grid)
+        if len(grid) != 3 or min(grid) < 1:
+            raise PlanError(f"grid: expected a latent token grid (F, H, W) of positive ints, "
+                            f"got {grid}")
+        if grid == self.calib_grid:
+            return self.codes
+        if grid not in self._remapped:
+            self._remapped[grid] = west.remap_codes(self.codes, self.calib_grid, grid,
+                                                    progress=self.codes.shape[-1] > 128)
+        return self._remapped[grid]
+
+    def mask(self, layer: int, p: float, grid: Grid | None = None) -> torch.Tensor:
+        """bool ``(H, NB, NB)`` block mask of ``layer`` at keep-density threshold ``p``."""
+        if not 0 <= layer < self.num_layers:
+            raise PlanError(f"layer: expected 0..{self.num_layers - 1}, got {layer}")
+        return west.mask_at(self.thresholds(grid)[layer], p)
+
+    def materialize(self, grid: Grid, levels: list[float] | None = None, *,
+                    density: float | None = None, use_schedule: bool = True, device=None,
+                    max_bytes: int = MAX_TABLE_BYTES) -> AttentionTables:
+        """Bit-packed op tables for one latent grid ``(F, H, W)`` (after patching).
+
+        Which levels:
+          * the plan has a FAST schedule (and ``use_schedule``): its levels, level tables and
+            bucket bounds; passing ``levels`` or ``density`` too is an error.
+          * ``levels=[p0, p1, ...]``: masks ``T <= p_i`` (WEST thresholds, achieved density per
+            head >= p_i because of the union); level table ``(1, H)`` zeros, so level 0 is used and
+            the others are there for callers that bind their own level table (FAST profiling).
+          * ``density=d``: one level per layer and head at the smallest threshold whose mask
+            keeps at least ``d`` of the blocks (a uniform *achieved* density baseline).
+          * none of these: ``density=DEFAULT_DENSITY`` (0.5).
+
+        Tables live on ``device`` (default CPU). Raises :class:`PlanError` if they would exceed
+        ``max_bytes`` (600 MB: Wan2.1-14B at 720p fits 8 levels, see :func:`tables_nbytes`).
+        """
+        grid = tuple(int(x) for x in grid)
+        sched = self.schedule if use_schedule else None
+        if sched is not None and (levels is not None or density is not None):
+            raise PlanError("materialize: this plan has a FAST schedule, which fixes the levels; "
+                            "got levels/density too. Pass use_schedule=False to override it")
+        if levels is not None and density is not None:
+            raise PlanError(f"materialize: pass levels or density, not both (got levels={levels}, "
+                            f"density={density})")
+        if sched is not None:
+            levels = list(sched.levels)
+        elif levels is not None:
+            levels = [float(p) for p in levels]
+            if not levels or any(not 0.0 < p <= 1.0 for p in levels):
+                raise PlanError(f"materialize: levels must be a non-empty list of thresholds in "
+                                f"(0, 1], got {levels}")
+        elif density is None:
+            density = DEFAULT_DENSITY
+        if density is not None and not 0.0 < density <= 1.0:
+            raise PlanError(f"materialize: density must be in (0, 1], got {density}; pass the "
+                            f"kept-block fraction, e.g. 0.3")
+        n_levels = 1 if levels is None else len(levels)
+        nbytes = tables_nbytes(self.num_layers, self.num_heads, grid, n_levels,
+                               1 if sched is None else sched.level_tables.shape[1])
+        if nbytes > max_bytes:
+            raise PlanError(f"materialize: tables for grid {grid} with {n_levels} levels need "
+                            f"{nbytes / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB budget; "
+                            f"use fewer levels or raise max_bytes")
+        codes = self.thresholds(grid)
+        nb = codes.shape[-1]
+        eye = torch.eye(nb, dtype=torch.bool, device=codes.device)
+        masks, level_dens = [], []
+        for layer in range(self.num_layers):
+            c = codes[layer]  # (H, NB, NB)
+            if levels is None:
+                cut = west.codes_for_density(c, density)[:, None, None, None]  # (H, 1, 1, 1)
+            else:
+                cut = torch.tensor([west.code_for(p) for p in levels],
+                                   device=codes.device)[None, :, None, None]
+            keep = (c[:, None] <= cut) | eye  # (H, L, NB, NB)
+            level_dens.append(keep.float().mean(dim=(-1, -2)).cpu())
+            masks.append(pack_blocks(keep).to(device))
+        if sched is not None:
+            level_tables = [sched.level_tables[i].to(device) for i in range(self.num_layers)]
+            bounds = sched.bucket_bounds.to(device)
+        else:
+            level_tables = [torch.zeros(1, self.num_heads, dtype=torch.int32, device=device)
+                            for _ in range(self.num_layers)]
+            bounds = torch.zeros(0, dtype=torch.float32, device=device)
+        return AttentionTables(grid, masks, level_tables, bounds, level_dens)
+
+    # ---- model check -------------------------------------------------------------------------
+
+    def check_model(self, transformer, *, weights: str = "error") -> None:
+        """Raise :class:`PlanModelMismatch` if ``transformer`` is not the model this plan is for.
+
+        The architecture config must match exactly. ``weights``: what to do when the weights
+        fingerprint differs (same architecture, other checkpoint, so another topology):
+        ``"error"`` (default), ``"warn"`` or ``"ignore"``.
+        """
+        if weights not in ("error", "warn", "ignore"):
+            raise ValueError(f"check_model: weights must be 'error', 'warn' or 'ignore', "
+                             f"got {weights!r}")
+        model = _unwrap(transformer)
+        name = type(model).__name__
+        if name != self.meta.model_class:
+            raise PlanModelMismatch(f"check_model: plan is for a {self.meta.model_class}, got a "
+                                    f"{name}; extract a plan for this model with `scaling-attn west`")
+        cfg = model_config(model)
+        if config_fingerprint(cfg) != self.meta.config_fingerprint:
+            want = self.meta.model_config
+            diff = [f"{k}: plan {want.get(k)!r}, model {cfg.get(k)!r}"
+                    for k in sorted(set(want) | set(cfg)) if want.get(k) != cfg.get(k)]
+            raise PlanModelMismatch("check_model: the model's config differs from the plan's ("
+                                    + "; ".join(diff) + "); extract a plan for this model with "
+                                    "`scaling-attn west`")
+        if weights == "ignore" or self.meta.weights_fingerprint is None:
+            return
+        got = weights_fingerprint(model)
+        if got is not None and got != self.meta.weights_fingerprint:
+            msg = (f"check_model: same architecture but other weights (fingerprint "
+                   f"{got} != plan's {self.meta.weights_fingerprint}); WEST topology is "
+                   f"weight-encoded, so re-extract for this checkpoint, or pass weights='warn' "
+                   f"to use this plan anyway")
+            if weights == "error":
+                raise PlanModelMismatch(msg)
+            warnings.warn(msg, stacklevel=2)
+
+    # ---- files -------------------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"west.codes": self.codes.contiguous().cpu()}
+        if self.schedule is not None:
+            s = self.schedule
+            out["fast.levels"] = torch.tensor(list(s.levels), dtype=torch.float32)
+            out["fast.level_tables"] = s.level_tables.to("cpu", torch.int32).contiguous()
+            out["fast.bucket_bounds"] = s.bucket_bounds.to("cpu", torch.float32).contiguous()
+        return out
+
+    def save(self, path) -> Path:
+        """Write the plan to ``path`` (safetensors + JSON metadata); returns the path."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = self.tensors()
+        meta = asdict(self.meta)
+        meta["schedule"] = None if self.schedule is None else {"info": self.schedule.info}
+        meta["sha256"] = {k: _sha256(t) for k, t in tensors.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+        return path
+
+    def summary(self, densities=(0.1, 0.2, 0.3, 0.5)) -> str:
+        """Human-readable description: model, calibration, and mask density at a few ``p``."""
+        m = self.meta
+        lines = [
+            f"plan: {m.model_class} {m.num_layers} layers x {m.num_heads} heads, head_dim "
+            f"{m.head_dim}, patch {tuple(m.patch_size)}",
+            f"calibration grid (F, H, W) = {tuple(m.calib_grid)} -> S = "
+            f"{math.prod(m.calib_grid)}, NB = {self.codes.shape[-1]}; "
+            f"{m.num_calibration_inputs} calibration inputs",
+        ]
+        for p in densities:
+            d = west.mask_at(self.codes, p).float().mean().item()
+            lines.append(f"  threshold p = {p:.2f}: mean kept-block density {d:.3f}")
+        if self.schedule is not None:
+            s = self.schedule
+            lines.append(f"FAST schedule: {len(s.levels)} levels {list(s.levels)}, "
+                         f"{s.level_tables.shape[1]} timestep buckets")
+        else:
+            lines.append("FAST schedule: none")
+        return "\n".join(lines)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def tables_nbytes(num_layers: int, num_heads: int, grid: Grid, num_levels: int,
+                  num_buckets: int = 1) -> int:
+    """Bytes of materialised tables: masks ``L x (H, levels, NB, W)`` int32 + level tables
+    ``L x (NT, H)`` int32 + bounds. Wan2.1-14B at 720p (40 x 40, NB 591, W 19): 71.9 MB/level."""
+    s = math.prod(grid)
+    masks = num_layers * num_heads * num_levels * num_blocks(s) * num_words(s) * 4
+    return masks + num_layers * num_buckets * num_heads * 4 + max(0, num_buckets - 1) * 4
+
+
+def load_plan(path, *, device="cpu") -> Plan:
+    """Read and validate a plan file written by :meth:`Plan.save`.
+
+    Raises FileNotFoundError, :class:`PlanFileError` (not a plan, truncated, corrupted bytes),
+    :class:`PlanVersionError` (other format version), :class:`PlanError` (inconsistent content).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_plan: no plan file at {path}; create one with "
+                                f"`scaling-attn west --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for header/size problems
+        raise PlanFileError(f"load_plan: {path} is not a readable safetensors file ({e}); it may "
+                            f"be truncated or corrupted: re-copy it or re-run `scaling-attn west`") from e
+    if META_KEY not in header:
+        raise PlanFileError(f"load_plan: {path} has no '{META_KEY}' metadata, so it is not a "
+                            f"scaling-attn plan file; create one with `scaling-attn west`")
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as e:
+        raise PlanFileError(f"load_plan: {path} has corrupted plan metadata ({e}); re-run "
+                            f"`scaling-attn west`") from e
+    if meta.get("format") != FORMAT:
+        raise PlanFileError(f"load_plan: {path} metadata format is {meta.get('format')!r}, "
+                            f"expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PlanVersionError(f"load_plan: {path} is plan format version "
+                               f"{meta.get('format_version')!r}; this scaling_attn_compile reads "
+                               f"version {FORMAT_VERSION}. Use a matching package version or "
+                               f"re-extract the plan with `scaling-attn west`")
+    sums = meta.pop("sha256", {})
+    if set(sums) != set(tensors):
+        raise PlanFileError(f"load_plan: {path} tensors {sorted(tensors)} do not match its "
+                            f"checksummed list {sorted(sums)}; the file is corrupted")
+    for k, t in tensors.items():
+        if _sha256(t) != sums[k]:
+            raise PlanFileError(f"load_plan: {path} tensor '{k}' fails its sha256 check: the "
+                                f"file's bytes are corrupted; re-copy it or re-run `scaling-attn west`")
+    sched_meta = meta.pop("schedule", None)
+    try:
+        pm = PlanMeta(**meta)
+    except TypeError as e:
+        raise PlanFileError(f"load_plan: {path} metadata fields are wrong for version "
+                            f"{FORMAT_VERSION} ({e})") from e
+    schedule = None
+    if sched_meta is not None:
+        need = ("fast.levels", "fast.level_tables", "fast.bucket_bounds")
+        if not all(k in tensors for k in need):
+            raise PlanFileError(f"load_plan: {path} declares a FAST schedule but lacks tensors "
+                                f"{[k for k in need if k not in tensors]}")
+        schedule = FastSchedule(tensors["fast.levels"].tolist(), tensors["fast.level_tables"],
+                                tensors["fast.bucket_bounds"], sched_meta.get("info", {}))
+    if "west.codes" not in tensors:
+        raise PlanFileError(f"load_plan: {path} lacks the 'west.codes' tensor")
+    plan = Plan(tensors["west.codes"].to(device), pm, schedule)  # __post_init__ checks shapes
+    return plan
