@@ -213,48 +213,58 @@ def render(specs: list[VideoSpec], grid: tuple[int, int, int], device="cpu",
     B = len(specs)
     m = float(min(H, W))
 
-    def col(vals):  # list of B floats / tuples -> (B, 1, 1, 1[, k]) float32 on device
-        t = torch.tensor(vals, dtype=torch.float32, device=device)
-        return t.view(B, 1, 1, 1, *t.shape[1:])
+    # All per-video numbers go to the device in one copy (one host->device transfer per batch).
+    fields = {
+        "bg_vx": [s.bg_vel[0] for s in specs], "bg_vy": [s.bg_vel[1] for s in specs],
+        **{f"f{i}{a}": [s.bg_freqs[i][j] for s in specs] for i in range(3) for j, a in enumerate("xy")},
+        **{f"ph{i}": [s.bg_phases[i] for s in specs] for i in range(3)},
+        **{f"tint{c}": [s.bg_tint[c] for s in specs] for c in range(3)},
+        **{f"rgb{c}": [COLORS[s.color][c] for s in specs] for c in range(3)},
+        "x0": [s.pos[0] for s in specs], "y0": [s.pos[1] for s in specs],
+        "vx": [s.vel[0] for s in specs], "vy": [s.vel[1] for s in specs],
+        "r": [s.radius for s in specs], "bounce": [float(s.motion == "bouncing") for s in specs],
+        "period": [s.bounce_period for s in specs], "angle": [s.angle for s in specs],
+        "spin": [s.spin for s in specs], "shape": [float(SHAPES.index(s.shape)) for s in specs],
+        "stripe_f": [s.stripe_freq for s in specs], "stripe_ph": [s.stripe_phase for s in specs],
+    }
+    names = list(fields)
+    table = torch.tensor([fields[k] for k in names], dtype=torch.float32).to(device)  # (K, B)
+
+    def col(name):  # -> (B, 1, 1, 1) on device
+        return table[names.index(name)].view(B, 1, 1, 1)
 
     t = torch.arange(F, dtype=torch.float32, device=device).view(1, F, 1, 1)
     ys = (torch.arange(H, dtype=torch.float32, device=device) + 0.5).view(1, 1, H, 1)
     xs = (torch.arange(W, dtype=torch.float32, device=device) + 0.5).view(1, 1, 1, W)
 
     # Background: 3 colour gratings in min-side units, panned by bg_vel per frame.
-    bx = xs / m - col([s.bg_vel[0] for s in specs]) * t
-    by = ys / m - col([s.bg_vel[1] for s in specs]) * t
-    freqs = col([s.bg_freqs for s in specs])  # (B,1,1,1,3,2)
-    phases = col([s.bg_phases for s in specs])  # (B,1,1,1,3)
+    bx = xs / m - col("bg_vx") * t
+    by = ys / m - col("bg_vy") * t
     waves = [
-        torch.sin(2 * math.pi * (freqs[..., i, 0] * bx + freqs[..., i, 1] * by) + phases[..., i])
+        torch.sin(2 * math.pi * (col(f"f{i}x") * bx + col(f"f{i}y") * by) + col(f"ph{i}"))
         for i in range(3)
     ]
-    tint = col([s.bg_tint for s in specs])  # (B,1,1,1,3)
     # Channel c leans on grating c, so the texture is coloured, not gray: (B, 3, F, H, W).
     bg_rgb = torch.stack(
-        [tint[..., c] * (1 + 0.6 * (waves[0] + waves[1] + waves[2] + waves[c]) / 4) for c in range(3)],
+        [col(f"tint{c}") * (1 + 0.6 * (waves[0] + waves[1] + waves[2] + waves[c]) / 4) for c in range(3)],
         dim=1,
     )
 
-    # Shape centre per frame, in pixels.
-    x0, y0 = col([s.pos[0] for s in specs]), col([s.pos[1] for s in specs])
-    vx, vy = col([s.vel[0] for s in specs]), col([s.vel[1] for s in specs])
-    r = col([s.radius for s in specs])
-    is_bounce = col([float(s.motion == "bouncing") for s in specs])
-    # Linear motion in min-side units (moving/drift), mirrored at the walls (only bouncing drifts there).
-    cx = x0 * (W / m) + vx * t
+    # Shape centre per frame, in min-side units.
+    r = col("r")
+    is_bounce = col("bounce")
+    # Linear motion (moving / bouncing drift); bouncing shapes are mirrored at the side walls.
+    cx = col("x0") * (W / m) + col("vx") * t
     lo, hi = r + 0.02, W / m - r - 0.02
     span = (hi - lo).clamp(min=1e-3)
     u = torch.remainder(cx - lo, 2 * span)
     cx = torch.where(is_bounce > 0, lo + span - (u - span).abs(), cx)
-    cy = y0 * (H / m) + vy * t
+    cy = col("y0") * (H / m) + col("vy") * t
     # Bouncing: |sin| hop from the floor, height 45% of the free vertical range.
     floor = H / m - r - 0.02
-    period = col([s.bounce_period for s in specs])
-    hop = (torch.sin(math.pi * (t / period + y0))).abs() * 0.45 * (H / m - 2 * r - 0.04).clamp(min=0)
+    hop = (torch.sin(math.pi * (t / col("period") + col("y0")))).abs() * 0.45 * (H / m - 2 * r - 0.04).clamp(min=0)
     cy = torch.where(is_bounce > 0, floor - hop, cy)
-    ang = col([s.angle for s in specs]) + col([s.spin for s in specs]) * t
+    ang = col("angle") + col("spin") * t
 
     # Local (rotated, radius-normalised) coordinates of every pixel.
     dx = (xs / m - cx) / r
@@ -262,17 +272,16 @@ def render(specs: list[VideoSpec], grid: tuple[int, int, int], device="cpu",
     ca, sa = torch.cos(ang), torch.sin(ang)
     px = ca * dx + sa * dy
     py = -sa * dx + ca * dy
-    shape_id = col([float(SHAPES.index(s.shape)) for s in specs])
+    shape_id = col("shape")
     d = _sdf(shape_id, px, py)  # (B, F, H, W), radii
     # ~1 pixel anti-aliased edge: distance in pixels = d * r * m.
     alpha = torch.sigmoid(-d * r * m * 2.0).unsqueeze(1)
     # Stripes in the shape's own frame: they turn with it (that is what shows a circle rotating).
     stripes = 0.5 + 0.5 * torch.cos(
-        2 * math.pi * col([s.stripe_freq for s in specs]) * px + col([s.stripe_phase for s in specs])
+        2 * math.pi * col("stripe_f") * px + col("stripe_ph")
     )
     shade = (0.65 + 0.35 * stripes).unsqueeze(1)
-    rgb = torch.tensor([COLORS[s.color] for s in specs], dtype=torch.float32, device=device)
-    fg = rgb.view(B, 3, 1, 1, 1) * shade
+    fg = torch.stack([col(f"rgb{c}") for c in range(3)], dim=1) * shade  # (B, 3, F, H, W)
     video = alpha * fg + (1 - alpha) * bg_rgb
     return (video.clamp(0, 1) * 2 - 1).to(dtype)
 
