@@ -1,0 +1,48 @@
+"""`kernels/` installs as `scaling_attn_compile.kernels`, never as a top-level `kernels` (that name
+is Hugging Face's package, which diffusers probes and imports)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, cwd: str, env=None) -> str:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_installed_package_imports_kernels_from_the_package(tmp_path):
+    code = ("import importlib.util, scaling_attn_compile.kernels.block_sparse_attention as m;"
+            "print(m.__name__); print(importlib.util.find_spec('kernels'))")
+    name, top = _run(code, cwd=str(tmp_path)).splitlines()
+    assert name == "scaling_attn_compile.kernels.block_sparse_attention"
+    assert top == "None", f"a top-level 'kernels' module is importable: {top}"
+
+
+def test_diffusers_does_not_mistake_our_kernels_for_hf_kernels():
+    out = _run("from diffusers.utils import is_kernels_available as f; print(f())", cwd=ROOT)
+    hf_kernels = importlib.util.find_spec("kernels") is not None and ROOT not in str(
+        importlib.util.find_spec("kernels").origin)
+    assert out == str(hf_kernels)
+
+
+@pytest.mark.slow
+def test_built_wheel_maps_kernels_into_the_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), ROOT], check=True, capture_output=True)
+    (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    assert "scaling_attn_compile/kernels/block_sparse_attention.py" in names
+    assert not [n for n in names if n.startswith("kernels/")], "wheel ships a top-level kernels/"
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(site), str(tmp_path / wheel)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = ("import scaling_attn_compile.kernels.block_sparse_attention as m; print(m.__file__)")
+    assert _run(code, cwd=str(tmp_path), env=env).startswith(str(site))
