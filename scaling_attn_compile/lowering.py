@@ -23,11 +23,12 @@ signature has it.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
-import math
 import os
 import re
+import textwrap
 import types
 
 import torch
@@ -121,11 +122,24 @@ def _helpers_source() -> str:
 
 
 def _tile_call() -> str:
-    """``bsa_forward_tile(<its parameter names>)``: the stub defines a local or a constexpr of
-    each name, so the call follows the function's signature instead of copying it."""
+    """``acc, offs_m, offs_d[, extra...] = bsa_forward_tile(<its parameter names>)``.
+
+    The stub defines a local or a constexpr for every parameter name, so the call follows the
+    function's signature instead of copying it. The tile returns ``(acc, offs_m, offs_d)``
+    first; anything after (e.g. a skipped-block count) is ignored here, and its count is read
+    from the ``return`` statement so the unpacking matches.
+    """
     raw = getattr(_TILE_FN, "fn", _TILE_FN)
     names = list(inspect.signature(raw).parameters)
-    return f"{raw.__name__}({', '.join(names)})"
+    tree = ast.parse(textwrap.dedent(inspect.getsource(raw)))
+    returns = [n for n in ast.walk(tree) if isinstance(n, ast.Return) and n.value is not None]
+    counts = {len(r.value.elts) if isinstance(r.value, ast.Tuple) else 1 for r in returns}
+    if len(counts) != 1 or min(counts) < 3:
+        raise RuntimeError(
+            f"lowering: {raw.__name__} must return (acc, offs_m, offs_d, ...) from every return, "
+            f"got tuples of sizes {sorted(counts)}")
+    targets = ["acc", "offs_m", "offs_d"] + [f"_tile_extra{i}" for i in range(counts.pop() - 3)]
+    return f"{', '.join(targets)} = {raw.__name__}({', '.join(names)})"
 
 
 def _store_output_call() -> str:
@@ -151,7 +165,7 @@ _STUB = r'''
     pid_m = tl.program_id(0)
     off_b = tl.program_id(1)
     off_h = tl.program_id(2)
-    acc, offs_m, offs_d = TILE_CALL
+    TILE_CALL
     idx_b = off_b.to(INDEX_DTYPE)
     idx_h = off_h.to(INDEX_DTYPE)
     idx_m = offs_m[:, None].to(INDEX_DTYPE)
@@ -188,7 +202,15 @@ def _select(name, choices, input_nodes, layout, **kwargs):
 
 
 def _static(x) -> int:
-    return int(V.graph.sizevars.size_hint(x)) if not isinstance(x, int) else x
+    """An int for a size or stride: static values as they are, symbolic ones by their hint
+    (for benchmark inputs only; the constexprs below are asserted static by the backend).
+    ``size_hint`` became ``optimization_hint`` in torch 2.13."""
+    try:
+        return int(x)
+    except TypeError:
+        sizevars = V.graph.sizevars
+        hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint
+        return int(hint(x))
 
 
 def _shape(node) -> list[int]:
@@ -227,6 +249,40 @@ def _input_gen_fns(seq_len: int):
     return {3: masks, 4: level_table, 5: bounds, 6: timestep}
 
 
+def template_configs() -> list[dict]:
+    """The kernel module's tile configurations, as dicts of their fields.
+
+    ``CONFIGS`` holds ``KernelConfig`` named tuples (block_m, num_warps, num_stages, use_tma,
+    warp_specialize) or plain ``(block_m, num_warps, num_stages)`` tuples. Configs with TMA or
+    warp specialisation are left to the eager launcher: device-side tensor descriptors need a
+    Triton allocator that Inductor's generated code does not set.
+    """
+    out = []
+    for c in _kernel.CONFIGS:
+        fields = getattr(c, "_fields", ("block_m", "num_warps", "num_stages"))
+        d = dict(zip(fields, c, strict=False))
+        if d.get("use_tma") or d.get("warp_specialize"):
+            continue
+        out.append(d)
+    return out
+
+
+def _tile_constexprs(meta: dict, config: dict) -> dict:
+    """The tile function's constexpr parameters for one config: launch_meta's, BLOCK_M, any
+    other config field by its upper-case name (USE_TMA, ...), then the parameter defaults."""
+    raw = getattr(_TILE_FN, "fn", _TILE_FN)
+    out = dict(meta)
+    out["BLOCK_M"] = config["block_m"]
+    for key, value in config.items():
+        if key.upper() not in out and key not in ("num_warps", "num_stages"):
+            out[key.upper()] = value
+    for name, p in inspect.signature(raw).parameters.items():
+        if name not in out and p.default is not inspect.Parameter.empty:
+            out[name] = p.default
+    params = inspect.signature(raw).parameters
+    return {k: v for k, v in out.items() if k in params}
+
+
 def _template_supported(q) -> bool:
     head_dim = _static(q.get_size()[-1])
     return q.get_dtype() in _op.KERNEL_DTYPES and head_dim in _op.HEAD_DIMS
@@ -249,19 +305,24 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     stride = ir.FlexibleLayout.stride_ordered(size, ir.get_stride_order(q.get_stride()))
     layout = ir.FixedLayout(device, q.get_dtype(), size, stride)
 
+    # The eager launcher reads timestep[b] with stride 0 when there is one timestep for the
+    # whole batch; the same here (a (1,) timestep with B > 1 must not be read past its end).
     ts = inputs[6]
-    ts_numel = math.prod(_shape(ts))
-    stride_ts = 0 if ts_numel == 1 else _static(ts.get_stride()[0])
+    ts_size = ts.get_size()
+    if len(ts_size) == 0 or V.graph.sizevars.statically_known_equals(ts_size[0], 1):
+        stride_ts = 0
+    else:
+        stride_ts = _static(ts.get_stride()[0])
     meta = _kernel.launch_meta(s, _shape(inputs[3])[-1], _shape(inputs[5])[0], d)
     choices: list = []
-    for block_m, num_warps, num_stages in _kernel.CONFIGS:
+    for config in template_configs():
         err = _TEMPLATE.maybe_append_choice(
-            choices, input_nodes=inputs, layout=layout, num_stages=num_stages,
-            num_warps=num_warps, call_sizes=size, BLOCK_M=block_m,
-            QK_SCALE=float(scale) * _kernel.LOG2E, STRIDE_TS=stride_ts, **meta)
+            choices, input_nodes=inputs, layout=layout, num_stages=config["num_stages"],
+            num_warps=config["num_warps"], call_sizes=size,
+            QK_SCALE=float(scale) * _kernel.LOG2E, STRIDE_TS=stride_ts,
+            **_tile_constexprs(meta, config))
         if err is not None:
-            log.debug("sparse_attention template config %s skipped: %s",
-                      (block_m, num_warps, num_stages), err)
+            log.debug("sparse_attention template config %s skipped: %s", config, err)
     if not choices:
         log.warning("sparse_attention: no template choice for q %s %s; using the eager op",
                     (b, h, s, d), q.get_dtype())
