@@ -417,7 +417,7 @@ def capture_self_attention(transformer, inputs: Sequence[CalibrationInput],
     if len(latent_shape) != 4:
         raise ValueError(f"capture_self_attention: latent_shape must be (C, F, H, W), got "
                          f"{tuple(latent_shape)}")
-    if any(b > a for a, b in zip(steps, steps[1:])):
+    if any(b > a for a, b in zip(steps, steps[1:], strict=False)):
         raise ValueError(f"capture_self_attention: timesteps must be descending, got {steps}")
     capture = set(range(len(steps)) if capture_steps is None else capture_steps)
     finals = []

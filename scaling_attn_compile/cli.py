@@ -1,0 +1,240 @@
+"""``scaling-attn``: command line for offline plan building and inspection.
+
+    scaling-attn west --model /path/to/Wan2.1-T2V-1.3B-Diffusers --prompts prompts.txt \\
+        --height 480 --width 832 --frames 81 --steps 50 --capture-steps 10 --out wan13.plan.safetensors
+    scaling-attn west --model tiny --num-prompts 4 --out tiny.plan.safetensors
+    scaling-attn show wan13.plan.safetensors --layer 12 --density 0.3
+
+Adding a subcommand (``fast``, ``demo``): write ``add_<name>_arguments(parser)`` and
+``run_<name>(args) -> int`` (import heavy modules inside ``run_``), and append
+``Command("<name>", "<help>", add_<name>_arguments, run_<name>)`` to :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---- shared argument helpers -------------------------------------------------------------------
+
+def parse_triple(text: str) -> tuple[int, int, int]:
+    """``"F,H,W"`` -> ``(F, H, W)`` positive ints (argparse type)."""
+    try:
+        vals = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive ints like 21,30,52, got {text!r}")
+    return vals
+
+
+def resolve_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    import torch
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    return table[name]
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model/--device/--dtype/--seed``, shared by commands that load a transformer."""
+    p.add_argument("--model", default="tiny",
+                   help="a local diffusers Wan folder, 'tiny' (the shipped tiny model, else a random "
+                        "tiny config), or a built-in random-weight config: tiny-random, "
+                        "wan2.1-1.3b, wan2.1-14b (default: tiny)")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights, embeddings, noise")
+
+
+# ---- west ----------------------------------------------------------------------------------------
+
+# Pixel sizes per built-in when --height/--width/--frames are not given.
+_DEFAULT_VIDEO = {"tiny-random": (13, 128, 256), "wan2.1-1.3b": (81, 480, 832),
+                  "wan2.1-14b": (81, 480, 832)}
+
+
+def add_west_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="plan file to write (.safetensors)")
+    p.add_argument("--height", type=int, help="video height in pixels (default 480 for Wan)")
+    p.add_argument("--width", type=int, help="video width in pixels (default 832 for Wan)")
+    p.add_argument("--frames", type=int, help="video frames (default 81 for Wan)")
+    p.add_argument("--latent", type=parse_triple, metavar="F,H,W",
+                   help="latent (F, H, W) before patching, instead of height/width/frames")
+    p.add_argument("--vae-stride", type=parse_triple, metavar="T,H,W",
+                   help="pixels per latent cell (default: the folder's vae/config.json, 4,8,8 for "
+                        "Wan, 1,1,1 for a folder without a VAE)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", type=Path,
+                     help=".txt (one prompt a line; needs the checkpoint's text_encoder/ and "
+                          "tokenizer/) or .safetensors/.pt with prompt_embeds (N, L, text_dim)")
+    src.add_argument("--num-prompts", type=int, default=4,
+                     help="random Gaussian embeddings (random-weight models only make sense with "
+                          "these); default 4")
+    p.add_argument("--negative-prompt", default=None,
+                   help="with a .txt --prompts: negative prompt, enables CFG (both passes captured)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default 5.0)")
+    p.add_argument("--text-len", type=int, default=None,
+                   help="length of random embeddings (default: 512 for Wan, 16 for tiny)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps of the trajectory")
+    p.add_argument("--capture-steps", type=int, default=10,
+                   help="steps to capture, evenly spaced incl. first and last (default 10)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow-matching shift (default 5.0 at >= 720p, else 3.0, as Wan)")
+    p.add_argument("--block-mass", default="auto", choices=["auto", "triton", "torch"],
+                   help="block-mass implementation (default: Triton on CUDA, torch on CPU)")
+
+
+def _west_inputs(args, src, text_dim: int):
+    from .calibrate import encode_prompts, load_embeddings, random_inputs
+
+    if args.prompts is None:
+        if not src.random_weights:
+            print("warning: random embeddings on a trained model are off its distribution; pass "
+                  "--prompts for a meaningful topology", file=sys.stderr)
+        return random_inputs(args.num_prompts, args.text_len or src.text_len, text_dim,
+                             seed=args.seed)
+    if args.prompts.suffix == ".txt":
+        if src.folder is None or not (src.folder / "text_encoder").is_dir():
+            raise SystemExit(f"west: --prompts {args.prompts} is text, but the model "
+                             f"{args.model!r} has no text_encoder/; pass precomputed embeddings "
+                             f"(.safetensors with prompt_embeds) instead")
+        from .calibrate import CalibrationInput
+
+        prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+        emb = encode_prompts(src.folder, prompts, device=args._device, dtype=args._dtype)
+        neg = None
+        if args.negative_prompt is not None:
+            neg = encode_prompts(src.folder, [args.negative_prompt], device=args._device,
+                                 dtype=args._dtype)
+        return [CalibrationInput(emb[i:i + 1], seed=args.seed + i, negative_prompt_embeds=neg,
+                                 name=prompts[i][:40]) for i in range(len(prompts))]
+    return load_embeddings(args.prompts, seed=args.seed)
+
+
+def run_west(args: argparse.Namespace) -> int:
+    from .calibrate import (
+        calibrate_west,
+        default_timesteps,
+        evenly_spaced,
+        latent_shape_for,
+        load_transformer,
+        token_grid,
+    )
+
+    device = args._device = resolve_device(args.device)
+    dtype = args._dtype = resolve_dtype(args.dtype, device)
+    t0 = time.perf_counter()
+    src = load_transformer(args.model, dtype=dtype, device=device, seed=args.seed)
+    model = src.transformer
+    cfg = model.config
+    print(f"model: {src.name} ({'random weights' if src.random_weights else src.folder}), "
+          f"{cfg.num_layers} layers x {cfg.num_attention_heads} heads, {dtype}, {device}")
+    stride = args.vae_stride or src.vae_stride
+    if args.latent is not None:
+        latent = (cfg.in_channels, *args.latent)
+    else:
+        vf, vh, vw = _DEFAULT_VIDEO.get(src.name, (None, None, None))
+        if src.vae_stride == (4, 8, 8) and vf is None:
+            vf, vh, vw = 81, 480, 832
+        frames, height, width = args.frames or vf, args.height or vh, args.width or vw
+        if None in (frames, height, width):
+            raise SystemExit("west: pass --frames, --height and --width (or --latent F,H,W) for "
+                             f"model {args.model!r}")
+        latent = latent_shape_for(frames, height, width, cfg.in_channels, stride)
+    grid = token_grid(model, latent)
+    inputs = _west_inputs(args, src, cfg.text_dim)
+    if not inputs:
+        raise SystemExit("west: no calibration inputs (empty prompt file?)")
+    # Wan's flow shift: 5.0 at 720p, 3.0 below (diffusers docs).
+    shift = args.shift if args.shift is not None else (5.0 if latent[2] * stride[1] >= 720 else 3.0)
+    timesteps = default_timesteps(args.steps, shift)
+    capture = evenly_spaced(len(timesteps), args.capture_steps)
+    s = grid[0] * grid[1] * grid[2]
+    print(f"latents (C, F, H, W) = {latent}, token grid (F, H, W) = {grid}, S = {s}; "
+          f"{len(inputs)} inputs x {len(capture)}/{len(timesteps)} captured steps")
+    plan = calibrate_west(model, inputs, timesteps, latent_shape=latent, capture_steps=capture,
+                          guidance_scale=args.guidance_scale, block_mass_impl=args.block_mass,
+                          source=f"scaling-attn west --model {args.model}")
+    path = plan.save(args.out)
+    print(plan.summary())
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---- show ----------------------------------------------------------------------------------------
+
+def add_show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan", type=Path, help="plan file")
+    p.add_argument("--layer", type=int, default=0, help="layer to draw (default 0)")
+    p.add_argument("--density", type=float, default=0.3,
+                   help="keep-density threshold p of the drawn mask T <= p (default 0.3)")
+    p.add_argument("--grid", type=parse_triple, metavar="F,H,W",
+                   help="remap to this token grid first (default: the calibration grid)")
+    p.add_argument("--heads", default=None, help="comma-separated heads (default: all)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="PNG path (default: <plan>.layer<L>.png next to the plan)")
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from .plan import load_plan
+    from .viz import plot_layer
+
+    plan = load_plan(args.plan)
+    print(plan.summary())
+    heads = None if args.heads is None else [int(h) for h in args.heads.split(",")]
+    out = args.out or args.plan.with_name(f"{args.plan.stem}.layer{args.layer}.png")
+    path = plot_layer(plan, args.layer, out, density=args.density, grid=args.grid, heads=heads)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+COMMANDS: list[Command] = [
+    Command("west", "extract the WEST topology by dense calibration and write a plan file",
+            add_west_arguments, run_west),
+    Command("show", "print a plan's summary and draw a layer's threshold maps as PNG",
+            add_show_arguments, run_show),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaling-attn", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
