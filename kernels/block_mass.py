@@ -52,8 +52,9 @@ def _row_lse_kernel(Q, K, LSE,
     """LSE[b, h, i] = log2(sum_j 2^(qk_scale * q_i . k_j)), qk_scale = scale * log2(e)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = pid_bh // NUM_HEADS
-    off_h = pid_bh % NUM_HEADS
+    # int64 batch/head offsets: B * S * H * D passes 2**31 at 14B/720p with B >= 6.
+    off_b = (pid_bh // NUM_HEADS).to(tl.int64)
+    off_h = (pid_bh % NUM_HEADS).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -89,8 +90,9 @@ def _block_mass_kernel(Q, K, LSE, OUT,
     """OUT[b, h, u, v] = mean over real (i in u, j in v) of 2^(qk_scale * q_i . k_j - LSE[i])."""
     pid_u = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = pid_bh // NUM_HEADS
-    off_h = pid_bh % NUM_HEADS
+    # int64 batch/head offsets: B * S * H * D passes 2**31 at 14B/720p with B >= 6.
+    off_b = (pid_bh // NUM_HEADS).to(tl.int64)
+    off_h = (pid_bh % NUM_HEADS).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_m = pid_u * BLOCK + offs

@@ -105,9 +105,6 @@ def test_block_mass_triton_bf16_gpu(S):
     golden = west.block_mass_torch(q, k, compute_dtype=torch.float64)
     same_dtype = west.block_mass_torch(q, k, compute_dtype=torch.bfloat16)
     assert_close_to_oracle(got, golden, same_dtype, what="block mass bf16 S=32760")
-    # Ranks (what WEST keeps) agree wherever masses are not near-ties.
-    codes_k, codes_t = west.threshold_codes(got), west.threshold_codes(golden.float())
-    assert (codes_k.int() - codes_t.int()).abs().float().mean().item() < 1.0
 
 
 # ---------------------------------------------------------------------------------------------
