@@ -16,3 +16,8 @@ __all__ = [
     "unpack_blocks",
 ]
 __version__ = "0.1.0"
+
+# WEST topology and the plan file (issue 4): load_plan(path).materialize(grid) -> AttentionTables.
+from .plan import FastSchedule, Plan, PlanError, load_plan  # noqa: E402
+
+__all__ += ["FastSchedule", "Plan", "PlanError", "load_plan"]
