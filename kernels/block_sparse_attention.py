@@ -56,10 +56,17 @@ def bsa_next_block(words, offs_w, NUM_WORDS_P2: tl.constexpr):
 
 @triton.jit
 def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, offs_n0, offs_d,
-                     SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                     PARTIAL: tl.constexpr, USE_TMA: tl.constexpr):
+                     SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped,
+                     energy_thr, row_ok, PARTIAL: tl.constexpr, USE_TMA: tl.constexpr,
+                     ENERGY_RULE: tl.constexpr):
     """One online-softmax step over the 128 keys starting at ``start_n``. ``PARTIAL`` masks keys
-    past ``SEQ_LEN``; only the last block needs it, so the hot loop runs without it."""
+    past ``SEQ_LEN``; only the last block needs it, so the hot loop runs without it.
+
+    ``ENERGY_RULE`` (0 off, 1 cumulative energy, 2 BLASST) skips the exp and P*V work of the
+    block when every row of the tile agrees it is negligible: ``m_blk - LSE < energy_thr``
+    (cumulative energy) or ``m_blk - m < energy_thr`` (BLASST), all in log2 units. QK^T and the
+    loads are done anyway (the decision needs QK^T; V stays in the pipeline).
+    """
     offs_n = start_n + offs_n0
     if USE_TMA:
         # The tensor-memory accelerator zero-fills rows past SEQ_LEN; the -inf mask is still ours.
@@ -81,7 +88,26 @@ def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, 
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
         qk = tl.dot(q, k)
     # Scale folded into one FMA with the max subtraction, in exp2 (the Triton tutorial's trick).
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+    m_blk = tl.max(qk, axis=1) * qk_scale
+    if ENERGY_RULE == 0:
+        acc, l_i, m_i = bsa_softmax_update(acc, l_i, m_i, qk, v, m_blk, qk_scale)
+    else:
+        if ENERGY_RULE == 1:
+            gap = m_blk - (m_i + tl.math.log2(l_i))  # vs the running log-sum-exp (l_i=0: +inf)
+        else:
+            gap = m_blk - m_i  # vs the running max
+        gap = tl.where(row_ok, gap, float("-inf"))  # padding rows past SEQ_LEN have no vote
+        if tl.max(gap, axis=0) < energy_thr:  # every row of the tile agrees: skip
+            n_skipped += 1
+        else:
+            acc, l_i, m_i = bsa_softmax_update(acc, l_i, m_i, qk, v, m_blk, qk_scale)
+    return acc, l_i, m_i, n_skipped
+
+
+@triton.jit
+def bsa_softmax_update(acc, l_i, m_i, qk, v, m_blk, qk_scale):
+    """Online softmax: fold one block's scores ``qk`` (unscaled) and values ``v`` into the state."""
+    m_new = tl.maximum(m_i, m_blk)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -103,11 +129,15 @@ def bsa_forward_tile(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0,
 ):
-    """One (BLOCK_M, HEAD_DIM) output tile, normalised, in float32.
+    """One (BLOCK_M, HEAD_DIM) output tile, normalised, in float32, and the number of visited
+    blocks the energy filter skipped.
 
     ``qk_scale`` is the softmax scale times log2(e): the loop works in exp2. ``EVEN_S`` says
-    ``SEQ_LEN % 128 == 0`` (no partial last block).
+    ``SEQ_LEN % 128 == 0`` (no partial last block). With the energy filter on (``ENERGY_RULE``
+    1 or 2, threshold ``energy_thr`` in log2 units) the diagonal block and its two neighbours are
+    visited first, so the running log-sum-exp is large early; then the rest in ascending order.
     """
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
@@ -127,14 +157,6 @@ def bsa_forward_tile(
     # The diagonal block is always kept, so no query row is ever empty.
     one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
     words = words | tl.where(offs_w == qblock // 32, one << (qblock % 32).to(tl.uint32), 0)
-    if not EVEN_S:
-        # The partial last block is taken out of the walk and done after it, with masking.
-        last = tl.cdiv(SEQ_LEN, BLOCK_N) - 1
-        last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
-        has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
-        words = words & ~last_bit
-    n_kept = tl.sum(bsa_popcount(words), axis=0)
-
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
                 + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_LEN, other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -150,20 +172,42 @@ def bsa_forward_tile(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_skipped = tl.zeros([], dtype=tl.int32)
+    row_ok = offs_m < SEQ_LEN
+
+    if ENERGY_RULE != 0:
+        # Diagonal, then its left and right neighbours (where kept), before everything else.
+        for j in tl.static_range(3):
+            blk = qblock + (j + 1) // 2 * (1 - 2 * (j % 2))  # j = 0, 1, 2: u, u - 1, u + 1
+            word_bit = tl.where(offs_w == blk // 32, one << (blk % 32).to(tl.uint32), 0)
+            kept = (blk >= 0) & (tl.sum((words & word_bit) != 0, axis=0) > 0)
+            if kept:
+                words = words & ~word_bit
+                acc, l_i, m_i, n_skipped = bsa_attend_block(
+                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, blk * BLOCK_N, offs_n0,
+                    offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                    n_skipped, energy_thr, row_ok, not EVEN_S, USE_TMA, ENERGY_RULE)
+    if not EVEN_S:
+        # The partial last block is taken out of the walk and done after it, with masking.
+        last = tl.cdiv(SEQ_LEN, BLOCK_N) - 1
+        last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
+        has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
+        words = words & ~last_bit
+    n_kept = tl.sum(bsa_popcount(words), axis=0)
 
     for _ in tl.range(0, n_kept, warp_specialize=WARP_SPECIALIZE):
         kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-        acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
-                                         kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN,
-                                         stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                                         False, USE_TMA)
+        acc, l_i, m_i, n_skipped = bsa_attend_block(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_block * BLOCK_N, offs_n0, offs_d,
+            SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped, energy_thr,
+            row_ok, False, USE_TMA, ENERGY_RULE)
     if not EVEN_S:
         if has_last:
-            acc, l_i, m_i = bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc,
-                                             last * BLOCK_N, offs_n0, offs_d, SEQ_LEN,
-                                             stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                                             True, USE_TMA)
-    return acc / l_i[:, None], offs_m, offs_d
+            acc, l_i, m_i, n_skipped = bsa_attend_block(
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, last * BLOCK_N, offs_n0,
+                offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped,
+                energy_thr, row_ok, True, USE_TMA, ENERGY_RULE)
+    return acc / l_i[:, None], offs_m, offs_d, n_skipped
 
 
 @triton.jit
@@ -180,12 +224,13 @@ def _bsa_forward_kernel(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0, SKIPPED=None, WRITE_SKIPPED: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // NUM_HEADS
     off_h = off_bh % NUM_HEADS
-    acc, offs_m, offs_d = bsa_forward_tile(
+    acc, offs_m, offs_d, n_skipped = bsa_forward_tile(
         Q, K, V, MASKS, LEVEL_TABLE, BOUNDS, TS,
         stride_qb, stride_qh, stride_qs, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
@@ -194,8 +239,10 @@ def _bsa_forward_kernel(
         stride_lt_t, stride_lt_h, stride_ts,
         off_b, off_h, pid_m, SEQ_LEN, qk_scale,
         NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
-        USE_TMA, WARP_SPECIALIZE,
+        USE_TMA, WARP_SPECIALIZE, ENERGY_RULE, energy_thr,
     )
+    if WRITE_SKIPPED:  # blocks the energy filter skipped, per program (for measurements)
+        tl.store(SKIPPED + off_bh * tl.num_programs(0) + pid_m, n_skipped)
     out = OUT + off_b * stride_ob + off_h * stride_oh
     tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              acc.to(OUT.dtype.element_ty), mask=offs_m[:, None] < SEQ_LEN)
@@ -229,28 +276,48 @@ def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) ->
                 EVEN_S=seq_len % MASK_BLOCK == 0)
 
 
+ENERGY_RULES = {"off": 0, "cumulative": 1, "blasst": 2}
+
+
 def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
-                                   scale: float, config: tuple | None = None):
+                                   scale: float, config: tuple | None = None, *,
+                                   energy_rule: int = 0, energy_threshold: float = float("-inf"),
+                                   skipped=None):
     """Launch the kernel, writing into ``out`` (same shape as ``q``). Inputs are validated by the op.
 
     ``config`` pins a :class:`KernelConfig` (or a tuple of its fields); ``None`` autotunes.
+    ``energy_rule`` (0 off, 1 cumulative energy, 2 BLASST) with ``energy_threshold`` in natural-log
+    units turns on the online filter; it decides per 128-row query tile, so it needs BLOCK_M 128.
+    ``skipped``, an int32 tensor of ``B * H * ceil(S / BLOCK_M)`` elements, receives the number
+    of blocks each program skipped.
     """
     B, H, S, D = q.shape
     ts = timestep.reshape(-1)
     stride_ts = 0 if ts.numel() == 1 else ts.stride(0)
     meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
     cfg = KernelConfig(*(config or pick_config(q, k, v, masks, level_table, bucket_bounds, ts,
-                                               out, scale)))
+                                               out, scale, energy_rule)))
+    if energy_rule not in ENERGY_RULES.values():
+        raise ValueError(f"block-sparse kernel: energy_rule must be one of {ENERGY_RULES}, "
+                         f"got {energy_rule}")
+    if energy_rule and cfg.block_m != MASK_BLOCK:
+        raise ValueError("block-sparse kernel: the energy filter decides per 128-row query tile; "
+                         f"config block_m must be 128, got {cfg.block_m}")
     if cfg.use_tma:
         _ensure_tma_allocator()
     grid = (triton.cdiv(S, cfg.block_m), B * H)
+    if skipped is not None and skipped.numel() != grid[0] * grid[1]:
+        raise ValueError(f"block-sparse kernel: skipped must have {grid[0] * grid[1]} elements "
+                         f"(B * H * ceil(S / {cfg.block_m})), got {skipped.numel()}")
     _bsa_forward_kernel[grid](
         q, k, v, masks, level_table, bucket_bounds, ts, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *masks.stride(),
         *level_table.stride(), stride_ts,
         H, S, scale * LOG2E,
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize, **meta,
+        USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
+        ENERGY_RULE=energy_rule, energy_thr=energy_threshold * LOG2E,
+        SKIPPED=skipped, WRITE_SKIPPED=skipped is not None, **meta,
     )
     return out
 
@@ -265,9 +332,10 @@ _TUNED: dict[tuple, KernelConfig] = {}
 TUNING_TIMES: dict[tuple, dict] = {}  # key -> {config: median ms}, kept for benchmark records
 
 
-def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale):
-    """Benchmark CONFIGS once per (shape, dtype, density-table shape) key and cache the winner."""
-    key = (tuple(q.shape), q.dtype, tuple(masks.shape), bucket_bounds.numel(), str(q.device))
+def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale, energy_rule=0):
+    """Benchmark CONFIGS once per (shape, dtype, table shape, filter) key and cache the winner."""
+    key = (tuple(q.shape), q.dtype, tuple(masks.shape), bucket_bounds.numel(), str(q.device),
+           energy_rule)
     if key in _TUNED:
         return _TUNED[key]
     if q.device.type != "cuda":  # the interpreter: nothing to tune
@@ -276,8 +344,11 @@ def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale):
 
     times = {}
     for cfg in CONFIGS:
+        if energy_rule and cfg.block_m != MASK_BLOCK:
+            continue
         fn = lambda c=cfg: block_sparse_attention_forward(q, k, v, masks, level_table,
-                                                           bucket_bounds, ts, out, scale, c)
+                                                           bucket_bounds, ts, out, scale, c,
+                                                           energy_rule=energy_rule)
         try:
             times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
         except Exception:  # a config that does not fit (shared memory, registers) is skipped

@@ -10,6 +10,9 @@
 * ``timestep``: ``(B,)`` or ``()``; picks each batch element's density level on the device
   (no ``.item()``, no host sync, so CUDA graphs can capture it).
 * ``scale``: the softmax scale (``1 / sqrt(D)`` for SDPA's default).
+* ``energy_rule``, ``energy_threshold``: the online filter inside the kernel, off by default
+  (0 off, 1 cumulative energy / DynSparse, 2 BLASST; threshold in natural-log units, see
+  :func:`scaling_attn_compile.reference.energy_filtered_attention_reference`).
 * ``out``: same shape, dtype and strides as ``q``.
 
 Semantics: :func:`scaling_attn_compile.reference.sparse_attention_reference`. On CUDA the op
@@ -23,7 +26,12 @@ import math
 import torch
 
 from .masks import num_blocks, num_words
-from .reference import sparse_attention_reference
+from .reference import (
+    ENERGY_RULES,
+    block_masks_for,
+    energy_filtered_attention_reference,
+    sparse_attention_reference,
+)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
@@ -85,26 +93,55 @@ def validate_kernel_inputs(q, *, interpret: bool = False) -> None:
            f"block-sparse kernel: head_dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
 
 
+def validate_energy(energy_rule: int, energy_threshold: float) -> None:
+    _check(energy_rule in ENERGY_RULES.values(), ValueError,
+           f"sparse_attention: energy_rule must be one of {ENERGY_RULES}, got {energy_rule}")
+    _check(not math.isnan(energy_threshold), ValueError,
+           "sparse_attention: energy_threshold must be a number (natural-log units), got nan")
+
+
 @torch.library.custom_op("scaling_attn::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
                      level_table: torch.Tensor, bucket_bounds: torch.Tensor,
-                     timestep: torch.Tensor, scale: float) -> torch.Tensor:
+                     timestep: torch.Tensor, scale: float, energy_rule: int = 0,
+                     energy_threshold: float = 0.0) -> torch.Tensor:
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    validate_energy(energy_rule, energy_threshold)
     out = torch.empty_like(q)  # same strides as q, as the fake promises
     if q.is_cuda:
         validate_kernel_inputs(q)
         from .kernels.block_sparse_attention import block_sparse_attention_forward
 
         return block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds,
-                                              timestep, out, scale)
+                                              timestep, out, scale, energy_rule=energy_rule,
+                                              energy_threshold=energy_threshold)
+    if energy_rule:
+        blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, q.shape[0],
+                                 q.shape[2])
+        return out.copy_(energy_filtered_attention_reference(
+            q, k, v, blocks, scale, energy_rule, energy_threshold, compute_dtype=torch.float32))
     return out.copy_(sparse_attention_reference(q, k, v, masks, level_table, bucket_bounds,
                                                 timestep, scale))
 
 
 @sparse_attention.register_fake
-def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale):
+def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule=0,
+      energy_threshold=0.0):
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    validate_energy(energy_rule, energy_threshold)
     return torch.empty_like(q)
+
+
+def lambda_from_recall(recall_budget: float, seq_len: int, block: int = 128) -> float:
+    """DynSparse's threshold from a recall target: ``ln(P_real) + ln(Bc / L)``.
+
+    A skipped block's mass is at most ``Bc * exp(lambda)`` times the kept mass, so over the
+    ``L / Bc`` blocks of a row the dropped-to-kept ratio stays under ``Bc * P_real``
+    (``P_real`` is the paper's tuned knob, not a probability: it used 1.46 on Wan2.2-14B).
+    """
+    if not recall_budget > 0:
+        raise ValueError(f"lambda_from_recall: recall_budget (P_real) must be > 0, got {recall_budget}")
+    return math.log(recall_budget) + math.log(block / seq_len)
 
 
 def default_scale(head_dim: int) -> float:

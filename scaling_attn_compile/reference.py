@@ -16,6 +16,7 @@ score chunk stays under ``max_chunk_elements`` (default 2**26 floats, 256 MB in 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .masks import BLOCK, add_diagonal, num_blocks, select_levels, unpack_blocks
 
@@ -67,3 +68,91 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         scores = scores.masked_fill(~keep, float("-inf"))
         out[:, :, start:stop] = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), vc)
     return out.to(q.dtype)
+
+
+ENERGY_RULES = {"off": 0, "cumulative": 1, "blasst": 2}
+
+
+def visit_order(blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order in which the kernel visits each query tile's kept KV blocks when the energy
+    filter is on: the diagonal block, then its left and right neighbours (where kept), then the
+    rest ascending, with the partial last block (``S % 128 != 0``) moved to the end.
+
+    Args:
+        blocks: boolean ``(B, H, NB, NB)`` block mask (diagonal on).
+    Returns:
+        ``order`` int64 ``(B, H, NB, NB)`` KV block indices in visit order (padding past the
+        kept count is arbitrary), and ``count`` int64 ``(B, H, NB)`` kept blocks per tile.
+    """
+    nb = blocks.shape[-1]
+    u = torch.arange(nb, device=blocks.device)[:, None]
+    j = torch.arange(nb, device=blocks.device)[None, :]
+    key = (3 + j).expand(nb, nb).clone()
+    if seq_len % BLOCK:
+        key[:, nb - 1] = 3 * nb  # the partial last block after the walk
+    key = torch.where(j == u, 0, torch.where(j == u - 1, 1, torch.where(j == u + 1, 2, key)))
+    key = torch.where(blocks, key, 4 * nb)  # dropped blocks sort last
+    return key.argsort(dim=-1, stable=True), blocks.sum(-1)
+
+
+def energy_filtered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                        blocks: torch.Tensor, scale: float, rule: int,
+                                        threshold: float, *,
+                                        compute_dtype: torch.dtype = torch.float64,
+                                        return_skipped: bool = False):
+    """Block-sparse attention with the online energy filter, the spec of the kernel's option.
+
+    A FlashAttention loop over each 128-row query tile's kept KV blocks, in :func:`visit_order`.
+    Before folding in a block, with ``m_blk`` its row-wise max score and the running state
+    ``(m, l)`` over the blocks kept so far, the tile skips the block when every (real) row agrees:
+
+    * ``rule=1`` (cumulative energy, DynSparse): ``m_blk - (m + ln l) < threshold``
+    * ``rule=2`` (BLASST): ``m_blk - m < threshold`` (``threshold = ln(lambda_B)``)
+
+    ``rule=0`` never skips. The first block visited is never skipped (``l = 0`` there).
+
+    Args:
+        q, k, v: ``(B, H, S, D)``. blocks: boolean ``(B, H, NB, NB)``, diagonal on.
+    Returns:
+        ``(B, H, S, D)`` in ``q.dtype``; with ``return_skipped``, also a boolean
+        ``(B, H, NB, NB)`` of the blocks the filter skipped.
+    """
+    B, H, S, D = q.shape
+    nb = blocks.shape[-1]
+    pad = nb * BLOCK - S
+
+    def tiles(x):  # (B, H, S, D) -> (B, H, NB, 128, D), zero rows past S
+        return F.pad(x.to(compute_dtype), (0, 0, 0, pad)).view(B, H, nb, BLOCK, D)
+
+    qt, kt, vt = tiles(q), tiles(k), tiles(v)
+    row_ok = (torch.arange(nb * BLOCK, device=q.device) < S).view(nb, BLOCK)
+    order, count = visit_order(blocks, S)
+    m = torch.full((B, H, nb, BLOCK), float("-inf"), dtype=compute_dtype, device=q.device)
+    l_ = torch.zeros_like(m)
+    acc = torch.zeros(B, H, nb, BLOCK, D, dtype=compute_dtype, device=q.device)
+    skipped = torch.zeros_like(blocks)
+    for step in range(int(count.max())):
+        active = step < count  # (B, H, NB)
+        blk = order[..., step]  # (B, H, NB)
+        kb = torch.gather(kt, 2, blk[..., None, None].expand(B, H, nb, BLOCK, D))
+        vb = torch.gather(vt, 2, blk[..., None, None].expand(B, H, nb, BLOCK, D))
+        s = torch.einsum("bhumd,bhund->bhumn", qt, kb) * scale
+        key_ok = (blk[..., None] * BLOCK + torch.arange(BLOCK, device=q.device)) < S
+        s = s.masked_fill(~key_ok[..., None, :], float("-inf"))
+        m_blk = s.amax(-1)
+        if rule == 0:
+            skip = torch.zeros_like(active)
+        else:
+            gap = m_blk - (m + l_.log()) if rule == 1 else m_blk - m
+            gap = gap.masked_fill(~row_ok, float("-inf"))
+            skip = gap.amax(-1) < threshold
+        take = active & ~skip
+        skipped |= torch.zeros_like(blocks).scatter_(-1, blk[..., None], (active & skip)[..., None])
+        m_new = torch.where(take[..., None], torch.maximum(m, m_blk), m)
+        p = torch.exp(s - m_new[..., None]).masked_fill(~take[..., None, None], 0.0)
+        alpha = torch.exp(m - m_new).nan_to_num(1.0)  # -inf - -inf: an untouched row keeps 0
+        l_ = l_ * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhumn,bhund->bhumd", p, vb)
+        m = m_new
+    out = (acc / l_[..., None]).view(B, H, nb * BLOCK, D)[:, :, :S].to(q.dtype)
+    return (out, skipped) if return_skipped else out
