@@ -305,18 +305,27 @@ class Plan:
                             f"use fewer levels or raise max_bytes")
         codes = self.thresholds(grid)
         nb = codes.shape[-1]
-        eye = torch.eye(nb, dtype=torch.bool, device=codes.device)
+        # Build on the target device: packing 14B/720p tables takes ~0.5 s per layer and level
+        # on 2 CPU cores, a few ms on a GPU.
+        work = torch.device(device) if device is not None else codes.device
+        eye = torch.eye(nb, dtype=torch.bool, device=work)
         masks, level_dens = [], []
         for layer in range(self.num_layers):
-            c = codes[layer]  # (H, NB, NB)
+            c = codes[layer].to(work)  # (H, NB, NB)
             if levels is None:
                 cut = west.codes_for_density(c, density)[:, None, None, None]  # (H, 1, 1, 1)
             else:
                 cut = torch.tensor([west.code_for(p) for p in levels],
-                                   device=codes.device)[None, :, None, None]
-            keep = (c[:, None] <= cut) | eye  # (H, L, NB, NB)
-            level_dens.append(keep.float().mean(dim=(-1, -2)).cpu())
-            masks.append(pack_blocks(keep).to(device))
+                                   device=work)[None, :, None, None]
+            # One level at a time: pack_blocks works in int64, 8x the bool size (14B/720p:
+            # 115 MB per level instead of ~0.6 GB for five at once).
+            words, dens = [], []
+            for i in range(cut.shape[1]):
+                keep = (c <= cut[:, i]) | eye  # (H, NB, NB)
+                dens.append(keep.float().mean(dim=(-1, -2)).cpu())
+                words.append(pack_blocks(keep))
+            level_dens.append(torch.stack(dens, dim=1))  # (H, L)
+            masks.append(torch.stack(words, dim=1).to(device))  # (H, L, NB, W)
         if sched is not None:
             level_tables = [sched.level_tables[i].to(device) for i in range(self.num_layers)]
             bounds = sched.bucket_bounds.to(device)

@@ -171,9 +171,13 @@ def density_by_code(codes: torch.Tensor) -> torch.Tensor:
     nb = codes.shape[-1]
     lead = codes.shape[:-2]
     flat = codes.reshape(-1, nb, nb).to(torch.int64)
-    off_diag = ~torch.eye(nb, dtype=torch.bool, device=codes.device)
-    counts = torch.zeros(flat.shape[0], CODE_MAX + 1, dtype=torch.int64, device=codes.device)
-    counts.scatter_add_(1, flat[:, off_diag], torch.ones_like(flat[:, off_diag]))
+    n = flat.shape[0]
+    bins = CODE_MAX + 1
+    offset = (torch.arange(n, device=codes.device) * bins)[:, None, None]
+    # Histogram of codes per map, minus the diagonal's own codes (it is counted as always kept).
+    counts = torch.bincount((flat + offset).reshape(-1), minlength=n * bins)
+    diag = flat.diagonal(dim1=-2, dim2=-1) + offset[:, :, 0]
+    counts = (counts - torch.bincount(diag.reshape(-1), minlength=n * bins)).view(n, bins)
     kept = counts.cumsum(-1) + nb  # the diagonal is always kept
     return (kept.to(torch.float32) / (nb * nb)).reshape(*lead, CODE_MAX + 1)
 
