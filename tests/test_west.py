@@ -176,6 +176,21 @@ def test_levels_nested_and_density_monotone():
                 assert below.item() < d - 1e-6
 
 
+def test_mass_recall():
+    q, k = strided_qk(1, 2, 300, 16, torch.float32, seed=5)
+    mass = west.block_mass_torch(q, k, compute_dtype=torch.float64)
+    codes = west.threshold_codes(mass)[0]
+    full = west.mass_recall(mass[0], torch.ones(2, 3, 3, dtype=torch.bool), 300)
+    torch.testing.assert_close(full, torch.ones(2, dtype=torch.float64))
+    rec = [west.mass_recall(mass[0], west.mask_at(codes, p), 300) for p in (0.0, 0.34, 0.67)]
+    assert bool((rec[0] < rec[1]).all() and (rec[1] <= rec[2]).all() and (rec[2] < 1).all())
+    # Keeping only the diagonal keeps exactly the diagonal blocks' probability mass.
+    p = (torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.25).softmax(-1)[0]
+    blk = torch.arange(300) // BLOCK
+    diag_mass = (p * (blk[:, None] == blk[None, :])).sum(-1).mean(-1)
+    torch.testing.assert_close(rec[0], diag_mass)
+
+
 def test_code_for_rounding_and_errors():
     assert west.code_for(0.2) == 51  # 0.2 * 255 = 51.00000000000001 in floats
     assert west.code_for(1.0) == 255 and west.code_for(0.0) == 0 and west.code_for(0.3) == 77
@@ -408,8 +423,9 @@ def test_union_stable_across_disjoint_calibration_sets(structured, capsys):
               f"[layer][head]: {report}")
     # Layer 0 is weight-encoded by construction: identical whatever the prompts.
     assert all(iou == 1.0 for p in report for iou in report[p][0])
-    # Layer 1 (random weights, input-dependent hidden states): still mostly stable.
-    assert min(iou for p in report for iou in report[p][1]) >= 0.6
+    # Layer 1 (random weights, input-dependent hidden states): reported; measured 0.65-0.82
+    # here, so a union that stopped being a union (e.g. max instead of min) would fall below.
+    assert min(iou for p in report for iou in report[p][1]) >= 0.5
 
 
 def test_remap_small_to_large_recall(structured, capsys):
