@@ -406,8 +406,9 @@ class Plan:
             f"{math.prod(m.calib_grid)}, NB = {self.codes.shape[-1]}; "
             f"{m.num_calibration_inputs} calibration inputs",
         ]
+        curve = west.density_by_code(self.codes).mean(dim=(0, 1))  # (256,), no big masks
         for p in densities:
-            d = west.mask_at(self.codes, p).float().mean().item()
+            d = curve[west.code_for(p)].item()
             lines.append(f"  threshold p = {p:.2f}: mean kept-block density {d:.3f}")
         if self.schedule is not None:
             s = self.schedule
