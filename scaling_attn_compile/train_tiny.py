@@ -49,9 +49,10 @@ from .toy_video import HELD_OUT, held_out_captions, sample_batch
 # ~2.7 TFLOP of matmuls + attention: an H100 does a few steps a second, ~2-4K steps in 7.5 min.
 DEFAULTS = {
     "cuda": dict(res="8x32x32,8x48x48,8x32x64,8x32x32,12x32x32,8x64x64", batch_tokens=65536,
-                 lr=6e-4, sample_steps=30),
-    # CPU (2 shared cores): 512-token clips, 8 per step, ~3 s a step: a weak model in minutes.
-    "cpu": dict(res="8x16x16,4x16x32", batch_tokens=4096, lr=1e-3, sample_steps=16),
+                 lr=6e-4, warmup=200, sample_steps=30),
+    # CPU (2 shared cores, ~20 GFLOP/s seen): 512-token clips, 2 per step, ~3 s a step, so a
+    # 4-minute run is ~80 steps: a weak but loadable model (tests, smoke runs).
+    "cpu": dict(res="8x16x16,4x16x32", batch_tokens=1024, lr=1e-3, warmup=10, sample_steps=16),
 }
 
 
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (videos = this // tokens per video)")
     ap.add_argument("--batch", type=int, default=None, help="fixed videos per step (overrides --batch-tokens)")
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cfg-drop", type=float, default=0.1)
@@ -285,29 +286,29 @@ def plot_loss(path: Path, history: list[dict]) -> None:
 
 def plot_samples(path: Path, caps: list[str], vids: torch.Tensor, data: torch.Tensor,
                  held: set[str], frames: int = 8) -> None:
-    """Rows: for each caption, a toy-data example and a generated video (same caption); columns: frames."""
+    """One row per caption: a toy-data example (left) and the generated video (right), frames
+    left to right. vids, data ``(B, 3, F, H, W)`` in [-1, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    F = vids.shape[2]
+    F, h, w = vids.shape[2:]
     cols = list(range(0, F, max(1, F // frames)))[:frames]
-    rows = []
-    for i, c in enumerate(caps):
-        rows.append((f"data: {c}", data[i]))
-        rows.append((f"generated: {c}" + (" (held out)" if c in held else ""), vids[i]))
-    h, w = vids.shape[3], vids.shape[4]
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(len(cols) * 1.1 * w / h, len(rows) * 1.25),
-                             squeeze=False)
-    for r, (title, v) in enumerate(rows):
+    n = len(cols)
+    fig, axes = plt.subplots(len(caps), 2 * n + 1, squeeze=False,
+                             figsize=((2 * n + 1) * min(0.9 * w / h, 1.2), len(caps) * 1.25),
+                             gridspec_kw={"width_ratios": [1] * n + [0.25] + [1] * n})
+    for r, c in enumerate(caps):
+        axes[r][n].axis("off")
         for j, f in enumerate(cols):
-            ax = axes[r][j]
-            ax.imshow(((v[:, f].permute(1, 2, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy(),
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_title(title, fontsize=7, loc="left")
+            for v, ax in ((data[r], axes[r][j]), (vids[r], axes[r][n + 1 + j])):
+                ax.imshow(((v[:, f].permute(1, 2, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy(),
+                          interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[r][0].set_title(f"data: {c}", fontsize=7, loc="left")
+        axes[r][n + 1].set_title("generated" + (" (held-out caption)" if c in held else ""), fontsize=7, loc="left")
     fig.tight_layout(pad=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -354,7 +355,7 @@ Resolutions (frames x height x width pixels), cycled per step: {grids}.
 | tokens seen | {s['tokens_seen'] / 1e6:.1f} M |
 | time | {s['train_seconds'] / 60:.1f} min training loop |
 | device | {s['device']}, torch {s['torch']}{', bf16 autocast' if 'cuda' in str(a.device) else ', fp32'} |
-| throughput | {s['train_tflops_per_s']:.1f} TFLOP/s of matmuls (model FLOPs) |
+| throughput | {s['tokens_seen'] / s['train_seconds']:,.0f} tokens/s; {s['train_tflops_per_s'] * 1e3:,.1f} GFLOP/s of model matmuls (fwd + bwd) |
 | final train loss | {s['final_train_loss']:.4f} (mean of last logged steps) |
 | validation loss | {s['val_loss']:.4f} (held-out captions, t in 0.1..0.9, grid {'x'.join(map(str, a.sample_grid))}); random init: {s['val_loss_random_init']:.4f} |
 
@@ -363,7 +364,7 @@ Resolutions (frames x height x width pixels), cycled per step: {grids}.
 ## Samples
 
 {a.sample_steps} Euler steps, no guidance, grid {'x'.join(map(str, a.sample_grid))}, seed 0. Each caption: a data example, then the
-model's sample (the last four captions were never trained on).
+model's sample from the same caption (the last four captions were never trained on).
 
 ![samples](samples.png)
 
