@@ -21,3 +21,18 @@ __version__ = "0.1.0"
 from .plan import FastSchedule, Plan, PlanError, load_plan  # noqa: E402
 
 __all__ += ["FastSchedule", "Plan", "PlanError", "load_plan"]
+
+# The tiny trained Wan (issue 7). Lazy: importing it pulls in diffusers (~4 s), which the op and
+# backend do not need.
+_TINY_WAN = ("load_tiny_wan", "encode_captions", "generate")
+
+
+def __getattr__(name):
+    if name in _TINY_WAN:
+        from . import tiny_wan
+
+        return getattr(tiny_wan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += list(_TINY_WAN)
