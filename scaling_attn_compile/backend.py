@@ -492,7 +492,8 @@ class ScalingAttnBackend:
     def __init__(self, plan, *, inductor_config: Mapping[str, Any] | None = None,
                  patch_size: Sequence[int] | None = None, grid: Sequence[int] | None = None,
                  on_dynamic_shapes: str = "error", compiler: str | Callable = "inductor",
-                 hash_kernel_sources: bool = True, verbose: bool = False):
+                 hash_kernel_sources: bool = True, materialize_kwargs: Mapping | None = None,
+                 verbose: bool = False):
         if not (isinstance(plan, AttentionTables) or hasattr(plan, "materialize")
                 or callable(plan)):
             raise TypeError(
@@ -515,6 +516,12 @@ class ScalingAttnBackend:
         self.on_dynamic_shapes = on_dynamic_shapes
         self.compiler = compiler
         self.hash_kernel_sources = hash_kernel_sources
+        self.materialize_kwargs = dict(materialize_kwargs or {})
+        if self.materialize_kwargs and not hasattr(plan, "materialize"):
+            raise ValueError("scaling_attn_backend: materialize_kwargs needs a plan with "
+                             f".materialize(grid, **kwargs), got {type(plan).__name__}")
+        meta = getattr(plan, "meta", None)
+        self.head_dim = getattr(plan, "head_dim", None) or getattr(meta, "head_dim", None)
         self.reports: list[RewriteReport] = []
         self._tables: dict[tuple, tuple[AttentionTables, list]] = {}
         if verbose:
@@ -533,7 +540,7 @@ class ScalingAttnBackend:
             if isinstance(plan, AttentionTables):
                 tables = plan
             elif hasattr(plan, "materialize"):
-                tables = plan.materialize(tuple(grid))
+                tables = plan.materialize(tuple(grid), **self.materialize_kwargs)
             else:
                 tables = plan(tuple(grid))
             _check_tables(tables, grid)
@@ -557,7 +564,7 @@ class ScalingAttnBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         report = rewrite_self_attention(
             gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
-            grid=self.grid, head_dim=getattr(self.plan, "head_dim", None),
+            grid=self.grid, head_dim=self.head_dim,
             on_dynamic_shapes=self.on_dynamic_shapes)
         self.reports.append(report)
         if report.per_layer:
@@ -594,6 +601,8 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         compiler: ``"inductor"`` (default), ``"eager"`` (run the rewritten graph eagerly; for
             debugging) or a callable ``(gm, example_inputs) -> callable``.
         hash_kernel_sources: put the kernel/lowering sources into Inductor's cache key.
+        materialize_kwargs: extra keyword arguments for ``plan.materialize(grid, ...)``, e.g.
+            ``{"density": 0.25}`` for a plan without a FAST schedule.
         verbose: log each compiled graph's rewrite counts to stderr.
     """
     return ScalingAttnBackend(plan, **options)

@@ -190,10 +190,11 @@ def _grid(b, h, m, d, meta, *, cdiv):
 
 
 # Created once, at import: torch <= 2.13 asserts on a second TritonTemplate with this name.
-if TEMPLATE_NAME in TritonTemplate.all_templates:  # importlib reload in a test session
+_TEMPLATE_SOURCE = template_source()
+if TEMPLATE_NAME in TritonTemplate.all_templates:  # importlib.reload: keep the registered one
     _TEMPLATE = TritonTemplate.all_templates[TEMPLATE_NAME]
 else:
-    _TEMPLATE = TritonTemplate(name=TEMPLATE_NAME, grid=_grid, source=template_source())
+    _TEMPLATE = TritonTemplate(name=TEMPLATE_NAME, grid=_grid, source=_TEMPLATE_SOURCE)
 
 
 def _select(name, choices, input_nodes, layout, **kwargs):
@@ -337,6 +338,19 @@ _HASHED_FILES = (
 )
 
 
+def source_hash(paths=_HASHED_FILES) -> bytes:
+    """sha256 of the files and of the template source this process built at import.
+
+    Taken once at import (``_SOURCE_HASH``), not at every ``uuid()``: the template was built
+    from the files as they were then, and a file edited later in a running process must not
+    file this process's (old) generated code under the new file's key.
+    """
+    return get_hash_for_files(tuple(p for p in paths if os.path.exists(p)), _TEMPLATE_SOURCE)
+
+
+_SOURCE_HASH = source_hash()
+
+
 class KernelSourceHash(CustomGraphPass):
     """A post-grad pass that does nothing; its ``uuid()`` puts the lowering, backend and kernel
     sources into Inductor's FX graph cache key, so a changed kernel never reuses stale code.
@@ -353,10 +367,9 @@ class KernelSourceHash(CustomGraphPass):
             self.inner(graph)
 
     def uuid(self):
-        inner = ""
-        if self.inner is not None:
-            inner_uuid = getattr(self.inner, "uuid", None)
-            if inner_uuid is None:
-                return None  # an un-hashable user pass: Inductor bypasses the cache, as it would
-            inner = repr(inner_uuid())
-        return get_hash_for_files(tuple(f for f in _HASHED_FILES if os.path.exists(f)), inner)
+        if self.inner is None:
+            return _SOURCE_HASH
+        inner_uuid = getattr(self.inner, "uuid", None)
+        if inner_uuid is None:
+            return None  # an un-hashable user pass: Inductor bypasses the cache, as it would
+        return _SOURCE_HASH + repr(inner_uuid()).encode()
