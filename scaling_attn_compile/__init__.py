@@ -36,3 +36,20 @@ def __getattr__(name):
 
 
 __all__ += list(_TINY_WAN)
+
+# The torch.compile backend (issue 3). Lazy: it imports Inductor (~3 s), which the op, the
+# reference and the plan tools do not need. Chains to the __getattr__ above.
+_BACKEND = ("scaling_attn_backend", "ScalingAttnBackend", "PlanMismatchError",
+            "DynamicShapeError", "rewrite_self_attention")
+_getattr_before_backend = __getattr__
+
+
+def __getattr__(name):  # noqa: F811 - extends the lazy lookup above
+    if name in _BACKEND:
+        from . import backend
+
+        return getattr(backend, name)
+    return _getattr_before_backend(name)
+
+
+__all__ += list(_BACKEND)
