@@ -53,3 +53,15 @@ def __getattr__(name):  # noqa: F811 - extends the lazy lookup above
 
 
 __all__ += list(_BACKEND)
+
+# FAST schedule (issue 5): build_fast_plan(plan, model, input, target) -> plan with a schedule.
+from .fast import (  # noqa: E402
+    build_fast_plan,
+    dense_first_schedule,
+    fit_schedule,
+    profile_fidelity,
+    uniform_schedule,
+)
+
+__all__ += ["build_fast_plan", "dense_first_schedule", "fit_schedule", "profile_fidelity",
+            "uniform_schedule"]

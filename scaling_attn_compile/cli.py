@@ -211,6 +211,113 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- fast ----------------------------------------------------------------------------------------
+
+def _levels_arg(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds like 0.1,0.3,1.0, "
+                                         f"got {text!r}") from None
+
+
+def add_fast_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--plan", required=True, type=Path, help="WEST plan file (from `west`)")
+    p.add_argument("--target-density", required=True, type=float,
+                   help="global kept-block fraction in (0, 1], e.g. 0.3")
+    p.add_argument("--out", required=True, type=Path, help="plan file to write, with the schedule")
+    p.add_argument("--png", type=Path, default=None,
+                   help="schedule picture (default: <out stem>.schedule.png next to --out)")
+    p.add_argument("--method", default="fast", choices=["fast", "uniform", "dense-first"],
+                   help="fast (profiled, head-wise), or a baseline: uniform (one level), "
+                        "dense-first (first --dense-fraction of steps dense); default fast")
+    p.add_argument("--dense-fraction", type=float, default=0.25,
+                   help="dense-first: fraction of steps run dense (default 0.25)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps of the profiling run (default: the plan's calibration)")
+    p.add_argument("--capture-steps", type=int, default=None,
+                   help="steps profiled = timestep buckets, evenly spaced (default: all)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow-matching shift (default 5.0 at >= 720p, else 3.0, as Wan)")
+    p.add_argument("--levels", type=_levels_arg, default=None,
+                   help="WEST thresholds, ascending, ending with 1.0 (default "
+                        "0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.65,0.8,1.0)")
+    p.add_argument("--rows-per-block", type=int, default=16,
+                   help="sampled query rows per 128-row block (default 16)")
+    p.add_argument("--gamma", type=float, default=1.0, help="A(l, t) curvature (default 1)")
+    p.add_argument("--omega", type=float, default=None,
+                   help="A(l, t) step weight against layers (default L / T)")
+    p.add_argument("--rho", type=float, default=0.1,
+                   help="(1 - A_max) / (1 - A_min): loss allowed early/shallow vs late/deep "
+                        "(default 0.1)")
+    p.add_argument("--reduce", default="mean", choices=["mean", "min"],
+                   help="fidelity of a head: mean or min over sampled rows (default mean)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="calibration prompt: .txt (first line) or .safetensors/.pt embeddings "
+                        "(first row); default a random embedding")
+    p.add_argument("--negative-prompt", default=None, help="with a .txt --prompts: enables CFG")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default 5.0)")
+    p.add_argument("--text-len", type=int, default=None,
+                   help="length of a random embedding (default: 512 for Wan, 16 for tiny)")
+
+
+def run_fast(args: argparse.Namespace) -> int:
+    from . import fast
+    from .calibrate import default_timesteps, evenly_spaced, load_transformer
+    from .plan import load_plan
+    from .viz import plot_schedule
+
+    t0 = time.perf_counter()
+    try:
+        target = fast.check_target(args.target_density, "--target-density")
+    except ValueError as e:
+        raise SystemExit(f"fast: {e}") from None
+    plan = load_plan(args.plan)
+    calib = plan.meta.calibration
+    steps = args.steps or int(calib.get("num_steps", 50))
+    latent = calib.get("latent_shape")
+    shift = args.shift
+    if shift is None:  # Wan's rule (VAE stride 8): 5.0 at >= 720p, else 3.0
+        shift = 5.0 if latent is not None and latent[2] * 8 >= 720 else 3.0
+    timesteps = default_timesteps(steps, shift)
+    if args.method == "uniform":
+        schedule = fast.uniform_schedule(plan, target)
+    elif args.method == "dense-first":
+        schedule = fast.dense_first_schedule(plan, target, timesteps, args.dense_fraction)
+    else:
+        if latent is None:
+            raise SystemExit(f"fast: {args.plan} has no calibration latent_shape; re-extract it "
+                             f"with `scaling-attn west`")
+        device = args._device = resolve_device(args.device)
+        dtype = args._dtype = resolve_dtype(args.dtype, device)
+        src = load_transformer(args.model, dtype=dtype, device=device, seed=args.seed)
+        model = src.transformer
+        args.num_prompts = 1
+        inputs = _west_inputs(args, src, model.config.text_dim)[:1]
+        if not inputs:
+            raise SystemExit("fast: no calibration input (empty prompt file?)")
+        capture = None if args.capture_steps is None else evenly_spaced(steps, args.capture_steps)
+        print(f"profiling {src.name}: latents {tuple(latent)}, {steps} steps "
+              f"({'all' if capture is None else len(capture)} profiled), target density {target}")
+        levels = args.levels or list(fast.DEFAULT_LEVELS)
+        plan, _ = fast.build_fast_plan(
+            plan, model, inputs[0], target, timesteps=timesteps, latent_shape=latent,
+            capture_steps=capture, levels=levels, rows_per_block=args.rows_per_block,
+            seed=args.seed, gamma=args.gamma, omega=args.omega, rho=args.rho, reduce=args.reduce)
+        schedule = plan.schedule
+    plan = plan.with_schedule(schedule)
+    path = plan.save(args.out)
+    png = args.png or args.out.with_name(f"{args.out.name.split('.')[0]}.schedule.png")
+    plot_schedule(plan, png)
+    info = schedule.info
+    print(plan.summary())
+    print(f"{info.get('method')}: achieved global density {info.get('achieved_density', 0):.4f} "
+          f"(target {target})")
+    print(f"wrote {path} and {png} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -218,6 +325,8 @@ COMMANDS: list[Command] = [
             add_west_arguments, run_west),
     Command("show", "print a plan's summary and draw a layer's threshold maps as PNG",
             add_show_arguments, run_show),
+    Command("fast", "profile head-wise fidelity and write a FAST timestep schedule into a plan",
+            add_fast_arguments, run_fast),
 ]
 
 

@@ -61,3 +61,58 @@ def plot_layer(plan, layer: int, out, *, density: float = 0.3, grid=None,
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+def plot_schedule(plan, out, *, heads_per_panel: int = 4, max_cols: int = 4,
+                  dpi: int = 110) -> Path:
+    """Write a PNG of ``plan``'s FAST schedule: achieved density (kept blocks / all blocks,
+    diagonal included, at the calibration grid) per layer (rows) and timestep bucket (columns,
+    first/noisiest step on the left), averaged over each group of ``heads_per_panel`` heads,
+    one panel per group. Returns the path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    sched = plan.schedule
+    if sched is None:
+        raise ValueError("plot_schedule: plan has no FAST schedule; build one with "
+                         "`scaling-attn fast` first")
+    if heads_per_panel < 1:
+        raise ValueError(f"plot_schedule: heads_per_panel must be >= 1, got {heads_per_panel}")
+    codes = plan.codes  # (L, H, NB, NB)
+    dens = torch.stack([west.mask_at(codes, p).double().mean(dim=(-1, -2))
+                        for p in sched.levels], -1)  # (L, H, NL)
+    lt = sched.level_tables.long().flip(1)  # bucket order -> step order (early steps first)
+    L, T, H = lt.shape
+    cell = dens[:, None].expand(L, T, H, -1).gather(-1, lt[..., None])[..., 0]  # (L, T, H)
+    groups = [list(range(h, min(H, h + heads_per_panel))) for h in range(0, H, heads_per_panel)]
+    cols = min(max_cols, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.0, 3.2 * cols), 2.8 * rows + 0.8),
+                             squeeze=False)
+    image = None
+    for i, g in enumerate(groups):
+        ax = axes[i // cols][i % cols]
+        image = ax.imshow(cell[:, :, g].mean(-1).numpy(), cmap="magma", vmin=0.0, vmax=1.0,
+                          aspect="auto", interpolation="nearest")
+        ax.set_title(f"heads {g[0]}-{g[-1]}" if len(g) > 1 else f"head {g[0]}", fontsize=8)
+        ax.set_xlabel("step bucket (early -> late)", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for i in range(len(groups), rows * cols):
+        axes[i // cols][i % cols].axis("off")
+    info = sched.info
+    fig.suptitle(f"FAST schedule ({info.get('method', 'schedule')}): global density "
+                 f"{float(cell.mean()):.3f}"
+                 + (f", target {info['target_density']:g}" if "target_density" in info else ""),
+                 fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="achieved density")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
