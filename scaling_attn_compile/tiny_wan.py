@@ -253,10 +253,8 @@ def generate(model: WanTransformer3DModel, captions: list[str], grid: tuple[int,
     """
     token_grid(grid)
     net = transformer if transformer is not None else model
-    p = next(model.parameters())
-    device, dtype = p.device, p.dtype
-    if model.dtype != dtype:  # fp32-kept modules come first in some orders; use the projection's
-        dtype = model.proj_out.weight.dtype
+    # The output projection's dtype is the compute dtype (Wan keeps some modules fp32 under bf16).
+    device, dtype = model.proj_out.weight.device, model.proj_out.weight.dtype
     B = len(captions)
     x = initial_noise(B, grid, seed, model.config.in_channels).to(device)
     cond = encode_captions(captions, device=device, dtype=dtype, path=encoder_path)
