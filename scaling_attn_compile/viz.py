@@ -75,6 +75,7 @@ def plot_schedule(plan, out, *, heads_per_panel: int = 4, max_cols: int = 4,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
+    from matplotlib.ticker import MaxNLocator
 
     sched = plan.schedule
     if sched is None:
@@ -102,6 +103,8 @@ def plot_schedule(plan, out, *, heads_per_panel: int = 4, max_cols: int = 4,
         ax.set_xlabel("step bucket (early -> late)", fontsize=7)
         ax.set_ylabel("layer", fontsize=7)
         ax.tick_params(labelsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers and steps are whole
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for i in range(len(groups), rows * cols):
         axes[i // cols][i % cols].axis("off")
     info = sched.info
