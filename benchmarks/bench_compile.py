@@ -1,0 +1,341 @@
+"""Question: how much faster is one Wan2.1 transformer step compiled with our backend than eager
+diffusers and than ``torch.compile`` with Inductor, with dense and with sparse plans?
+
+    python benchmarks/bench_compile.py                          # 1.3B @ 480x832x81 and 14B @ 720x1280x81
+    python benchmarks/bench_compile.py --models 1.3b            # one model per run fits 10 minutes
+    python benchmarks/bench_compile.py --models 14b --layers 20 # fewer layers (said in the output)
+    python benchmarks/bench_compile.py --models 14b --rows eager ours-0.25   # some rows; merged
+    python benchmarks/bench_compile.py --tiny                   # CPU smoke run, tiny config
+
+Rows, one transformer forward (B=1, CFG off) each, random bf16 weights (speed does not depend on
+the weights): ``eager`` (diffusers' default SDPA), ``inductor`` (``torch.compile``, dense
+attention), ``ours-dense`` (our backend, all-dense plan), ``ours-0.5`` and ``ours-0.25`` (plans of
+that global block density, ``uniform_tables(..., pattern)``). Median ms per step from
+``triton.testing.do_bench`` on the GPU (``time.perf_counter`` medians on the CPU), speedup over
+eager, first-call (compile) seconds, peak memory.
+
+Compile times are on a cold cache by default: Inductor's and Triton's cache directories point to
+a new temporary directory (``--warm-cache`` keeps the usual ones). Rows after the first compiled
+one may still reuse in-process caches (autotuning of the same shapes; ``ours-0.5`` has the same
+graph as ``ours-dense`` with other table values, so its FX graph cache hits): that is what a user
+who swaps plans sees.
+
+CPU timings (``--tiny``) only show that the script runs; the machine is shared.
+
+Writes ``benchmarks/results/compile-<gpu>.json`` (GPU, torch, triton, diffusers, git SHA, the
+configs and the records). Records of earlier runs for other (model, layers, row) keys are kept,
+so a model can be measured a few rows at a time within the device's 10-minute limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+if __name__ == "__main__" and "--warm-cache" not in sys.argv:
+    # Before torch/triton are imported: both read these when they first touch their caches.
+    _cold = tempfile.mkdtemp(prefix="bench_compile_cache_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_cold, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(_cold, "triton")
+
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+from scaling_attn_compile.masks import unpack_blocks  # noqa: E402
+from scaling_attn_compile.tables import uniform_tables  # noqa: E402
+
+# Wan2.1 configs (diffusers conversion script; research/inductor.md §5). Latent = VAE 4x8x8.
+COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+              cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+              rope_max_seq_len=1024)
+MODELS = {
+    "1.3b": dict(name="Wan2.1-T2V-1.3B", video=(480, 832, 81), text_len=512, config=dict(
+        COMMON, num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)),
+    "14b": dict(name="Wan2.1-T2V-14B", video=(720, 1280, 81), text_len=512, config=dict(
+        COMMON, num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)),
+    "tiny": dict(name="tiny (CPU smoke test)", video=(128, 160, 13), text_len=24, config=dict(
+        COMMON, in_channels=4, out_channels=4, text_dim=32, freq_dim=32, rope_max_seq_len=64,
+        num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)),
+}
+ROWS = ("eager", "inductor", "ours-dense", "ours-0.5", "ours-0.25")
+DENSITY = {"ours-dense": 1.0, "ours-0.5": 0.5, "ours-0.25": 0.25}
+
+
+@dataclass
+class Record:
+    model: str
+    layers: int
+    layers_of: int
+    video: tuple
+    grid: tuple
+    seq_len: int
+    row: str
+    ms: float | None
+    speedup_vs_eager: float | None
+    first_call_s: float | None
+    peak_mem_gib: float | None
+    density: float | None = None  # kept blocks / all blocks of the bound tables
+    rewritten_layers: int | None = None
+    error: str | None = None
+
+
+def environment(device: str) -> dict:
+    sha = os.environ.get("GIT_SHA") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    import diffusers
+    import triton
+
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "diffusers": diffusers.__version__, "cuda": torch.version.cuda, "git_sha": sha,
+            "cold_cache": "TORCHINDUCTOR_CACHE_DIR" in os.environ
+            and "bench_compile_cache_" in os.environ["TORCHINDUCTOR_CACHE_DIR"]}
+
+
+def latent_shape(spec) -> tuple[int, int, int, int, int]:
+    """``[B, C, F, H, W]`` of the VAE latents for a video ``(height, width, frames)``."""
+    h, w, frames = spec["video"]
+    c = spec["config"]["in_channels"]
+    return (1, c, (frames - 1) // 4 + 1, h // 8, w // 8)
+
+
+def build_model(spec, layers: int, device: str, dtype: torch.dtype):
+    """Random weights, built on the device in ``dtype`` (a 14B model never exists in fp32 on the
+    host); the modules diffusers keeps in fp32 when loading in bf16 are cast back to fp32."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(spec["config"], num_layers=layers)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in model.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    return model.eval()
+
+
+def make_inputs(spec, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    text_dim = spec["config"]["text_dim"]
+    return dict(
+        hidden_states=torch.randn(latent_shape(spec), generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(1, spec["text_len"], text_dim, generator=g).to(
+            device, dtype),
+        timestep=torch.tensor([500], device=device),
+    )
+
+
+def bench_ms(fn, device: str, reps: int) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=1, rep=reps, return_mode="median")  # warmup/rep in ms
+    times = []
+    for _ in range(max(3, reps // 100)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_config, reps):
+    from scaling_attn_compile.backend import scaling_attn_backend
+
+    heads = spec["config"]["num_attention_heads"]
+    density = rewritten = None
+    backend = None
+    if row == "eager":
+        fn_model = model
+    elif row == "inductor":
+        fn_model = torch.compile(model, backend="inductor", fullgraph=True, dynamic=False,
+                                 options=dict(inductor_config) or None)
+    else:
+        tables = uniform_tables(layers, heads, grid, DENSITY[row], seed=0, pattern=pattern)
+        nb = tables.masks[0].shape[2]
+        density = statistics.fmean(unpack_blocks(m[:, 0], nb).float().mean().item()
+                                   for m in tables.masks)
+        backend = scaling_attn_backend(tables, inductor_config=inductor_config)
+        fn_model = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+
+    def step():
+        with torch.no_grad():
+            return fn_model(**inputs, return_dict=False)[0]
+
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0
+    if backend is not None:
+        rewritten = sum(len(r.per_layer) for r in backend.reports)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = bench_ms(step, device, reps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return ms, (None if row == "eager" else first), peak, density, rewritten
+
+
+def print_table(records: list[Record]) -> None:
+    print("\n| model | layers | video (HxWxF) | S | row | density | ms / step | speedup vs eager "
+          "| first call s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        f = lambda x, fmt: "" if x is None else format(x, fmt)
+        video = "x".join(str(v) for v in r.video)
+        layers = f"{r.layers}/{r.layers_of}"
+        tail = f" ({r.error})" if r.error else ""
+        print(f"| {r.model} | {layers} | {video} | {r.seq_len} | {r.row}{tail} | "
+              f"{f(r.density, '.3f')} | {f(r.ms, '.1f')} | "
+              f"{f(r.speedup_vs_eager, '.2f') + ('x' if r.speedup_vs_eager else '')} | "
+              f"{f(r.first_call_s, '.1f')} | {f(r.peak_mem_gib, '.1f')} |")
+
+
+def check_bars(records: list[Record]) -> None:
+    """The issue's bars (H100): ours@0.25 >= 1.9x eager; ours-dense <= 1.25x inductor; compile
+    of the full 1.3B model with our backend < 180 s on a cold cache."""
+    by = {(r.model, r.layers, r.row): r for r in records if r.ms is not None}
+    for (model, layers, row), r in sorted(by.items()):
+        if row == "ours-0.25" and r.speedup_vs_eager:
+            print(f"bar {model} ({layers} layers): ours@0.25 {r.speedup_vs_eager:.2f}x eager "
+                  f"(>= 1.9x: {'met' if r.speedup_vs_eager >= 1.9 else 'NOT met'})")
+        ind = by.get((model, layers, "inductor"))
+        if row == "ours-dense" and ind:
+            ratio = r.ms / ind.ms
+            print(f"bar {model} ({layers} layers): ours-dense / inductor = {ratio:.2f} "
+                  f"(<= 1.25: {'met' if ratio <= 1.25 else 'NOT met'})")
+        if row == "ours-dense" and model == MODELS["1.3b"]["name"] and r.first_call_s:
+            full = layers == r.layers_of
+            print(f"bar {model} ({layers} layers): compile (first call) {r.first_call_s:.0f} s "
+                  f"(< 180 s: {'met' if r.first_call_s < 180 else 'NOT met'}"
+                  f"{'' if full else ', but not the full model'})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["1.3b", "14b"], choices=["1.3b", "14b"])
+    ap.add_argument("--layers", type=int, default=None,
+                    help="build every model with this many layers (e.g. 14B with 20 of 40)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--pattern", default="local", choices=["local", "random"],
+                    help="block pattern of the sparse plans (uniform_tables)")
+    ap.add_argument("--max-autotune", action="store_true",
+                    help="Inductor max_autotune for the inductor and ours rows")
+    ap.add_argument("--rep-ms", type=int, default=2000, help="do_bench repetition time (ms)")
+    ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (smoke test)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep the usual Inductor/Triton caches (default: cold, fresh temp dirs)")
+    ap.add_argument("--out", default=None, help="JSON path (default "
+                    "benchmarks/results/compile-<gpu>.json; --tiny: $TMPDIR/compile-cpu-tiny.json)")
+    args = ap.parse_args(argv)
+
+    if args.tiny:
+        device, dtype, keys = "cpu", torch.float32, ["tiny"]
+    else:
+        if not torch.cuda.is_available():
+            print("bench_compile: needs a CUDA GPU (use --tiny for a CPU smoke run)",
+                  file=sys.stderr)
+            return 2
+        device, dtype, keys = "cuda", torch.bfloat16, args.models
+    inductor_config = {"max_autotune": True} if args.max_autotune else {}
+    env = environment(device)
+    env["inductor_config"] = inductor_config
+    env["pattern"] = args.pattern
+    print(env, flush=True)
+
+    if args.out:
+        path = args.out
+    elif args.tiny:  # CPU timings of a tiny model are no record: keep them out of the repo
+        path = os.path.join(tempfile.gettempdir(), "compile-cpu-tiny.json")
+    else:
+        gpu = env["gpu"].replace(" ", "-").lower()
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            f"compile-{gpu}.json")
+    old, old_models = [], {}
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("env", {}).get("gpu") == env["gpu"]:
+            old = [Record(**{**r, "video": tuple(r["video"]), "grid": tuple(r["grid"])})
+                   for r in stored.get("records", [])]
+            old_models = stored.get("models", {})
+
+    new: list[Record] = []
+    for key in keys:
+        spec = MODELS[key]
+        layers_of = spec["config"]["num_layers"]
+        layers = args.layers or layers_of
+        shape = latent_shape(spec)
+        pt, ph, pw = spec["config"]["patch_size"]
+        grid = (shape[2] // pt, shape[3] // ph, shape[4] // pw)
+        s = math.prod(grid)
+        note = "" if layers == layers_of else f" ({layers} of {layers_of} layers)"
+        print(f"== {spec['name']}{note}, video {spec['video']}, latent {shape}, grid {grid}, "
+              f"S={s}", flush=True)
+        model = build_model(spec, layers, device, dtype)
+        inputs = make_inputs(spec, device, dtype)
+        eager_ms = next((r.ms for r in old if (r.model, r.layers, r.row) ==
+                         (spec["name"], layers, "eager")), None)
+        for row in args.rows:
+            torch._dynamo.reset()
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            rec = Record(spec["name"], layers, layers_of, spec["video"], grid, s, row,
+                         None, None, None, None)
+            try:
+                ms, first, peak, density, rewritten = run_row(
+                    row, model, inputs, spec, layers, grid, device, args.pattern,
+                    inductor_config, args.rep_ms)
+                rec.ms, rec.first_call_s, rec.peak_mem_gib = ms, first, peak
+                rec.density, rec.rewritten_layers = density, rewritten
+                if row == "eager":
+                    eager_ms = ms
+                rec.speedup_vs_eager = eager_ms / ms if eager_ms else None
+            except torch.cuda.OutOfMemoryError as e:  # a row that does not fit is a result too
+                rec.error = f"OOM: {str(e).splitlines()[0][:120]}"
+            print(f"  {row:10s} " + (rec.error or f"{rec.ms:9.1f} ms/step"
+                  + (f"  first call {rec.first_call_s:6.1f} s" if rec.first_call_s else "")
+                  + (f"  density {rec.density:.3f}" if rec.density is not None else "")
+                  + (f"  peak {rec.peak_mem_gib:.1f} GiB" if rec.peak_mem_gib else "")),
+                  flush=True)
+            new.append(rec)
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    keys_new = {(r.model, r.layers, r.row) for r in new}
+    records = [r for r in old if (r.model, r.layers, r.row) not in keys_new] + new
+    print_table(new)
+    check_bars(records)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"question": __doc__.split("\n\n")[0], "env": env,
+                   "models": {**old_models, **{k: {**v, "config": {**v["config"], "patch_size": list(
+                       v["config"]["patch_size"])}} for k, v in MODELS.items() if k in keys}},
+                   "records": [asdict(r) for r in records]}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
