@@ -50,16 +50,15 @@ def pack_blocks(block_mask: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"pack_blocks: block_mask must be bool, got {block_mask.dtype}")
     nb = block_mask.shape[-1]
     nw = math.ceil(nb / WORD_BITS)
-    padded = torch.zeros(*block_mask.shape[:-1], nw * WORD_BITS, dtype=torch.int64,
-                         device=block_mask.device)
-    padded[..., :nb] = block_mask.to(torch.int64)
-    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=block_mask.device).bitwise_left_shift(
-        torch.arange(WORD_BITS, device=block_mask.device)
-    )
-    words = (padded.view(*block_mask.shape[:-1], nw, WORD_BITS) * weights).sum(-1)
-    # Values are in [0, 2**32): wrap bit 31 into int32's sign bit.
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    lead = block_mask.shape[:-1]
+    bits = torch.zeros(*lead, nw * WORD_BITS, dtype=torch.uint8, device=block_mask.device)
+    bits[..., :nb] = block_mask
+    # Eight bits to a byte (little-endian bit order), then four bytes to a little-endian int32:
+    # 8x less memory than summing int64 weights (0.5 s per 14B/720p layer-level before).
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=block_mask.device)
+    packed = (bits.view(*lead, nw * 4, 8) * weights).sum(-1, dtype=torch.uint8)
+    return packed.view(torch.int32).view(*lead, nw) if packed.numel() else \
+        torch.zeros(*lead, nw, dtype=torch.int32, device=block_mask.device)
 
 
 def unpack_blocks(words: torch.Tensor, nb: int) -> torch.Tensor:
