@@ -194,7 +194,12 @@ _TEMPLATE_SOURCE = template_source()
 if TEMPLATE_NAME in TritonTemplate.all_templates:  # importlib.reload: keep the registered one
     _TEMPLATE = TritonTemplate.all_templates[TEMPLATE_NAME]
 else:
-    _TEMPLATE = TritonTemplate(name=TEMPLATE_NAME, grid=_grid, source=_TEMPLATE_SOURCE)
+    # always_freeze_layout (torch >= 2.12, as flex uses it): fix an input's layout when the
+    # template reads its strides, instead of a speculative constraint that the scheduler may
+    # resolve by falling back to aten; this op has no aten fallback inside the choices.
+    _extra = ({"always_freeze_layout": True} if "always_freeze_layout"
+              in inspect.signature(TritonTemplate.__init__).parameters else {})
+    _TEMPLATE = TritonTemplate(name=TEMPLATE_NAME, grid=_grid, source=_TEMPLATE_SOURCE, **_extra)
 
 
 def _select(name, choices, input_nodes, layout, **kwargs):

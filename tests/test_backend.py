@@ -392,6 +392,13 @@ def test_rewrite_counts_are_logged(caplog):
     assert "rewrote 2 self-attention calls (layer:count 0:1, 1:1)" in caplog.text
 
 
+def test_autograd_on_is_a_clear_error():
+    model, inputs = make_model(), make_inputs()
+    be = scaling_attn_backend(uniform_tables(LAYERS, HEADS, GRID, 1.0), compiler="eager")
+    with pytest.raises(BackendCompilerFailed, match="inference-only.*torch.no_grad"):
+        compiled(model, be)(timestep=torch.tensor([1]), return_dict=False, **inputs)
+
+
 def test_bad_options_fail_at_construction():
     with pytest.raises(TypeError, match="plan must be AttentionTables"):
         scaling_attn_backend(42)
@@ -557,6 +564,27 @@ def test_rendered_template_runs_in_the_interpreter(ts_shape):
         out = torch.full_like(q, float("nan"))
         kernel.fn[(triton.cdiv(S, block_m), B, H)](q, k, v, masks, lt, bb, ts, out)
         assert_close_to_oracle(out, golden, same, k=3.0, what=f"template BLOCK_M={block_m}")
+
+
+def test_wan_graph_lowers_to_template_choices():
+    """The whole Wan graph (q/k/v are permuted views of RoPE outputs, not graph inputs) reaches
+    the template path on the CPU: every config renders, reading q/k/v as (B, H, S, D) views of
+    (B, S, H, D) memory and writing the output in the same fill order."""
+    model = make_model(head_dim=64).to(torch.float16)
+    inputs = make_inputs(dtype=torch.float16)
+    be = scaling_attn_backend(two_level_tables())
+    with capture_template_choices() as choices, torch.no_grad():
+        with pytest.raises(BackendCompilerFailed, match="choices captured"):
+            compiled(model, be)(timestep=torch.tensor([900]), return_dict=False, **inputs)
+    assert len(choices) == len(lowering.template_configs())
+    S, H, D = 320, HEADS, 64
+    for choice in choices:
+        src = open(choice.bmreq.module_path).read()
+        for t in "qkv":
+            line = next(x for x in src.splitlines() if f"stride_{t}b, " in x)
+            b, h, s, d = (int(x) for x in line.split("=")[1].split(","))
+            assert (h, s, d) == (D, H * D, 1) and b in (0, S * H * D), line
+        assert f"idx_d + {D}*idx_h + {H * D}*idx_m" in src  # output: (B, S, H, D) memory
 
 
 def test_kernel_source_hash_follows_the_files(tmp_path):
