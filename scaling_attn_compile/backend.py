@@ -562,7 +562,12 @@ class ScalingAttnBackend:
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        if torch.is_grad_enabled() and any(
+        report = rewrite_self_attention(
+            gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
+            grid=self.grid, head_dim=self.head_dim,
+            on_dynamic_shapes=self.on_dynamic_shapes)
+        self.reports.append(report)
+        if report.per_layer and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
             # AOT would trace a backward through the op, which has no autograd formula, and
             # fail with "Trying to backward through scaling_attn.sparse_attention".
@@ -571,11 +576,6 @@ class ScalingAttnBackend:
                 "graph was traced with autograd on (parameters require grad); call the compiled "
                 "transformer under torch.no_grad() or torch.inference_mode() (diffusers "
                 "pipelines already do), or transformer.requires_grad_(False)")
-        report = rewrite_self_attention(
-            gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
-            grid=self.grid, head_dim=self.head_dim,
-            on_dynamic_shapes=self.on_dynamic_shapes)
-        self.reports.append(report)
         if report.per_layer:
             counts = ", ".join(f"{k}:{v}" for k, v in sorted(report.per_layer.items()))
             log.info("grid %s (S=%d): rewrote %d self-attention calls "
