@@ -150,18 +150,18 @@ def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
         if re.search(r"\[['\"]timestep['\"]\]$", src) or (
                 "timestep" in n.name and "encoder" not in n.name):
             return n
-    for n in gm.graph.nodes:  # positional call: walk back from the timestep embedding
-        if any("timesteps_proj" in p for p in _module_paths(n)):
-            seen, todo = set(), list(n.all_input_nodes)
-            while todo:
-                x = todo.pop()
-                if x in seen:
-                    continue
-                seen.add(x)
-                if x.op == "placeholder" and not _is_param_or_buffer(x):
-                    return x
-                todo.extend(x.all_input_nodes)
-            break
+    # A positional call: walk back from the nodes of the sinusoidal timestep embedding.
+    seen = set()
+    todo = [x for n in gm.graph.nodes if any("timesteps_proj" in p for p in _module_paths(n))
+            for x in n.all_input_nodes]
+    while todo:
+        x = todo.pop(0)
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "placeholder" and not _is_param_or_buffer(x):
+            return x
+        todo.extend(x.all_input_nodes)
     return None
 
 
