@@ -302,7 +302,7 @@ def rewrite_self_attention(
     g = gm.graph
     report = RewriteReport()
     left = Counter()
-    sites = []  # (node, layer, q, k, v, scale)
+    sites = []  # (node, layer, module path, q node, k node, v node, scale)
     seen_self_layers = set()
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not F.scaled_dot_product_attention:

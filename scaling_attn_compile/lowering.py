@@ -4,15 +4,16 @@ the eager op (an extern call) everywhere else.
 Importing this module registers the lowering; :mod:`scaling_attn_compile.backend` imports it.
 
 One source of kernel math: the template's source is the stub below plus the *source text* of
-the ``@triton.jit`` functions in ``kernels/block_sparse_attention.py`` (``bsa_popcount``,
-``bsa_select_level``, ``bsa_forward_tile``), the same functions the eager launcher calls. The
-stub only computes program ids, passes strides and sizes, and stores the tile through
-``store_output`` (so Inductor can fuse a pointwise epilogue).
+``bsa_forward_tile`` in ``kernels/block_sparse_attention.py`` and of every ``@triton.jit``
+function it calls (found by walking its globals), the same functions the eager launcher calls.
+The stub only computes program ids, binds strides and sizes to the tile's parameter names,
+calls the tile and stores it through ``store_output`` (so Inductor can fuse a pointwise
+epilogue). Constexprs come from the kernel module's ``launch_meta`` and ``CONFIGS``.
 
 Cache hygiene: Inductor's FX graph cache key does not cover this project's files, so a kernel
 edit could reuse stale generated code. :class:`KernelSourceHash` is a no-op post-grad pass whose
-``uuid()`` hashes this file, ``backend.py`` and the kernel file; the backend installs it in the
-config patches it gives ``compile_fx``.
+``uuid()`` hashes this file, ``backend.py``, the kernel file and the template source (taken at
+import); the backend installs it in the config patches it gives ``compile_fx``.
 
 Version notes (torch 2.11 to 2.14, ``research/inductor.md`` section 1): the template is created
 once at import (a duplicate ``TritonTemplate`` name asserts up to 2.13);
