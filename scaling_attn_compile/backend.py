@@ -3,6 +3,9 @@
     backend = scaling_attn_backend(plan)                  # build ONCE, reuse for every compile
     transformer = torch.compile(transformer, backend=backend, fullgraph=True, dynamic=False)
 
+    # or by name, through the torch_dynamo_backends entry point "scaling_attn":
+    transformer = torch.compile(transformer, backend="scaling_attn", options={"plan": plan})
+
 For each graph Dynamo hands it, the backend
 
 1. finds the latent grid ``(F, H, W)`` after patching (the output shape of the ``patch_embedding``
@@ -615,3 +618,35 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         verbose: log each compiled graph's rewrite counts to stderr.
     """
     return ScalingAttnBackend(plan, **options)
+
+
+# Backends built by name, one per (plan, options): the same plan and options reuse one backend
+# object and so its materialised tables. The plan is kept alive here, so its id stays unique.
+_NAMED: dict[tuple, tuple[Any, ScalingAttnBackend]] = {}
+
+
+def dynamo_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Mapping | None = None,
+                   mode: str | None = None):
+    """The backend by name, for the ``torch_dynamo_backends`` entry point ``scaling_attn``:
+
+        torch.compile(transformer, backend="scaling_attn", options={"plan": plan, ...})
+
+    ``options`` holds ``plan`` and any keyword of :func:`scaling_attn_backend`; ``mode`` (e.g.
+    ``"max-autotune-no-cudagraphs"``) becomes Inductor config patches, as for Inductor.
+    """
+    options = dict(options or {})
+    if "plan" not in options:
+        raise ValueError(
+            "scaling_attn backend: options must hold the plan, e.g. torch.compile(transformer, "
+            "backend='scaling_attn', options={'plan': load_plan(path)}); got options "
+            f"{sorted(options)}")
+    plan = options.pop("plan")
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        options["inductor_config"] = {**list_mode_options(mode),
+                                      **dict(options.get("inductor_config") or {})}
+    key = (id(plan), repr(sorted(options.items(), key=lambda kv: kv[0])))
+    if key not in _NAMED:
+        _NAMED[key] = (plan, ScalingAttnBackend(plan, **options))
+    return _NAMED[key][1](gm, example_inputs)

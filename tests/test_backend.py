@@ -338,6 +338,33 @@ def test_positional_call_finds_the_timestep():
     assert len(be.reports) == 1
 
 
+def test_backend_by_name_with_options():
+    """What the entry point gives: torch.compile(backend="scaling_attn", options={"plan": ...})."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    from scaling_attn_compile.backend import _NAMED, dynamo_backend
+
+    if "scaling_attn_test" not in _BACKENDS:
+        register_backend(dynamo_backend, name="scaling_attn_test")
+    model, inputs = make_model(), make_inputs()
+    tables = two_level_tables()
+    oracle = Oracle(model, tables)
+    cm = torch.compile(model, backend="scaling_attn_test", fullgraph=True, dynamic=False,
+                       options={"plan": tables, "compiler": "eager"})
+    with torch.no_grad():
+        for t in (900, 100):
+            ts = torch.tensor([t])
+            out = cm(timestep=ts, return_dict=False, **inputs)[0]
+            same, golden = oracle(ts, **inputs)
+            assert_close_to_oracle(out, golden, same, what=f"t={t}")
+    (be,) = [b for p, b in _NAMED.values() if p is tables]
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+    with pytest.raises(BackendCompilerFailed, match="options must hold the plan"):
+        torch._dynamo.reset()
+        torch.compile(model, backend="scaling_attn_test", options={"compiler": "eager"})(
+            timestep=torch.tensor([1]), return_dict=False, **inputs)
+
+
 def test_callable_plan():
     grids = []
 
