@@ -140,7 +140,19 @@ def make_inputs(spec, device, dtype, seed=0):
     )
 
 
-def bench_ms(fn, device: str, reps: int) -> float:
+def bench_ms(fn, device: str, reps: int, repeats: int | None = None) -> float:
+    """Median ms per call. GPU: ``do_bench`` (it makes ~8 calls at least, so for a 10 s step
+    ``repeats`` gives a median of that many CUDA-event-timed calls instead)."""
+    if device == "cuda" and repeats:
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -158,7 +170,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_config, reps):
+def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_config, reps,
+            repeats=None):
     from scaling_attn_compile.backend import scaling_attn_backend
 
     heads = spec["config"]["num_attention_heads"]
@@ -189,7 +202,7 @@ def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_co
         rewritten = sum(len(r.per_layer) for r in backend.reports)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    ms = bench_ms(step, device, reps)
+    ms = bench_ms(step, device, reps, repeats)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return ms, (None if row == "eager" else first), peak, density, rewritten
 
@@ -240,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-autotune", action="store_true",
                     help="Inductor max_autotune for the inductor and ours rows")
     ap.add_argument("--rep-ms", type=int, default=2000, help="do_bench repetition time (ms)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="GPU: median of this many CUDA-event-timed steps instead of do_bench "
+                    "(for slow steps, e.g. 14B at 720p: ~10 s each)")
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (smoke test)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep the usual Inductor/Triton caches (default: cold, fresh temp dirs)")
@@ -259,6 +275,9 @@ def main(argv=None) -> int:
     env = environment(device)
     env["inductor_config"] = inductor_config
     env["pattern"] = args.pattern
+    env["timing"] = (f"median of {args.repeats} CUDA-event-timed steps" if args.repeats
+                     and device == "cuda" else "do_bench median" if device == "cuda"
+                     else "perf_counter median")
     print(env, flush=True)
 
     if args.out:
@@ -304,7 +323,7 @@ def main(argv=None) -> int:
             try:
                 ms, first, peak, density, rewritten = run_row(
                     row, model, inputs, spec, layers, grid, device, args.pattern,
-                    inductor_config, args.rep_ms)
+                    inductor_config, args.rep_ms, args.repeats)
                 rec.ms, rec.first_call_s, rec.peak_mem_gib = ms, first, peak
                 rec.density, rec.rewritten_layers = density, rewritten
                 if row == "eager":
