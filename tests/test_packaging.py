@@ -46,3 +46,14 @@ def test_built_wheel_maps_kernels_into_the_package(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = ("import scaling_attn_compile.kernels.block_sparse_attention as m; print(m.__file__)")
     assert _run(code, cwd=str(tmp_path), env=env).startswith(str(site))
+
+
+def test_backend_is_registered_by_name():
+    """`torch.compile(m, backend="scaling_attn", options={"plan": plan})` finds us by entry point."""
+    from importlib.metadata import entry_points
+
+    import torch._dynamo
+
+    (ep,) = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "scaling_attn"]
+    assert ep.value == "scaling_attn_compile.backend:dynamo_backend"
+    assert "scaling_attn" in torch._dynamo.list_backends(exclude_tags=())
