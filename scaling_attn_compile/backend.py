@@ -284,6 +284,7 @@ def rewrite_self_attention(
     grid: Sequence[int] | None = None,
     head_dim: int | None = None,
     on_dynamic_shapes: str = "error",
+    energy: Callable[[int, int], tuple[int, float]] | None = None,
 ) -> RewriteReport:
     """Replace self-attention SDPA calls of a Dynamo graph by the block-sparse op, in place.
 
@@ -295,6 +296,8 @@ def rewrite_self_attention(
         head_dim: the plan's head_dim, checked against the model's when given.
         on_dynamic_shapes: ``"error"`` (raise :class:`DynamicShapeError`) or ``"dense"`` (log a
             warning and leave the graph dense) when a self-attention length is symbolic.
+        energy: ``(layer, seq_len) -> (energy_rule, energy_threshold)``, the online filter's op
+            arguments per layer (``EnergyFilter.for_layer``); ``None`` leaves the filter off.
 
     Returns:
         A :class:`RewriteReport`.
@@ -457,7 +460,11 @@ def rewrite_self_attention(
             l_node = _register_constant(gm, f"{BUFFER_PREFIX}level_table_{layer}", level_table,
                                         fake_mode)
             b_node = _register_constant(gm, BUFFER_PREFIX + "bucket_bounds", bounds, fake_mode)
-            new = g.call_function(OP, (qn, kn, vn, m_node, l_node, b_node, ts, scale))
+            args = (qn, kn, vn, m_node, l_node, b_node, ts, scale)
+            rule, threshold = energy(layer, s) if energy is not None else (0, 0.0)
+            if rule:  # the 8-argument form stays the default: it is what the template lowers
+                args = (*args, rule, threshold)
+            new = g.call_function(OP, args)
         new.meta.update(n.meta)
         q = _val(qn)
         if isinstance(q, torch.Tensor):
@@ -496,7 +503,7 @@ class ScalingAttnBackend:
                  patch_size: Sequence[int] | None = None, grid: Sequence[int] | None = None,
                  on_dynamic_shapes: str = "error", compiler: str | Callable = "inductor",
                  hash_kernel_sources: bool = True, materialize_kwargs: Mapping | None = None,
-                 verbose: bool = False):
+                 energy_filter=None, verbose: bool = False):
         if not (isinstance(plan, AttentionTables) or hasattr(plan, "materialize")
                 or callable(plan)):
             raise TypeError(
@@ -520,6 +527,16 @@ class ScalingAttnBackend:
         self.compiler = compiler
         self.hash_kernel_sources = hash_kernel_sources
         self.materialize_kwargs = dict(materialize_kwargs or {})
+        from .energy import EnergyFilter
+
+        if energy_filter is None:  # the plan may carry one (Plan.with_energy_filter)
+            energy_filter = getattr(plan, "energy_filter", None)
+        if isinstance(energy_filter, Mapping):
+            energy_filter = EnergyFilter.from_dict(energy_filter)
+        if energy_filter is not None and not isinstance(energy_filter, EnergyFilter):
+            raise TypeError("scaling_attn_backend: energy_filter must be an EnergyFilter, a dict "
+                            f"of its fields, or None; got {type(energy_filter).__name__}")
+        self.energy_filter = energy_filter
         if self.materialize_kwargs and not hasattr(plan, "materialize"):
             raise ValueError("scaling_attn_backend: materialize_kwargs needs a plan with "
                              f".materialize(grid, **kwargs), got {type(plan).__name__}")
@@ -568,7 +585,8 @@ class ScalingAttnBackend:
         report = rewrite_self_attention(
             gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
             grid=self.grid, head_dim=self.head_dim,
-            on_dynamic_shapes=self.on_dynamic_shapes)
+            on_dynamic_shapes=self.on_dynamic_shapes,
+            energy=self.energy_filter.for_layer if self.energy_filter is not None else None)
         self.reports.append(report)
         if report.per_layer and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
@@ -615,6 +633,9 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         hash_kernel_sources: put the kernel/lowering sources into Inductor's cache key.
         materialize_kwargs: extra keyword arguments for ``plan.materialize(grid, ...)``, e.g.
             ``{"density": 0.25}`` for a plan without a FAST schedule.
+        energy_filter: an :class:`~scaling_attn_compile.energy.EnergyFilter` (or a dict of its
+            fields): the kernel's online skipping of negligible visited blocks, per layer.
+            ``None`` uses the plan's (``Plan.with_energy_filter``), if any.
         verbose: log each compiled graph's rewrite counts to stderr.
     """
     return ScalingAttnBackend(plan, **options)

@@ -296,8 +296,15 @@ def _template_supported(q) -> bool:
 
 
 @register_lowering(OP, type_promotion_kind=None)
-def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale):
+def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale,
+                            energy_rule=0, energy_threshold=0.0):
     device = q.get_device()
+    if energy_rule:
+        # The energy filter runs through the eager op, which launches the same kernel with the
+        # filter on; the template does not carry the filter yet.
+        return fallback_handler(OP, add_to_fallback_set=False)(
+            q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule,
+            energy_threshold)
     if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q):
         # CPU (and unsupported dtypes / head dims on CUDA, which the eager op rejects with a
         # clear error): an extern call to the registered eager implementation.

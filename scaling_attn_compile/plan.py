@@ -160,6 +160,7 @@ class PlanMeta:
     calib_grid: list[int]
     num_calibration_inputs: int
     calibration: dict = field(default_factory=dict)  # timesteps, steps, source, ...
+    energy_filter: dict | None = None  # EnergyFilter.to_dict(), applied by the backend
     block_size: int = BLOCK
     code_max: int = west.CODE_MAX
     format: str = FORMAT
@@ -208,6 +209,21 @@ class Plan:
             patch_size=list(cfg["patch_size"]), calib_grid=list(calib_grid),
             num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}))
         return cls(codes.to("cpu", torch.uint8).contiguous(), meta)
+
+    def with_energy_filter(self, energy_filter) -> Plan:
+        """A copy that carries an :class:`~scaling_attn_compile.energy.EnergyFilter` (or
+        ``None``) in its metadata; the backend applies it unless given one explicitly."""
+        from dataclasses import replace
+
+        d = None if energy_filter is None else energy_filter.to_dict()
+        return Plan(self.codes, replace(self.meta, energy_filter=d), self.schedule)
+
+    @property
+    def energy_filter(self):
+        from .energy import EnergyFilter
+
+        d = self.meta.energy_filter
+        return None if d is None else EnergyFilter.from_dict(d)
 
     def with_schedule(self, schedule: FastSchedule | None) -> Plan:
         """This plan with ``schedule`` (validated); the topology is shared, not copied."""

@@ -711,3 +711,81 @@ def test_gpu_generated_code_runs_our_template():
     assert "torch.ops.scaling_attn.sparse_attention" not in code, "fell back to the eager op"
     same, golden = oracle(ts, **inputs)
     assert_close_to_oracle(out[0], golden, same, k=3.0)
+
+
+# -- the online energy filter as a backend / plan option (issue 6) -------------------------------
+
+def _run_compiled(model, inputs, backend, t=500):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(
+            **inputs, timestep=torch.tensor([t]), return_dict=False)[0]
+
+
+def test_energy_filter_option_reaches_the_op_per_layer():
+    from scaling_attn_compile.energy import EnergyFilter
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ef = EnergyFilter("blasst", threshold=-2.0, layers={1: None})  # layer 1: filter off
+    backend = scaling_attn_backend(uniform_tables(LAYERS, HEADS, GRID, 1.0), compiler=keep_graph,
+                                   energy_filter=ef)
+    _run_compiled(make_model(), make_inputs(), backend)
+    ops = [n for n in graphs[0].graph.nodes if n.target is OP]
+    assert [len(n.args) for n in ops] == [10, 8]
+    assert tuple(ops[0].args[8:]) == (2, -2.0)
+
+
+def test_energy_filter_compiled_equals_rewritten_graph_and_filters():
+    from scaling_attn_compile.energy import EnergyFilter
+
+    model, inputs = make_model(), make_inputs()
+    tables = uniform_tables(LAYERS, HEADS, GRID, 1.0)
+    ef = EnergyFilter("cumulative", threshold=-1.0)
+    compiled = _run_compiled(model, inputs, scaling_attn_backend(tables, energy_filter=ef))
+    eager_graph = _run_compiled(model, inputs, scaling_attn_backend(tables, energy_filter=ef,
+                                                                    compiler="eager"))
+    torch.testing.assert_close(compiled, eager_graph, rtol=1e-5, atol=1e-5)
+    dense = _run_compiled(model, inputs, scaling_attn_backend(tables))
+    assert (compiled - dense).abs().max() > 1e-3, "a -1.0 threshold should skip far blocks here"
+    never = _run_compiled(model, inputs, scaling_attn_backend(
+        tables, energy_filter=EnergyFilter("cumulative", threshold=-1e30)))
+    torch.testing.assert_close(never, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_carries_the_energy_filter_through_save_and_load(tmp_path):
+    from scaling_attn_compile.energy import EnergyFilter
+    from scaling_attn_compile.plan import Plan, load_plan
+
+    model = make_model()
+    nb = num_blocks(GRID[0] * GRID[1] * GRID[2])
+    codes = torch.randint(0, 256, (LAYERS, HEADS, nb, nb), dtype=torch.uint8)
+    plan = Plan.from_codes(codes, model, GRID, num_calibration_inputs=1)
+    assert plan.energy_filter is None
+    ef = EnergyFilter("cumulative", recall_budget=1.46, layers={0: -4.0})
+    loaded = load_plan(plan.with_energy_filter(ef).save(tmp_path / "p.safetensors"))
+    assert loaded.energy_filter == ef
+    assert loaded.energy_filter.for_layer(0, 75600) == (1, -4.0)
+    assert loaded.energy_filter.for_layer(1, 75600)[1] == pytest.approx(-6.0, abs=0.01)
+    graphs = []
+    backend = scaling_attn_backend(loaded, materialize_kwargs={"density": 1.0},
+                                   compiler=lambda gm, ex: (graphs.append(gm), gm.forward)[1])
+    _run_compiled(model, make_inputs(), backend)
+    assert [len(n.args) for n in graphs[0].graph.nodes if n.target is OP] == [10, 10]
+
+
+def test_energy_filter_validation():
+    from scaling_attn_compile.energy import EnergyFilter
+
+    with pytest.raises(ValueError, match="rule"):
+        EnergyFilter("topk", threshold=-3.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        EnergyFilter("cumulative")
+    with pytest.raises(ValueError, match="recall_budget"):
+        EnergyFilter("cumulative", recall_budget=-1.0)
+    with pytest.raises(TypeError, match="energy_filter"):
+        scaling_attn_backend(uniform_tables(LAYERS, HEADS, GRID, 1.0), energy_filter=3.0)
