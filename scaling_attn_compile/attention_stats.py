@@ -29,53 +29,23 @@ import torch
 # ----------------------------------------------------------------------------- capture
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' WanAttnProcessor RoPE: x ``(B, S, H, D)``, cos/sin ``(1, S, 1, D)``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-def wan_self_qk(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k ``(B, H, S, D)`` of a ``WanAttention`` self-attention, as its processor computes them."""
-    if getattr(attn, "fused_projections", False):
-        q, k, _ = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        q, k = attn.to_q(hidden_states), attn.to_k(hidden_states)
-    q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
-    k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
-    if rotary_emb is not None:
-        q, k = _apply_rotary(q, *rotary_emb), _apply_rotary(k, *rotary_emb)
-    return q.transpose(1, 2), k.transpose(1, 2)
-
-
 @contextmanager
 def capture_qk(model, layers: list[int] | None = None):
     """Context manager: while active, each forward of ``model`` stores ``{layer: (q, k)}`` (float32,
     ``(B, H, S, D)``, detached) of ``blocks.<layer>.attn1`` into the yielded dict (last call wins).
+
+    A thin wrapper over :func:`scaling_attn_compile.calibrate.capture_qk`, the one place that
+    recomputes q/k exactly as diffusers' ``WanAttnProcessor`` does.
     """
+    from .calibrate import capture_qk as capture
+
     store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    idx = range(len(model.blocks)) if layers is None else layers
-    for i in idx:
-        attn = model.blocks[i].attn1
 
-        def hook(module, args, kwargs, i=i):
-            hs = args[0] if args else kwargs["hidden_states"]
-            rot = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
-            with torch.no_grad():
-                q, k = wan_self_qk(module, hs, rot)
-            store[i] = (q.float(), k.float())
+    def keep(cap) -> None:
+        store[cap.layer] = (cap.q.float(), cap.k.float())
 
-        handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
+    with capture(model, keep, layers=layers):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------- statistics
