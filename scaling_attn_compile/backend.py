@@ -53,6 +53,12 @@ OP = torch.ops.scaling_attn.sparse_attention.default
 # "L['self'].blocks.0.attn1" (torch 2.11) and
 # "L['self'].__dict__['_modules']['blocks'].0.attn1" (torch 2.13): one regex for both.
 LAYER_RE = re.compile(r"blocks\W+(\d+)\W+(attn\d)")
+# A block whose forward a diffusers hook replaced (context parallelism puts its split hook on
+# blocks.0) is reached through the hook's closure, e.g. "...['blocks'].0.forward.func
+# .__closure__[0].cell_contents.forward.__self__.attn1". Only these wrapper tokens may stand
+# between the layer index and the attention, so no other nesting is mistaken for a layer.
+HOOKED_LAYER_RE = re.compile(
+    r"blocks\W+(\d+)(?:\W|\d|forward|func|__closure__|cell_contents|__self__)*?\W(attn\d)$")
 SELF_ATTENTION = "attn1"
 BUFFER_PREFIX = "scaling_attn_"
 
@@ -75,6 +81,8 @@ class RewriteReport:
         per_layer: layer index -> number of SDPA calls replaced by the sparse op.
         left_dense: reason -> number of SDPA calls left as they were (cross-attention etc.).
         dense_fallback: why the whole graph was left dense (symbolic shapes), else None.
+        head_range: ``(h0, h1)``, the plan's heads bound to this graph's self-attention when the
+            model holds a slice of them (Ulysses sequence parallelism), else None.
     """
 
     grid: tuple[int, int, int] | None = None
@@ -82,6 +90,7 @@ class RewriteReport:
     per_layer: dict[int, int] = field(default_factory=dict)
     left_dense: dict[str, int] = field(default_factory=dict)
     dense_fallback: str | None = None
+    head_range: tuple[int, int] | None = None
 
     @property
     def num_rewritten(self) -> int:
@@ -97,7 +106,7 @@ def _site(node: torch.fx.Node) -> tuple[int | None, str | None, str | None]:
     """(layer index, 'attn1'/'attn2', module path) of the innermost ``blocks.<i>.attn<k>``."""
     stack = node.meta.get("nn_module_stack") or {}
     for path, _cls in reversed(list(stack.values())):
-        m = LAYER_RE.search(str(path))
+        m = LAYER_RE.search(str(path)) or HOOKED_LAYER_RE.search(str(path))
         if m:
             return int(m.group(1)), m.group(2), str(path)
     return None, None, None
@@ -275,6 +284,79 @@ def _check_tables(tables: AttentionTables, grid) -> None:
                 "rebuild the plan")
 
 
+# --------------------------------------------------------------------------------------------
+# Sequence parallelism: which of the plan's heads this rank runs
+# --------------------------------------------------------------------------------------------
+
+
+def ulysses_rank(parallel) -> tuple[int, int] | None:
+    """``(rank in the Ulysses group, Ulysses degree)`` from a ``parallel`` option, or None.
+
+    Accepts ``(rank, degree)``; a diffusers ``ContextParallelConfig`` or ``ParallelConfig`` set
+    up by ``transformer.enable_parallelism`` (its ``_ulysses_local_rank`` and
+    ``ulysses_degree``), or the transformer itself (its ``_parallel_config``); or ``"auto"``:
+    ``torch.distributed``'s rank and world size, right when the Ulysses group is the whole
+    default group in rank order (diffusers' mesh for ``ulysses_degree == world_size``, which
+    is how ``torchrun --nproc-per-node N`` with ``ContextParallelConfig(ulysses_degree=N)``
+    runs); None when torch.distributed is not initialised.
+    """
+    if parallel is None:
+        return None
+    if isinstance(parallel, str):
+        if parallel != "auto":
+            raise ValueError("scaling_attn_backend: parallel must be 'auto', (rank, degree), a "
+                             "diffusers ContextParallelConfig/ParallelConfig or the transformer; "
+                             f"got {parallel!r}")
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.get_rank(), dist.get_world_size()
+    if isinstance(parallel, Sequence):
+        rank, degree = (int(x) for x in parallel)
+    else:
+        cfg = getattr(parallel, "_parallel_config", None) or parallel  # the transformer
+        cfg = getattr(cfg, "context_parallel_config", None) or cfg  # ParallelConfig
+        if not hasattr(cfg, "ulysses_degree"):
+            raise TypeError(
+                "scaling_attn_backend: parallel must be 'auto', (rank, degree), a diffusers "
+                "ContextParallelConfig/ParallelConfig or a transformer after "
+                f"enable_parallelism; got {type(parallel).__name__}")
+        if (cfg.ring_degree or 1) > 1:
+            # Ring attention splits the keys over ranks: the op would see a chunk of the
+            # sequence, and the block masks are for the whole sequence.
+            raise PlanMismatchError(
+                f"scaling_attn_backend: ring_degree={cfg.ring_degree}; block-sparse attention "
+                "supports Ulysses sequence parallelism only; use "
+                "ContextParallelConfig(ulysses_degree=N) with ring_degree=1")
+        rank, degree = cfg._ulysses_local_rank, cfg.ulysses_degree
+        if rank is None:
+            raise PlanMismatchError(
+                "scaling_attn_backend: the ContextParallelConfig is not set up (no Ulysses "
+                "rank yet); call transformer.enable_parallelism(config=...) before the first "
+                "compiled call")
+    if not 0 <= rank < degree:
+        raise ValueError(f"scaling_attn_backend: parallel=(rank, degree) needs 0 <= rank < "
+                         f"degree, got ({rank}, {degree})")
+    return rank, degree
+
+
+def ulysses_head_range(plan_heads: int, rank: int, degree: int) -> tuple[int, int]:
+    """The plan's heads rank ``rank`` of ``degree`` holds after the Ulysses all-to-all.
+
+    diffusers' ``TemplatedUlyssesAttention`` views each rank's ``(B, S/N, H, D)`` as
+    ``(B, S/N, N, H/N, D)`` and all-to-alls over the ``N`` axis: rank ``r`` receives head
+    chunk ``r`` from every rank, i.e. heads ``[r*H/N, (r+1)*H/N)`` for the whole sequence.
+    (xDiT/yunchang's ``SeqAllToAll4D`` splits heads the same way.)
+    """
+    if plan_heads % degree:
+        raise PlanMismatchError(
+            f"scaling_attn_backend: Ulysses degree {degree} does not divide the plan's "
+            f"{plan_heads} heads; use a degree that divides the head count")
+    n = plan_heads // degree
+    return rank * n, (rank + 1) * n
+
+
 def rewrite_self_attention(
     gm: torch.fx.GraphModule,
     tables_for: Callable[[tuple[int, int, int], torch.device], tuple[AttentionTables, list]],
@@ -285,6 +367,7 @@ def rewrite_self_attention(
     head_dim: int | None = None,
     on_dynamic_shapes: str = "error",
     energy: Callable[[int, int], tuple[int, float]] | None = None,
+    head_range: Sequence[int] | Callable[[int], tuple[int, int] | None] | None = None,
 ) -> RewriteReport:
     """Replace self-attention SDPA calls of a Dynamo graph by the block-sparse op, in place.
 
@@ -298,6 +381,10 @@ def rewrite_self_attention(
             warning and leave the graph dense) when a self-attention length is symbolic.
         energy: ``(layer, seq_len) -> (energy_rule, energy_threshold)``, the online filter's op
             arguments per layer (``EnergyFilter.for_layer``); ``None`` leaves the filter off.
+        head_range: ``(h0, h1)``, or ``plan_heads -> (h0, h1) | None``: the plan's heads the
+            graph's self-attention runs (Ulysses sequence parallelism: ``H/N`` heads per rank).
+            Each layer is bound to ``masks[h0:h1]`` and ``level_table[:, h0:h1]``. ``None``:
+            the model must have the plan's head count (a mismatch is an error, never a guess).
 
     Returns:
         A :class:`RewriteReport`.
@@ -402,6 +489,7 @@ def rewrite_self_attention(
         raise PlanMismatchError(
             f"scaling_attn_backend: the model has {len(seen_self_layers)} self-attention layers, "
             f"the plan has {n_layers}; use the plan made for this model")
+    head_slices = {}  # layer -> (h0, h1) of the plan's heads, or None for all of them
     for _n, layer, path, qn, *_ in sites:
         q = _val(qn)
         b, h, _, d = q.shape
@@ -409,10 +497,26 @@ def rewrite_self_attention(
             raise PlanMismatchError(
                 f"scaling_attn_backend: {path} is layer {layer} but the plan has {n_layers} "
                 "layers; use the plan made for this model")
-        if h != per_layer[layer][0].shape[0]:
-            raise PlanMismatchError(
-                f"scaling_attn_backend: {path} has {h} heads, the plan's layer {layer} has "
-                f"{per_layer[layer][0].shape[0]}; use the plan made for this model")
+        plan_h = per_layer[layer][0].shape[0]
+        rng = head_range(plan_h) if callable(head_range) else head_range
+        if rng is None:
+            if h != plan_h:
+                raise PlanMismatchError(
+                    f"scaling_attn_backend: {path} has {h} heads, the plan's layer {layer} has "
+                    f"{plan_h}; use the plan made for this model. If the model runs Ulysses "
+                    f"sequence parallelism (each rank holds H/N heads), tell the backend which "
+                    "heads this rank holds: parallel=<the transformer | its "
+                    "ContextParallelConfig | (rank, degree) | 'auto'> or head_range=(h0, h1)")
+        else:
+            h0, h1 = (int(x) for x in rng)
+            if not (0 <= h0 < h1 <= plan_h and h1 - h0 == h):
+                raise PlanMismatchError(
+                    f"scaling_attn_backend: {path} has {h} heads; the head range "
+                    f"[{h0}, {h1}) of the plan's {plan_h} heads does not fit it (expected "
+                    f"{h} heads within [0, {plan_h})); check parallel=/head_range= (was "
+                    "enable_parallelism called before compiling, with the same degree?)")
+            head_slices[layer] = None if (h0, h1) == (0, plan_h) else (h0, h1)
+            report.head_range = (h0, h1)
         if head_dim is not None and d != head_dim:
             raise PlanMismatchError(
                 f"scaling_attn_backend: {path} has head_dim {d}, the plan was made for "
@@ -455,6 +559,10 @@ def rewrite_self_attention(
     # -- rewrite -------------------------------------------------------------------------------
     for n, layer, path, qn, kn, vn, scale in sites:
         masks, level_table, bounds = per_layer[layer]
+        if head_slices.get(layer) is not None:
+            h0, h1 = head_slices[layer]
+            masks = masks[h0:h1].contiguous()
+            level_table = level_table[:, h0:h1].contiguous()
         with g.inserting_before(n):
             m_node = _register_constant(gm, f"{BUFFER_PREFIX}masks_{layer}", masks, fake_mode)
             l_node = _register_constant(gm, f"{BUFFER_PREFIX}level_table_{layer}", level_table,
@@ -503,7 +611,8 @@ class ScalingAttnBackend:
                  patch_size: Sequence[int] | None = None, grid: Sequence[int] | None = None,
                  on_dynamic_shapes: str = "error", compiler: str | Callable = "inductor",
                  hash_kernel_sources: bool = True, materialize_kwargs: Mapping | None = None,
-                 energy_filter=None, verbose: bool = False):
+                 energy_filter=None, head_range: Sequence[int] | None = None,
+                 parallel=None, verbose: bool = False):
         if not (isinstance(plan, AttentionTables) or hasattr(plan, "materialize")
                 or callable(plan)):
             raise TypeError(
@@ -519,6 +628,21 @@ class ScalingAttnBackend:
         if patch_size is not None and len(tuple(patch_size)) != 3:
             raise ValueError("scaling_attn_backend: patch_size must be (pt, ph, pw), got "
                              f"{patch_size!r}")
+        if head_range is not None and parallel is not None:
+            raise ValueError("scaling_attn_backend: pass head_range=(h0, h1) or parallel=..., "
+                             "not both (both say which heads this rank holds)")
+        if head_range is not None and (len(tuple(head_range)) != 2 or not all(
+                isinstance(x, int) for x in head_range)):
+            raise ValueError("scaling_attn_backend: head_range must be (h0, h1), ints, got "
+                             f"{head_range!r}")
+        if isinstance(parallel, str) and parallel != "auto":
+            raise ValueError("scaling_attn_backend: parallel must be 'auto', (rank, degree), a "
+                             "diffusers ContextParallelConfig/ParallelConfig or the transformer; "
+                             f"got {parallel!r}")
+        self.head_range = tuple(head_range) if head_range is not None else None
+        # Resolved at compile time, not here: diffusers sets the Ulysses rank up in
+        # enable_parallelism, which may come after the backend is built.
+        self.parallel = parallel
         self.plan = plan
         self.inductor_config = dict(inductor_config or {})
         self.patch_size = tuple(patch_size) if patch_size is not None else None
@@ -574,6 +698,13 @@ class ScalingAttnBackend:
             self._tables[key] = (tables, per_layer)
         return self._tables[key]
 
+    def heads_for(self, plan_heads: int) -> tuple[int, int] | None:
+        """The plan's heads this process's graphs run (see ``head_range``/``parallel``)."""
+        if self.head_range is not None:
+            return self.head_range
+        rd = ulysses_rank(self.parallel)
+        return None if rd is None else ulysses_head_range(plan_heads, *rd)
+
     def config_patches(self) -> dict[str, Any]:
         patches = dict(self.inductor_config)
         if self.hash_kernel_sources:
@@ -586,7 +717,8 @@ class ScalingAttnBackend:
             gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
             grid=self.grid, head_dim=self.head_dim,
             on_dynamic_shapes=self.on_dynamic_shapes,
-            energy=self.energy_filter.for_layer if self.energy_filter is not None else None)
+            energy=self.energy_filter.for_layer if self.energy_filter is not None else None,
+            head_range=self.heads_for)
         self.reports.append(report)
         if report.per_layer and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
@@ -636,6 +768,14 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         energy_filter: an :class:`~scaling_attn_compile.energy.EnergyFilter` (or a dict of its
             fields): the kernel's online skipping of negligible visited blocks, per layer.
             ``None`` uses the plan's (``Plan.with_energy_filter``), if any.
+        parallel: Ulysses sequence parallelism (each rank runs ``H/N`` heads for the whole
+            sequence, and binds the plan's heads ``[r*H/N, (r+1)*H/N)``): the transformer after
+            ``enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``, that config,
+            ``(rank, N)``, or ``"auto"`` (``torch.distributed`` rank and world size; right when
+            ``ulysses_degree`` is the world size). See :func:`ulysses_rank`.
+        head_range: ``(h0, h1)``, the plan's heads this process runs, for other head splits.
+            Without ``parallel``/``head_range`` a model with fewer heads than the plan is an
+            error.
         verbose: log each compiled graph's rewrite counts to stderr.
     """
     return ScalingAttnBackend(plan, **options)
