@@ -318,6 +318,20 @@ def run_fast(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo ----------------------------------------------------------------------------------------
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .demo import add_demo_arguments as add
+
+    add(p)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -327,6 +341,8 @@ COMMANDS: list[Command] = [
             add_show_arguments, run_show),
     Command("fast", "profile head-wise fidelity and write a FAST timestep schedule into a plan",
             add_fast_arguments, run_fast),
+    Command("demo", "the tiny Wan end to end: WEST + FAST + compile, dense vs sparse videos, "
+            "masks, PSNR/SSIM/time table", add_demo_arguments, run_demo),
 ]
 
 

@@ -1,0 +1,75 @@
+"""``scaling-attn demo`` end to end on a tiny random-weight Wan saved to a tmp dir (CPU, ~30 s).
+
+Random weights have no attention structure, so this checks the plumbing (WEST -> FAST -> backend
+-> dense/sparse sampling -> files, table, metrics), not the quality the bundled model shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scaling_attn_compile import tiny_wan as tw
+from scaling_attn_compile.cli import main
+from scaling_attn_compile.demo import COLUMNS, psnr, ssim_video
+
+LAYERS, HEADS, STEPS = 2, 4, 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_wan")
+    tw.save_tiny_wan(tw.make_tiny_wan(seed=0, num_layers=LAYERS, ffn_dim=256), d)
+    return d
+
+
+def test_ssim_and_psnr_basics():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 2, 16, 16, generator=g) * 2 - 1
+    assert ssim_video(a, a) == pytest.approx(1.0, abs=1e-9) and psnr(a, a) == math.inf
+    noisy = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    assert 0.0 < ssim_video(noisy, a) < 0.9
+    noisier = (a + 0.6 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    assert ssim_video(noisier, a) < ssim_video(noisy, a)
+    assert ssim_video(torch.zeros(3, 1, 8, 8), torch.zeros(3, 1, 8, 8)) == pytest.approx(1.0)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no tiny Wan weights"):
+        main(["demo", "--model-path", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+
+
+def test_demo_end_to_end(model_dir, tmp_path):
+    out = tmp_path / "demo"
+    target = 0.35
+    rc = main(["demo", "--model-path", str(model_dir), "--out", str(out), "--grid", "4,32,32",
+               "--steps", str(STEPS), "--num-calib", "1", "--calib-capture-steps", "2",
+               "--fast-capture-steps", str(STEPS), "--num-prompts", "2",
+               "--target-density", str(target), "--device", "cpu", "--quiet"])
+    assert rc == 0
+    for name in ("side_by_side.gif", "masks_layer0.png", f"masks_layer{LAYERS - 1}.png",
+                 "schedule.png", "plan.safetensors", "results.md", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert res["columns"] == list(COLUMNS)
+    assert [r["prompt"] for r in res["rows"]][-1] == "mean" and len(res["rows"]) == 3
+    for r in res["rows"]:
+        assert set(COLUMNS) <= set(r)
+        assert math.isfinite(r["psnr_db"]) and -1.0 <= r["ssim"] <= 1.0 and r["rel_l2"] > 0
+    # Every sampler step is profiled, so the density the sampler runs at is FAST's fitted one.
+    # That fit lands on the side of a jump nearest the target; one (layer, step, head) cell
+    # moving one level changes the global density by at most 1 / (L * T * H) = 1/24 here (the
+    # whole block range of that head), so |density - target| <= 1/24 plus fit_schedule's 0.01
+    # tolerance bounds the error, unless several cells jump at once (tied fidelity targets).
+    d = res["rows"][0]["density"]
+    assert d < 1.0
+    assert abs(d - target) <= 1 / (LAYERS * STEPS * HEADS) + 0.01, d
+    assert abs(d - res["meta"]["fast_fit_density"]) < 1e-6
+    assert res["meta"]["rewritten_attention_calls"] >= LAYERS
+    md = (out / "results.md").read_text()
+    assert "| prompt | density | PSNR (dB) | SSIM | rel L2 |" in md and "generate sparse" in md
+    assert set(res["timings_s"]) >= {"WEST calibration", "FAST profile + fit", "generate dense",
+                                     "generate sparse"}
