@@ -114,6 +114,12 @@ def rel_l2(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
 
 
+def video_metrics(sparse, dense) -> dict:
+    """PSNR (dB), SSIM and relative L2 of one video against its dense reference (same shape)."""
+    return {"psnr_db": psnr(sparse, dense), "ssim": ssim_video(sparse, dense),
+            "rel_l2": rel_l2(sparse, dense)}
+
+
 # ---- outputs -------------------------------------------------------------------------------------
 
 def write_gif(dense, sparse, path: Path, captions: list[str], *, scale: int = 4, fps: int = 6) -> Path:
@@ -175,6 +181,17 @@ def calibration_captions(n: int) -> list[str]:
     return [" ".join(tr[((i * len(tr)) // n + i % 3) % len(tr)]) for i in range(n)]
 
 
+def calibration_input(caption: str, seed: int, *, model_path=None, guidance_scale: float = 1.0):
+    """A :class:`~scaling_attn_compile.calibrate.CalibrationInput` for one caption of the tiny
+    Wan's encoder (with the null caption as negative when ``guidance_scale != 1``)."""
+    from .calibrate import CalibrationInput
+    from .tiny_wan import encode_captions
+
+    emb = encode_captions([caption], path=model_path)
+    neg = encode_captions([""], path=model_path) if guidance_scale != 1.0 else None
+    return CalibrationInput(emb, seed=seed, negative_prompt_embeds=neg, name=caption)
+
+
 class _Timer:
     def __init__(self):
         self.times: dict[str, float] = {}
@@ -199,7 +216,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     from . import fast
     from .backend import scaling_attn_backend
-    from .calibrate import CalibrationInput, calibrate_west, evenly_spaced
+    from .calibrate import calibrate_west, evenly_spaced
     from .cli import resolve_device, resolve_dtype
     from .masks import num_blocks
     from .tiny_wan import ASSET_DIR, WEIGHTS_NAME, encode_captions, generate, load_tiny_wan, sigmas
@@ -234,10 +251,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     ts_all = [1000.0 * s for s in sigmas(args.steps, args.shift).tolist()[:-1]]  # what generate runs
     cfg = args.guidance_scale != 1.0
 
-    def calib_input(caption: str, seed: int) -> CalibrationInput:
-        emb = encode_captions([caption], path=model_path)
-        neg = encode_captions([""], path=model_path) if cfg else None
-        return CalibrationInput(emb, seed=seed, negative_prompt_embeds=neg, name=caption)
+    def calib_input(caption: str, seed: int):
+        return calibration_input(caption, seed, model_path=model_path,
+                                 guidance_scale=args.guidance_scale)
 
     caps = calibration_captions(args.num_calib + 1)
     west_caps, fast_cap = caps[:-1], caps[-1]
@@ -289,8 +305,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         sparse = generate(model, prompts, transformer=compiled, **gen_kw)
     dense, sparse = dense.float().cpu(), sparse.float().cpu()
 
-    rows = [{"prompt": p, "density": density, "psnr_db": psnr(sparse[i], dense[i]),
-             "ssim": ssim_video(sparse[i], dense[i]), "rel_l2": rel_l2(sparse[i], dense[i])}
+    rows = [{"prompt": p, "density": density, **video_metrics(sparse[i], dense[i])}
             for i, p in enumerate(prompts)]
     rows.append({"prompt": "mean", "density": density,
                  **{k: sum(r[k] for r in rows) / len(rows) for k in COLUMNS[2:]}})
