@@ -18,6 +18,9 @@ captions (never seen by any calibration) with the same seeds as the dense run:
                       least half the target (at 0.15 a 25% warm-up alone would exceed the budget).
 ``energy_cumulative`` every block visited (dense tables); DynSparse's cumulative-energy rule skips.
 ``energy_blasst``     the same with BLASST's rule.
+``west_fast_flat``    (diagnostic, not in the default set) FAST with ``rho=1``: one fidelity
+                      target A for every layer and step, so only the head-wise fidelity choice
+                      remains (no "early steps / shallow layers first" prior).
 ``west_fast_energy``  FAST fitted at ``min(1, 1.5 x target)``, cumulative-energy filter on top, its
                       threshold bisected so the *computed* density hits the target.
 
@@ -108,7 +111,9 @@ METHODS = {
     "energy_cumulative": "cumulative energy alone",
     "energy_blasst": "BLASST alone",
     "west_fast_energy": "WEST+FAST + cumulative energy",
+    "west_fast_flat": "WEST+FAST, flat A (rho=1; diagnostic)",
 }
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "west_fast_flat")
 LAMBDA_RANGE = (-30.0, 5.0)
 ENERGY_FAST_FACTOR = 1.5  # west_fast_energy: FAST at 1.5 x target, the filter takes the rest
 BAR_DB = 2.0  # issue 7: WEST+FAST >= 2 dB above uniform density at densities <= 0.35
@@ -325,7 +330,7 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def run_quality(model, *, model_path: Path, grid=CPU_GRID, steps: int = 16,
-                densities: Sequence[float] = DENSITIES, methods: Sequence[str] = tuple(METHODS),
+                densities: Sequence[float] = DENSITIES, methods: Sequence[str] = DEFAULT_METHODS,
                 num_prompts: int = 3, seed: int = 0, num_calib: int = 2,
                 calib_capture_steps: int = 4, fast_capture_steps: int = 6,
                 energy_capture_steps: int = 4, bisect_iters: int = 10,
@@ -367,10 +372,10 @@ def run_quality(model, *, model_path: Path, grid=CPU_GRID, steps: int = 16,
     runner = MeasuredAttention(model)
     full = all_blocks_tables(L, H, tgrid)
 
-    def fast_schedule(target):
+    def fast_schedule(target, rho=0.1):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            s = fast.fit_schedule(profile, target)
+            s = fast.fit_schedule(profile, target, rho=rho)
         return s, [str(x.message) for x in w]
 
     results = []
@@ -381,8 +386,9 @@ def run_quality(model, *, model_path: Path, grid=CPU_GRID, steps: int = 16,
             t0 = time.perf_counter()
             try:
                 rule, lam = 0, 0.0
-                if method == "west_fast":
-                    sched, warn = fast_schedule(target)
+                if method in ("west_fast", "west_fast_flat"):
+                    sched, warn = fast_schedule(target, rho=1.0 if method == "west_fast_flat"
+                                                else 0.1)
                     entry["params"] = {"fit_density": sched.info["achieved_density"],
                                        "fit_warnings": warn}
                 elif method == "west_uniform":
@@ -408,8 +414,10 @@ def run_quality(model, *, model_path: Path, grid=CPU_GRID, steps: int = 16,
                     rule = ENERGY_RULES["cumulative" if method == "energy_cumulative" else "blasst"]
                 tables = full if sched is None else plan.with_schedule(sched).materialize(tgrid)
                 if sched is not None:
-                    entry["planned_density"] = float(
-                        fast.schedule_density(sched, plan.thresholds(tgrid), ts_all).mean())
+                    sd = fast.schedule_density(sched, plan.thresholds(tgrid), ts_all)  # (L,T,H)
+                    entry["planned_density"] = float(sd.mean())
+                    entry["planned_density_per_step"] = sd.mean(dim=(0, 2)).tolist()
+                    entry["planned_density_per_layer"] = sd.mean(dim=(1, 2)).tolist()
                 if rule:
                     b = bisect_threshold(energy_caps, tables, rule, target, iters=bisect_iters)
                     lam = b["threshold"]
@@ -654,7 +662,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=parse_triple, default=CPU_GRID, metavar="F,H,W")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--densities", type=_floats, default=list(DENSITIES))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, of {list(METHODS)}")
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-calib", type=int, default=2)

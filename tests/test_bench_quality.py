@@ -63,7 +63,7 @@ def test_quality_core_schema_and_densities(model, model_dir, tmp_path):
     assert cfg["grid"] == list(GRID) and cfg["steps"] == STEPS and cfg["seeds"] == [0]
     assert not set(cfg["prompts"]) & set(cfg["calibration_captions"] + [
         cfg["fast_and_energy_caption"]])
-    assert len(res["results"]) == len(targets) * len(bq.METHODS)
+    assert len(res["results"]) == len(targets) * len(bq.DEFAULT_METHODS)
     for r in res["results"]:
         assert r["status"] == "ok", r
         assert set(r) >= {"method", "target_density", "achieved_density", "psnr_db", "ssim",
