@@ -109,6 +109,27 @@ def latent_shape(spec) -> tuple[int, int, int, int, int]:
     return (1, c, (frames - 1) // 4 + 1, h // 8, w // 8)
 
 
+def record_file(args, env: dict, question: str) -> tuple[str, dict]:
+    """The JSON record's path (``--out``; a temp file for ``--tiny``, whose CPU timings are no
+    record; else ``results/<question>-<gpu>.json``) and what it already holds for this GPU, so
+    runs split over several device calls merge into one record (``{}`` for another GPU)."""
+    if args.out:
+        path = args.out
+    elif args.tiny:
+        path = os.path.join(tempfile.gettempdir(), f"{question}-cpu-tiny.json")
+    else:
+        gpu = env["gpu"].replace(" ", "-").lower()
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            f"{question}-{gpu}.json")
+    stored = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("env", {}).get("gpu") != env["gpu"]:
+            stored = {}
+    return path, stored
+
+
 def build_model(spec, layers: int, device: str, dtype: torch.dtype):
     """Random weights, built on the device in ``dtype`` (a 14B model never exists in fp32 on the
     host); the modules diffusers keeps in fp32 when loading in bf16 are cast back to fp32."""
@@ -280,22 +301,10 @@ def main(argv=None) -> int:
                      else "perf_counter median")
     print(env, flush=True)
 
-    if args.out:
-        path = args.out
-    elif args.tiny:  # CPU timings of a tiny model are no record: keep them out of the repo
-        path = os.path.join(tempfile.gettempdir(), "compile-cpu-tiny.json")
-    else:
-        gpu = env["gpu"].replace(" ", "-").lower()
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"compile-{gpu}.json")
-    old, old_models = [], {}
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored.get("env", {}).get("gpu") == env["gpu"]:
-            old = [Record(**{**r, "video": tuple(r["video"]), "grid": tuple(r["grid"])})
-                   for r in stored.get("records", [])]
-            old_models = stored.get("models", {})
+    path, stored = record_file(args, env, "compile")
+    old = [Record(**{**r, "video": tuple(r["video"]), "grid": tuple(r["grid"])})
+           for r in stored.get("records", [])]
+    old_models = stored.get("models", {})
 
     new: list[Record] = []
     for key in keys:

@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -39,7 +38,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_compile import MODELS, build_model, environment, latent_shape, make_inputs  # noqa: E402
+from bench_compile import (  # noqa: E402
+    MODELS,
+    build_model,
+    environment,
+    latent_shape,
+    make_inputs,
+    record_file,
+)
 
 from scaling_attn_compile.backend import scaling_attn_backend  # noqa: E402
 from scaling_attn_compile.parallel import enable_ulysses  # noqa: E402
@@ -231,20 +237,8 @@ def main(argv=None) -> int:
 
 
 def write(records, env, label, args, device):
-    if args.out:
-        path = args.out
-    elif args.tiny:  # CPU timings of a tiny model are no record: keep them out of the repo
-        path = os.path.join(tempfile.gettempdir(), "parallel-cpu-tiny.json")
-    else:
-        gpu = env["gpu"].replace(" ", "-").lower()
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"parallel-{gpu}.json")
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored.get("env", {}).get("gpu") == env["gpu"]:
-            old = stored.get("records", [])
+    path, stored = record_file(args, env, "parallel")
+    old = stored.get("records", [])
     new = [asdict(r) for r in records]
     keys = {(r["layers"], r["row"], r["gpus"]) for r in new}
     merged = [r for r in old if (r["layers"], r["row"], r["gpus"]) not in keys] + new

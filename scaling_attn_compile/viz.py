@@ -56,6 +56,13 @@ def plot_layer(plan, layer: int, out, *, density: float = 0.3, grid=None,
                  f"rows: query blocks, columns: KV blocks", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="T (keep-density threshold)")
+    return _save(fig, out, dpi)
+
+
+def _save(fig, out, dpi: int) -> Path:
+    """Write ``fig`` as a PNG at ``out`` (parents made) and free it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
@@ -114,8 +121,4 @@ def plot_schedule(plan, out, *, heads_per_panel: int = 4, max_cols: int = 4,
                  fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="achieved density")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi)
