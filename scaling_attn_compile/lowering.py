@@ -25,6 +25,7 @@ signature has it.
 from __future__ import annotations
 
 import ast
+import dis
 import inspect
 import logging
 import os
@@ -68,6 +69,18 @@ def _is_jit(obj) -> bool:
         "JITFunction", "InterpretedFunction")
 
 
+def _global_names(code) -> set[str]:
+    """Names a function reads as globals. Not ``co_names``: that also lists attribute names
+    (``x.T``, ``desc.load``), which collide with whatever a module happens to hold (Triton's
+    interpreter injects its own globals, ``T`` among them, into the kernel module)."""
+    names = {i.argval for i in dis.get_instructions(code)
+             if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
 def _jit_closure(root) -> list:
     """``root`` and the jit functions it calls, transitively, callees first."""
     order, seen = [], set()
@@ -77,7 +90,7 @@ def _jit_closure(root) -> list:
         if raw.__name__ in seen:
             return
         seen.add(raw.__name__)
-        for name in raw.__code__.co_names:
+        for name in _global_names(raw.__code__):
             obj = raw.__globals__.get(name)
             if obj is not None and _is_jit(obj):
                 visit(obj)
@@ -103,7 +116,7 @@ def _jit_source(fn, allowed_globals: set[str]) -> str:
     # The pasted function runs in the generated module, whose globals are triton's and the
     # pasted functions only: a module-level constant of the kernel file would be a NameError on
     # the GPU. Catch it here, at import, on any machine.
-    for name in raw.__code__.co_names:
+    for name in _global_names(raw.__code__):
         value = raw.__globals__.get(name)
         if value is not None and name not in allowed_globals and not isinstance(
                 value, types.ModuleType):

@@ -789,3 +789,21 @@ def test_energy_filter_validation():
         EnergyFilter("cumulative", recall_budget=-1.0)
     with pytest.raises(TypeError, match="energy_filter"):
         scaling_attn_backend(uniform_tables(LAYERS, HEADS, GRID, 1.0), energy_filter=3.0)
+
+
+def test_template_paste_rejects_module_globals_but_not_attribute_names(tmp_path):
+    """The pasted jit source may not read module constants (NameError in Inductor's module), and
+    an attribute such as ``x.T`` is no global read even when the module holds a ``T`` (Triton's
+    interpreter injects one into the kernel module)."""
+    import types
+
+    src = ("import triton\nBIG = 7\nT = object()\n\n@triton.jit\ndef uses_global(x):\n"
+           "    return x * BIG\n\n@triton.jit\ndef uses_attribute(x):\n    return x.T\n")
+    path = tmp_path / "k.py"
+    path.write_text(src)
+    mod = types.ModuleType("k")
+    mod.__file__ = str(path)
+    exec(compile(src, str(path), "exec"), mod.__dict__)
+    with pytest.raises(RuntimeError, match="module global 'BIG'"):
+        lowering._jit_source(mod.uses_global, {"uses_global"})
+    assert "def uses_attribute" in lowering._jit_source(mod.uses_attribute, {"uses_attribute"})
