@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import ENERGY_RULES  # the rule ids the kernel's ENERGY_RULE constexpr takes
+
 MASK_BLOCK = 128  # tokens per mask block (queries and keys); BLOCK_N == MASK_BLOCK
 LOG2E = 1.4426950408889634
 
@@ -274,9 +276,6 @@ def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) ->
     return dict(NUM_WORDS=num_words, NUM_WORDS_P2=_pow2(num_words), NUM_BOUNDS=num_bounds,
                 BOUNDS_P2=_pow2(num_bounds), BLOCK_N=MASK_BLOCK, HEAD_DIM=head_dim,
                 EVEN_S=seq_len % MASK_BLOCK == 0)
-
-
-ENERGY_RULES = {"off": 0, "cumulative": 1, "blasst": 2}
 
 
 def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,

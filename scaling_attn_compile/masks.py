@@ -92,11 +92,6 @@ def select_levels(level_table: torch.Tensor, bucket_bounds: torch.Tensor,
     return level_table.to(torch.int64)[bucket]  # (B, H)
 
 
-def density_of(block_mask: torch.Tensor) -> float:
-    """Kept blocks over all blocks of a boolean ``(..., NB, NB)`` mask."""
-    return block_mask.float().mean().item()
-
-
 def dense_tables(num_heads: int, seq_len: int, device=None) -> tuple[torch.Tensor, ...]:
     """Tables of one layer with every block kept: ``(masks, level_table, bucket_bounds)``."""
     nb = num_blocks(seq_len)

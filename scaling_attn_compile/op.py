@@ -142,7 +142,3 @@ def lambda_from_recall(recall_budget: float, seq_len: int, block: int = 128) -> 
     if not recall_budget > 0:
         raise ValueError(f"lambda_from_recall: recall_budget (P_real) must be > 0, got {recall_budget}")
     return math.log(recall_budget) + math.log(block / seq_len)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
