@@ -306,6 +306,18 @@ def main(argv=None) -> int:
            for r in stored.get("records", [])]
     old_models = stored.get("models", {})
 
+    def save(new: list[Record]) -> list[Record]:
+        """Write old + new records; called after every row, so a run cut short keeps its rows."""
+        keys_new = {(r.model, r.layers, r.row) for r in new}
+        records = [r for r in old if (r.model, r.layers, r.row) not in keys_new] + new
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"question": __doc__.split("\n\n")[0], "env": env,
+                       "models": {**old_models, **{k: {**v, "config": {**v["config"], "patch_size": list(
+                           v["config"]["patch_size"])}} for k, v in MODELS.items() if k in keys}},
+                       "records": [asdict(r) for r in records]}, f, indent=1)
+        return records
+
     new: list[Record] = []
     for key in keys:
         spec = MODELS[key]
@@ -346,21 +358,15 @@ def main(argv=None) -> int:
                   + (f"  peak {rec.peak_mem_gib:.1f} GiB" if rec.peak_mem_gib else "")),
                   flush=True)
             new.append(rec)
+            save(new)
         del model
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    keys_new = {(r.model, r.layers, r.row) for r in new}
-    records = [r for r in old if (r.model, r.layers, r.row) not in keys_new] + new
+    records = save(new)
     print_table(new)
     check_bars(records)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"question": __doc__.split("\n\n")[0], "env": env,
-                   "models": {**old_models, **{k: {**v, "config": {**v["config"], "patch_size": list(
-                       v["config"]["patch_size"])}} for k, v in MODELS.items() if k in keys}},
-                   "records": [asdict(r) for r in records]}, f, indent=1)
     print(f"wrote {path}")
     return 0
 

@@ -1,0 +1,47 @@
+#!/bin/bash
+# The GPU runs, grouped into calls of the device tool that each end inside its 10-minute limit.
+# Run from the repository root on the GPU machine, carrying .whl (bash ../shared/tools/device-wheels.sh):
+#
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel    # GPU tests, kernel variants, energy, attention
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh train     # the tiny model on the GPU (7.5 min)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh compile   # compiled vs eager Wan step, WEST at 14B
+#
+# Each step has its own time limit so one slow step cannot eat the others; everything lands in
+# $OUT (log.txt and one JSON per benchmark; the device returns at most 8 files).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+ln -sfn ../kernels scaling_attn_compile/kernels  # nothing is pip-installed there
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:-unknown}
+LOG=$OUT/log.txt
+
+step() {  # step SECONDS COMMAND...: run with a limit, log it, never stop the session
+  local limit=$1; shift
+  echo "=== [$(date +%T)] $* (limit ${limit}s)" | tee -a "$LOG"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "=== rc ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
+
+case "${1:?stage: kernel | train | compile}" in
+kernel)
+  step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
+  step 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_west.py
+  step 75 python3 benchmarks/kernel_variants.py --out "$OUT/variants.json"
+  step 75 python3 benchmarks/bench_energy.py --out "$OUT/energy.json"
+  step 70 python3 benchmarks/bench_attention.py --shapes 1.3b --out "$OUT/attention-1.3b.json"
+  step 80 python3 benchmarks/bench_attention.py --shapes 14b --out "$OUT/attention-14b.json"
+  ;;
+train)
+  step 500 python3 -m scaling_attn_compile.train_tiny --out "$OUT/tiny-wan" --device cuda --minutes 7.5
+  ;;
+compile)
+  step 330 python3 benchmarks/bench_compile.py --models 1.3b --out "$OUT/compile.json"
+  step 200 python3 benchmarks/bench_west.py --out "$OUT/west.json"
+  ;;
+*) echo "unknown stage $1"; exit 2 ;;
+esac
