@@ -40,8 +40,10 @@ train)
   step 500 python3 -m scaling_attn_compile.train_tiny --out "$OUT/tiny-wan" --device cuda --minutes 7.5
   ;;
 compile)
-  step 330 python3 benchmarks/bench_compile.py --models 1.3b --out "$OUT/compile.json"
-  step 200 python3 benchmarks/bench_west.py --out "$OUT/west.json"
+  step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py
+  step 300 python3 benchmarks/bench_compile.py --models 1.3b --out "$OUT/compile.json" \
+    --rows eager inductor ours-0.25 ours-dense ours-0.5
+  step 150 python3 benchmarks/bench_west.py --layers 8 --out "$OUT/west.json"
   ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

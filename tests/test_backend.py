@@ -71,6 +71,18 @@ def make_model(i2v=False, head_dim=16, seed=0):
     ).eval()
 
 
+def sharpen_self_attention(model, gain: float = 4.0):
+    """Scale self-attention's q and k projections (logits x gain^2): random-init attention is so
+    diffuse, and its gated residual so small, that dropping blocks moves a bf16 output by about
+    one rounding step; peaked attention makes a wrong mask visible far above the tolerance."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for proj in (block.attn1.to_q, block.attn1.to_k):
+                proj.weight.mul_(gain)
+                proj.bias.mul_(gain)
+    return model
+
+
 def make_inputs(i2v=False, device="cpu", dtype=torch.float32, seed=1, text_len=24):
     g = torch.Generator().manual_seed(seed)
     text_len = TEXT_LEN if i2v else text_len
@@ -192,7 +204,7 @@ def test_sparse_plan_matches_reference_processor_at_both_timestep_buckets(device
     the reference sparse processor, and differ from each other and from dense attention by far
     more than the tolerance, so the test fails if the op or the timestep were ignored."""
     dtype, head_dim = device_setup(device)
-    model = make_model(head_dim=head_dim).to(device, dtype)
+    model = sharpen_self_attention(make_model(head_dim=head_dim)).to(device, dtype)
     inputs = make_inputs(device=device, dtype=dtype)
     tables = two_level_tables()
     oracle, dense = Oracle(model, tables), Oracle(model)
@@ -207,7 +219,8 @@ def test_sparse_plan_matches_reference_processor_at_both_timestep_buckets(device
             assert_close_to_oracle(outs[t], golden, same, k=2.0 if device == "cpu" else 3.0,
                                    what=f"t={t}")
             dense_same, _ = dense(ts, **inputs)
-            assert (dense_same - same).abs().max() > 100 * (same - golden.to(dtype)).abs().max()
+            with pytest.raises(AssertionError):  # dense attention would fail this test
+                assert_close_to_oracle(dense_same, golden, same, k=3.0, what="dense")
     assert (outs[900] - outs[100]).abs().max() > 1e-3
     assert len(be.reports) == 1, "the second timestep recompiled"
 
@@ -708,7 +721,10 @@ def test_gpu_generated_code_runs_our_template():
         out, codes = run_and_get_code(cm, timestep=ts, return_dict=False, **inputs)
     code = "\n".join(codes)
     assert "def bsa_forward_tile(" in code, "our template kernel is not in the generated code"
-    assert "torch.ops.scaling_attn.sparse_attention" not in code, "fell back to the eager op"
+    # The FX graph is echoed in comments; an eager fallback would be a call in the code itself.
+    calls = [line for line in code.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("torch.ops.scaling_attn.sparse_attention" in line for line in calls), \
+        "fell back to the eager op"
     same, golden = oracle(ts, **inputs)
     assert_close_to_oracle(out[0], golden, same, k=3.0)
 
