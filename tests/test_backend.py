@@ -72,14 +72,13 @@ def make_model(i2v=False, head_dim=16, seed=0):
 
 
 def sharpen_self_attention(model, gain: float = 4.0):
-    """Scale self-attention's q and k projections (logits x gain^2): random-init attention is so
+    """Scale self-attention's q and k (their RMS-norm weights; logits x gain^2): random-init attention is so
     diffuse, and its gated residual so small, that dropping blocks moves a bf16 output by about
     one rounding step; peaked attention makes a wrong mask visible far above the tolerance."""
     with torch.no_grad():
         for block in model.blocks:
-            for proj in (block.attn1.to_q, block.attn1.to_k):
-                proj.weight.mul_(gain)
-                proj.bias.mul_(gain)
+            for norm in (block.attn1.norm_q, block.attn1.norm_k):  # q, k are RMS-normed
+                norm.weight.mul_(gain)
     return model
 
 
@@ -204,6 +203,9 @@ def test_sparse_plan_matches_reference_processor_at_both_timestep_buckets(device
     the reference sparse processor, and differ from each other and from dense attention by far
     more than the tolerance, so the test fails if the op or the timestep were ignored."""
     dtype, head_dim = device_setup(device)
+    # fp16 on CUDA: a bf16 output's rounding (3 x 2^-8 x |out|) is as large as what the masks
+    # change in this small model's output, so no tolerance could tell sparse from dense.
+    dtype = torch.float16 if device == "cuda" else dtype
     model = sharpen_self_attention(make_model(head_dim=head_dim)).to(device, dtype)
     inputs = make_inputs(device=device, dtype=dtype)
     tables = two_level_tables()
