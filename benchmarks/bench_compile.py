@@ -256,11 +256,21 @@ def check_bars(records: list[Record]) -> None:
             ratio = r.ms / ind.ms
             print(f"bar {model} ({layers} layers): ours-dense / inductor = {ratio:.2f} "
                   f"(<= 1.25: {'met' if ratio <= 1.25 else 'NOT met'})")
-        if row == "ours-dense" and model == MODELS["1.3b"]["name"] and r.first_call_s:
-            full = layers == r.layers_of
-            print(f"bar {model} ({layers} layers): compile (first call) {r.first_call_s:.0f} s "
-                  f"(< 180 s: {'met' if r.first_call_s < 180 else 'NOT met'}"
-                  f"{'' if full else ', but not the full model'})")
+    # Compile time: only the first of our rows in a run can be cold, and only when no Inductor
+    # row ran before it in the same process (they share Inductor's caches).
+    for model, layers in {(r.model, r.layers) for r in records if r.model == MODELS["1.3b"]["name"]}:
+        rows = [r for r in records if (r.model, r.layers) == (model, layers)]
+        first = next((i for i, r in enumerate(rows) if r.row.startswith("ours")
+                      and r.first_call_s), None)
+        if first is None:
+            continue
+        r, cold = rows[first], not any(x.row == "inductor" for x in rows[:first])
+        full = layers == r.layers_of
+        verdict = ("met" if r.first_call_s < 180 else "NOT met") if cold else \
+            "not cold: an Inductor row ran first and shared its caches; run --rows ours-0.25 alone"
+        print(f"bar {model} ({layers} layers): compile (first call of {r.row}) "
+              f"{r.first_call_s:.0f} s (< 180 s on a cold cache: {verdict}"
+              f"{'' if full else ', and not the full model'})")
 
 
 def main(argv=None) -> int:

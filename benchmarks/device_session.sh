@@ -1,20 +1,24 @@
 #!/bin/bash
 # The GPU runs, grouped into calls of the device tool that each end inside its 10-minute limit.
-# Run from the repository root on the GPU machine, carrying .whl (bash ../shared/tools/device-wheels.sh):
+# Run from the repository root on the GPU machine, carrying .whl (bash ../shared/tools/device-wheels.sh);
+# the device's copy has no .git, so pass the commit: GIT_SHA=$(git rev-parse --short HEAD) here.
 #
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel    # GPU tests, kernel variants, energy, attention
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh train     # the tiny model on the GPU (7.5 min)
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh compile   # compiled vs eager Wan step, WEST at 14B
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel     # GPU tests, kernel variants, energy, attention
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh train      # the tiny model on the GPU (7.5 min)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh compile    # compiled vs eager 1.3B, WEST at 14B (8 layers)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh cold       # 1.3B compile on a cold cache, 14B eager vs ours
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh west40     # WEST at 14B/720p with all 40 layers
 #
 # Each step has its own time limit so one slow step cannot eat the others; everything lands in
-# $OUT (log.txt and one JSON per benchmark; the device returns at most 8 files).
+# $OUT (log.txt and one JSON per benchmark; the device returns at most 8 files). Records merge
+# with the committed ones of the same GPU where the benchmark supports it (bench_compile).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 ln -sfn ../kernels scaling_attn_compile/kernels  # nothing is pip-installed there
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:-unknown}
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:?pass GIT_SHA=<commit>}
 LOG=$OUT/log.txt
 
 step() {  # step SECONDS COMMAND...: run with a limit, log it, never stop the session
@@ -27,7 +31,7 @@ step() {  # step SECONDS COMMAND...: run with a limit, log it, never stop the se
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
 
-case "${1:?stage: kernel | train | compile}" in
+case "${1:?stage: kernel | train | compile | cold | west40}" in
 kernel)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
   step 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_west.py
@@ -44,6 +48,15 @@ compile)
   step 300 python3 benchmarks/bench_compile.py --models 1.3b --out "$OUT/compile.json" \
     --rows eager inductor ours-0.25 ours-dense ours-0.5
   step 150 python3 benchmarks/bench_west.py --layers 8 --out "$OUT/west.json"
+  ;;
+cold)
+  cp benchmarks/results/compile-nvidia-h100-80gb-hbm3.json "$OUT/compile.json"  # merge into it
+  step 200 python3 benchmarks/bench_compile.py --models 1.3b --rows ours-0.25 --out "$OUT/compile.json"
+  step 360 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25 --repeats 3 \
+    --out "$OUT/compile.json"
+  ;;
+west40)
+  step 540 python3 benchmarks/bench_west.py --out "$OUT/west.json"
   ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac
