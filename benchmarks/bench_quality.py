@@ -463,20 +463,40 @@ def run_quality(model, *, model_path: Path, grid=CPU_GRID, steps: int = 16,
 
 
 def bar_check(results: list[dict]) -> dict:
-    """Issue 7's bar: WEST+FAST >= BAR_DB dB PSNR above WEST uniform at targets <= 0.35."""
+    """Issue 7's bar: WEST+FAST >= BAR_DB dB PSNR above WEST uniform at targets <= 0.35, at equal
+    density. A uniform threshold cannot hit every density (its codes move in steps of 1/NB and
+    the calibration union makes the steps uneven), so WEST+FAST's PSNR is compared with the
+    uniform curve interpolated (linearly in density, between the measured uniform points that
+    bracket it) at WEST+FAST's achieved density; the same-target gain is kept alongside."""
     by = {(r["method"], r["target_density"]): r for r in results if r["status"] == "ok"}
+    curve = sorted((r["achieved_density"], r["psnr_db"]) for (m, _), r in by.items()
+                   if m == "west_uniform")
     rows = []
     for (m, t), r in sorted(by.items(), key=lambda kv: -kv[0][1]):
         u = by.get(("west_uniform", t))
         if m != "west_fast" or u is None:
             continue
+        at = interpolate(curve, r["achieved_density"])
         rows.append({"target_density": t, "west_fast_density": r["achieved_density"],
                      "uniform_density": u["achieved_density"],
                      "west_fast_psnr_db": r["psnr_db"], "uniform_psnr_db": u["psnr_db"],
-                     "gain_db": r["psnr_db"] - u["psnr_db"], "in_bar": t <= 0.35 + 1e-9})
+                     "gain_db": r["psnr_db"] - u["psnr_db"],
+                     "uniform_psnr_db_at_equal_density": at,
+                     "gain_db_equal_density": None if at is None else r["psnr_db"] - at,
+                     "in_bar": t <= 0.35 + 1e-9})
     judged = [r for r in rows if r["in_bar"]]
-    return {"rule": f"WEST+FAST PSNR >= uniform + {BAR_DB} dB at densities <= 0.35",
-            "rows": rows, "met": bool(judged) and all(r["gain_db"] >= BAR_DB for r in judged)}
+    gain = lambda r: r["gain_db"] if r["gain_db_equal_density"] is None else r["gain_db_equal_density"]  # noqa: E731
+    return {"rule": f"WEST+FAST PSNR >= uniform + {BAR_DB} dB at densities <= 0.35 (equal density: "
+                    "uniform interpolated at WEST+FAST's achieved density where bracketed)",
+            "rows": rows, "met": bool(judged) and all(gain(r) >= BAR_DB for r in judged)}
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation in sorted ``(x, y)`` points; ``None`` outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
 
 
 def quality_table(res: dict) -> str:

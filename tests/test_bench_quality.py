@@ -122,3 +122,20 @@ def test_measured_path_matches_backend(model, model_dir):
 def test_warmup_steps():
     assert bq.warmup_steps(0.5, 16) == 4 and bq.warmup_steps(0.35, 16) == 3
     assert bq.warmup_steps(0.25, 16) == 2 and bq.warmup_steps(0.15, 16) == 1
+
+
+def test_bar_compares_at_equal_density():
+    """A uniform threshold that lands below the target density must not flatter WEST+FAST: the
+    bar reads the uniform curve at WEST+FAST's own achieved density."""
+    def row(method, target, achieved, psnr):
+        return {"method": method, "target_density": target, "achieved_density": achieved,
+                "psnr_db": psnr, "status": "ok"}
+
+    results = [row("west_uniform", 0.5, 0.5, 30.0), row("west_uniform", 0.25, 0.2, 14.0),
+               row("west_fast", 0.5, 0.5, 31.0), row("west_fast", 0.25, 0.25, 18.0)]
+    bar = bq.bar_check(results)
+    at_025 = next(r for r in bar["rows"] if r["target_density"] == 0.25)
+    assert at_025["gain_db"] == pytest.approx(4.0)  # same target, but uniform ran at 0.2
+    assert at_025["uniform_psnr_db_at_equal_density"] == pytest.approx(14.0 + 16.0 * 0.05 / 0.3)
+    assert at_025["gain_db_equal_density"] == pytest.approx(4.0 - 16.0 * 0.05 / 0.3)
+    assert bar["met"] is False  # 1.33 dB < 2 at equal density, though 4 dB at the same target
