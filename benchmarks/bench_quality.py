@@ -526,7 +526,7 @@ def plot_pareto(res: dict, path: Path) -> Path:
     cfg = res["config"]
     ax.set_xlabel("achieved density (computed blocks / all blocks)")
     ax.set_ylabel("PSNR vs dense (dB)")
-    ax.set_title(f"{res['env'].get('model_card', 'tiny Wan').split(':')[0]}, "
+    ax.set_title(f"{(res['env'].get('model_card') or 'tiny Wan').split(':')[0]}, "
                  f"{'x'.join(map(str, cfg['grid']))}, "
                  f"{cfg['steps']} steps, {len(cfg['prompts'])} held-out prompts", fontsize=9)
     ax.grid(alpha=0.3)
