@@ -7,7 +7,7 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh train      # the tiny model on the GPU (7.5 min)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh compile    # compiled vs eager 1.3B, WEST at 14B (8 layers)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh cold       # 1.3B compile on a cold cache, 14B eager vs ours
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh west40     # WEST at 14B/720p with all 40 layers
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh west40     # WEST at 14B/720p, 40 layers; the demo on the GPU
 #
 # Each step has its own time limit so one slow step cannot eat the others; everything lands in
 # $OUT (log.txt and one JSON per benchmark; the device returns at most 8 files). Records merge
@@ -56,7 +56,9 @@ cold)
     --out "$OUT/compile.json"
   ;;
 west40)
-  step 540 python3 benchmarks/bench_west.py --out "$OUT/west.json"
+  step 300 python3 benchmarks/bench_west.py --out "$OUT/west.json"
+  step 240 python3 -m scaling_attn_compile.cli demo --out "$OUT/demo"  # the GPU grid, 12x64x64
+  rm -f "$OUT/demo/plan.safetensors"  # the device returns at most 8 files
   ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac
