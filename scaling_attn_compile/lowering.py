@@ -28,6 +28,7 @@ import ast
 import dis
 import inspect
 import logging
+import math
 import os
 import re
 import textwrap
@@ -312,17 +313,14 @@ def _template_supported(q) -> bool:
 def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale,
                             energy_rule=0, energy_threshold=0.0):
     device = q.get_device()
-    if energy_rule:
-        # The energy filter runs through the eager op, which launches the same kernel with the
-        # filter on; the template does not carry the filter yet.
-        return fallback_handler(OP, add_to_fallback_set=False)(
-            q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule,
-            energy_threshold)
-    if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q):
+    eager_args = (q, k, v, masks, level_table, bucket_bounds, timestep, scale) + (
+        (energy_rule, energy_threshold) if energy_rule else ())
+    if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q) \
+            or (energy_rule and not math.isfinite(energy_threshold)):
         # CPU (and unsupported dtypes / head dims on CUDA, which the eager op rejects with a
-        # clear error): an extern call to the registered eager implementation.
-        return fallback_handler(OP, add_to_fallback_set=False)(
-            q, k, v, masks, level_table, bucket_bounds, timestep, scale)
+        # clear error; and a filter threshold of +-inf, which is no constexpr the generated code
+        # can spell): an extern call to the registered eager implementation.
+        return fallback_handler(OP, add_to_fallback_set=False)(*eager_args)
 
     inputs = [realize_inputs(x) for x in (q, k, v, masks, level_table, bucket_bounds, timestep)]
     q = inputs[0]
@@ -341,8 +339,12 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     else:
         stride_ts = _static(ts.get_stride()[0])
     meta = _kernel.launch_meta(s, _shape(inputs[3])[-1], _shape(inputs[5])[0], d)
+    if energy_rule:  # the filter is the tile's constexpr rule and threshold (log2 units)
+        meta.update(ENERGY_RULE=int(energy_rule), energy_thr=float(energy_threshold) * _kernel.LOG2E)
     choices: list = []
     for config in template_configs():
+        if energy_rule and config["block_m"] != _kernel.MASK_BLOCK:
+            continue  # the filter votes per 128-row query tile, as in the eager launcher
         err = _TEMPLATE.maybe_append_choice(
             choices, input_nodes=inputs, layout=layout, num_stages=config["num_stages"],
             num_warps=config["num_warps"], call_sizes=size,
@@ -353,7 +355,7 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     if not choices:
         log.warning("sparse_attention: no template choice for q %s %s; using the eager op",
                     (b, h, s, d), q.get_dtype())
-        return fallback_handler(OP, add_to_fallback_set=False)(*inputs, scale)
+        return fallback_handler(OP, add_to_fallback_set=False)(*inputs, *eager_args[7:])
     return _select(TEMPLATE_NAME, choices, inputs, layout, input_gen_fns=_input_gen_fns(s))
 
 

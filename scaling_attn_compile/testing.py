@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -12,6 +14,19 @@ def make_qkv(B: int, H: int, S: int, D: int, dtype=torch.float16, device="cpu", 
         torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype).permute(0, 2, 1, 3)
         for _ in range(3)
     )
+
+
+def make_local_qkv(B, H, S, D, seed, dtype=torch.float32, device="cpu", sharp=3.0):
+    """q, k whose attention is concentrated near the diagonal (a 1-D positional code plus
+    noise), so the energy filter has negligible far blocks to skip; v random. Contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(S, dtype=torch.float64)[:, None]
+    freqs = torch.linspace(0.5, 6, D // 2, dtype=torch.float64)[None] / S * math.pi
+    code = torch.cat([torch.cos(pos * freqs), torch.sin(pos * freqs)], -1) * sharp
+    noise = lambda: 0.3 * torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    q, k = code + noise(), code + noise()
+    v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
 def rounding_step(golden: torch.Tensor, dtype: torch.dtype) -> float:

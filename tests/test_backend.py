@@ -39,7 +39,7 @@ from scaling_attn_compile.backend import (
 from scaling_attn_compile.masks import add_diagonal, num_blocks, pack_blocks
 from scaling_attn_compile.reference import sparse_attention_reference
 from scaling_attn_compile.tables import AttentionTables, uniform_tables
-from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
+from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 OP = torch.ops.scaling_attn.sparse_attention.default
 LAYERS, HEADS = 2, 2
@@ -647,6 +647,55 @@ def test_rendered_template_runs_in_the_interpreter(ts_shape):
         assert_close_to_oracle(out, golden, same, k=3.0, what=f"template BLOCK_M={block_m}")
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
+@pytest.mark.parametrize("rule", ["cumulative", "blasst"])
+def test_rendered_template_with_energy_filter_matches_its_reference(rule):
+    """With the energy filter on, the op still lowers to the template (128-row configs only) and
+    the rendered kernel equals the filter's reference, at a threshold that skips blocks: the
+    unfiltered reference is further off than the tolerance, so a dropped filter would fail."""
+    import importlib.util
+
+    import triton
+
+    from scaling_attn_compile.reference import (
+        ENERGY_RULES,
+        block_masks_for,
+        energy_filtered_attention_reference,
+    )
+
+    B, H, S, D = 1, 2, 600, 64
+    q, k, v = make_local_qkv(B, H, S, D, seed=3, dtype=torch.float16)  # far blocks negligible
+    tables = uniform_tables(1, H, (1, 1, S), 1.0)
+    masks, lt, bb = tables.layer(0)
+    ts = torch.tensor([500.0])
+    scale, code = D**-0.5, ENERGY_RULES[rule]
+    threshold = 0.0 if rule == "cumulative" else -0.5  # aggressive: the dropped mass shows
+    f = lambda *a: OP(*a, scale, code, threshold)
+    with capture_template_choices() as choices:
+        with pytest.raises(Exception, match="choices captured"):
+            torch.compile(f, backend="inductor", fullgraph=True)(q, k, v, masks, lt, bb, ts)
+    assert len(choices) == sum(c["block_m"] == 128 for c in lowering.template_configs())
+    blocks = block_masks_for(masks, lt, bb, ts, B, S)
+    golden, skipped = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
+                                                          return_skipped=True)
+    same = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
+                                               compute_dtype=torch.float32)
+    assert skipped.any(), "the threshold must make the filter skip something"
+    unfiltered = sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale)
+    with pytest.raises(AssertionError):
+        assert_close_to_oracle(unfiltered, golden, same, k=3.0)
+    choice = choices[0]
+    spec = importlib.util.spec_from_file_location("tmpl", choice.bmreq.module_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernel = getattr(mod, choice.bmreq.kernel_name)
+    assert kernel.inductor_meta["config_args"]["ENERGY_RULE"] == code
+    assert f"ENERGY_RULE : tl.constexpr = {code}" in open(choice.bmreq.module_path).read()
+    out = torch.full_like(q, float("nan"))
+    kernel.fn[(triton.cdiv(S, 128), B, H)](q, k, v, masks, lt, bb, ts, out)
+    assert_close_to_oracle(out, golden, same, k=3.0, what=f"template, {rule} filter")
+
+
 def test_wan_graph_lowers_to_template_choices():
     """The whole Wan graph (q/k/v are permuted views of RoPE outputs, not graph inputs) reaches
     the template path on the CPU: every config renders, reading q/k/v as (B, H, S, D) views of
@@ -729,6 +778,39 @@ def test_gpu_generated_code_runs_our_template():
         "fell back to the eager op"
     same, golden = oracle(ts, **inputs)
     assert_close_to_oracle(out[0], golden, same, k=3.0)
+
+
+@GPU
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rule", ["cumulative", "blasst"])
+def test_gpu_energy_filter_lowers_to_the_template(rule):
+    from torch._inductor.utils import run_and_get_code
+
+    from scaling_attn_compile.reference import (
+        ENERGY_RULES,
+        block_masks_for,
+        energy_filtered_attention_reference,
+    )
+
+    B, H, S, D = 1, 2, 2000, 64
+    q, k, v = make_local_qkv(B, H, S, D, seed=3, dtype=torch.bfloat16, device="cuda")
+    masks, lt, bb = uniform_tables(1, H, (1, 1, S), 1.0).to("cuda").layer(0)
+    ts = torch.tensor([500.0], device="cuda")
+    scale, code, threshold = D**-0.5, ENERGY_RULES[rule], (-2.0 if rule == "cumulative" else -1.0)
+    torch._dynamo.reset()
+    f = torch.compile(lambda *a: OP(*a, scale, code, threshold), fullgraph=True)
+    out, codes = run_and_get_code(f, q, k, v, masks, lt, bb, ts)
+    src = "\n".join(codes)
+    assert "def bsa_forward_tile(" in src and f"ENERGY_RULE : tl.constexpr = {code}" in src
+    calls = [line for line in src.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("torch.ops.scaling_attn.sparse_attention" in line for line in calls)
+    blocks = block_masks_for(masks, lt, bb, ts, B, S)
+    golden, skipped = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
+                                                          return_skipped=True)
+    same = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
+                                               compute_dtype=torch.bfloat16)
+    assert skipped.any()
+    assert_close_to_oracle(out, golden, same, k=3.0)
 
 
 # -- the online energy filter as a backend / plan option (issue 6) -------------------------------

@@ -19,25 +19,12 @@ from scaling_attn_compile.reference import (
     energy_filtered_attention_reference,
     visit_order,
 )
-from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
+from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
                                   reason="needs the Triton interpreter or a GPU")
-
-
-def local_qkv(B, H, S, D, seed, dtype=torch.float32, device="cpu", sharp=3.0):
-    """q, k whose attention is concentrated near the diagonal (a 1-D positional code), so the
-    filter has negligible far blocks to skip."""
-    g = torch.Generator().manual_seed(seed)
-    pos = torch.arange(S, dtype=torch.float64)[:, None]
-    freqs = torch.linspace(0.5, 6, D // 2, dtype=torch.float64)[None] / S * math.pi
-    code = torch.cat([torch.cos(pos * freqs), torch.sin(pos * freqs)], -1) * sharp
-    noise = lambda: 0.3 * torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
-    q, k = code + noise(), code + noise()
-    v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
 def tables(H, S, seed, p=0.7):
@@ -81,7 +68,7 @@ def test_dropped_mass_within_the_rule_bound(seed, rule, threshold, S):
     vs the running sum; BLASST: vs exp(running max) <= running sum), so per row
     dropped / kept <= (skipped blocks) * Bc * exp(threshold)."""
     B, H, D = 1, 2, 32
-    q, k, v = local_qkv(B, H, S, D, seed, dtype=torch.float64)
+    q, k, v = make_local_qkv(B, H, S, D, seed, dtype=torch.float64)
     masks, lt, bb = tables(H, S, seed, p=1.0)
     blocks = block_masks_for(masks, lt, bb, torch.tensor(0.0), B, S)
     _, skipped = energy_filtered_attention_reference(q, k, v, blocks, D**-0.5, rule, threshold,
@@ -113,7 +100,7 @@ def test_lambda_from_recall():
 def test_kernel_matches_energy_reference(seed, rule, threshold, S, D):
     B, H = 1, 2
     dtype = torch.float32 if INTERPRET else torch.float16
-    q, k, v = local_qkv(B, H, S, D, seed, dtype=dtype, device=DEVICE)
+    q, k, v = make_local_qkv(B, H, S, D, seed, dtype=dtype, device=DEVICE)
     masks, lt, bb = (t.to(DEVICE) for t in tables(H, S, seed, p=0.8))
     ts = torch.tensor(0.0, device=DEVICE)
     out = torch.full_like(q, float("nan"))
@@ -134,7 +121,7 @@ def test_kernel_matches_energy_reference(seed, rule, threshold, S, D):
 def test_op_energy_path_cpu_and_kernel_agree_on_skips():
     """The op's filter reaches the kernel on CUDA and the reference on the CPU."""
     B, H, S, D = 1, 2, 512, 64
-    q, k, v = local_qkv(B, H, S, D, 1, dtype=torch.float16 if DEVICE == "cuda" else torch.float32,
+    q, k, v = make_local_qkv(B, H, S, D, 1, dtype=torch.float16 if DEVICE == "cuda" else torch.float32,
                         device=DEVICE)
     masks, lt, bb = (t.to(DEVICE) for t in dense_tables(H, S))
     ts = torch.tensor(0.0, device=DEVICE)
