@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from scaling_attn_compile.kernels import block_sparse_attention as kernel
-from scaling_attn_compile.masks import unpack_blocks
+
+from scaling_attn_compile.demo import rel_l2
+from scaling_attn_compile.masks import num_blocks, unpack_blocks
 from scaling_attn_compile.op import lambda_from_recall
 from scaling_attn_compile.reference import ENERGY_RULES
 from scaling_attn_compile.tables import uniform_tables
@@ -68,10 +69,6 @@ def local_qkv(H: int, grid: tuple[int, int, int], D: int, logit_range: float, se
     return to(torch.stack(qs, 1)), to(torch.stack(ks, 1)), to(v)
 
 
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def run(shape: str, inputs: str, densities, logit_range: float, records: list) -> None:
     from triton.testing import do_bench
 
@@ -85,20 +82,20 @@ def run(shape: str, inputs: str, densities, logit_range: float, records: list) -
     ts = torch.tensor([500.0], device="cuda")
     dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
     cfg = kernel.KernelConfig(128, 8, 3)  # the filter needs BLOCK_M 128; pinned for comparability
-    skipped = torch.zeros(H, S // 128 + (S % 128 > 0), dtype=torch.int32, device="cuda")
+    skipped = torch.zeros(H, num_blocks(S), dtype=torch.int32, device="cuda")  # per program
     for density in densities:
         tables = uniform_tables(1, H, grid, density, pattern="local").to("cuda")
         masks, lt, bb = tables.layer(0)
         visited = unpack_blocks(masks[:, 0], masks.shape[2]).sum().item()
 
-        def launch(rule=0, thr=float("-inf"), out=None, skip=None):
+        def launch(rule=0, thr=float("-inf"), out=None, skip=None):  # used in this iteration only
             out = torch.empty_like(q) if out is None else out
             return kernel.block_sparse_attention_forward(
-                q, k, v, masks, lt, bb, ts, out, scale, cfg, energy_rule=rule,
+                q, k, v, masks, lt, bb, ts, out, scale, cfg, energy_rule=rule,  # noqa: B023
                 energy_threshold=thr, skipped=skip)
 
         base = launch()
-        base_ms = do_bench(lambda: launch(out=base), warmup=25, rep=100, return_mode="median")
+        base_ms = do_bench(lambda o=base: launch(out=o), warmup=25, rep=100, return_mode="median")
         settings = [("off", float("-inf"), None)]
         settings += [("cumulative", lambda_from_recall(p, S), p) for p in P_REAL]
         settings += [("blasst", math.log(lb), lb) for lb in BLASST_LAMBDA]
@@ -132,8 +129,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_energy: needs a CUDA GPU", file=sys.stderr)
         return 1
-    import triton
-
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_attention import environment
 
@@ -142,7 +137,7 @@ def main(argv=None) -> int:
         for inputs in args.inputs:
             run(shape, inputs, args.densities, args.logit_range, records)
     out = args.out or RESULTS / f"energy-{torch.cuda.get_device_name().lower().replace(' ', '-')}.json"
-    out.write_text(json.dumps({**environment(), "triton": triton.__version__, "records": records},
+    out.write_text(json.dumps({**environment(), "records": records},
                               indent=1))
     print(f"wrote {out}")
     return 0

@@ -372,10 +372,10 @@ def run_quality(model, *, model_path: Path, grid=CPU_GRID, steps: int = 16,
     runner = MeasuredAttention(model)
     full = all_blocks_tables(L, H, tgrid)
 
-    def fast_schedule(target, rho=0.1):
+    def fast_schedule(target, **fit_kw):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            s = fast.fit_schedule(profile, target, rho=rho)
+            s = fast.fit_schedule(profile, target, **fit_kw)
         return s, [str(x.message) for x in w]
 
     results = []
@@ -387,8 +387,8 @@ def run_quality(model, *, model_path: Path, grid=CPU_GRID, steps: int = 16,
             try:
                 rule, lam = 0, 0.0
                 if method in ("west_fast", "west_fast_flat"):
-                    sched, warn = fast_schedule(target, rho=1.0 if method == "west_fast_flat"
-                                                else 0.1)
+                    flat = {"rho": 1.0} if method == "west_fast_flat" else {}  # else FAST's default
+                    sched, warn = fast_schedule(target, **flat)
                     entry["params"] = {"fit_density": sched.info["achieved_density"],
                                        "fit_warnings": warn}
                 elif method == "west_uniform":

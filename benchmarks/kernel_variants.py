@@ -10,11 +10,11 @@ import json
 import sys
 
 import torch
-
 from scaling_attn_compile.kernels.block_sparse_attention import (
     KernelConfig,
     block_sparse_attention_forward,
 )
+
 from scaling_attn_compile.tables import uniform_tables
 from scaling_attn_compile.testing import make_qkv
 
@@ -53,7 +53,7 @@ def main(argv=None):
                 block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, out, D**-0.5, cfg)
                 err = (out.float() - base.float()).abs().max().item()
                 ms = do_bench(lambda c=cfg, o=out: block_sparse_attention_forward(
-                    q, k, v, masks, lt, bb, ts, o, D**-0.5, c), warmup=25, rep=100,
+                    q, k, v, masks, lt, bb, ts, o, D**-0.5, c), warmup=25, rep=100,  # noqa: B023
                     return_mode="median")
             except Exception as e:  # report and go on: a variant may not compile on this triton
                 print(f"{cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
