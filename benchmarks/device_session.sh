@@ -3,11 +3,15 @@
 # Run from the repository root on the GPU machine, carrying .whl (bash ../shared/tools/device-wheels.sh);
 # the device's copy has no .git, so pass the commit: GIT_SHA=$(git rev-parse --short HEAD) here.
 #
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel     # GPU tests, kernel variants, energy, attention
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh tests      # the GPU test suites
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel     # kernel variants, energy, attention
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh train      # the tiny model on the GPU (7.5 min)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh compile    # compiled vs eager 1.3B, WEST at 14B (8 layers)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh cold       # 1.3B compile on a cold cache, 14B eager vs ours
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh west40     # WEST at 14B/720p, 40 layers; the demo on the GPU
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh west40     # WEST at 14B/720p, 40 layers
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh demo       # the demo on the GPU grid
+#
+# Several stages run in order in one call: `device_session.sh tests west40`.
 #
 # Each step has its own time limit so one slow step cannot eat the others; everything lands in
 # $OUT (log.txt and one JSON per benchmark; the device returns at most 8 files). Records merge
@@ -31,10 +35,16 @@ step() {  # step SECONDS COMMAND...: run with a limit, log it, never stop the se
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
 
-case "${1:?stage: kernel | train | compile | cold | west40}" in
-kernel)
+# Records of this GPU already committed, for the benchmarks that merge runs split over calls.
+GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
+
+for stage in "${@:?stage: tests | kernel | train | compile | cold | west40 | demo}"; do
+case "$stage" in
+tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
   step 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_west.py
+  ;;
+kernel)
   step 75 python3 benchmarks/kernel_variants.py --out "$OUT/variants.json"
   step 75 python3 benchmarks/bench_energy.py --out "$OUT/energy.json"
   step 70 python3 benchmarks/bench_attention.py --shapes 1.3b --out "$OUT/attention-1.3b.json"
@@ -50,15 +60,18 @@ compile)
   step 150 python3 benchmarks/bench_west.py --layers 8 --out "$OUT/west.json"
   ;;
 cold)
-  cp benchmarks/results/compile-nvidia-h100-80gb-hbm3.json "$OUT/compile.json"  # merge into it
-  step 200 python3 benchmarks/bench_compile.py --models 1.3b --rows ours-0.25 --out "$OUT/compile.json"
+  cp "benchmarks/results/compile-$GPU_SLUG.json" "$OUT/compile.json" 2>/dev/null  # merge into it
+  step 200 python3 benchmarks/bench_compile.py --models 1.3b --rows ours-0.25 eager --out "$OUT/compile.json"
   step 360 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25 --repeats 3 \
     --out "$OUT/compile.json"
   ;;
 west40)
   step 300 python3 benchmarks/bench_west.py --out "$OUT/west.json"
+  ;;
+demo)
   step 240 python3 -m scaling_attn_compile.cli demo --out "$OUT/demo"  # the GPU grid, 12x64x64
   rm -f "$OUT/demo/plan.safetensors"  # the device returns at most 8 files
   ;;
-*) echo "unknown stage $1"; exit 2 ;;
+*) echo "unknown stage $stage"; exit 2 ;;
 esac
+done
