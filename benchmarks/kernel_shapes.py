@@ -16,12 +16,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
-
 from scaling_attn_compile.kernels.block_sparse_attention import (
     KernelConfig,
     block_sparse_attention_forward,
 )
+from triton.testing import do_bench
+
 from scaling_attn_compile.tables import uniform_tables
 
 # (H, S): the two Wan shapes, each with the other's head count, and S a multiple of 128.
@@ -29,40 +29,41 @@ CASES = [(12, 32760), (40, 32760), (12, 75600), (40, 75600), (12, 32768), (24, 3
 CONFIGS = {"tma": KernelConfig(128, 8, 3, use_tma=True), "plain": KernelConfig(128, 8, 3)}
 
 
+def time_case(H: int, S: int, layout: str, D: int = 128) -> dict:
+    """cuDNN and our two configs, dense, on one (H, S, layout)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Drawn on the GPU (make_qkv's CPU generator takes seconds at these sizes).
+    q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3)
+               for _ in range(3))  # diffusers' (B, H, S, D) views of (B, S, H, D) memory
+    if layout == "bhsd":
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    ts = torch.tensor([500.0], device="cuda")
+    flops = 4 * H * S * S * D
+    rep = max(200, int(6e-12 * flops))  # ms: a few repetitions of the longest shape
+    masks, lt, bb = uniform_tables(1, H, (1, 1, S), 1.0).to("cuda").layer(0)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), rep=rep,
+                      return_mode="median")
+    row = {"H": H, "S": S, "layout": layout, "cudnn_ms": ms, "cudnn_tflops": flops / ms / 1e9}
+    out = torch.empty_like(q)
+    for name, cfg in CONFIGS.items():
+        ms = do_bench(lambda c=cfg: block_sparse_attention_forward(
+            q, k, v, masks, lt, bb, ts, out, D**-0.5, c), rep=rep, return_mode="median")
+        row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    D = 128
-    ts = torch.tensor([500.0], device="cuda")
     rows = []
     for H, S in CASES:
         for layout in ("bshd", "bhsd"):
-            # Drawn on the GPU (the CPU generator of make_qkv takes seconds at these sizes).
-            q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
-                       for _ in range(3))
-            q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))  # diffusers' (B,H,S,D) views
-            if layout == "bhsd":
-                q, k, v = (t.contiguous() for t in (q, k, v))
-            flops = 4 * H * S * S * D
-            rep = max(200, int(6e-12 * flops))  # ms: a few repetitions of the longest shape
-            masks, lt, bb = uniform_tables(1, H, (1, 1, S), 1.0).to("cuda").layer(0)
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), rep=rep,
-                              return_mode="median")
-            row = {"H": H, "S": S, "layout": layout, "cudnn_ms": ms, "cudnn_tflops": flops / ms / 1e9}
-            for name, cfg in CONFIGS.items():
-                out = torch.empty_like(q)
-                fn = lambda c=cfg, o=out: block_sparse_attention_forward(  # noqa: E731
-                    q, k, v, masks, lt, bb, ts, o, D**-0.5, c)
-                ms = do_bench(fn, rep=rep, return_mode="median")
-                row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
-            rows.append(row)
+            rows.append(time_case(H, S, layout))
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.items()), flush=True)
-            del q, k, v
+                           for k, v in rows[-1].items()), flush=True)
     print("\n| H | S | layout | cuDNN TFLOP/s | ours TMA | ours plain | TMA / cuDNN |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
