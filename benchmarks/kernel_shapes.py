@@ -22,6 +22,7 @@ from scaling_attn_compile.kernels.block_sparse_attention import (
 )
 from triton.testing import do_bench
 
+from scaling_attn_compile.masks import add_diagonal, num_blocks, pack_blocks, unpack_blocks
 from scaling_attn_compile.tables import uniform_tables
 
 # (H, S): the two Wan shapes, each with the other's head count, and S a multiple of 128.
@@ -54,11 +55,66 @@ def time_case(H: int, S: int, layout: str, D: int = 128) -> dict:
     return row
 
 
+# (H, S, kept blocks per row, K/V shared by all heads): the same loop length (256 blocks) at the
+# long sequence, in a band around the diagonal or the first 256 blocks (every program of a head
+# reads the same 16.8 MB, as at S=32,760), and the short sequence with one K/V for all heads.
+PATTERNS = [(12, 32760, "dense", False), (12, 32760, "dense", True),
+            (12, 75600, "first256", False), (12, 75600, "band256", False),
+            (12, 75600, "dense", False)]
+
+
+def pattern_masks(H: int, S: int, pattern: str) -> torch.Tensor:
+    nb = num_blocks(S)
+    u = torch.arange(nb)[:, None]
+    j = torch.arange(nb)[None, :]
+    if pattern == "dense":
+        block = torch.ones(nb, nb, dtype=torch.bool)
+    elif pattern == "first256":
+        block = (j < 256).expand(nb, nb)
+    elif pattern == "band256":
+        lo = (u - 128).clamp(0, nb - 256)
+        block = (j >= lo) & (j < lo + 256)
+    else:
+        raise ValueError(pattern)
+    return pack_blocks(add_diagonal(block))[None, None].expand(H, 1, -1, -1).contiguous()
+
+
+def time_pattern(H: int, S: int, pattern: str, shared_kv: bool, D: int = 128) -> dict:
+    """Our two configs on one mask pattern; throughput counted on the kept blocks (each as a
+    full 128 x 128 block)."""
+    q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3)
+               for _ in range(3))
+    if shared_kv:  # stride 0 over heads: all heads read head 0's K and V
+        k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+    masks = pattern_masks(H, S, pattern).to("cuda")
+    kept = int(unpack_blocks(masks[:, 0], num_blocks(S)).sum())
+    lt = torch.zeros(1, H, dtype=torch.int32, device="cuda")
+    bb = torch.zeros(0, dtype=torch.float32, device="cuda")
+    ts = torch.tensor([500.0], device="cuda")
+    flops = 4 * kept * 128 * 128 * D
+    rep = max(200, int(6e-12 * flops))
+    row = {"H": H, "S": S, "pattern": pattern, "shared_kv": shared_kv,
+           "blocks_per_row": kept / H / num_blocks(S)}
+    out = torch.empty_like(q)
+    for name, cfg in CONFIGS.items():
+        ms = do_bench(lambda c=cfg: block_sparse_attention_forward(
+            q, k, v, masks, lt, bb, ts, out, D**-0.5, c), rep=rep, return_mode="median")
+        row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--patterns-only", action="store_true")
     args = ap.parse_args(argv)
-    rows = []
+    rows, pattern_rows = [], []
+    for case in PATTERNS:
+        pattern_rows.append(time_pattern(*case))
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in pattern_rows[-1].items()), flush=True)
+    if args.patterns_only:
+        CASES.clear()
     for H, S in CASES:
         for layout in ("bshd", "bhsd"):
             rows.append(time_case(H, S, layout))
@@ -73,7 +129,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "patterns": pattern_rows}, f, indent=1)
     return 0
 
 
