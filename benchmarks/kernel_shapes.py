@@ -103,12 +103,48 @@ def time_pattern(H: int, S: int, pattern: str, shared_kv: bool, D: int = 128) ->
     return row
 
 
+def words_sweep(H: int = 12, S: int = 32760, D: int = 128) -> list[dict]:
+    """Dense, both configs, with the mask row's word vector padded to 8 .. 64 lanes."""
+    from scaling_attn_compile.kernels import block_sparse_attention as K
+
+    q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).permute(0, 2, 1, 3)
+               for _ in range(3))
+    ts = torch.tensor([500.0], device="cuda")
+    masks, lt, bb = uniform_tables(1, H, (1, 1, S), 1.0).to("cuda").layer(0)
+    flops = 4 * H * S * S * D
+    rows, default = [], K.MIN_WORDS_P2
+    out, ref = torch.empty_like(q), torch.empty_like(q)
+    K.MIN_WORDS_P2 = 1
+    block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, ref, D**-0.5, CONFIGS["plain"])
+    try:
+        for p2 in (1, 16, 32, 64):
+            K.MIN_WORDS_P2 = p2
+            row = {"H": H, "S": S, "min_words_p2": p2}
+            for name, cfg in CONFIGS.items():
+                run = lambda c=cfg: block_sparse_attention_forward(  # noqa: E731
+                    q, k, v, masks, lt, bb, ts, out, D**-0.5, c)
+                run()
+                row[f"{name}_max_diff"] = (out.float() - ref.float()).abs().max().item()
+                ms = do_bench(run, rep=300, return_mode="median")
+                row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
+            rows.append(row)
+            print(" ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
+                           for key, val in row.items()), flush=True)
+    finally:
+        K.MIN_WORDS_P2 = default
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--patterns-only", action="store_true")
+    ap.add_argument("--words-only", action="store_true")
     args = ap.parse_args(argv)
-    rows, pattern_rows = [], []
+    rows, pattern_rows, words_rows = [], [], words_sweep()
+    if args.words_only:
+        PATTERNS.clear()
+        CASES.clear()
     for case in PATTERNS:
         pattern_rows.append(time_pattern(*case))
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -129,7 +165,8 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows, "patterns": pattern_rows}, f, indent=1)
+                       "rows": rows, "patterns": pattern_rows,
+                       "words_sweep": words_rows}, f, indent=1)
     return 0
 
 

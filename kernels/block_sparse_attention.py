@@ -274,9 +274,17 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else triton.next_power_of_2(n)
 
 
+# The mask row's word vector is padded to at least one word per lane of a warp. Why: on an H200
+# (benchmarks/kernel_shapes.py, triton 3.6) the TMA kernel ran at 511 TFLOP/s with 8 words
+# (S = 32,760) and at 587 with 32 (19 words, S = 75,600, even when each row kept only 256
+# blocks); neither the K/V working set nor the loop length made that difference.
+MIN_WORDS_P2 = 32
+
+
 def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) -> dict:
     """Compile-time constants shared by the eager launch and the Inductor template."""
-    return dict(NUM_WORDS=num_words, NUM_WORDS_P2=_pow2(num_words), NUM_BOUNDS=num_bounds,
+    return dict(NUM_WORDS=num_words, NUM_WORDS_P2=max(MIN_WORDS_P2, _pow2(num_words)),
+                NUM_BOUNDS=num_bounds,
                 BOUNDS_P2=_pow2(num_bounds), BLOCK_N=MASK_BLOCK, HEAD_DIM=head_dim,
                 EVEN_S=seq_len % MASK_BLOCK == 0)
 
