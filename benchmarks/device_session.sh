@@ -5,6 +5,8 @@
 #
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh tests      # the GPU test suites
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel     # kernel variants, energy, attention
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh attention  # bench_attention at both Wan shapes
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh shapes     # kernel_shapes.py --words-only
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh train      # the tiny model on the GPU (7.5 min)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh compile    # compiled vs eager 1.3B, WEST at 14B (8 layers)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh cold       # 1.3B compile on a cold cache, 14B eager vs ours
@@ -38,7 +40,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | train | compile | cold | west40 | demo}"; do
+for stage in "${@:?stage: tests | kernel | attention | shapes | train | compile | cold | west40 | demo}"; do
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
@@ -47,8 +49,13 @@ tests)
 kernel)
   step 75 python3 benchmarks/kernel_variants.py --out "$OUT/variants.json"
   step 75 python3 benchmarks/bench_energy.py --out "$OUT/energy.json"
+  ;&  # and the attention stage
+attention)
   step 70 python3 benchmarks/bench_attention.py --shapes 1.3b --out "$OUT/attention-1.3b.json"
   step 80 python3 benchmarks/bench_attention.py --shapes 14b --out "$OUT/attention-14b.json"
+  ;;
+shapes)  # why the kernel's throughput depends on the shape (kernel_shapes.py)
+  step 120 python3 benchmarks/kernel_shapes.py --words-only --out "$OUT/words.json"
   ;;
 train)
   step 500 python3 -m scaling_attn_compile.train_tiny --out "$OUT/tiny-wan" --device cuda --minutes 7.5
