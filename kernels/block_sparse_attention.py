@@ -274,10 +274,12 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else triton.next_power_of_2(n)
 
 
-# The mask row's word vector is padded to at least one word per lane of a warp. Why: on an H200
-# (benchmarks/kernel_shapes.py, triton 3.6) the TMA kernel ran at 511 TFLOP/s with 8 words
-# (S = 32,760) and at 587 with 32 (19 words, S = 75,600, even when each row kept only 256
-# blocks); neither the K/V working set nor the loop length made that difference.
+# The mask row's word vector is padded to 32 words, one per lane of a warp. Measured on an H200
+# (benchmarks/kernel_shapes.py --words-only, triton 3.6, S = 32,760, 8 words, dense): padded to
+# 8 / 16 / 32 / 64 words the TMA config ran at 513 / 509 / 575 / 519 TFLOP/s, the plain config at
+# 480 / 475 / 503 / 473, output bit-identical. Only 32 is fast; why is not established (the
+# local sm_90 compile shows the same loop structure). Above 1,024 blocks (S > 131,072) the
+# vector needs 64 words, which was slow at S = 32,760: measure before relying on such lengths.
 MIN_WORDS_P2 = 32
 
 
