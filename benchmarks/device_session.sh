@@ -23,7 +23,6 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-ln -sfn ../kernels scaling_attn_compile/kernels  # nothing is pip-installed there
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:?pass GIT_SHA=<commit>}
 LOG=$OUT/log.txt
 

@@ -1,5 +1,5 @@
-"""`kernels/` installs as `scaling_attn_compile.kernels`, never as a top-level `kernels` (that name
-is Hugging Face's package, which diffusers probes and imports)."""
+"""The kernels live in `scaling_attn_compile/kernels/`, never in a top-level `kernels` (that name is
+Hugging Face's package, which transformers >= 5 requires and diffusers probes and imports)."""
 
 import importlib.util
 import os
@@ -19,10 +19,12 @@ def _run(code: str, cwd: str, env=None) -> str:
 
 def test_installed_package_imports_kernels_from_the_package(tmp_path):
     code = ("import importlib.util, scaling_attn_compile.kernels.block_sparse_attention as m;"
-            "print(m.__name__); print(importlib.util.find_spec('kernels'))")
+            "s = importlib.util.find_spec('kernels'); print(m.__name__); "
+            "print(s.origin if s else None)")
     name, top = _run(code, cwd=str(tmp_path)).splitlines()
     assert name == "scaling_attn_compile.kernels.block_sparse_attention"
-    assert top == "None", f"a top-level 'kernels' module is importable: {top}"
+    # Hugging Face's `kernels` (a transformers dependency) may be installed; ours never is.
+    assert top == "None" or ROOT not in top, f"our kernels/ is importable as 'kernels': {top}"
 
 
 def test_diffusers_does_not_mistake_our_kernels_for_hf_kernels():
@@ -30,6 +32,16 @@ def test_diffusers_does_not_mistake_our_kernels_for_hf_kernels():
     hf_kernels = importlib.util.find_spec("kernels") is not None and ROOT not in str(
         importlib.util.find_spec("kernels").origin)
     assert out == str(hf_kernels)
+
+
+def test_wan_imports_from_the_repo_root():
+    """A Python started in the repo root (``python -m pytest`` puts it on sys.path) must not see
+    a top-level ``kernels``: transformers >= 5 imports Hugging Face's ``kernels`` package, and
+    when a ``kernels/`` folder shadowed it, diffusers' Wan import failed."""
+    assert not os.path.exists(os.path.join(ROOT, "kernels")), "a top-level kernels/ is back"
+    out = _run("import diffusers.models.transformers.transformer_wan as m; print(m.__name__)",
+               cwd=ROOT)
+    assert out == "diffusers.models.transformers.transformer_wan"
 
 
 @pytest.mark.slow
