@@ -162,6 +162,11 @@ def train(a) -> dict:
     cfg = dict(model.config)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay, fused=cuda)
     if cuda and not a.no_compile:
+        # One graph per (grid, batch) shape, shared by the 8 block instances (Dynamo inlines
+        # nn.Module parameters as inputs); room for 3 shapes x 8 instances if it did not.
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
         for block in model.blocks:
             block.compile(dynamic=False)  # in place: parameter names unchanged
     g = torch.Generator(device="cpu").manual_seed(a.seed + step0)  # caption dropout
