@@ -195,7 +195,9 @@ camera motion). Each row: a data video for the caption, then the model's sample;
 Self-attention (`blocks.<i>.attn1`) at noise level t, input x_t of 2 held-out videos, grid {g}.
 Head classes by where most (>= 50%) of a head's softmax mass lies: **local** = within 1 latent
 frame and 4 tokens (16 px); **spatial** = within 1 frame, spread in space; **temporal** = within
-4 tokens of the same place across frames; **global** = neither.
+4 tokens of the same place across frames; **global** = neither. Chance (uniform attention) at
+this grid: frame1 {cols['uniform']['frame1']:.3f}, radius4 {cols['uniform']['radius4']:.3f} (the
+classes mean something only where both are well below 0.5, as at the native grid: 0.180, 0.043).
 
 | | {' | '.join(CLASSES)} |
 |---|{'---|' * len(CLASSES)}
