@@ -18,12 +18,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
+from scaling_attn_compile import sparse_attention, sparse_attention_reference
 from scaling_attn_compile.kernels.block_sparse_attention import (
     CONFIGS,
     block_sparse_attention_forward,
 )
-
-from scaling_attn_compile import sparse_attention, sparse_attention_reference
 from scaling_attn_compile.masks import num_blocks, num_words, pack_blocks
 from scaling_attn_compile.op import CHECK_TABLES_ENV, check_tables
 from scaling_attn_compile.reference import block_masks_for, energy_filtered_attention_reference
