@@ -246,6 +246,14 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     with timer("load model"):
         model = load_tiny_wan(device, dtype, path=model_path)
+        # WEST calibration and FAST profiling run the model in the dtype of its *first*
+        # parameter. In bf16 (the CUDA default) that is Wan's scale_shift_table, kept fp32 as
+        # diffusers does, so they fed fp32 latents to the bf16 patch embedding and every GPU
+        # demo died: "Input type (float) and bias type (c10::BFloat16) should be the same".
+        # They run on an fp32 copy instead (6.9M parameters; the plan's weight fingerprint
+        # rounds to bf16, so it matches the bf16 model that is compiled and sampled).
+        calib_model = model if dtype == torch.float32 else \
+            load_tiny_wan(device, torch.float32, path=model_path)
     C = model.config.in_channels
     latent = (C, *grid)
     ts_all = [1000.0 * s for s in sigmas(args.steps, args.shift).tolist()[:-1]]  # what generate runs
@@ -259,13 +267,13 @@ def run_demo(args: argparse.Namespace) -> dict:
     west_caps, fast_cap = caps[:-1], caps[-1]
     with timer("WEST calibration"), torch.no_grad():
         inputs = [calib_input(c, 1000 + i) for i, c in enumerate(west_caps)]
-        plan = calibrate_west(model, inputs, ts_all, latent_shape=latent,
+        plan = calibrate_west(calib_model, inputs, ts_all, latent_shape=latent,
                               capture_steps=evenly_spaced(len(ts_all), args.calib_capture_steps),
                               guidance_scale=args.guidance_scale, progress=progress,
                               source=f"scaling-attn demo ({model_path.name})")
     with timer("FAST profile + fit"), torch.no_grad():
         plan, _ = fast.build_fast_plan(
-            plan, model, calib_input(fast_cap, 2000), target, timesteps=ts_all,
+            plan, calib_model, calib_input(fast_cap, 2000), target, timesteps=ts_all,
             latent_shape=latent, capture_steps=evenly_spaced(len(ts_all), args.fast_capture_steps),
             progress=progress)
     fit = float(plan.schedule.info.get("achieved_density", float("nan")))
@@ -315,6 +323,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     meta = {"model": str(model_path), "grid": list(grid), "token_grid": list(tgrid), "seq_len": S,
             "num_blocks": num_blocks(S), "steps": args.steps, "shift": args.shift,
             "guidance_scale": args.guidance_scale, "device": str(device), "dtype": str(dtype),
+            "calibration_dtype": str(next(calib_model.parameters()).dtype),
             "target_density": target, "fast_fit_density": fit, "density": density,
             "calibration_captions": west_caps, "fast_caption": fast_cap, "prompts": prompts,
             "seed": args.seed, "compiler": args.compiler, "rewritten_attention_calls": rewritten,
