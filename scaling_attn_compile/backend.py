@@ -45,6 +45,7 @@ from torch._dynamo.source import ConstantSource
 from . import lowering as _lowering  # registers the Inductor lowering of the op
 from .masks import num_blocks, num_words
 from .op import HEAD_DIMS, KERNEL_DTYPES
+from .specialize import PerShape, is_symbolic
 from .tables import AttentionTables
 
 log = logging.getLogger("scaling_attn_compile")
@@ -609,19 +610,19 @@ class ScalingAttnBackend:
 
     def __init__(self, plan, *, inductor_config: Mapping[str, Any] | None = None,
                  patch_size: Sequence[int] | None = None, grid: Sequence[int] | None = None,
-                 on_dynamic_shapes: str = "error", compiler: str | Callable = "inductor",
+                 on_dynamic_shapes: str = "specialize", compiler: str | Callable = "inductor",
                  hash_kernel_sources: bool = True, materialize_kwargs: Mapping | None = None,
                  energy_filter=None, head_range: Sequence[int] | None = None,
-                 parallel=None, verbose: bool = False):
+                 parallel=None, check_model: str | bool = "weights", verbose: bool = False):
         if not (isinstance(plan, AttentionTables) or hasattr(plan, "materialize")
                 or callable(plan)):
             raise TypeError(
                 "scaling_attn_backend: plan must be AttentionTables, an object with "
                 f".materialize(grid) -> AttentionTables, or a callable grid -> AttentionTables; "
                 f"got {type(plan).__name__}")
-        if on_dynamic_shapes not in ("error", "dense"):
-            raise ValueError("scaling_attn_backend: on_dynamic_shapes must be 'error' or "
-                             f"'dense', got {on_dynamic_shapes!r}")
+        if on_dynamic_shapes not in ("specialize", "error", "dense"):
+            raise ValueError("scaling_attn_backend: on_dynamic_shapes must be 'specialize', "
+                             f"'error' or 'dense', got {on_dynamic_shapes!r}")
         if not (compiler in ("inductor", "eager") or callable(compiler)):
             raise ValueError("scaling_attn_backend: compiler must be 'inductor', 'eager' or a "
                              f"callable (gm, example_inputs) -> callable, got {compiler!r}")
@@ -666,6 +667,12 @@ class ScalingAttnBackend:
                              f".materialize(grid, **kwargs), got {type(plan).__name__}")
         meta = getattr(plan, "meta", None)
         self.head_dim = getattr(plan, "head_dim", None) or getattr(meta, "head_dim", None)
+        from .model_check import ModelCheck
+
+        # Checked before the first compile, from the graph's parameters (the backend never
+        # sees the transformer itself); AttentionTables and callables record no model.
+        check = ModelCheck(plan, check_model)  # validates the option
+        self.model_check = check if ModelCheck.applies(plan) else None
         self.reports: list[RewriteReport] = []
         self._tables: dict[tuple, tuple[AttentionTables, list]] = {}
         if verbose:
@@ -713,10 +720,22 @@ class ScalingAttnBackend:
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        if self.model_check is not None:
+            self.model_check(gm, example_inputs)
+        if self.on_dynamic_shapes == "specialize" and is_symbolic(gm, example_inputs):
+            # Dynamo's automatic-dynamic recompile at a second resolution (or dynamic=True):
+            # masks exist per static grid, so compile once per concrete size at its first call.
+            log.info("graph with symbolic sizes: compiling it per resolution at first call")
+            return PerShape(gm, example_inputs, self.compile_static)
+        return self.compile_static(gm, example_inputs)
+
+    def compile_static(self, gm: torch.fx.GraphModule, example_inputs):
+        """Rewrite and compile one graph (static shapes, or per ``on_dynamic_shapes``)."""
         report = rewrite_self_attention(
             gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
             grid=self.grid, head_dim=self.head_dim,
-            on_dynamic_shapes=self.on_dynamic_shapes,
+            on_dynamic_shapes="error" if self.on_dynamic_shapes == "specialize"
+            else self.on_dynamic_shapes,
             energy=self.energy_filter.for_layer if self.energy_filter is not None else None,
             head_range=self.heads_for)
         self.reports.append(report)
