@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from .plan import PlanModelMismatch, config_fingerprint, fingerprint_tensors
+from .plan import PlanModelMismatch, fingerprint_tensors
 
 log = logging.getLogger("scaling_attn_compile")
 
@@ -63,7 +63,8 @@ def graph_parameters(gm: torch.fx.GraphModule, example_inputs, top_level: set[st
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs, strict=False):
         source = getattr(node.meta.get("grapharg"), "source", None)
-        name = source.name() if callable(getattr(source, "name", None)) else str(source or "")
+        name = getattr(source, "name", "")  # a method on torch 2.11, a property on 2.13
+        name = str(name() if callable(name) else name)
         if "_parameters" in name or "_buffers" in name:
             add(_tokens(name), value)
     fqn = gm.meta.get("dynamo_flat_name_to_original_fqn", {})  # attributes, not inputs
@@ -145,13 +146,12 @@ class ModelCheck:
                 keys = sorted({"num_layers" if n.startswith("blocks.") and
                                ".".join(n.split(".")[:2]) not in layers else
                                next((k for p, k in _HINTS if p in n), "other") for n, _ in diffs})
-                shown = "; ".join(d for _, d in diffs[:3])
-                more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+                shown = "; ".join(d for _, d in diffs[:2])
+                more = f"; +{len(diffs) - 2} more" if len(diffs) > 2 else ""
                 raise PlanModelMismatch(
                     f"scaling_attn_backend: the plan was calibrated for another model config "
-                    f"(differs in {', '.join(keys)}: {shown}{more}; plan config "
-                    f"{config_fingerprint(meta.model_config)}); extract a plan for this model "
-                    f"with `scaling-attn west`, or pass check_model=False to use it anyway")
+                    f"(differs in {', '.join(keys)}: {shown}{more}); extract a plan for this "
+                    f"model with `scaling-attn west`, or pass check_model=False to use it anyway")
         want_fp = meta.weights_fingerprint
         names = [f"blocks.{i}.attn1.{p}.weight" for i in range(meta.num_layers)
                  for p in ("to_q", "to_k")]
