@@ -33,14 +33,11 @@ def _is_int(v) -> bool:
 
 
 def _int(lo: int | None = None, eq: int | None = None) -> Callable[[Any], str | None]:
+    want = str(eq) if eq is not None else "an integer" if lo is None else f"an integer >= {lo}"
+
     def check(v):
-        if not _is_int(v):
-            return "an integer"
-        if eq is not None and v != eq:
-            return f"{eq}"
-        if lo is not None and v < lo:
-            return f"an integer >= {lo}"
-        return None
+        ok = _is_int(v) and (eq is None or v == eq) and (lo is None or v >= lo)
+        return None if ok else want
     return check
 
 
