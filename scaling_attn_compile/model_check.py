@@ -14,6 +14,11 @@ example inputs (or graph attributes, with ``inline_inbuilt_nn_modules=False``). 
 
 LoRA adapters (peft's ``lora_A``/``lora_B`` and ``base_layer``) are skipped: their base
 weights are the model's. What to do on a mismatch is the backend's ``check_model`` option.
+
+Not seen from a graph: config keys that change no shape (``eps``, ``qk_norm`` variants of one
+size) on the same weights, and parameters the plan's model has but the graph lacks (a graph need
+not use every parameter, so absence proves nothing). Another checkpoint still differs in its
+weights fingerprint.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ _HINTS = (("ffn.", "ffn_dim"), ("text_embedder", "text_dim"), ("time_embedder", 
           ("time_proj", "freq_dim"), ("image_embedder", "image_dim"),
           ("add_k_proj", "added_kv_proj_dim"), ("add_v_proj", "added_kv_proj_dim"),
           ("norm_added_k", "added_kv_proj_dim"), ("patch_embedding", "in_channels/patch_size"),
-          ("proj_out", "out_channels/patch_size"), ("rope.", "rope_max_seq_len"),
+          ("proj_out", "out_channels/patch_size"), ("rope.", "attention_head_dim/rope_max_seq_len"),
           ("norm_q", "qk_norm"), ("norm_k", "qk_norm"), ("norm2", "cross_attn_norm"),
           ("attn", "num_attention_heads x attention_head_dim"))
 

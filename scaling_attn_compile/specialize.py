@@ -52,11 +52,28 @@ class _FakeProp(torch.fx.Interpreter):
         return result
 
 
-def specialize(gm: torch.fx.GraphModule, args: Sequence[Any], int_positions: Sequence[int]
-               ) -> torch.fx.GraphModule:
-    """A static copy of ``gm`` for ``args``: the size inputs at ``int_positions`` become
-    constants (and leave the signature), and node metadata is re-propagated with static fakes.
-    Node metadata other than ``example_value`` (module stack, sources) is kept."""
+def _substitute(node: torch.fx.Node, value) -> None:
+    """Every use of ``node`` becomes the Python constant ``value``."""
+    for user in list(node.users):
+        swap = lambda a, node=node: value if a is node else a  # noqa: E731
+        user.args = map_aggregate(user.args, swap)
+        user.kwargs = map_aggregate(user.kwargs, swap)
+
+
+def scalar_positions(gm: torch.fx.GraphModule) -> list[int]:
+    """Placeholders that carry a Python float as a 0-d tensor (``dynamic=True`` does this to
+    float attributes such as a LayerNorm's ``eps``; the graph calls ``.item()`` on them)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, n in enumerate(placeholders)
+            if getattr(n.meta.get("grapharg"), "pass_arg_as_tensor", False)]
+
+
+def specialize(gm: torch.fx.GraphModule, args: Sequence[Any], int_positions: Sequence[int],
+               scalars: Sequence[int] = ()) -> torch.fx.GraphModule:
+    """A static copy of ``gm`` for ``args``: the size inputs at ``int_positions`` and the
+    wrapped scalars at ``scalars`` become constants (and leave the signature), and node
+    metadata is re-propagated with static fakes. Node metadata other than ``example_value``
+    (module stack, sources) is kept."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     graph = torch.fx.Graph()
@@ -72,15 +89,23 @@ def specialize(gm: torch.fx.GraphModule, args: Sequence[Any], int_positions: Seq
         new._param_name_to_source = dict(gm._param_name_to_source)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for i in int_positions:
+        _substitute(placeholders[i], args[i])
+        graph.erase_node(placeholders[i])
+    for i in scalars:
         node, value = placeholders[i], args[i]
         for user in list(node.users):
-            swap = lambda a, node=node, value=value: value if a is node else a  # noqa: E731
-            user.args = map_aggregate(user.args, swap)
-            user.kwargs = map_aggregate(user.kwargs, swap)
+            if user.op == "call_method" and user.target == "item":
+                _substitute(user, value.item())
+                graph.erase_node(user)
+        if node.users:  # also used as a tensor: a constant buffer of the same value
+            name = f"_specialized_scalar_{i}"
+            new.register_buffer(name, value.detach().clone())
+            with graph.inserting_before(node):
+                node.replace_all_uses_with(graph.get_attr(name))
         graph.erase_node(node)
     new.recompile()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    skip = set(int_positions)
+    skip = set(int_positions) | set(scalars)
     fakes = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a
              for i, a in enumerate(args) if i not in skip]
     with mode:
@@ -101,7 +126,8 @@ class PerShape:
         self.compile_static = compile_static
         self.int_positions = [i for i, x in enumerate(example_inputs)
                               if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)]
-        self._skip = set(self.int_positions)
+        self.scalars = scalar_positions(gm)
+        self._skip = set(self.int_positions) | set(self.scalars)
         # Tensors with symbolic sizes: their sizes are also in the key (Dynamo lifts each free
         # size as an int input, so this is belt and braces).
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -112,11 +138,12 @@ class PerShape:
 
     def __call__(self, *args):
         key = (tuple(int(args[i]) for i in self.int_positions),
-               tuple(tuple(args[i].shape) for i in self.sym_tensors))
+               tuple(tuple(args[i].shape) for i in self.sym_tensors),
+               tuple(args[i].item() for i in self.scalars))
         fn = self.compiled.get(key)
         if fn is None:
             log.info("graph with symbolic sizes: compiling it for sizes %s", key)
-            static = specialize(self.gm, args, self.int_positions)
+            static = specialize(self.gm, args, self.int_positions, self.scalars)
             tensors = [a for i, a in enumerate(args) if i not in self._skip]
             fn = self.compile_static(static, tensors)
             if len(self.compiled) >= MAX_SHAPES:
