@@ -8,6 +8,9 @@
 
 For each graph Dynamo hands it, the backend
 
+0. checks that the graph's parameters are the plan's model (config shapes and the attention
+   weights fingerprint, ``check_model``); a graph with symbolic sizes is compiled per concrete
+   size at its first call instead (``on_dynamic_shapes="specialize"``, :mod:`.specialize`);
 1. finds the latent grid ``(F, H, W)`` after patching (the output shape of the ``patch_embedding``
    Conv3d applied to the ``hidden_states`` input ``[B, C, F, H, W]``), materialises the plan for
    it and checks the plan against the model (layers, heads, head_dim, sequence length);
@@ -20,7 +23,7 @@ For each graph Dynamo hands it, the backend
    Triton template kernel on CUDA and an extern call to the eager op elsewhere.
 
 Cross-attention (``attn2``: text, and text + image for I2V) is never touched. The design and the
-reasons are in ``../shared/DESIGN.md`` (decisions 1, 4, 5, 6) and ``research/inductor.md`` §3.
+reasons are in ``DESIGN.md``.
 
 Logging: logger ``scaling_attn_compile``; INFO gives one line per compiled graph with the
 rewrite count per layer; ``verbose=True`` attaches a stderr handler at INFO.
@@ -778,7 +781,17 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         patch_size: ``(pt, ph, pw)``; the grid is then ``hidden_states[B, C, F, H, W]`` sizes
             divided by it instead of the ``patch_embedding`` output shape.
         grid: the latent grid, for graphs that do not contain the patch embedding.
-        on_dynamic_shapes: ``"error"`` (default) or ``"dense"`` for a symbolic sequence length.
+        on_dynamic_shapes: what to do with a graph whose sizes are symbolic (Dynamo's
+            automatic-dynamic recompile at a second resolution, or ``dynamic=True``):
+            ``"specialize"`` (default) compiles it once per concrete size at its first call
+            (:mod:`.specialize`), so each resolution runs sparse with its own masks;
+            ``"error"`` raises :class:`DynamicShapeError`; ``"dense"`` leaves it dense.
+        check_model: before compiling, check that the model is the plan's (a :class:`Plan`
+            records its model's config and weights fingerprint; see :mod:`.model_check`):
+            ``"weights"`` (default) needs both to match; ``"config"`` allows other weights of
+            the same architecture (a fine-tune or LoRA of the calibrated model) and logs a
+            warning; ``False`` skips the check and logs that. A mismatch raises
+            :class:`~scaling_attn_compile.plan.PlanModelMismatch` naming what differs.
         compiler: ``"inductor"`` (default), ``"eager"`` (run the rewritten graph eagerly; for
             debugging) or a callable ``(gm, example_inputs) -> callable``.
         hash_kernel_sources: put the kernel/lowering sources into Inductor's cache key.
