@@ -93,6 +93,12 @@ def check_output_path(path: Path, flag: str) -> None:
                        f"folder you can write to") from None
 
 
+def check_input_file(path: Path | None, flag: str) -> None:
+    """Fail before loading a model if an input file given on the command line is missing."""
+    if path is not None and not path.is_file():
+        raise CliError(f"{flag} {path}: no such file")
+
+
 def parse_triple(text: str) -> tuple[int, int, int]:
     """``"F,H,W"`` -> ``(F, H, W)`` positive ints (argparse type)."""
     try:
@@ -210,6 +216,7 @@ def run_west(args: argparse.Namespace) -> int:
     from .masks import num_blocks
 
     check_output_path(args.out, "--out")  # before minutes of calibration, not after
+    check_input_file(args.prompts, "--prompts")
     device = args._device = resolve_device(args.device)
     dtype = args._dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
@@ -350,6 +357,7 @@ def run_fast(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     check_output_path(args.out, "--out")
     check_output_path(png, "--png")
+    check_input_file(args.prompts, "--prompts")
     calib = plan.meta.calibration
     steps = args.steps or int(calib.get("num_steps", 50))
     latent = calib.get("latent_shape")

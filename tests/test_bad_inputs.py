@@ -94,6 +94,8 @@ def run_cli(argv, capsys):
     (["show", "{plan}", "--density", "1.5"], "show", r"density p must be in \[0, 1\]"),
     (["west", "--out", "{tmp}"], "west", "is a folder; expected a file path"),
     (["west", "--out", "{plan}/x.safetensors"], "west", "is a file, not a folder"),
+    (["west", "--out", "{tmp}/p.safetensors", "--prompts", "{tmp}/nope.txt"], "west",
+     "--prompts .*nope.txt: no such file"),
     (["fast", "--plan", "{plan}", "--target-density", "0", "--out", "{tmp}/f.safetensors"],
      "fast", r"--target-density: expected the kept-block fraction in \(0, 1\]"),
     (["fast", "--plan", "{tmp}/missing.safetensors", "--target-density", "0.3",
