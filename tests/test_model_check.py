@@ -207,3 +207,27 @@ def test_second_resolution_through_inductor():
         torch.testing.assert_close(call(cm, lat), call(ref, lat), rtol=1e-4, atol=1e-5)
     assert [r.grid for r in be.reports] == [CALIB_GRID, (2, 16, 16)]
     assert all(r.per_layer == {0: 1} for r in be.reports)
+
+
+@pytest.mark.gpu
+def test_gpu_second_resolution_runs_the_template():
+    """On CUDA in bf16: the README snippet (no dynamic=False) at two resolutions goes through
+    the Triton template at both and matches a dynamic=False compile of the same plan."""
+    model = make_model(attention_head_dim=64).to("cuda", torch.bfloat16)
+    plan = make_plan(make_model(attention_head_dim=64))  # fingerprints round to bf16
+    opts = dict(materialize_kwargs={"density": 0.5})
+    be = scaling_attn_backend(plan, **opts)
+    ref_be = scaling_attn_backend(plan, **opts)
+    cm = torch.compile(model, backend=be)
+    ref = torch.compile(make_model(attention_head_dim=64).to("cuda", torch.bfloat16),
+                        backend=ref_be, dynamic=False)
+    g = torch.Generator().manual_seed(1)
+    for lat in (SMALL, OTHER, SMALL):
+        x = torch.randn(*lat, generator=g).to("cuda", torch.bfloat16)
+        text = torch.randn(1, 8, 32, generator=g).to("cuda", torch.bfloat16)
+        kw = dict(hidden_states=x, encoder_hidden_states=text,
+                  timestep=torch.tensor([700], device="cuda"), return_dict=False)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(**kw)[0], ref(**kw)[0], rtol=2e-2, atol=2e-2)
+    assert [r.grid for r in be.reports] == [CALIB_GRID, (2, 16, 16), CALIB_GRID]
+    assert all(r.per_layer == {0: 1, 1: 1} for r in be.reports)
