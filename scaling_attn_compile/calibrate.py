@@ -118,6 +118,14 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
             raise FileNotFoundError(
                 f"load_transformer: {path} has neither transformer/config.json nor config.json; "
                 f"pass a diffusers Wan folder or one of {sorted(BUILTIN_CONFIGS)} or 'tiny'")
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            # Without it diffusers 0.42 fails with "low_cpu_mem_usage cannot be False when
+            # keep_in_fp32_modules is True", which names neither the package nor the fix.
+            raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
+                              f"`accelerate` package (a dependency of scaling-attn-compile); "
+                              f"pip install accelerate")
         model = WanTransformer3DModel.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
         model = model.to(device).eval()
         return ModelSource(model, path.name, path, False, _vae_stride_of(path))

@@ -39,7 +39,7 @@ CUDA_GRID = (12, 64, 64)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import parse_triple
+    from .cli import parse_triple, positive_int
 
     p.add_argument("--model-path", type=Path, default=None,
                    help="tiny Wan folder (config.json, diffusion_pytorch_model.safetensors, "
@@ -50,7 +50,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=parse_triple, default=None, metavar="F,H,W",
                    help=f"video size in pixels (= latents; patch 1x2x2): default {'x'.join(map(str, CPU_GRID))} "
                         f"on CPU, {'x'.join(map(str, CUDA_GRID))} on CUDA")
-    p.add_argument("--steps", type=int, default=16, help="Euler steps of every run (default 16)")
+    p.add_argument("--steps", type=positive_int, default=16,
+                   help="Euler steps of every run (default 16)")
     p.add_argument("--shift", type=float, default=1.0, help="flow shift of the sigma schedule (default 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance (default 1.0 = off, as the model card samples)")

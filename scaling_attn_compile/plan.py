@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import west
+from . import plan_schema, west
 from .masks import BLOCK, num_blocks, num_words, pack_blocks
 from .tables import AttentionTables
 
@@ -39,6 +40,13 @@ FORMAT_VERSION = 1
 META_KEY = "scaling_attn_plan"
 DEFAULT_DENSITY = 0.5  # no schedule, no levels: one level at 50% kept blocks (paper: 45-74%)
 MAX_TABLE_BYTES = 600 * 10**6  # budget for one grid's materialised tables on the GPU
+# Remapped threshold maps kept per plan: Dynamo's default recompile_limit is 8, so a model
+# compiled at more resolutions than that runs eager anyway. 14B at 720p: 559 MB per grid.
+MAX_CACHED_GRIDS = 8
+# "Far" from the asked density: |achieved - asked| > max(0.05, 0.25 x asked). Block rounding
+# alone moves a uniform WEST density by up to ~0.05 at 16 blocks (0.25 asked -> 0.199 or 0.318
+# on the tiny model); a 1-block calibration grid used at 8 blocks gave 1.0 for 0.3 asked.
+DENSITY_WARN_ABS, DENSITY_WARN_REL = 0.05, 0.25
 
 Grid = tuple[int, int, int]
 
@@ -91,15 +99,21 @@ def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
     run in float32, float16 or bfloat16. ``None`` for meta tensors (no weights).
     """
     model = _unwrap(transformer)
+    return fingerprint_tensors([getattr(block.attn1, name).weight for block in model.blocks
+                                for name in ("to_q", "to_k")], samples)
+
+
+def fingerprint_tensors(tensors, samples: int = 1024) -> str | None:
+    """The weights fingerprint of ``tensors`` in order (``blocks.<i>.attn1.to_q/to_k.weight``
+    for i = 0, 1, ...); ``None`` if any is a meta tensor. Shared by :func:`weights_fingerprint`
+    and the backend's check, which only sees the Dynamo graph's parameter tensors."""
     h = hashlib.sha256()
-    for block in model.blocks:
-        for name in ("to_q", "to_k"):
-            w = getattr(block.attn1, name).weight
-            if w.is_meta:
-                return None
-            flat = w.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // samples)][:samples]
-            h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    for w in tensors:
+        if w.is_meta:
+            return None
+        flat = w.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)][:samples]
+        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -257,15 +271,21 @@ class Plan:
     def thresholds(self, grid: Grid | None = None) -> torch.Tensor:
         """Codes ``(num_layers, H, NB, NB)`` at ``grid`` (the calibration grid by default),
         remapped conservatively through 3D block coordinates; cached per grid."""
-        grid = self.calib_grid if grid is None else tuple(int(x) for x in grid)
-        if len(grid) != 3 or min(grid) < 1:
-            raise PlanError(f"grid: expected a latent token grid (F, H, W) of positive ints, "
-                            f"got {grid}")
+        grid = self.calib_grid if grid is None else _as_grid(grid, "grid")
         if grid == self.calib_grid:
             return self.codes
         if grid not in self._remapped:
-            self._remapped[grid] = west.remap_codes(self.codes, self.calib_grid, grid,
-                                                    progress=self.codes.shape[-1] > 128)
+            # remap_codes checks the size before allocating (a pixel size passed as the grid
+            # asked for 1.36 TB); the error says what a token grid is.
+            try:
+                remapped = west.remap_codes(self.codes, self.calib_grid, grid,
+                                            progress=self.codes.shape[-1] > 128,
+                                            patch_size=tuple(self.meta.patch_size))
+            except ValueError as e:
+                raise PlanError(str(e)) from None
+            if len(self._remapped) >= MAX_CACHED_GRIDS:  # oldest first (dicts keep order)
+                self._remapped.pop(next(iter(self._remapped)))
+            self._remapped[grid] = remapped
         return self._remapped[grid]
 
     def mask(self, layer: int, p: float, grid: Grid | None = None) -> torch.Tensor:
@@ -292,7 +312,13 @@ class Plan:
         Tables live on ``device`` (default CPU). Raises :class:`PlanError` if they would exceed
         ``max_bytes`` (600 MB: Wan2.1-14B at 720p fits 8 levels, see :func:`tables_nbytes`).
         """
-        grid = tuple(int(x) for x in grid)
+        grid = _as_grid(grid, "materialize: grid")
+        if grid != self.calib_grid:
+            try:  # before the table budget: its message tells token grids from pixels
+                west.check_remap_size(self.num_layers * self.num_heads, self.calib_grid, grid,
+                                      patch_size=self.meta.patch_size)
+            except ValueError as e:
+                raise PlanError(f"materialize: {e}") from None
         sched = self.schedule if use_schedule else None
         if sched is not None and (levels is not None or density is not None):
             raise PlanError("materialize: this plan has a FAST schedule, which fixes the levels; "
@@ -342,6 +368,7 @@ class Plan:
                 words.append(pack_blocks(keep))
             level_dens.append(torch.stack(dens, dim=1))  # (H, L)
             masks.append(torch.stack(words, dim=1).to(device))  # (H, L, NB, W)
+        self._warn_if_density_far(grid, density, sched, level_dens)
         if sched is not None:
             level_tables = [sched.level_tables[i].to(device) for i in range(self.num_layers)]
             bounds = sched.bucket_bounds.to(device)
@@ -350,6 +377,32 @@ class Plan:
                             for _ in range(self.num_layers)]
             bounds = torch.zeros(0, dtype=torch.float32, device=device)
         return AttentionTables(grid, masks, level_tables, bounds, level_dens)
+
+    def _warn_if_density_far(self, grid: Grid, density, sched, level_dens) -> None:
+        """Warn when the mean kept-block density at ``grid`` is far from the one asked for
+        (``density``, or the schedule's ``target_density``): a coarse calibration grid remapped
+        to a finer one keeps whole regions (1 block at calibration -> every block kept)."""
+        if sched is not None:
+            asked = sched.info.get("target_density")
+            lt = sched.level_tables.long()  # (num_layers, NT, H)
+            got = float(torch.stack([d.gather(1, lt[i].T).mean()  # d: (H, NL) -> (H, NT)
+                                     for i, d in enumerate(level_dens)]).mean())
+        else:
+            asked = density
+            got = float(torch.stack([d[:, 0] for d in level_dens]).mean())
+        if asked is None or abs(got - asked) <= max(DENSITY_WARN_ABS, DENSITY_WARN_REL * asked):
+            return
+        nb0, nb = self.codes.shape[-1], num_blocks(math.prod(grid))
+        if grid == self.calib_grid or nb0 >= nb:
+            why = (f"with {nb} blocks per row the masks are too coarse to reach it (the "
+                   f"always-kept diagonal alone is 1/{nb} = {1 / nb:.3f}); run a larger grid or "
+                   f"ask a density these masks reach")
+        else:
+            why = (f"the plan was calibrated at grid {self.calib_grid} ({nb0} blocks per row), "
+                   f"and each of its blocks covers ~{nb / nb0:.0f} blocks here; calibrate at a "
+                   f"grid closer to this one (`scaling-attn west --latent F,H,W`)")
+        warnings.warn(f"materialize: mean kept-block density at grid {grid} is {got:.3f}, far "
+                      f"from the {asked:g} asked: {why}", stacklevel=3)
 
     # ---- model check -------------------------------------------------------------------------
 
@@ -408,6 +461,7 @@ class Plan:
         meta = asdict(self.meta)
         meta["schedule"] = None if self.schedule is None else {"info": self.schedule.info}
         meta["sha256"] = {k: _sha256(t) for k, t in tensors.items()}
+        meta[plan_schema.CHECKSUM_KEY] = plan_schema.meta_checksum(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
         return path
@@ -433,6 +487,18 @@ class Plan:
         else:
             lines.append("FAST schedule: none")
         return "\n".join(lines)
+
+
+def _as_grid(grid, what: str) -> Grid:
+    """``grid`` as a tuple of three positive Python ints, else a :class:`PlanError`."""
+    try:
+        out = tuple(operator.index(x) for x in grid)
+    except TypeError:
+        out = ()
+    if len(out) != 3 or min(out) < 1:
+        raise PlanError(f"{what}: expected a latent token grid (F, H, W) of three positive ints, "
+                        f"got {grid!r}")
+    return out
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -475,15 +541,34 @@ def load_plan(path, *, device="cpu") -> Plan:
     except json.JSONDecodeError as e:
         raise PlanFileError(f"load_plan: {path} has corrupted plan metadata ({e}); re-run "
                             f"`scaling-attn west`") from e
-    if meta.get("format") != FORMAT:
+    if isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise PlanFileError(f"load_plan: {path} metadata format is {meta.get('format')!r}, "
                             f"expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
         raise PlanVersionError(f"load_plan: {path} is plan format version "
                                f"{meta.get('format_version')!r}; this scaling_attn_compile reads "
                                f"version {FORMAT_VERSION}. Use a matching package version or "
                                f"re-extract the plan with `scaling-attn west`")
-    sums = meta.pop("sha256", {})
+    try:
+        plan_schema.check_meta(meta)
+    except plan_schema.SchemaError as e:
+        raise PlanFileError(f"load_plan: {path} metadata: {e}; the file was edited or written "
+                            f"by other code: re-run `scaling-attn west`") from None
+    stored = meta.pop(plan_schema.CHECKSUM_KEY, None)
+    if stored is None:
+        # Files written before the metadata checksum existed (same format version): readable,
+        # but nothing vouches for their JSON.
+        warnings.warn(f"load_plan: {path} has no metadata checksum (written by an older "
+                      f"scaling_attn_compile); its JSON cannot be verified. Re-save it with "
+                      f"load_plan(path).save(path)", stacklevel=2)
+    elif stored != plan_schema.meta_checksum(meta):
+        raise PlanFileError(f"load_plan: {path} metadata fails its sha256 check: the JSON was "
+                            f"edited or corrupted; re-copy the file or re-run `scaling-attn west`")
+    if config_fingerprint(meta["model_config"]) != meta["config_fingerprint"]:
+        raise PlanFileError(f"load_plan: {path} metadata: model_config does not match its "
+                            f"config_fingerprint {meta['config_fingerprint']}; the JSON was "
+                            f"edited: re-run `scaling-attn west`")
+    sums = meta.pop("sha256")
     if set(sums) != set(tensors):
         raise PlanFileError(f"load_plan: {path} tensors {sorted(tensors)} do not match its "
                             f"checksummed list {sorted(sums)}; the file is corrupted")
@@ -492,11 +577,16 @@ def load_plan(path, *, device="cpu") -> Plan:
             raise PlanFileError(f"load_plan: {path} tensor '{k}' fails its sha256 check: the "
                                 f"file's bytes are corrupted; re-copy it or re-run `scaling-attn west`")
     sched_meta = meta.pop("schedule", None)
-    try:
-        pm = PlanMeta(**meta)
-    except TypeError as e:
-        raise PlanFileError(f"load_plan: {path} metadata fields are wrong for version "
-                            f"{FORMAT_VERSION} ({e})") from e
+    pm = PlanMeta(**meta)  # the schema admits only PlanMeta's fields here
+    if pm.energy_filter is not None:
+        from .energy import EnergyFilter
+
+        try:
+            EnergyFilter.from_dict(pm.energy_filter)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PlanFileError(f"load_plan: {path} metadata field 'energy_filter' is not a valid "
+                                f"EnergyFilter ({e}); re-attach it with plan.with_energy_filter"
+                                ) from None
     schedule = None
     if sched_meta is not None:
         need = ("fast.levels", "fast.level_tables", "fast.bucket_bounds")

@@ -263,14 +263,69 @@ def block_overlap(from_grid: Grid, to_grid: Grid) -> torch.Tensor:
     return overlap
 
 
+# Peak bytes remap_codes may allocate. Wan2.1-14B from a 480p calibration to 720p needs
+# ~0.6 GB (559 MB of output maps); a pixel size passed as the grid (81, 720, 1280) asked for
+# 1.36 TB and spent 6 GB and 33 s before failing.
+MAX_REMAP_BYTES = 4 * 10**9
+WAN_VAE_STRIDE = (4, 8, 8)  # only for the hint that turns a pixel size into a token grid
+
+
+def remap_nbytes(num_maps: int, from_grid: Grid, to_grid: Grid) -> int:
+    """Upper bound of the bytes :func:`remap_codes` allocates for ``num_maps`` maps: the output
+    ``(num_maps, NB1, NB1)`` uint8 plus the larger of the 3D overlap temporaries (int64 token
+    ids, ``S1 x Kf x Kh x Kw``) and the per-map gather ``(NB1, K, NB0)``."""
+    s1 = math.prod(to_grid)
+    nb0, nb1 = num_blocks(math.prod(from_grid)), num_blocks(s1)
+    k_axes = [min(a, -(-a // b) + 1) for a, b in zip(from_grid, to_grid, strict=True)]
+    tokens = s1 * math.prod(k_axes) * 25  # base + target ids (int64) x 3 copies + valid (bool)
+    k = min(nb0, math.prod(k_axes) * 2)  # base blocks touching one target block, bounded
+    gather = nb1 * nb0 * (9 + k) + nb1 * k * 8  # the sort of the overlap, then t[idx]
+    return num_maps * nb1 * nb1 + max(tokens, gather)
+
+
+def _grid_hint(grid: Grid, patch_size) -> str:
+    """What the grid would be if ``grid`` were a Wan video's pixels (frames, height, width)."""
+    (f, h, w), (st, sh, sw) = grid, WAN_VAE_STRIDE
+    pt, ph, pw = patch_size or (1, 2, 2)
+    if (f - 1) % st or h % (sh * ph) or w % (sw * pw):
+        return ""
+    tok = (((f - 1) // st + 1) // pt, h // (sh * ph), w // (sw * pw))
+    return (f"; if {grid} is a video's frames, height and width in pixels, its Wan token grid is "
+            f"{tok} (VAE stride {WAN_VAE_STRIDE}, patch {tuple(patch_size or (1, 2, 2))})")
+
+
+def check_remap_size(num_maps: int, from_grid: Grid, to_grid: Grid, *, patch_size=None,
+                     max_bytes: int = MAX_REMAP_BYTES) -> None:
+    """Raise ``ValueError`` before allocating when remapping to ``to_grid`` needs more than
+    ``max_bytes``; the message says that grids are latent token grids, not pixels."""
+    need = remap_nbytes(num_maps, from_grid, to_grid)
+    if need <= max_bytes:
+        return
+    s1 = math.prod(to_grid)
+    raise ValueError(
+        f"grid: {tuple(to_grid)} is S = {s1:,} tokens ({num_blocks(s1):,} blocks of {BLOCK}); "
+        f"remapping {num_maps} threshold maps to it needs ~{need / 1e9:,.1f} GB, over the "
+        f"{max_bytes / 1e9:g} GB budget. Expected a latent token grid (F, H, W) after the VAE "
+        f"and patching, not pixels{_grid_hint(tuple(to_grid), patch_size)}; pass a larger "
+        f"max_bytes only if the grid is right")
+
+
 def remap_codes(codes: torch.Tensor, from_grid: Grid, to_grid: Grid, *,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, patch_size=None,
+                max_bytes: int = MAX_REMAP_BYTES) -> torch.Tensor:
     """Threshold codes ``(..., NB0, NB0)`` at ``from_grid`` -> ``(..., NB1, NB1)`` at ``to_grid``.
 
     ``T_to(U, V) = min T_from(u, v)`` over base blocks ``u`` overlapping ``U`` and ``v``
-    overlapping ``V`` (see module doc): conservative, nests like the input.
+    overlapping ``V`` (see module doc): conservative, nests like the input. Raises
+    ``ValueError`` before allocating if that needs more than ``max_bytes`` (see
+    :func:`check_remap_size`; ``patch_size`` only improves its message).
     """
     from_grid, to_grid = tuple(from_grid), tuple(to_grid)
+    for name, g in (("from_grid", from_grid), ("to_grid", to_grid)):
+        if len(g) != 3 or not all(int(x) == x and x >= 1 for x in g):
+            raise ValueError(f"remap_codes: {name} must be a latent token grid (F, H, W) of "
+                             f"positive ints, got {g}")
+    from_grid, to_grid = tuple(int(x) for x in from_grid), tuple(int(x) for x in to_grid)
     nb0 = num_blocks(math.prod(from_grid))
     if codes.shape[-1] != nb0 or codes.shape[-2] != nb0:
         raise ValueError(
@@ -279,6 +334,8 @@ def remap_codes(codes: torch.Tensor, from_grid: Grid, to_grid: Grid, *,
             f"extracted at")
     if from_grid == to_grid:
         return codes.clone()
+    check_remap_size(math.prod(codes.shape[:-2]), from_grid, to_grid, patch_size=patch_size,
+                     max_bytes=max_bytes)
     overlap = block_overlap(from_grid, to_grid).to(codes.device)  # (NB1, NB0)
     nb1 = overlap.shape[0]
     counts = overlap.sum(1)
