@@ -121,6 +121,39 @@ def finite(obj):
     return obj
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from runs of the same study split over calls (other densities or methods):
+    results and records joined (a (method, target) in two files: the first wins), the bars
+    recomputed. Each run's PSNR is against its own dense videos, so rows stay comparable when
+    the runs share model, grid, steps, prompts and seeds, which is checked."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = runs[0]
+    same = ("model", "grid", "steps", "videos", "seeds", "calibration_captions")
+    for p, r in zip(paths[1:], runs[1:], strict=True):
+        diff = [k for k in same if r["config"].get(k) != base["config"].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: {p} differs from {paths[0]} in {diff}; merge only runs "
+                             "of one study (same model, grid, steps, prompts and seeds)")
+    seen, results, recs = set(), [], []
+    for r in runs:
+        for e in r["results"]:
+            key = (e["method"], e["target_density"])
+            if key in seen or e["status"] == "skipped_budget":
+                continue
+            seen.add(key)
+            results.append(e)
+            recs += [x for x in r["records"]
+                     if (x["method"], x["target_density"]) == key]
+    out = dict(base)
+    out["config"] = dict(base["config"], densities=sorted(
+        {d for r in runs for d in r["config"]["densities"]}, reverse=True))
+    out.update(results=results, records=recs, bar=bar_check(results),
+               pareto=pareto_check(results), merged_from=[str(p) for p in paths],
+               budget=[r.get("budget") for r in runs],
+               timings_s=[r.get("timings_s") for r in runs])
+    return out
+
+
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
@@ -163,7 +196,19 @@ def main(argv=None) -> int:
     p.add_argument("--out-quality", type=Path, default=None)
     p.add_argument("--out-claims", type=Path, default=None)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="join quality records of one study split over calls into "
+                        "--out-quality (bars recomputed, plot redrawn); runs nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        if args.out_quality is None:
+            p.error("--merge: pass --out-quality for the merged record")
+        res = merge(args.merge)
+        args.out_quality.write_text(json.dumps(finite(res), indent=2, allow_nan=False))
+        png = plot_pareto(res, args.out_quality.with_suffix(".png"))
+        print(quality_table(res))
+        print(f"wrote {args.out_quality}, {png}")
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -182,9 +227,10 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         command = " ".join(["python", "benchmarks/bench_quality.py", *(argv or sys.argv[1:])])
 
-        def write(res):
+        def write(res):  # after every (target, method): a run cut short keeps its rows
             res["env"], res["command"] = env, command
             out.write_text(json.dumps(finite(res), indent=2, allow_nan=False))
+            plot_pareto(res, out.with_suffix(".png"))
 
         timing = None if not (args.time_cpu or args.no_time) else (args.time_cpu
                                                                    and not args.no_time)
@@ -196,8 +242,7 @@ def main(argv=None) -> int:
                           budget_minutes=args.budget_minutes, progress=args.progress,
                           on_result=write)
         write(res)
-        res["env"] = env
-        png = plot_pareto(res, out.with_suffix(".png"))
+        png = out.with_suffix(".png")
         print(quality_table(res))
         print(json.dumps({"bar": {k: v for k, v in res["bar"].items() if k != "rows"},
                           "pareto_met": res["pareto"]["met"]}, indent=2))

@@ -231,7 +231,7 @@ def test_warmup_steps():
 
 def _row(method, target, achieved, psnr, ms=None):
     return {"method": method, "target_density": target, "achieved_density": achieved,
-            "psnr_db": psnr, "status": "ok", "ms_per_step": ms}
+            "psnr_db": psnr, "ssim": 0.9, "rel_l2": 0.1, "status": "ok", "ms_per_step": ms}
 
 
 def test_bar_compares_at_equal_density():
@@ -279,7 +279,7 @@ def test_pareto_check_on_synthetic_points():
 
 
 def test_budget_plan_cuts_densities_then_prompts_then_seeds():
-    kw = dict(run_b1_s=1.0, timing_item_s=2.0, n_methods=9, densities=(0.5, 0.35, 0.25, 0.15),
+    kw = dict(gen_s=16.0, timing_item_s=2.0, n_methods=9, densities=(0.5, 0.35, 0.25, 0.15),
               prompts=8, seeds=2)
     full = 16 + 9 * 4 * (16 + 2)  # dense + items x (generation + timing)
     p = plan_budget(full + 10, 10, **kw)
@@ -301,3 +301,43 @@ def test_device_slug_and_cli_errors(capsys):
     with pytest.raises(SystemExit):
         bq.main(["--prompts", "12", "--skip-claims"])
     assert "tiny-wan has 8 held-out prompts, asked for 12" in capsys.readouterr().err
+
+
+def test_merge_joins_runs_of_one_study(tmp_path, capsys):
+    def run(rows, **cfg):
+        recs = [dict(zip(RECORD_FIELDS, (r["method"], r["target_density"], r["achieved_density"],
+                                         r["psnr_db"], 0.9, 0.1, r["ms_per_step"], "p", 0),
+                         strict=True)) for r in rows]
+        config = {"model": "tiny-wan", "grid": [8, 32, 32], "steps": 16, "videos": ["p"],
+                  "seeds": [0], "calibration_captions": ["c"], "densities": sorted(
+                      {r["target_density"] for r in rows}), **cfg}
+        return {"config": config, "results": rows, "records": recs}
+
+    a = run([_row("west_fast", 0.25, 0.25, 27.0, 4.0), _row("west_uniform", 0.25, 0.25, 20.0, 4.0)])
+    b = run([_row("west_fast", 0.15, 0.15, 22.0, 3.0), _row("west_uniform", 0.15, 0.15, 18.0, 3.0),
+             _row("west_fast", 0.25, 0.25, 99.0, 4.0)])  # a duplicate: the first file wins
+    pa, pb, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    assert bq.main(["--merge", str(pa), str(pb), "--out-quality", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert {(r["method"], r["target_density"]) for r in m["results"]} == {
+        ("west_fast", 0.25), ("west_uniform", 0.25), ("west_fast", 0.15), ("west_uniform", 0.15)}
+    assert len(m["records"]) == 4 and m["config"]["densities"] == [0.25, 0.15]
+    assert m["bar"]["west_fast_psnr_db_at_0.25"] == 27.0 and m["bar"]["met"] is True
+    assert out.with_suffix(".png").stat().st_size > 0
+    pb.write_text(json.dumps(run([_row("sta", 0.5, 0.5, 30.0)], steps=50)))
+    with pytest.raises(SystemExit, match=r"differs from .* in \['steps'\]"):
+        bq.main(["--merge", str(pa), str(pb), "--out-quality", str(out)])
+
+
+def test_budget_guard_skips_and_says_so(model, model_dir):
+    res = bq.run_quality(model, QM.tiny_wan(model_dir), grid=GRID, steps=STEPS,
+                         densities=(0.4,), methods=("west_uniform", "sta"), num_prompts=1,
+                         num_calib=1, calib_capture_steps=2, fast_capture_steps=STEPS,
+                         energy_capture_steps=2, budget_minutes=1e-3, log=lambda *a: None)
+    b = res["budget"]
+    assert b["fits"] is False and b["gen_s_all_videos"] > 0 and b["budget_s"] == 0.06
+    assert [r["status"] for r in res["results"]] == ["skipped_budget"] * 2
+    assert "budget" in res["results"][0]["error"] and res["records"] == []
+    assert res["bar"]["met"] is False

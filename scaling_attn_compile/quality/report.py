@@ -125,11 +125,12 @@ def quality_table(res: dict) -> str:
     lines = ["| method | target | achieved density | PSNR (dB) | SSIM | rel L2 | ms / step |",
              "|---|---|---|---|---|---|---|"]
     for r in res["results"]:
+        label = r.get("label", METHODS.get(r["method"], r["method"]))
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {r['target_density']} | {r['status']} | | | | |")
+            lines.append(f"| {label} | {r['target_density']} | {r['status']} | | | | |")
             continue
         ms = "" if r.get("ms_per_step") is None else f"{r['ms_per_step']:.2f}"
-        lines.append(f"| {r['label']} | {r['target_density']} | {r['achieved_density']:.3f} | "
+        lines.append(f"| {label} | {r['target_density']} | {r['achieved_density']:.3f} | "
                      f"{r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['rel_l2']:.4f} | {ms} |")
     return "\n".join(lines)
 
@@ -155,7 +156,7 @@ def plot_pareto(res: dict, path: Path) -> Path:
     cfg = res["config"]
     ax.set_title(f"{(res.get('env', {}).get('model_card') or cfg.get('model', 'tiny Wan')).split(':')[0]}, "
                  f"{'x'.join(map(str, cfg['grid']))}, {cfg['steps']} steps, "
-                 f"{len(cfg['prompts'])} held-out prompts x {cfg.get('num_seeds', 1)} seeds",
+                 f"{len(cfg.get('prompts', []))} held-out prompts x {cfg.get('num_seeds', 1)} seeds",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

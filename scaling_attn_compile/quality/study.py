@@ -7,8 +7,8 @@ Order of work (each stage timed in ``timings_s``):
    run of one more caption whose q/k (``energy_capture_steps`` steps) serve the energy bisection
    and the SVG head profile, and whose transformer inputs are the timing inputs;
 2. reference timings (when timing): all blocks through our kernel, and plain Inductor (SDPA);
-3. the budget plan (``budget_minutes``): the cost of one (method, target) is estimated from the
-   calibration run (B = 1) scaled to the batch, plus a compile; densities, then prompts, then
+3. the budget plan (``budget_minutes``): the cost of one (method, target) is a generation
+   (a probe step at the full batch x steps) plus a compile; densities, then prompts, then
    seeds are cut until the estimate fits, and the record says so;
 4. the dense videos of ``prompts x seeds`` (one batch; video ``i`` from noise seed ``seed + i``);
 5. per (target, method), the bar's densities first: tables, sparse videos through
@@ -50,17 +50,18 @@ def _ordered(densities: Sequence[float]) -> list[float]:
     return sorted(densities, key=lambda d: (rank.get(d, len(PRIORITY)), d))
 
 
-def plan_budget(budget_s: float, spent_s: float, *, run_b1_s: float, timing_item_s: float,
+def plan_budget(budget_s: float, spent_s: float, *, gen_s: float, timing_item_s: float,
                 n_methods: int, densities: Sequence[float], prompts: int, seeds: int) -> dict:
     """Cut densities (to the two the bars need), then prompts (to 2), then seeds (to 1) until
     ``dense + n_methods x len(densities) x (generation + timing)`` fits ``budget_s - spent_s``.
-    A generation of ``n`` videos is costed at ``n x`` the calibration run (B = 1): the attention
-    at 16k tokens is compute-bound, so a batch costs about its size in B = 1 runs."""
+    ``gen_s``: one generation of all ``prompts x seeds`` videos (measured: a probe step at that
+    batch x steps); a smaller batch is costed in proportion to its size (the attention at 16k
+    tokens is compute-bound, so a batch costs about its size in B = 1 runs)."""
     dens = _ordered(densities)
     left = budget_s - spent_s
 
     def cost(nd, p, s):
-        gen = run_b1_s * p * s
+        gen = gen_s * (p * s) / (prompts * seeds)
         return gen + n_methods * nd * (gen + timing_item_s)
 
     p, s, nd = prompts, seeds, len(dens)
@@ -74,10 +75,33 @@ def plan_budget(budget_s: float, spent_s: float, *, run_b1_s: float, timing_item
     while cost(nd, p, s) > left and s > 1:
         s -= 1
         cuts.append(f"seeds -> {s}")
-    return {"budget_s": budget_s, "spent_before_plan_s": spent_s, "run_b1_s": run_b1_s,
+    return {"budget_s": budget_s, "spent_before_plan_s": spent_s, "gen_s_all_videos": gen_s,
             "timing_item_s": timing_item_s, "estimate_s": spent_s + cost(nd, p, s),
             "densities": [d for d in densities if d in dens[:nd]], "prompts": p, "seeds": s,
             "scaled": cuts, "fits": cost(nd, p, s) <= left}
+
+
+def probe_generation_s(model, spec: QualityModel, grid, steps: int, batch: int) -> float:
+    """One generation of ``batch`` videos, estimated from one timed step through the counting
+    path with every block visited (the energy-only methods' cost, the most any method pays)."""
+    L, H = len(model.blocks), model.config.num_attention_heads
+    p = next(model.parameters())
+    dev, dt = p.device, model.proj_out.weight.dtype
+    x = torch.randn(batch, model.config.in_channels, *grid, device=dev).to(dt)
+    ts = torch.full((batch,), 500.0, device=dev)
+    enc = spec.encode(spec.held_out(1) * batch, dev, dt)
+    runner = MeasuredAttention(model)
+    runner.configure(all_blocks_tables(L, H, spec.token_grid(grid)))
+    with runner.installed(), torch.no_grad():
+        for i in range(2):  # the first call autotunes the kernel for this shape
+            if i == 1:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            model(hidden_states=x, timestep=ts, encoder_hidden_states=enc, return_dict=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return steps * (time.perf_counter() - t0)
 
 
 def run_quality(model, spec: QualityModel | None = None, *, model_path=None, grid=None,
@@ -158,8 +182,9 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
         item_t = (0.5 * reference["dense_ours"]["first_pass_s"]
                   + timing_repeats * len(timing_inputs) * reference["dense_ours"]["ms_per_step"]
                   / 1e3) if timing else 0.0
+        gen_s = probe_generation_s(model, spec, grid, steps, num_prompts * num_seeds)
         budget = plan_budget(60.0 * budget_minutes, time.perf_counter() - t_start,
-                             run_b1_s=run_b1_s, timing_item_s=item_t, n_methods=len(methods),
+                             gen_s=gen_s, timing_item_s=item_t, n_methods=len(methods),
                              densities=densities, prompts=num_prompts, seeds=num_seeds)
         num_prompts_run, num_seeds_run = budget["prompts"], budget["seeds"]
         dens_run = budget["densities"]
