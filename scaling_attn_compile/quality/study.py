@@ -18,6 +18,7 @@ Order of work (each stage timed in ``timings_s``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,37 @@ from .timing import record_inputs, time_compiled
 DENSITIES = (0.5, 0.35, 0.25, 0.15)
 PRIORITY = (0.25, 0.35, 0.15, 0.5)  # the bars read 0.25 and <= 0.35 first
 MIN_PROMPTS = 2
+
+
+@contextlib.contextmanager
+def compute_dtype_first(model):
+    """Make ``next(model.parameters())`` a parameter in the compute dtype while calibrating.
+
+    ``calibrate.capture_self_attention`` (and so WEST, FAST's profile and the q/k captures)
+    takes the run's dtype from the first parameter; in a bf16 Wan loaded as diffusers does, that
+    is ``scale_shift_table``, which Wan keeps in float32, and the float32 latents then fail the
+    bf16 patch embedding ("Input type (float) and bias type (c10::BFloat16) should be the
+    same"; seen on the H200). The fix belongs in calibrate.py (the dtype of
+    ``patch_embedding.weight``, as ``tiny_wan.generate`` does); until then this shadows
+    ``model.parameters`` for the ``with`` block with one that yields ``patch_embedding.weight``
+    first (no value, dtype or order of the module changes) and removes the shadow on exit.
+    """
+    first = next(model.parameters(), None)
+    lead = model.patch_embedding.weight
+    if first is None or first.dtype == lead.dtype:
+        yield
+        return
+    cls_parameters = type(model).parameters
+
+    def parameters(recurse: bool = True):
+        yield lead
+        yield from cls_parameters(model, recurse)
+
+    model.__dict__["parameters"] = parameters
+    try:
+        yield
+    finally:
+        del model.__dict__["parameters"]
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -139,7 +171,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), compute_dtype_first(model):
         plan = calibrate_west(model, [spec.calibration_input(c, 1000 + i)
                                       for i, c in enumerate(west_caps)], ts_all,
                               latent_shape=latent, guidance_scale=1.0, progress=progress,
