@@ -57,6 +57,8 @@ from scaling_attn_compile.quality.measure import (  # noqa: F401  (re-exported f
 from scaling_attn_compile.quality.methods import DEFAULT_METHODS, METHODS, warmup_steps  # noqa: F401
 from scaling_attn_compile.quality.models import MODELS, QualityModel, get_model
 from scaling_attn_compile.quality.report import (  # noqa: F401
+    at_equal_density,
+    at_equal_time,
     bar_check,
     interpolate,
     pareto_check,
@@ -148,7 +150,9 @@ def merge(paths: list[Path]) -> dict:
     out["config"] = dict(base["config"], densities=sorted(
         {d for r in runs for d in r["config"]["densities"]}, reverse=True))
     out.update(results=results, records=recs, bar=bar_check(results),
-               pareto=pareto_check(results), merged_from=[str(p) for p in paths],
+               pareto=pareto_check(results),
+               at_equal_density=at_equal_density(results, out["config"]["densities"]),
+               at_equal_time=at_equal_time(results), merged_from=[str(p) for p in paths],
                budget=[r.get("budget") for r in runs],
                timings_s=[r.get("timings_s") for r in runs])
     return out

@@ -341,3 +341,14 @@ def test_budget_guard_skips_and_says_so(model, model_dir):
     assert [r["status"] for r in res["results"]] == ["skipped_budget"] * 2
     assert "budget" in res["results"][0]["error"] and res["records"] == []
     assert res["bar"]["met"] is False
+
+
+def test_equal_density_and_equal_time_tables():
+    results = [_row("west_fast", 0.25, 0.24, 26.0, 4.0), _row("west_fast", 0.5, 0.5, 31.0, 6.0),
+               _row("sta", 0.25, 0.3, 22.0, 5.0), _row("sta", 0.5, 0.5, 28.0, 7.0)]
+    eq = bq.at_equal_density(results, (0.5, 0.25))
+    assert eq["sta"]["0.25"] is None  # sta's points start at 0.3: no extrapolation
+    assert eq["west_fast"]["0.25"] == pytest.approx(26.0 + 5.0 * 0.01 / 0.26)
+    et = bq.at_equal_time(results)
+    assert et["west_fast"] == {"4.000": 26.0, "6.000": 31.0}
+    assert et["sta"] == {"4.000": None, "6.000": 22.0}

@@ -121,6 +121,26 @@ def pareto_check(results: list[dict], family=WEST_FAST_FAMILY) -> dict:
             "met": timed and all(r["ok"] for r in rows)}
 
 
+def at_equal_density(results: list[dict], densities) -> dict:
+    """PSNR of each method read off its curve (linear in achieved density) at each of
+    ``densities``; ``None`` where its measured points do not bracket the density."""
+    methods = sorted({r["method"] for r in _ok(results)}, key=list(METHODS).index)
+    return {m: {str(d): interpolate(_curve(results, m), d) for d in densities} for m in methods}
+
+
+def at_equal_time(results: list[dict], family=WEST_FAST_FAMILY) -> dict:
+    """At each time budget (the measured ms per step of the WEST+FAST family's points), each
+    method's best PSNR among its points within the budget (``None``: none fits)."""
+    timed = [r for r in _ok(results) if r.get("ms_per_step") is not None]
+    budgets = sorted({r["ms_per_step"] for r in timed if r["method"] in family})
+    methods = sorted({r["method"] for r in timed}, key=list(METHODS).index)
+    out = {}
+    for m in methods:
+        pts = [(r["ms_per_step"], r["psnr_db"]) for r in timed if r["method"] == m]
+        out[m] = {f"{b:.3f}": max((p for t, p in pts if t <= b), default=None) for b in budgets}
+    return out
+
+
 def quality_table(res: dict) -> str:
     lines = ["| method | target | achieved density | PSNR (dB) | SSIM | rel L2 | ms / step |",
              "|---|---|---|---|---|---|---|"]

@@ -33,7 +33,7 @@ from ..reference import ENERGY_RULES
 from . import methods as M
 from .measure import MeasuredAttention, all_blocks_tables, capture_qk_at, profiled_block_mass
 from .models import QualityModel
-from .report import bar_check, pareto_check, records
+from .report import at_equal_density, at_equal_time, bar_check, pareto_check, records
 from .timing import record_inputs, time_compiled
 
 DENSITIES = (0.5, 0.35, 0.25, 0.15)
@@ -258,7 +258,9 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                                        "fullgraph=True)"}},
                 "budget": budget, "reference_timing": reference, "results": res_sorted,
                 "records": recs_sorted, "bar": bar_check(res_sorted),
-                "pareto": pareto_check(res_sorted), "timings_s": dict(timings)}
+                "pareto": pareto_check(res_sorted),
+                "at_equal_density": at_equal_density(res_sorted, densities),
+                "at_equal_time": at_equal_time(res_sorted), "timings_s": dict(timings)}
 
     results, recs, item_max = [], [], 0.0
     for target in _ordered(dens_run):
