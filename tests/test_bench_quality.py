@@ -352,3 +352,18 @@ def test_equal_density_and_equal_time_tables():
     et = bq.at_equal_time(results)
     assert et["west_fast"] == {"4.000": 26.0, "6.000": 31.0}
     assert et["sta"] == {"4.000": None, "6.000": 22.0}
+
+
+def test_claims_part_through_the_registry(model, model_dir):
+    from scaling_attn_compile.quality.claims import claims_tables, run_claims
+
+    res = run_claims(model, QM.tiny_wan(model_dir), grid=GRID, steps=2, n_sets=2, per_set=1,
+                     capture_steps=1, n_profiles=2, fast_capture_steps=2, log=lambda *a: None)
+    cfg = res["config"]
+    assert cfg["small_grids"] == [[4, 16, 16], [4, 16, 32]]  # half the rows (and columns)
+    sets = cfg["calibration_sets"]
+    assert len(sets) == 2 and not set(sets[0]) & set(sets[1])
+    assert not set(cfg["profile_captions"]) & set(sets[0] + sets[1])
+    assert len(res["topology_stability"]) == 3 and len(res["resolution_transfer"]) == 4
+    assert all(0.0 <= r["iou_pooled"] <= 1.0 for r in res["topology_stability"])
+    assert "| extracted at |" in claims_tables(res)
