@@ -37,9 +37,9 @@ frame, ``df, dh, dw`` the per-axis distances):
                picked once per (layer, head) from a profiling run's block-pooled attention mass
                (:func:`svg_head_types`): the type whose mask keeps more of it at the target.
 
-Every score adds ``1e-3 x`` a secondary distance (``dt / F + ds / diag`` for radial and STA, the
-other type's distance for SVG) to break ties nearest-first, so the last shell is filled
-nearest-first: at 16x32x32 tokens (128 blocks) the largest step between reachable densities
+Every score adds ``1e-3 x`` a secondary distance (``dt / F + ds / hypot(H, W)`` for radial,
+``df / F + dh / H + dw / W`` for STA, the other type's distance for SVG) to break ties, so the
+last shell is filled nearest-first: at 16x32x32 tokens (128 blocks) the largest step between reachable densities
 falls from 0.14 to 0.04 for STA and from 0.07 to 0.03 for radial. Pairs at the same offset
 still tie, so at 8x16x16 (16 blocks) the steps stay up to 0.11-0.13.
 """
