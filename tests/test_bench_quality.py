@@ -118,6 +118,7 @@ def test_timing_through_the_compiled_path(model, model_dir, tmp_path):
                          timing_compiler="eager", log=lambda *a: None)
     ref = res["reference_timing"]
     assert ref["dense_ours"]["rewritten_attention_calls"] >= LAYERS
+    assert ref["dense_ours_recompiled"]["rewritten_attention_calls"] >= LAYERS
     assert ref["dense_inductor_sdpa"]["rewritten_attention_calls"] is None
     for r in res["results"]:
         assert r["ms_per_step"] > 0 and r["timing"]["steps_timed"] == 1
@@ -289,8 +290,11 @@ def test_budget_plan_cuts_densities_then_prompts_then_seeds():
     p = plan_budget(150, 0, **kw)  # prompts 8 -> 4 (188 s) -> 2 (112 s)
     assert p["densities"] == [0.35, 0.25] and p["prompts"] == 2 and p["seeds"] == 2
     assert p["scaled"][:2] == ["density 0.5 dropped", "density 0.15 dropped"]
-    p = plan_budget(60, 0, **kw)
-    assert p["seeds"] == 1 and not p["fits"]  # the floor: 2 densities, 2 prompts, 1 seed
+    p = plan_budget(80, 0, **kw)  # the floor, 2 prompts x 1 seed, costs 2 + 18 x 4 = 74 s
+    assert p["prompts"] == 2 and p["seeds"] == 1 and p["fits"]
+    p = plan_budget(60, 0, **kw)  # even the floor would not fit: keep the videos
+    assert (p["prompts"], p["seeds"]) == (8, 2) and not p["fits"]
+    assert "does not fit even at 2 prompts x 1 seed" in p["scaled"][-1]
 
 
 def test_device_slug_and_cli_errors(capsys):
