@@ -1,0 +1,152 @@
+"""The study's methods: for a target density, the tables (and energy filter) each one runs.
+
+``west_fast``         WEST topology + FAST schedule fitted to the target.
+``west_uniform``      WEST topology, one threshold everywhere (``fast.uniform_schedule``).
+``dense_warmup``      WEST topology, first ``k`` of the ``T`` steps dense and the rest at one
+                      threshold chosen so the *global* density is the target
+                      (``fast.dense_first_schedule``, the SVG convention). ``k`` is the largest of
+                      ``ceil(0.25 T)``, ``ceil(0.25 T) - 1``, ... whose sparse steps still get at
+                      least half the target (at 0.15 a 25% warm-up alone would exceed the budget).
+``energy_cumulative`` every block visited (dense tables); DynSparse's cumulative-energy rule skips.
+``energy_blasst``     the same with BLASST's rule.
+``west_fast_energy``  FAST fitted at ``min(1, 1.5 x target)``, cumulative-energy filter on top, its
+                      threshold bisected so the *computed* density hits the target.
+``radial``, ``sta``, ``svg_split``: the training-free anchors (``scaling_attn_compile.anchors``);
+                      SVG's head types are chosen per target from the block mass of the dense
+                      profiling run (the FAST/energy caption).
+``west_fast_flat``    (diagnostic, not in the default set) FAST with ``rho=1``: one fidelity
+                      target A for every layer and step (no "early steps / shallow layers first").
+
+Energy thresholds (natural log) are bisected (``--bisect-iters`` steps over ``[-30, 5]``) on q/k
+captured from a *dense* run of a training caption (4 evenly spaced steps, all layers); the
+filtered trajectory differs from the dense one, so the calibration density is an estimate and
+the reported density is the one counted during generation.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from .. import anchors, fast
+from ..reference import ENERGY_RULES
+from ..tables import AttentionTables
+from .measure import all_blocks_tables, bisect_threshold
+
+METHODS = {
+    "west_fast": "WEST+FAST",
+    "west_uniform": "WEST, uniform density",
+    "dense_warmup": "WEST uniform + dense warm-up (SVG)",
+    "energy_cumulative": "cumulative energy alone",
+    "energy_blasst": "BLASST alone",
+    "west_fast_energy": "WEST+FAST + cumulative energy",
+    "radial": "Radial-style static mask",
+    "sta": "STA-style 3D window",
+    "svg_split": "SVG-style spatial/temporal heads",
+    "west_fast_flat": "WEST+FAST, flat A (rho=1; diagnostic)",
+}
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "west_fast_flat")
+WEST_FAST_FAMILY = ("west_fast", "west_fast_energy")  # the Pareto bar's "WEST+FAST"
+ENERGY_FAST_FACTOR = 1.5  # west_fast_energy: FAST at 1.5 x target, the filter takes the rest
+
+
+def warmup_steps(target: float, num_steps: int, fraction: float = 0.25) -> int:
+    """Dense warm-up steps for ``target``: the largest ``k <= ceil(fraction * T)`` whose sparse
+    steps keep at least half the target ((target - k/T) / (1 - k/T) >= target / 2)."""
+    k = math.ceil(fraction * num_steps - 1e-9)
+    while k > 0 and (target - k / num_steps) / (1 - k / num_steps) < target / 2:
+        k -= 1
+    return k
+
+
+@dataclass
+class Calibration:
+    """What every method is built from (one per study): the WEST plan, the FAST profile, q/k of
+    a dense run for the energy bisection and the SVG head profile (block mass per layer)."""
+
+    plan: object
+    profile: object
+    energy_captures: list
+    block_mass: list | None
+    timesteps: list[float]
+    token_grid: tuple[int, int, int]
+    num_layers: int
+    num_heads: int
+    bisect_iters: int = 10
+
+
+@dataclass
+class Setup:
+    tables: AttentionTables
+    rule: int = 0
+    threshold: float = 0.0
+    params: dict = field(default_factory=dict)
+    planned: dict = field(default_factory=dict)  # planned density (mask-only methods)
+
+
+def _fit(profile, target, **kw):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = fast.fit_schedule(profile, target, **kw)
+    return s, [str(x.message) for x in w]
+
+
+def build(method: str, target: float, cal: Calibration) -> Setup:
+    """The tables and filter ``method`` runs at ``target``; ValueError when unreachable."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    plan, tgrid, ts = cal.plan, cal.token_grid, cal.timesteps
+    L, H = cal.num_layers, cal.num_heads
+    params, rule, sched, tables = {}, 0, None, None
+    if method in ("west_fast", "west_fast_flat"):
+        sched, warn = _fit(cal.profile, target, **({"rho": 1.0} if method == "west_fast_flat"
+                                                     else {}))
+        params = {"fit_density": sched.info["achieved_density"], "fit_warnings": warn}
+    elif method == "west_uniform":
+        sched = fast.uniform_schedule(plan, target, grid=tgrid)
+        params = {"threshold": sched.info["threshold"]}
+    elif method == "dense_warmup":
+        k = warmup_steps(target, len(ts))
+        sched = fast.dense_first_schedule(plan, target, ts, dense_fraction=k / len(ts), grid=tgrid)
+        params = {"dense_steps": k, "num_steps": len(ts),
+                  "sparse_density": sched.info.get("sparse_density",
+                                                   sched.info.get("achieved_density"))}
+    elif method == "west_fast_energy":
+        ft = min(1.0, ENERGY_FAST_FACTOR * target)
+        sched, warn = _fit(cal.profile, ft)
+        params = {"fast_target": ft, "fast_fit_density": sched.info["achieved_density"],
+                  "fit_warnings": warn}
+        rule = ENERGY_RULES["cumulative"]
+    elif method in ("energy_cumulative", "energy_blasst"):
+        tables = all_blocks_tables(L, H, tgrid)
+        rule = ENERGY_RULES["cumulative" if method == "energy_cumulative" else "blasst"]
+    elif method == "svg_split":
+        if cal.block_mass is None:
+            raise ValueError("svg_split: no profiled block mass; the study captures it with the "
+                             "energy calibration run")
+        types, share = anchors.svg_head_types(cal.block_mass, tgrid, target)
+        tables = anchors.svg_split_tables(tgrid, target, types)
+        params = {"head_types": types.tolist(), "spatial_heads": int((types == 0).sum()),
+                  "temporal_heads": int((types == 1).sum()),
+                  "kept_mass_share": share.tolist()}
+    else:  # radial, sta
+        tables = anchors.anchor_tables(method, tgrid, target, L, H)
+    planned = {}
+    if sched is not None:
+        tables = plan.with_schedule(sched).materialize(tgrid)
+        sd = fast.schedule_density(sched, plan.thresholds(tgrid), ts)  # (L, T, H)
+        planned = {"planned_density": float(sd.mean()),
+                   "planned_density_per_step": sd.mean(dim=(0, 2)).tolist(),
+                   "planned_density_per_layer": sd.mean(dim=(1, 2)).tolist()}
+    elif method in anchors.KINDS:
+        planned = {"planned_density": float(sum(float(d.mean()) for d in tables.level_densities)
+                                            / len(tables.level_densities))}
+    lam = 0.0
+    if rule:
+        b = bisect_threshold(cal.energy_captures, tables, rule, target, iters=cal.bisect_iters)
+        lam = b["threshold"]
+        params.update(rule=[k for k, v in ENERGY_RULES.items() if v == rule][0], threshold=lam,
+                      calibration_density=b["calibration_density"], bisection=b["evals"],
+                      **({"note": b["note"]} if "note" in b else {}))
+    return Setup(tables, rule, lam, params, planned)
