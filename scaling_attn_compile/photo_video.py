@@ -384,3 +384,9 @@ def held_out_prompts(n: int = 8) -> list[str]:
             cap += ", " + " ".join(shapes[(i // 2) % len(shapes)])
         out.append(cap)
     return out
+
+
+def train_captions(n: int = 64, seed: int = 0) -> list[str]:
+    """``n`` captions drawn from the training split (calibration prompts: never held out)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [sample_spec(g).caption for _ in range(n)]

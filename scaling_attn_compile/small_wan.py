@@ -96,6 +96,12 @@ def caption_encoder(path: str | Path | None = None) -> SmallCaptionEncoder:
     return SmallCaptionEncoder.load(p) if (p / ENCODER_NAME).exists() else SmallCaptionEncoder.default()
 
 
+def encode_captions(captions: list[str], device=None, dtype=torch.float32,
+                    path: str | Path | None = None) -> torch.Tensor:
+    """Caption embeddings ``(B, MAX_WORDS, text_dim)`` from the encoder saved with the model."""
+    return caption_encoder(path)(captions, device=device, dtype=dtype)
+
+
 # ----------------------------------------------------------------------------- save / load
 
 
