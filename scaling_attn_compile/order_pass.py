@@ -78,9 +78,10 @@ def _fail(what: str) -> TokenOrderError:
 
 
 def _index_after(gm, node: torch.fx.Node, index: torch.fx.Node, dim: int) -> torch.fx.Node:
-    """Insert ``node.index_select(dim, index)`` right after ``node``; reroute its other users."""
+    """Insert ``node.index_select(dim, index)`` right after ``node`` (after ``index`` for a
+    graph input, which precedes the index buffer); reroute ``node``'s other users to it."""
     users = [u for u in node.users]
-    with gm.graph.inserting_after(node):
+    with gm.graph.inserting_after(index if node.op == "placeholder" else node):
         new = gm.graph.call_function(torch.index_select, (node, dim, index))
     v = node.meta.get("example_value")
     new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})

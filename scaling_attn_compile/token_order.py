@@ -45,8 +45,8 @@ grid (F, H, W)       model              top tile     coverage (tile / best singl
 16 x 32 x 32
 =================== ================== ============ ===========================
 
-A fixed tile shape (``"tile:2x8x8"``) uses that shape at the top level and the auto rule for
-the leftover boxes.
+A fixed tile shape (``"tile:2x8x8"``) uses that shape at the top level (the auto rule where it
+does not fit the grid) and the auto rule for the leftover boxes.
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ class TokenOrder:
         """The top-level tile shape at ``grid`` (None for raster or when no tile fits)."""
         if self.is_raster:
             return None
-        return self.tile if self.tile is not None else tile_shape_for(grid)
+        if self.tile is not None and all(g >= t for g, t in zip(grid, self.tile, strict=True)):
+            return self.tile
+        return tile_shape_for(grid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,13 +177,14 @@ def _check_grid(grid) -> Grid:
 def tile_layout(grid: Grid, tile: Grid | None = None) -> tuple[list[tuple[Grid, Grid]], int]:
     """Full tiles of ``grid`` by the rule: ``([(origin (f, h, w), shape), ...], covered)``.
 
-    ``tile`` fixes the top-level shape (the leftover boxes use the auto rule)."""
+    ``tile`` fixes the top-level shape where it fits (the leftover boxes use the auto rule)."""
     grid = _check_grid(grid)
     tiles: list[tuple[Grid, Grid]] = []
 
     def lay(origin: Grid, dims: Grid, shape: Grid | None) -> None:
-        shape = _best(dims)[1] if shape is None else shape
         if shape is None or any(d < s for d, s in zip(dims, shape, strict=True)):
+            shape = _best(dims)[1]  # auto, or a fixed shape that does not fit this grid
+        if shape is None:
             return
         counts = [d // s for d, s in zip(dims, shape, strict=True)]
         for i in range(counts[0]):
