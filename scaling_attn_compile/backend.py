@@ -717,6 +717,13 @@ class ScalingAttnBackend:
             raise PlanMismatchError(f"scaling_attn_backend: tables for grid {report.grid} come in "
                                     f"token orders {sorted(orders)}; use one plan per backend")
         (order,) = orders
+        if str(order) != "raster" and (self.parallel is not None or self.head_range is not None):
+            # Untested: Ulysses' split hooks cut the tokens and RoPE tables after the patch
+            # embedding and gather them after proj_out, around where the permutations go.
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the plan's blocks are in {order} order, which is not yet "
+                "supported with sequence parallelism (parallel=/head_range=); extract a "
+                "raster-order plan (scaling-attn west --token-order raster)")
         from torch._guards import detect_fake_mode
 
         from .order_pass import apply_token_order
