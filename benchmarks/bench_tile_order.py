@@ -111,7 +111,19 @@ def sparse_videos(model, plan, prompts, gen_kw):
     return videos
 
 
-def run_quality(args) -> dict:
+def _cached(path: Path, make):
+    """``torch.load(path)`` if it exists, else ``make()`` saved there (CPU runs take minutes)."""
+    if path.exists():
+        return torch.load(path)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
+
+
+def run_quality(args, save) -> dict:
+    """Quality records; ``save(result)`` is called after each order (a run cut short keeps
+    what it measured); sparse and dense videos are cached in ``--cache-dir``."""
     from scaling_attn_compile import fast
     from scaling_attn_compile.calibrate import evenly_spaced
     from scaling_attn_compile.demo import calibration_input, video_metrics
@@ -128,12 +140,22 @@ def run_quality(args) -> dict:
     ts_all = [1000.0 * s for s in sigmas(args.steps).tolist()[:-1]]
     prompts = held_out_captions()[: args.num_prompts]
     gen_kw = dict(grid=grid, steps=args.steps, seed=args.seed, encoder_path=model_path)
+    cache = Path(args.cache_dir)
+    tag = f"{'x'.join(map(str, grid))}-s{args.steps}-p{len(prompts)}-seed{args.seed}"
     t0 = time.perf_counter()
     with torch.no_grad():
-        dense = generate(model, prompts, **gen_kw).float().cpu()
+        dense = _cached(cache / f"dense-{tag}.pt",
+                        lambda: generate(model, prompts, **gen_kw).float().cpu())
     print(f"[tile-order] dense {len(prompts)} prompts x {args.steps} steps at {grid}: "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    records, videos, plans = [], {}, {}
+    records, videos = [], {}
+    config = {"grid": list(grid), "token_grid": list(tgrid), "steps": args.steps,
+              "prompts": prompts, "seeds": list(range(args.seed, args.seed + len(prompts))),
+              "methods": list(args.methods), "densities": list(args.densities),
+              "calibration": "demo: WEST on 2 training captions (4 captured steps), FAST "
+                             "profile on a third (6 steps)",
+              "sparse": "model compiled with scaling_attn_backend (compiler eager: the op's "
+                        "CPU reference), float32"}
     for spec in args.orders:
         order = TokenOrder.parse(spec)
         t0 = time.perf_counter()
@@ -146,7 +168,6 @@ def run_quality(args) -> dict:
                 capture_steps=evenly_spaced(args.steps, 6))
         print(f"[tile-order] {order}: WEST + FAST profile {time.perf_counter() - t0:.0f} s",
               flush=True)
-        plans[str(order)] = plan
         for target in args.densities:
             for method in args.methods:
                 t0 = time.perf_counter()
@@ -154,7 +175,8 @@ def run_quality(args) -> dict:
                 sp = plan.with_schedule(sched)
                 dens = float(fast.schedule_density(sched, plan.thresholds(tgrid), ts_all).mean())
                 with torch.no_grad():
-                    sparse = sparse_videos(model, sp, prompts, gen_kw)
+                    sparse = _cached(cache / f"sparse-{tag}-{order}-{method}-{target}.pt",
+                                     lambda: sparse_videos(model, sp, prompts, gen_kw))
                 if method == "west_fast" and target == args.densities[0]:
                     videos[str(order)] = sparse
                 for i, p in enumerate(prompts):
@@ -173,16 +195,10 @@ def run_quality(args) -> dict:
                       f"{dens:.3f}  PSNR {sum(r['psnr'] for r in mean) / len(mean):6.2f}  SSIM "
                       f"{sum(r['ssim'] for r in mean) / len(mean):.4f}  "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    png = None
-    if args.png and videos:
-        png = frames_png(dense, videos, prompts, Path(args.png))
-    return {"records": records, "summary": summarise(records), "png": str(png) if png else None,
-            "config": {"grid": list(grid), "token_grid": list(tgrid), "steps": args.steps,
-                       "prompts": prompts, "seeds": list(range(args.seed, args.seed + len(prompts))),
-                       "orders": [str(TokenOrder.parse(o)) for o in args.orders],
-                       "methods": list(args.methods), "densities": list(args.densities),
-                       "calibration": "demo: WEST on 2 training captions (4 captured steps), "
-                                      "FAST profile on a third (6 steps)"}}
+        png = frames_png(dense, videos, prompts, Path(args.png)) if args.png else None
+        save({"records": records, "summary": summarise(records), "config": config,
+              "png": str(png) if png else None})
+    return {"records": records, "summary": summarise(records), "config": config}
 
 
 def summarise(records) -> list[dict]:
@@ -339,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-path", default=None)
     p.add_argument("--png", default=str(RESULTS / "tile-order-cpu-frames.png"))
     p.add_argument("--out", default=None, help="JSON (default results/tile-order-<device>.json)")
+    p.add_argument("--cache-dir", default="/tmp/bench_tile_order_cache",
+                   help="dense and sparse videos of earlier runs (same grid, steps, prompts)")
     p.add_argument("--step", action="store_true", help="time a compiled step instead (CUDA)")
     p.add_argument("--config", default="14b", choices=["1.3b", "14b", "tiny"])
     p.add_argument("--height", type=int, default=720)
@@ -352,18 +370,32 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--methods: expected some of {METHODS}, got {bad}")
     out = Path(args.out) if args.out else RESULTS / f"tile-order-{_device_name()}.json"
-    result = run_step(args) if args.step else run_quality(args)
     import diffusers
 
-    result["environment"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                             "python": platform.python_version(), "git_sha": _sha(),
-                             "device": _device_name(), "threads": torch.get_num_threads()}
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+           "python": platform.python_version(), "git_sha": _sha(), "device": _device_name(),
+           "threads": torch.get_num_threads()}
     part = "step" if args.step else "quality"
-    old = json.loads(out.read_text()) if out.exists() else {}
-    old[part] = result
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(old, indent=1))
-    print(f"[tile-order] wrote {out}")
+
+    def save(result: dict) -> None:
+        """Merge into the record file: records of other orders/methods/densities stay."""
+        old = json.loads(out.read_text()) if out.exists() else {}
+        prev = old.get(part, {})
+        if part == "quality" and prev.get("config", {}).get("grid") == result["config"]["grid"]:
+            key = lambda r: (r["token_order"], r["method"], r["target_density"], r["prompt"])  # noqa: E731
+            new = {key(r) for r in result["records"]}
+            result["records"] = [r for r in prev["records"] if key(r) not in new] + \
+                result["records"]
+            result["summary"] = summarise(result["records"])
+        old[part] = {**result, "environment": env}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(old, indent=1))
+        print(f"[tile-order] wrote {out}", flush=True)
+
+    if args.step:
+        save(run_step(args))
+    else:
+        run_quality(args, save)
     return 0
 
 
