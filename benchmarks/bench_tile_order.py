@@ -3,6 +3,8 @@
     python benchmarks/bench_tile_order.py                      # quality, bundled tiny Wan, CPU
     python benchmarks/bench_tile_order.py --orders raster,tile,tile:2x8x8,tile:1x8x16
     python benchmarks/bench_tile_order.py --methods west_fast,west_uniform --densities 0.5,0.35,0.25
+    python benchmarks/bench_tile_order.py --recall --orders raster,tile,tile:2x8x8,tile:1x8x16 \\
+        --densities 0.15,0.25,0.35,0.5   # oracle kept attention mass per block partition
     python benchmarks/bench_tile_order.py --step --config 14b     # GPU: 14B/720p step, raster vs tile
 
 Quality (default): for each token order in ``--orders`` the demo's pipeline runs on the bundled
@@ -244,6 +246,59 @@ def frames_png(dense, videos: dict, prompts, path: Path, *, frames=(0, 3, 7), sc
     return path
 
 
+# ---- oracle recall: how much attention mass the best mask of each partition can keep -------------
+
+def run_recall(args) -> dict:
+    """Per order: the softmax mass the *best* block mask of density ``p`` keeps (each row's top
+    ``p`` blocks by mass, the oracle WEST approximates), mean over rows, heads, layers, captured
+    steps and captions. A partition whose blocks follow the attention keeps more at equal
+    density. Dense runs of training captions (never the held-out prompts)."""
+    from scaling_attn_compile import west
+    from scaling_attn_compile.calibrate import capture_self_attention, evenly_spaced
+    from scaling_attn_compile.demo import calibration_captions, calibration_input
+    from scaling_attn_compile.masks import num_blocks
+    from scaling_attn_compile.tiny_wan import ASSET_DIR, load_tiny_wan, sigmas
+    from scaling_attn_compile.tiny_wan import token_grid as tiny_token_grid
+    from scaling_attn_compile.token_order import TokenOrder, permutation
+
+    model_path = Path(args.model_path) if args.model_path else ASSET_DIR
+    grid = tuple(args.grid)
+    tgrid = tiny_token_grid(grid)
+    model = load_tiny_wan("cpu", torch.float32, path=model_path)
+    ts_all = [1000.0 * s for s in sigmas(args.steps).tolist()[:-1]]
+    orders = [TokenOrder.parse(o) for o in args.orders]
+    S = math.prod(tgrid)
+    nb = num_blocks(S)
+    sums = {str(o): {p: 0.0 for p in args.densities} for o in orders}
+    count = [0]
+
+    def on_layer(cap):
+        for o in orders:
+            perm = permutation(tgrid, o)
+            mass = west.block_mass(cap.q[:, :, perm], cap.k[:, :, perm], impl="torch")
+            rows = (mass * 128).sort(-1, descending=True).values.cumsum(-1)  # (B, H, NB, NB)
+            for p in args.densities:
+                k = max(1, math.floor(p * nb))
+                sums[str(o)][p] += float(rows[..., k - 1].mean())
+        count[0] += 1
+
+    caps = calibration_captions(args.num_prompts)
+    inputs = [calibration_input(c, 1000 + i, model_path=model_path) for i, c in enumerate(caps)]
+    with torch.no_grad():
+        capture_self_attention(model, inputs, ts_all, on_layer,
+                               latent_shape=(model.config.in_channels, *grid),
+                               capture_steps=evenly_spaced(args.steps, 4), guidance_scale=1.0,
+                               progress=False)
+    rows = [{"token_order": o, "density": p, "oracle_kept_mass": v / count[0]}
+            for o, d in sums.items() for p, v in d.items()]
+    for r in rows:
+        print(f"[tile-order] recall {r['token_order']:12s} p={r['density']:.2f} kept mass "
+              f"{r['oracle_kept_mass']:.4f}", flush=True)
+    return {"rows": rows, "config": {"grid": list(grid), "token_grid": list(tgrid),
+                                     "captions": caps, "steps": args.steps, "captured_steps": 4,
+                                     "maps": count[0]}}
+
+
 # ---- step time --------------------------------------------------------------------------------
 
 def run_step(args) -> dict:
@@ -358,6 +413,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default="/tmp/bench_tile_order_cache",
                    help="dense and sparse videos of earlier runs (same grid, steps, prompts)")
     p.add_argument("--step", action="store_true", help="time a compiled step instead (CUDA)")
+    p.add_argument("--recall", action="store_true",
+                   help="oracle kept attention mass per order instead (CPU, training captions)")
     p.add_argument("--config", default="14b", choices=["1.3b", "14b", "tiny"])
     p.add_argument("--height", type=int, default=720)
     p.add_argument("--width", type=int, default=1280)
@@ -375,7 +432,7 @@ def main(argv=None) -> int:
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__,
            "python": platform.python_version(), "git_sha": _sha(), "device": _device_name(),
            "threads": torch.get_num_threads()}
-    part = "step" if args.step else "quality"
+    part = "step" if args.step else "recall" if args.recall else "quality"
 
     def save(result: dict) -> None:
         """Merge into the record file: records of other orders/methods/densities stay."""
@@ -394,6 +451,8 @@ def main(argv=None) -> int:
 
     if args.step:
         save(run_step(args))
+    elif args.recall:
+        save(run_recall(args))
     else:
         run_quality(args, save)
     return 0
