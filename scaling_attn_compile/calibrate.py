@@ -472,12 +472,14 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
     CUDA, chunked torch on CPU), threshold codes, and the running min (union) per layer. The
     accumulated codes stay on ``accumulate_device`` (default: the model's device).
     ``token_order``: which tokens share a block (``"raster"``, ``"tile"``, ``"tile:FxHxW"``;
-    default ``token_order.NEW_PLAN_ORDER``); q/k are permuted into it before block pooling.
+    ``None``: raster, so code that binds a plan's masks to raster-order q/k itself keeps
+    working; the CLI and the demo default to ``token_order.NEW_PLAN_ORDER``); q/k are permuted
+    into it before block pooling.
     """
     from .plan import Plan
-    from .token_order import NEW_PLAN_ORDER, TokenOrder, in_token_order
+    from .token_order import TokenOrder, in_token_order
 
-    order = TokenOrder.parse(NEW_PLAN_ORDER if token_order is None else token_order)
+    order = TokenOrder.parse(token_order)
 
     model = _unwrap(transformer)
     if not inputs:
