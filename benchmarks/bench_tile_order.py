@@ -408,7 +408,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-prompts", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-path", default=None)
-    p.add_argument("--png", default=str(RESULTS / "tile-order-cpu-frames.png"))
+    p.add_argument("--png", default=None,
+                   help="frames PNG (default results/tile-order-cpu-frames-<grid>.png)")
     p.add_argument("--out", default=None, help="JSON (default results/tile-order-<device>.json)")
     p.add_argument("--cache-dir", default="/tmp/bench_tile_order_cache",
                    help="dense and sparse videos of earlier runs (same grid, steps, prompts)")
@@ -427,18 +428,21 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--methods: expected some of {METHODS}, got {bad}")
     out = Path(args.out) if args.out else RESULTS / f"tile-order-{_device_name()}.json"
+    if args.png is None and not args.step:
+        args.png = str(RESULTS / f"tile-order-{_device_name()}-frames-{'x'.join(map(str, args.grid))}.png")
     import diffusers
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__,
            "python": platform.python_version(), "git_sha": _sha(), "device": _device_name(),
            "threads": torch.get_num_threads()}
-    part = "step" if args.step else "recall" if args.recall else "quality"
+    gname = "x".join(map(str, args.grid))
+    part = "step" if args.step else f"recall_{gname}" if args.recall else f"quality_{gname}"
 
     def save(result: dict) -> None:
         """Merge into the record file: records of other orders/methods/densities stay."""
         old = json.loads(out.read_text()) if out.exists() else {}
         prev = old.get(part, {})
-        if part == "quality" and prev.get("config", {}).get("grid") == result["config"]["grid"]:
+        if part.startswith("quality") and prev.get("records"):
             key = lambda r: (r["token_order"], r["method"], r["target_density"], r["prompt"])  # noqa: E731
             new = {key(r) for r in result["records"]}
             result["records"] = [r for r in prev["records"] if key(r) not in new] + \
