@@ -36,14 +36,19 @@ Nothing is padded or wasted: every token appears once, every full tile is exactl
 remainders (strips of the leftover boxes, which are at most a few tokens thick). Coverage on the
 real grids (share of tokens in full tiles; :func:`coverage`):
 
-=================== ================== ============ ===========================
-grid (F, H, W)       model              top tile     coverage (tile / best single-shape)
-=================== ================== ============ ===========================
-21 x 30 x 52         Wan 1.3B, 480p     see test     see ``tests/test_token_order.py``
-21 x 45 x 80         Wan 14B, 720p
-8 x 32 x 32          tiny Wan, 8x64x64  4x4x8        100%
-16 x 32 x 32
-=================== ================== ============ ===========================
+=============== ================== ========= ============================================
+grid (F, H, W)   model               top tile  coverage (the best single shape alone)
+=============== ================== ========= ============================================
+21 x 30 x 52     Wan 1.3B, 480p      4x4x8     98.9% = 32,384 / 32,760 (4x2x16: 87.9%)
+21 x 45 x 80     Wan 14B, 720p       4x4x8     99.7% = 75,392 / 75,600 (4x4x8: 93.1%)
+8 x 32 x 32      tiny Wan, 8x64x64   4x4x8     100%
+16 x 32 x 32                         4x4x8     100%
+=============== ================== ========= ============================================
+
+Which shape is best for attention is a property of the model, not of the rule: on the bundled
+tiny Wan at 8x32x32 tokens the best block mask of density 0.35 keeps 68.3% of the softmax mass
+with raster blocks, 68.5% with 4x4x8 tiles and 68.9% with 2x8x8 (``bench_tile_order.py
+--recall``); the rule picks by coverage and shape, not by a model's attention.
 
 A fixed tile shape (``"tile:2x8x8"``) uses that shape at the top level (the auto rule where it
 does not fit the grid) and the auto rule for the leftover boxes.

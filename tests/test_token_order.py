@@ -273,6 +273,26 @@ def test_sparse_tile_order_applies_the_mask_in_tile_coordinates():
     assert (wrong - golden).abs().max() > 20 * (same - golden).abs().max()
 
 
+def test_i2v_model_in_tile_order_equals_eager():
+    # I2V: CLIP image tokens join the text as cross-attention keys (never permuted).
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=LAYERS,
+        rope_max_seq_len=64, image_dim=24, added_kv_proj_dim=HEADS * 16).eval()
+    g = torch.Generator().manual_seed(3)
+    inputs = dict(make_inputs(), encoder_hidden_states=torch.randn(1, 512, 32, generator=g),
+                  encoder_hidden_states_image=torch.randn(1, 16, 24, generator=g))
+    ts = torch.tensor([500.0])
+    out, report = run_compiled(model, make_plan(model, "tile"), inputs, ts, density=1.0)
+    assert report.token_order == "tile"
+    with torch.no_grad():
+        same = model(timestep=ts, return_dict=False, **inputs)[0]
+        golden = copy.deepcopy(model).double()(timestep=ts, return_dict=False,
+                                               **{k: v.double() for k, v in inputs.items()})[0]
+    assert_close_to_oracle(out, golden, same, what="I2V, tile order")
+
+
 def test_per_token_timestep_is_permuted_with_the_tokens():
     # Wan2.2 TI2V's timestep [B, S]: per-token modulation, here different on every token.
     model, inputs = make_model(), make_inputs()
@@ -308,3 +328,15 @@ def test_old_plan_file_without_token_order_loads_as_raster(tmp_path):
     assert_close_to_oracle(got, golden, same, what="old plan file")
     tiled = load_plan(make_plan(model, "tile:2x8x8").save(tmp_path / "tiled.safetensors"))
     assert str(tiled.token_order) == "tile:2x8x8"
+
+
+def test_tile_order_with_sequence_parallelism_is_a_clear_error():
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    model, inputs, ts = make_model(), make_inputs(), torch.tensor([500.0])
+    backend = scaling_attn_backend(make_plan(model, "tile"), compiler="eager", head_range=(0, 2),
+                                   materialize_kwargs={"density": 1.0})
+    c = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    with pytest.raises(BackendCompilerFailed, match="not yet supported with sequence parallel"):
+        with torch.no_grad():
+            c(timestep=ts, return_dict=False, **inputs)
