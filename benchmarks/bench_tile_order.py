@@ -15,7 +15,8 @@ dense (eager model) and sparse (the model compiled with ``scaling_attn_backend``
 
 ``west_fast``     WEST + FAST fitted to the target (what the demo runs);
 ``west_uniform``  WEST, one threshold everywhere (``fast.uniform_schedule``);
-``dense_warmup``  first quarter of the steps dense, the rest uniform (``fast.dense_first_schedule``).
+``dense_warmup``  first steps dense, the rest uniform (``fast.dense_first_schedule``; warm-up
+                  length by ``bench_quality.warmup_steps``: a quarter, fewer at low targets).
 
 (The energy-filter methods of ``bench_quality.py`` are order-independent in their calibration
 only through the masks; they are not run here.) ``density`` is the schedule's kept-block
@@ -91,7 +92,12 @@ def schedule_for(method, plan, profile, target, ts_all, tgrid):
     if method == "west_uniform":
         return fast.uniform_schedule(plan, target, grid=tgrid)
     if method == "dense_warmup":
-        return fast.dense_first_schedule(plan, target, ts_all, dense_fraction=0.25, grid=tgrid)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_quality import warmup_steps  # the quality study's warm-up length rule
+
+        k = warmup_steps(target, len(ts_all))
+        return fast.dense_first_schedule(plan, target, ts_all, dense_fraction=k / len(ts_all),
+                                         grid=tgrid)
     raise ValueError(f"--methods: expected some of {METHODS}, got {method!r}")
 
 
@@ -173,7 +179,11 @@ def run_quality(args, save) -> dict:
         for target in args.densities:
             for method in args.methods:
                 t0 = time.perf_counter()
-                sched = schedule_for(method, plan, profile, target, ts_all, tgrid)
+                try:
+                    sched = schedule_for(method, plan, profile, target, ts_all, tgrid)
+                except ValueError as e:  # e.g. FAST cannot reach the target on this topology
+                    print(f"[tile-order] {order} {method} {target}: unreachable ({e})")
+                    continue
                 sp = plan.with_schedule(sched)
                 dens = float(fast.schedule_density(sched, plan.thresholds(tgrid), ts_all).mean())
                 with torch.no_grad():
