@@ -87,6 +87,7 @@ class RewriteReport:
         dense_fallback: why the whole graph was left dense (symbolic shapes), else None.
         head_range: ``(h0, h1)``, the plan's heads bound to this graph's self-attention when the
             model holds a slice of them (Ulysses sequence parallelism), else None.
+        token_order: the order the graph's tokens run in (``token_order.py``), when not raster.
     """
 
     grid: tuple[int, int, int] | None = None
@@ -95,6 +96,7 @@ class RewriteReport:
     left_dense: dict[str, int] = field(default_factory=dict)
     dense_fallback: str | None = None
     head_range: tuple[int, int] | None = None
+    token_order: str | None = None
 
     @property
     def num_rewritten(self) -> int:
@@ -715,6 +717,32 @@ class ScalingAttnBackend:
         rd = ulysses_rank(self.parallel)
         return None if rd is None else ulysses_head_range(plan_heads, *rd)
 
+    def _apply_token_order(self, gm, report: RewriteReport, example_inputs) -> None:
+        """Permute the graph's tokens into the tables' order (``order_pass.py``), if not raster."""
+        if not report.per_layer:
+            return
+        orders = {t.token_order if hasattr(t, "token_order") else "raster"
+                  for (g, _dev), (t, _) in self._tables.items() if g == tuple(report.grid)}
+        if len(orders) != 1:
+            raise PlanMismatchError(f"scaling_attn_backend: tables for grid {report.grid} come in "
+                                    f"token orders {sorted(orders)}; use one plan per backend")
+        (order,) = orders
+        if str(order) != "raster" and (self.parallel is not None or self.head_range is not None):
+            # Untested: Ulysses' split hooks cut the tokens and RoPE tables after the patch
+            # embedding and gather them after proj_out, around where the permutations go.
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the plan's blocks are in {order} order, which is not yet "
+                "supported with sequence parallelism (parallel=/head_range=); extract a "
+                "raster-order plan (scaling-attn west --token-order raster)")
+        from torch._guards import detect_fake_mode
+
+        from .order_pass import apply_token_order
+
+        fake_mode = detect_fake_mode(list(example_inputs)) if example_inputs else None
+        if apply_token_order(gm, report.grid, order, timestep=find_timestep(gm),
+                             register_constant=_register_constant, fake_mode=fake_mode):
+            report.token_order = str(order)
+
     def config_patches(self) -> dict[str, Any]:
         patches = dict(self.inductor_config)
         if self.hash_kernel_sources:
@@ -742,6 +770,7 @@ class ScalingAttnBackend:
             energy=self.energy_filter.for_layer if self.energy_filter is not None else None,
             head_range=self.heads_for)
         self.reports.append(report)
+        self._apply_token_order(gm, report, example_inputs)
         if report.per_layer and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
             # AOT would trace a backward through the op, which has no autograd formula, and

@@ -175,6 +175,16 @@ def add_west_arguments(p: argparse.ArgumentParser) -> None:
                    help="flow-matching shift (default 5.0 at >= 720p, else 3.0, as Wan)")
     p.add_argument("--block-mass", default="auto", choices=["auto", "triton", "torch"],
                    help="block-mass implementation (default: Triton on CUDA, torch on CPU)")
+    add_token_order_argument(p)
+
+
+def add_token_order_argument(p: argparse.ArgumentParser) -> None:
+    from .token_order import NEW_PLAN_ORDER
+
+    p.add_argument("--token-order", default=NEW_PLAN_ORDER, metavar="raster|tile|tile:FxHxW",
+                   help="which tokens share a 128-token mask block: 'tile' (3D tiles of the "
+                        "latent grid, shape chosen per grid), 'tile:2x8x8' (a fixed tile), or "
+                        f"'raster' (strips of token rows); default {NEW_PLAN_ORDER}")
 
 
 def _west_inputs(args, src, text_dim: int):
@@ -256,7 +266,8 @@ def run_west(args: argparse.Namespace) -> int:
           f"{len(inputs)} inputs x {len(capture)}/{len(timesteps)} captured steps")
     plan = calibrate_west(model, inputs, timesteps, latent_shape=latent, capture_steps=capture,
                           guidance_scale=args.guidance_scale, block_mass_impl=args.block_mass,
-                          source=f"scaling-attn west --model {args.model}")
+                          source=f"scaling-attn west --model {args.model}",
+                          token_order=args.token_order)
     path = plan.save(args.out)
     print(plan.summary())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")

@@ -12,7 +12,7 @@ Stages (each timed):
 4. compile the transformer with ``scaling_attn_backend(plan)`` (CPU: the op's reference path);
 5. generate the *held-out* captions dense (eager model) and sparse (compiled), same seeds;
 6. write to ``--out``: ``side_by_side.gif`` (dense | sparse per prompt), ``masks_layer<i>.png``,
-   ``schedule.png``, ``plan.safetensors``, ``results.md``, ``results.json``.
+   ``schedule.png``, ``blocks.png`` (which tokens each mask block holds, ``--token-order``), ``plan.safetensors``, ``results.md``, ``results.json``.
 
 Metrics of the sparse video against the dense one of the same prompt and seed: PSNR (data range
 2, videos in ``[-1, 1]``), SSIM (Gaussian window 11 / sigma 1.5 per frame and channel, averaged
@@ -39,7 +39,7 @@ CUDA_GRID = (12, 64, 64)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import parse_triple, positive_int
+    from .cli import add_token_order_argument, parse_triple, positive_int
 
     p.add_argument("--model-path", type=Path, default=None,
                    help="tiny Wan folder (config.json, diffusion_pytorch_model.safetensors, "
@@ -69,6 +69,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-to-plot", default=None,
                    help="comma-separated layers for masks PNGs (default: first and last)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_token_order_argument(p)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     from .tiny_wan import ASSET_DIR, WEIGHTS_NAME, encode_captions, generate, load_tiny_wan, sigmas
     from .tiny_wan import token_grid as tiny_token_grid
     from .toy_video import held_out_captions
-    from .viz import plot_layer, plot_schedule
+    from .viz import plot_block_layout, plot_layer, plot_schedule
 
     progress = not args.quiet
     model_path = Path(args.model_path) if args.model_path is not None else ASSET_DIR
@@ -271,7 +272,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         plan = calibrate_west(calib_model, inputs, ts_all, latent_shape=latent,
                               capture_steps=evenly_spaced(len(ts_all), args.calib_capture_steps),
                               guidance_scale=args.guidance_scale, progress=progress,
-                              source=f"scaling-attn demo ({model_path.name})")
+                              source=f"scaling-attn demo ({model_path.name})",
+                              token_order=args.token_order)
     with timer("FAST profile + fit"), torch.no_grad():
         plan, _ = fast.build_fast_plan(
             plan, calib_model, calib_input(fast_cap, 2000), target, timesteps=ts_all,
@@ -290,6 +292,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         pngs = [plot_layer(plan, li, out / f"masks_layer{li}.png", density=target)
                 for li in layers]
         pngs.append(plot_schedule(plan, out / "schedule.png"))
+        pngs.append(plot_block_layout(tgrid, plan.token_order, out / "blocks.png"))
 
     prompts = held_out_captions()[: args.num_prompts]
     B = len(prompts)
@@ -328,7 +331,8 @@ def run_demo(args: argparse.Namespace) -> dict:
             "target_density": target, "fast_fit_density": fit, "density": density,
             "calibration_captions": west_caps, "fast_caption": fast_cap, "prompts": prompts,
             "seed": args.seed, "compiler": args.compiler, "rewritten_attention_calls": rewritten,
-            "num_layers": plan.num_layers, "num_heads": plan.num_heads}
+            "num_layers": plan.num_layers, "num_heads": plan.num_heads,
+            "token_order": plan.meta.token_order}
     md = markdown_table(rows, timer.times, meta)
     (out / "results.md").write_text(md)
     files = [str(p) for p in (gif, *pngs, plan_path, out / "results.md", out / "results.json")]

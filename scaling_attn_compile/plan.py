@@ -15,8 +15,10 @@ File format (``FORMAT_VERSION`` 1): a safetensors file. Tensors:
 
 The JSON metadata sits in the safetensors header under the key ``"scaling_attn_plan"``: format
 name and version, model class, config and its fingerprint, a weights fingerprint, layers, heads,
-head_dim, block size, patch size, calibration grid and inputs, FAST info, and a sha256 of every
-tensor's bytes (safetensors itself checks the header and sizes, not the data).
+head_dim, block size, patch size, calibration grid and inputs, FAST info, the token order the
+blocks are in (``token_order``: ``"raster"``, ``"tile"`` or ``"tile:FxHxW"``, see
+``token_order``; files written before it existed load as ``"raster"``, which they are), and a
+sha256 of every tensor's bytes (safetensors itself checks the header and sizes, not the data).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import torch
 from . import plan_schema, west
 from .masks import BLOCK, num_blocks, num_words, pack_blocks
 from .tables import AttentionTables
+from .token_order import TokenOrder
+from .token_order import describe as describe_order
 
 FORMAT = "scaling-attn-plan"
 FORMAT_VERSION = 1
@@ -175,6 +179,9 @@ class PlanMeta:
     num_calibration_inputs: int
     calibration: dict = field(default_factory=dict)  # timesteps, steps, source, ...
     energy_filter: dict | None = None  # EnergyFilter.to_dict(), applied by the backend
+    # Which tokens share a 128-token block (token_order.py). A file without the key was written
+    # before tile order existed, and its blocks are raster strips: the default must stay raster.
+    token_order: str = "raster"
     block_size: int = BLOCK
     code_max: int = west.CODE_MAX
     format: str = FORMAT
@@ -198,6 +205,7 @@ class Plan:
 
     def __post_init__(self):
         m = self.meta
+        m.token_order = str(TokenOrder.parse(m.token_order))  # one clear error for a bad spec
         nb0 = num_blocks(math.prod(m.calib_grid))
         want = (m.num_layers, m.num_heads, nb0, nb0)
         if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != want:
@@ -210,8 +218,10 @@ class Plan:
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, transformer, calib_grid: Grid,
-                   num_calibration_inputs: int, calibration: dict | None = None) -> Plan:
-        """A plan for ``transformer`` from threshold codes extracted at ``calib_grid (F, H, W)``."""
+                   num_calibration_inputs: int, calibration: dict | None = None, *,
+                   token_order=None) -> Plan:
+        """A plan for ``transformer`` from threshold codes extracted at ``calib_grid (F, H, W)``
+        with blocks in ``token_order`` (``None``: raster)."""
         model = _unwrap(transformer)
         cfg = model_config(model)
         heads = cfg["num_attention_heads"]
@@ -221,7 +231,8 @@ class Plan:
             weights_fingerprint=weights_fingerprint(model),
             num_layers=len(model.blocks), num_heads=heads, head_dim=cfg["attention_head_dim"],
             patch_size=list(cfg["patch_size"]), calib_grid=list(calib_grid),
-            num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}))
+            num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}),
+            token_order=str(TokenOrder.parse(token_order)))
         return cls(codes.to("cpu", torch.uint8).contiguous(), meta)
 
     def with_energy_filter(self, energy_filter) -> Plan:
@@ -257,6 +268,11 @@ class Plan:
     def calib_grid(self) -> Grid:
         return tuple(self.meta.calib_grid)
 
+    @property
+    def token_order(self) -> TokenOrder:
+        """The order the plan's blocks are in, at every grid (``token_order.py``)."""
+        return TokenOrder.parse(self.meta.token_order)
+
     def grid_for(self, latent_shape) -> Grid:
         """Token grid ``(F, H, W)`` of latents ``(B, C, F, H, W)`` or ``(C, F, H, W)`` after patching."""
         f, h, w = (int(x) for x in tuple(latent_shape)[-3:])
@@ -280,7 +296,8 @@ class Plan:
             try:
                 remapped = west.remap_codes(self.codes, self.calib_grid, grid,
                                             progress=self.codes.shape[-1] > 128,
-                                            patch_size=tuple(self.meta.patch_size))
+                                            patch_size=tuple(self.meta.patch_size),
+                                            order=self.token_order)
             except ValueError as e:
                 raise PlanError(str(e)) from None
             if len(self._remapped) >= MAX_CACHED_GRIDS:  # oldest first (dicts keep order)
@@ -376,7 +393,8 @@ class Plan:
             level_tables = [torch.zeros(1, self.num_heads, dtype=torch.int32, device=device)
                             for _ in range(self.num_layers)]
             bounds = torch.zeros(0, dtype=torch.float32, device=device)
-        return AttentionTables(grid, masks, level_tables, bounds, level_dens)
+        return AttentionTables(grid, masks, level_tables, bounds, level_dens,
+                               token_order=self.meta.token_order)
 
     def _warn_if_density_far(self, grid: Grid, density, sched, level_dens) -> None:
         """Warn when the mean kept-block density at ``grid`` is far from the one asked for
@@ -475,6 +493,7 @@ class Plan:
             f"calibration grid (F, H, W) = {tuple(m.calib_grid)} -> S = "
             f"{math.prod(m.calib_grid)}, NB = {self.codes.shape[-1]}; "
             f"{m.num_calibration_inputs} calibration inputs",
+            describe_order(self.calib_grid, self.token_order),
         ]
         curve = west.density_by_code(self.codes).mean(dim=(0, 1))  # (256,), no big masks
         for p in densities:
