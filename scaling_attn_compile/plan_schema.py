@@ -109,6 +109,8 @@ FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "block_size": (False, _int(eq=BLOCK_SIZE)),
     "code_max": (False, _int(eq=CODE_MAX)),
     "schedule": (False, _or_null(_obj)),
+    # "raster", "tile" or "tile:FxHxW" (token_order.py parses it); absent in older files.
+    "token_order": (False, _str(r"raster|tile(:\d+x\d+x\d+)?")),
     "sha256": (True, _hex_map),
     CHECKSUM_KEY: (False, _str(r"[0-9a-f]{64}")),
 }
