@@ -1,6 +1,6 @@
 """FAST: fidelity-aware, head-wise density per (layer, timestep bucket) on the WEST topology.
 
-Pipeline (``../shared/research/papers.md`` §1, steps 5-9)::
+Pipeline (the ScalingAttention paper, FAST)::
 
     plan (WEST codes) + model + one calibration input
       -> profile_fidelity     one dense run; per (layer, step, head, level) the fidelity of the

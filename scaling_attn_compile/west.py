@@ -1,6 +1,6 @@
 """WEST: the weight-encoded sparse topology of each self-attention head, as a threshold map.
 
-Pipeline (``../shared/research/papers.md`` §1)::
+Pipeline (the ScalingAttention paper, WEST)::
 
     q, k (B, H, S, D) of one layer, one calibration input, one step
       -> block_mass          (B, H, NB, NB) float32: mean softmax probability per 128x128 block
