@@ -8,6 +8,8 @@ videos (S tokens on the token grid ``(F, H, W)``, f-major order as Wan flattens 
 - ``radius<r>``: mass on keys within spatial distance ``r`` tokens (any frame: a space-time tube).
 - ``blocks<R>``: fraction of 128-token KV blocks a 128-row query block needs to hold ``R`` of its
   pooled softmax mass (the density block-sparse attention needs for that recall; lower = sparser).
+- ``top<P>``: share of a query block's pooled mass that its top ``P``% of KV blocks hold (WEST's
+  measure of concentration on the block-pooled map; ``top25`` = mass in the best quarter).
 
 Each metric also has its value under uniform attention (``uniform_stats``) for chance level.
 
@@ -70,7 +72,7 @@ def _metrics(p: torch.Tensor, qi: torch.Tensor, coords, frames, radii) -> dict[s
 
 def head_stats(q: torch.Tensor, k: torch.Tensor, tgrid: tuple[int, int, int], *,
                frames=(0, 1, 2), radii=(1, 2, 4), recalls=(0.9, 0.99), block: int = 128,
-               max_elems: int = 1 << 24) -> dict[str, torch.Tensor]:
+               tops=(25,), max_elems: int = 1 << 24) -> dict[str, torch.Tensor]:
     """Per-head attention statistics, each ``(H,)`` float64 (means over batch and queries).
 
     q, k: ``(B, H, S, D)`` with ``S = F*H*W`` of the token grid ``tgrid``. Softmax scale
@@ -108,11 +110,14 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, tgrid: tuple[int, int, int], *,
     for r in recalls:
         need = (srt < r * total).sum(-1) + 1  # blocks to reach recall r, (B, H, nb)
         out[f"blocks{r:g}"] = (need.double() / nb).mean((0, 2))
+    for pct in tops:
+        k = max(1, math.ceil(pct / 100 * nb))
+        out[f"top{pct:g}"] = (srt[..., k - 1] / total[..., 0]).mean((0, 2))
     return out
 
 
 def uniform_stats(tgrid: tuple[int, int, int], *, frames=(0, 1, 2), radii=(1, 2, 4),
-                  recalls=(0.9, 0.99), block: int = 128) -> dict[str, float]:
+                  recalls=(0.9, 0.99), block: int = 128, tops=(25,)) -> dict[str, float]:
     """The same metrics for uniform attention (chance level), as floats."""
     S = math.prod(tgrid)
     coords = _coords(tgrid, "cpu")
@@ -132,6 +137,8 @@ def uniform_stats(tgrid: tuple[int, int, int], *, frames=(0, 1, 2), radii=(1, 2,
             c += sizes[n]
             n += 1
         out[f"blocks{r:g}"] = n / nb
+    for pct in tops:
+        out[f"top{pct:g}"] = sum(sizes[: max(1, math.ceil(pct / 100 * nb))]) / S
     return out
 
 

@@ -8,6 +8,9 @@
 
 For each graph Dynamo hands it, the backend
 
+0. checks that the graph's parameters are the plan's model (config shapes and the attention
+   weights fingerprint, ``check_model``); a graph with symbolic sizes is compiled per concrete
+   size at its first call instead (``on_dynamic_shapes="specialize"``, :mod:`.specialize`);
 1. finds the latent grid ``(F, H, W)`` after patching (the output shape of the ``patch_embedding``
    Conv3d applied to the ``hidden_states`` input ``[B, C, F, H, W]``), materialises the plan for
    it and checks the plan against the model (layers, heads, head_dim, sequence length);
@@ -20,7 +23,7 @@ For each graph Dynamo hands it, the backend
    Triton template kernel on CUDA and an extern call to the eager op elsewhere.
 
 Cross-attention (``attn2``: text, and text + image for I2V) is never touched. The design and the
-reasons are in ``../shared/DESIGN.md`` (decisions 1, 4, 5, 6) and ``research/inductor.md`` §3.
+reasons are in ``DESIGN.md``.
 
 Logging: logger ``scaling_attn_compile``; INFO gives one line per compiled graph with the
 rewrite count per layer; ``verbose=True`` attaches a stderr handler at INFO.
@@ -45,6 +48,7 @@ from torch._dynamo.source import ConstantSource
 from . import lowering as _lowering  # registers the Inductor lowering of the op
 from .masks import num_blocks, num_words
 from .op import HEAD_DIMS, KERNEL_DTYPES
+from .specialize import PerShape, is_symbolic
 from .tables import AttentionTables
 
 log = logging.getLogger("scaling_attn_compile")
@@ -83,6 +87,7 @@ class RewriteReport:
         dense_fallback: why the whole graph was left dense (symbolic shapes), else None.
         head_range: ``(h0, h1)``, the plan's heads bound to this graph's self-attention when the
             model holds a slice of them (Ulysses sequence parallelism), else None.
+        token_order: the order the graph's tokens run in (``token_order.py``), when not raster.
     """
 
     grid: tuple[int, int, int] | None = None
@@ -91,6 +96,7 @@ class RewriteReport:
     left_dense: dict[str, int] = field(default_factory=dict)
     dense_fallback: str | None = None
     head_range: tuple[int, int] | None = None
+    token_order: str | None = None
 
     @property
     def num_rewritten(self) -> int:
@@ -609,19 +615,19 @@ class ScalingAttnBackend:
 
     def __init__(self, plan, *, inductor_config: Mapping[str, Any] | None = None,
                  patch_size: Sequence[int] | None = None, grid: Sequence[int] | None = None,
-                 on_dynamic_shapes: str = "error", compiler: str | Callable = "inductor",
+                 on_dynamic_shapes: str = "specialize", compiler: str | Callable = "inductor",
                  hash_kernel_sources: bool = True, materialize_kwargs: Mapping | None = None,
                  energy_filter=None, head_range: Sequence[int] | None = None,
-                 parallel=None, verbose: bool = False):
+                 parallel=None, check_model: str | bool = "weights", verbose: bool = False):
         if not (isinstance(plan, AttentionTables) or hasattr(plan, "materialize")
                 or callable(plan)):
             raise TypeError(
                 "scaling_attn_backend: plan must be AttentionTables, an object with "
                 f".materialize(grid) -> AttentionTables, or a callable grid -> AttentionTables; "
                 f"got {type(plan).__name__}")
-        if on_dynamic_shapes not in ("error", "dense"):
-            raise ValueError("scaling_attn_backend: on_dynamic_shapes must be 'error' or "
-                             f"'dense', got {on_dynamic_shapes!r}")
+        if on_dynamic_shapes not in ("specialize", "error", "dense"):
+            raise ValueError("scaling_attn_backend: on_dynamic_shapes must be 'specialize', "
+                             f"'error' or 'dense', got {on_dynamic_shapes!r}")
         if not (compiler in ("inductor", "eager") or callable(compiler)):
             raise ValueError("scaling_attn_backend: compiler must be 'inductor', 'eager' or a "
                              f"callable (gm, example_inputs) -> callable, got {compiler!r}")
@@ -666,6 +672,12 @@ class ScalingAttnBackend:
                              f".materialize(grid, **kwargs), got {type(plan).__name__}")
         meta = getattr(plan, "meta", None)
         self.head_dim = getattr(plan, "head_dim", None) or getattr(meta, "head_dim", None)
+        from .model_check import ModelCheck
+
+        # Checked before the first compile, from the graph's parameters (the backend never
+        # sees the transformer itself); AttentionTables and callables record no model.
+        check = ModelCheck(plan, check_model)  # validates the option
+        self.model_check = check if ModelCheck.applies(plan) else None
         self.reports: list[RewriteReport] = []
         self._tables: dict[tuple, tuple[AttentionTables, list]] = {}
         if verbose:
@@ -705,6 +717,32 @@ class ScalingAttnBackend:
         rd = ulysses_rank(self.parallel)
         return None if rd is None else ulysses_head_range(plan_heads, *rd)
 
+    def _apply_token_order(self, gm, report: RewriteReport, example_inputs) -> None:
+        """Permute the graph's tokens into the tables' order (``order_pass.py``), if not raster."""
+        if not report.per_layer:
+            return
+        orders = {t.token_order if hasattr(t, "token_order") else "raster"
+                  for (g, _dev), (t, _) in self._tables.items() if g == tuple(report.grid)}
+        if len(orders) != 1:
+            raise PlanMismatchError(f"scaling_attn_backend: tables for grid {report.grid} come in "
+                                    f"token orders {sorted(orders)}; use one plan per backend")
+        (order,) = orders
+        if str(order) != "raster" and (self.parallel is not None or self.head_range is not None):
+            # Untested: Ulysses' split hooks cut the tokens and RoPE tables after the patch
+            # embedding and gather them after proj_out, around where the permutations go.
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the plan's blocks are in {order} order, which is not yet "
+                "supported with sequence parallelism (parallel=/head_range=); extract a "
+                "raster-order plan (scaling-attn west --token-order raster)")
+        from torch._guards import detect_fake_mode
+
+        from .order_pass import apply_token_order
+
+        fake_mode = detect_fake_mode(list(example_inputs)) if example_inputs else None
+        if apply_token_order(gm, report.grid, order, timestep=find_timestep(gm),
+                             register_constant=_register_constant, fake_mode=fake_mode):
+            report.token_order = str(order)
+
     def config_patches(self) -> dict[str, Any]:
         patches = dict(self.inductor_config)
         if self.hash_kernel_sources:
@@ -713,13 +751,26 @@ class ScalingAttnBackend:
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        if self.model_check is not None:
+            self.model_check(gm, example_inputs)
+        if self.on_dynamic_shapes == "specialize" and is_symbolic(gm, example_inputs):
+            # Dynamo's automatic-dynamic recompile at a second resolution (or dynamic=True):
+            # masks exist per static grid, so compile once per concrete size at its first call.
+            log.info("graph with symbolic sizes: compiling it per resolution at first call")
+            return PerShape(gm, example_inputs, self.compile_static)
+        return self.compile_static(gm, example_inputs)
+
+    def compile_static(self, gm: torch.fx.GraphModule, example_inputs):
+        """Rewrite and compile one graph (static shapes, or per ``on_dynamic_shapes``)."""
         report = rewrite_self_attention(
             gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
             grid=self.grid, head_dim=self.head_dim,
-            on_dynamic_shapes=self.on_dynamic_shapes,
+            on_dynamic_shapes="error" if self.on_dynamic_shapes == "specialize"
+            else self.on_dynamic_shapes,
             energy=self.energy_filter.for_layer if self.energy_filter is not None else None,
             head_range=self.heads_for)
         self.reports.append(report)
+        self._apply_token_order(gm, report, example_inputs)
         if report.per_layer and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
             # AOT would trace a backward through the op, which has no autograd formula, and
@@ -759,7 +810,17 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         patch_size: ``(pt, ph, pw)``; the grid is then ``hidden_states[B, C, F, H, W]`` sizes
             divided by it instead of the ``patch_embedding`` output shape.
         grid: the latent grid, for graphs that do not contain the patch embedding.
-        on_dynamic_shapes: ``"error"`` (default) or ``"dense"`` for a symbolic sequence length.
+        on_dynamic_shapes: what to do with a graph whose sizes are symbolic (Dynamo's
+            automatic-dynamic recompile at a second resolution, or ``dynamic=True``):
+            ``"specialize"`` (default) compiles it once per concrete size at its first call
+            (:mod:`.specialize`), so each resolution runs sparse with its own masks;
+            ``"error"`` raises :class:`DynamicShapeError`; ``"dense"`` leaves it dense.
+        check_model: before compiling, check that the model is the plan's (a :class:`Plan`
+            records its model's config and weights fingerprint; see :mod:`.model_check`):
+            ``"weights"`` (default) needs both to match; ``"config"`` allows other weights of
+            the same architecture (a fine-tune or LoRA of the calibrated model) and logs a
+            warning; ``False`` skips the check and logs that. A mismatch raises
+            :class:`~scaling_attn_compile.plan.PlanModelMismatch` naming what differs.
         compiler: ``"inductor"`` (default), ``"eager"`` (run the rewritten graph eagerly; for
             debugging) or a callable ``(gm, example_inputs) -> callable``.
         hash_kernel_sources: put the kernel/lowering sources into Inductor's cache key.

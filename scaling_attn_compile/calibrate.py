@@ -118,6 +118,14 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
             raise FileNotFoundError(
                 f"load_transformer: {path} has neither transformer/config.json nor config.json; "
                 f"pass a diffusers Wan folder or one of {sorted(BUILTIN_CONFIGS)} or 'tiny'")
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            # Without it diffusers 0.42 fails with "low_cpu_mem_usage cannot be False when
+            # keep_in_fp32_modules is True", which names neither the package nor the fix.
+            raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
+                              f"`accelerate` package (a dependency of scaling-attn-compile); "
+                              f"pip install accelerate")
         model = WanTransformer3DModel.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
         model = model.to(device).eval()
         return ModelSource(model, path.name, path, False, _vae_stride_of(path))
@@ -464,14 +472,22 @@ def capture_self_attention(transformer, inputs: Sequence[CalibrationInput],
 def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: Sequence[float], *,
                    latent_shape: Sequence[int], capture_steps: Sequence[int] | None = None,
                    guidance_scale: float = 5.0, block_mass_impl: str = "auto",
-                   accumulate_device=None, progress: bool = True, source: str = ""):
+                   accumulate_device=None, progress: bool = True, source: str = "",
+                   token_order=None):
     """Run dense calibration and return a :class:`~scaling_attn_compile.plan.Plan` (no schedule).
 
     For every captured (input, step, branch) and layer: ``west.block_mass`` of q/k (Triton on
     CUDA, chunked torch on CPU), threshold codes, and the running min (union) per layer. The
     accumulated codes stay on ``accumulate_device`` (default: the model's device).
+    ``token_order``: which tokens share a block (``"raster"``, ``"tile"``, ``"tile:FxHxW"``;
+    ``None``: raster, so code that binds a plan's masks to raster-order q/k itself keeps
+    working; the CLI and the demo default to ``token_order.NEW_PLAN_ORDER``); q/k are permuted
+    into it before block pooling.
     """
     from .plan import Plan
+    from .token_order import TokenOrder, in_token_order
+
+    order = TokenOrder.parse(token_order)
 
     model = _unwrap(transformer)
     if not inputs:
@@ -485,9 +501,9 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
     def on_layer(cap: LayerCapture) -> None:
         acc.update(cap.layer, west.block_mass(cap.q, cap.k, impl=block_mass_impl))
 
-    capture_self_attention(model, inputs, timesteps, on_layer, latent_shape=latent_shape,
-                           capture_steps=capture_steps, guidance_scale=guidance_scale,
-                           progress=progress)
+    capture_self_attention(model, inputs, timesteps, in_token_order(on_layer, order),
+                           latent_shape=latent_shape, capture_steps=capture_steps,
+                           guidance_scale=guidance_scale, progress=progress)
     missing = [i for i, n in enumerate(acc.updates) if n == 0]
     if missing:
         raise RuntimeError(f"calibrate_west: layers {missing} were never captured; is "
@@ -502,4 +518,4 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
         "seeds": [inp.seed for inp in inputs], "source": source,
         "nb": num_blocks(seq_len),
     }
-    return Plan.from_codes(acc.codes, model, grid, len(inputs), calibration)
+    return Plan.from_codes(acc.codes, model, grid, len(inputs), calibration, token_order=order)

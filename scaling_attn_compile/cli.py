@@ -13,11 +13,21 @@ Adding a subcommand (``fast``, ``demo``): write ``add_<name>_arguments(parser)``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEBUG_ENV = "SCALING_ATTN_DEBUG"  # =1: full tracebacks for user errors too
+
+
+class CliError(Exception):
+    """A user error found by a command (bad combination of arguments, unusable output path):
+    printed as one line, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,65 @@ class Command:
 
 
 # ---- shared argument helpers -------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: ``"0,2,3"`` -> ``[0, 2, 3]`` non-negative ints."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated indices like 0,1,3, got "
+                                         f"{text!r}")
+    return values
+
+
+def check_output_path(path: Path, flag: str) -> None:
+    """Fail now, not after a long run, if ``path`` cannot be written: make its folder and write
+    (then remove) a probe file there. Permissions alone do not tell (root, read-only mounts)."""
+    if path.is_dir():
+        raise CliError(f"{flag} {path} is a folder; expected a file path such as "
+                       f"{path / 'plan.safetensors'}")
+    folder = next((a for a in path.absolute().parents if a.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise CliError(f"{flag} {path} is not writable: {folder} is a file, not a folder; pass "
+                       f"a path in a folder you can write to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".scaling-attn-probe-"):
+            pass
+    except OSError as e:
+        raise CliError(f"{flag} {path} is not writable ({e.strerror or e}); pass a path in a "
+                       f"folder you can write to") from None
+
+
+def check_input_file(path: Path | None, flag: str) -> None:
+    """Fail before loading a model if an input file given on the command line is missing."""
+    if path is not None and not path.is_file():
+        raise CliError(f"{flag} {path}: no such file")
+
 
 def parse_triple(text: str) -> tuple[int, int, int]:
     """``"F,H,W"`` -> ``(F, H, W)`` positive ints (argparse type)."""
@@ -78,9 +147,9 @@ _DEFAULT_VIDEO = {"tiny-random": (13, 128, 256), "wan2.1-1.3b": (81, 480, 832),
 def add_west_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="plan file to write (.safetensors)")
-    p.add_argument("--height", type=int, help="video height in pixels (default 480 for Wan)")
-    p.add_argument("--width", type=int, help="video width in pixels (default 832 for Wan)")
-    p.add_argument("--frames", type=int, help="video frames (default 81 for Wan)")
+    p.add_argument("--height", type=positive_int, help="video height in pixels (default 480 for Wan)")
+    p.add_argument("--width", type=positive_int, help="video width in pixels (default 832 for Wan)")
+    p.add_argument("--frames", type=positive_int, help="video frames (default 81 for Wan)")
     p.add_argument("--latent", type=parse_triple, metavar="F,H,W",
                    help="latent (F, H, W) before patching, instead of height/width/frames")
     p.add_argument("--vae-stride", type=parse_triple, metavar="T,H,W",
@@ -90,21 +159,32 @@ def add_west_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", type=Path,
                      help=".txt (one prompt a line; needs the checkpoint's text_encoder/ and "
                           "tokenizer/) or .safetensors/.pt with prompt_embeds (N, L, text_dim)")
-    src.add_argument("--num-prompts", type=int, default=4,
+    src.add_argument("--num-prompts", type=positive_int, default=4,
                      help="random Gaussian embeddings (random-weight models only make sense with "
                           "these); default 4")
     p.add_argument("--negative-prompt", default=None,
                    help="with a .txt --prompts: negative prompt, enables CFG (both passes captured)")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default 5.0)")
-    p.add_argument("--text-len", type=int, default=None,
+    p.add_argument("--text-len", type=positive_int, default=None,
                    help="length of random embeddings (default: 512 for Wan, 16 for tiny)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps of the trajectory")
-    p.add_argument("--capture-steps", type=int, default=10,
+    p.add_argument("--steps", type=positive_int, default=50,
+                   help="denoising steps of the trajectory")
+    p.add_argument("--capture-steps", type=positive_int, default=10,
                    help="steps to capture, evenly spaced incl. first and last (default 10)")
-    p.add_argument("--shift", type=float, default=None,
+    p.add_argument("--shift", type=positive_float, default=None,
                    help="flow-matching shift (default 5.0 at >= 720p, else 3.0, as Wan)")
     p.add_argument("--block-mass", default="auto", choices=["auto", "triton", "torch"],
                    help="block-mass implementation (default: Triton on CUDA, torch on CPU)")
+    add_token_order_argument(p)
+
+
+def add_token_order_argument(p: argparse.ArgumentParser) -> None:
+    from .token_order import NEW_PLAN_ORDER
+
+    p.add_argument("--token-order", default=NEW_PLAN_ORDER, metavar="raster|tile|tile:FxHxW",
+                   help="which tokens share a 128-token mask block: 'tile' (3D tiles of the "
+                        "latent grid, shape chosen per grid), 'tile:2x8x8' (a fixed tile), or "
+                        f"'raster' (strips of token rows); default {NEW_PLAN_ORDER}")
 
 
 def _west_inputs(args, src, text_dim: int):
@@ -118,7 +198,7 @@ def _west_inputs(args, src, text_dim: int):
                              seed=args.seed)
     if args.prompts.suffix == ".txt":
         if src.folder is None or not (src.folder / "text_encoder").is_dir():
-            raise SystemExit(f"west: --prompts {args.prompts} is text, but the model "
+            raise CliError(f"--prompts {args.prompts} is text, but the model "
                              f"{args.model!r} has no text_encoder/; pass precomputed embeddings "
                              f"(.safetensors with prompt_embeds) instead")
         from .calibrate import CalibrationInput
@@ -143,7 +223,10 @@ def run_west(args: argparse.Namespace) -> int:
         load_transformer,
         token_grid,
     )
+    from .masks import num_blocks
 
+    check_output_path(args.out, "--out")  # before minutes of calibration, not after
+    check_input_file(args.prompts, "--prompts")
     device = args._device = resolve_device(args.device)
     dtype = args._dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
@@ -159,25 +242,32 @@ def run_west(args: argparse.Namespace) -> int:
         vf, vh, vw = _DEFAULT_VIDEO.get(src.name, (None, None, None))
         if src.vae_stride == (4, 8, 8) and vf is None:
             vf, vh, vw = 81, 480, 832
-        frames, height, width = args.frames or vf, args.height or vh, args.width or vw
+        frames = args.frames if args.frames is not None else vf
+        height = args.height if args.height is not None else vh
+        width = args.width if args.width is not None else vw
         if None in (frames, height, width):
-            raise SystemExit("west: pass --frames, --height and --width (or --latent F,H,W) for "
-                             f"model {args.model!r}")
+            raise CliError("pass --frames, --height and --width (or --latent F,H,W) for "
+                           f"model {args.model!r}")
         latent = latent_shape_for(frames, height, width, cfg.in_channels, stride)
     grid = token_grid(model, latent)
+    s = grid[0] * grid[1] * grid[2]
+    if num_blocks(s) < 2:
+        print(f"warning: token grid {grid} is S = {s} tokens, one block of 128: every mask of "
+              f"this plan keeps everything, here and remapped to larger grids; pass a larger "
+              f"--latent or video size", file=sys.stderr)
     inputs = _west_inputs(args, src, cfg.text_dim)
     if not inputs:
-        raise SystemExit("west: no calibration inputs (empty prompt file?)")
+        raise CliError(f"--prompts {args.prompts}: no calibration inputs (empty prompt file?)")
     # Wan's flow shift: 5.0 at 720p, 3.0 below (diffusers docs).
     shift = args.shift if args.shift is not None else (5.0 if latent[2] * stride[1] >= 720 else 3.0)
     timesteps = default_timesteps(args.steps, shift)
     capture = evenly_spaced(len(timesteps), args.capture_steps)
-    s = grid[0] * grid[1] * grid[2]
     print(f"latents (C, F, H, W) = {latent}, token grid (F, H, W) = {grid}, S = {s}; "
           f"{len(inputs)} inputs x {len(capture)}/{len(timesteps)} captured steps")
     plan = calibrate_west(model, inputs, timesteps, latent_shape=latent, capture_steps=capture,
                           guidance_scale=args.guidance_scale, block_mass_impl=args.block_mass,
-                          source=f"scaling-attn west --model {args.model}")
+                          source=f"scaling-attn west --model {args.model}",
+                          token_order=args.token_order)
     path = plan.save(args.out)
     print(plan.summary())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
@@ -192,8 +282,11 @@ def add_show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=float, default=0.3,
                    help="keep-density threshold p of the drawn mask T <= p (default 0.3)")
     p.add_argument("--grid", type=parse_triple, metavar="F,H,W",
-                   help="remap to this token grid first (default: the calibration grid)")
-    p.add_argument("--heads", default=None, help="comma-separated heads (default: all)")
+                   help="remap to this latent token grid first, after the VAE and patching, "
+                        "not pixels: (21, 30, 52) for 81x480x832 Wan video (default: the "
+                        "calibration grid)")
+    p.add_argument("--heads", type=int_list, default=None,
+                   help="comma-separated heads (default: all)")
     p.add_argument("--out", type=Path, default=None,
                    help="PNG path (default: <plan>.layer<L>.png next to the plan)")
 
@@ -202,11 +295,12 @@ def run_show(args: argparse.Namespace) -> int:
     from .plan import load_plan
     from .viz import plot_layer
 
-    plan = load_plan(args.plan)
-    print(plan.summary())
-    heads = None if args.heads is None else [int(h) for h in args.heads.split(",")]
     out = args.out or args.plan.with_name(f"{args.plan.stem}.layer{args.layer}.png")
-    path = plot_layer(plan, args.layer, out, density=args.density, grid=args.grid, heads=heads)
+    plan = load_plan(args.plan)
+    check_output_path(out, "--out")
+    print(plan.summary())
+    path = plot_layer(plan, args.layer, out, density=args.density, grid=args.grid,
+                      heads=args.heads)
     print(f"wrote {path}")
     return 0
 
@@ -234,16 +328,16 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                         "dense-first (first --dense-fraction of steps dense); default fast")
     p.add_argument("--dense-fraction", type=float, default=0.25,
                    help="dense-first: fraction of steps run dense (default 0.25)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="denoising steps of the profiling run (default: the plan's calibration)")
-    p.add_argument("--capture-steps", type=int, default=None,
+    p.add_argument("--capture-steps", type=positive_int, default=None,
                    help="steps profiled = timestep buckets, evenly spaced (default: all)")
-    p.add_argument("--shift", type=float, default=None,
+    p.add_argument("--shift", type=positive_float, default=None,
                    help="flow-matching shift (default 5.0 at >= 720p, else 3.0, as Wan)")
     p.add_argument("--levels", type=_levels_arg, default=None,
                    help="WEST thresholds, ascending, ending with 1.0 (default "
                         "0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.65,0.8,1.0)")
-    p.add_argument("--rows-per-block", type=int, default=16,
+    p.add_argument("--rows-per-block", type=positive_int, default=16,
                    help="sampled query rows per 128-row block (default 16)")
     p.add_argument("--gamma", type=float, default=1.0, help="A(l, t) curvature (default 1)")
     p.add_argument("--omega", type=float, default=None,
@@ -258,22 +352,23 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                         "(first row); default a random embedding")
     p.add_argument("--negative-prompt", default=None, help="with a .txt --prompts: enables CFG")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default 5.0)")
-    p.add_argument("--text-len", type=int, default=None,
+    p.add_argument("--text-len", type=positive_int, default=None,
                    help="length of a random embedding (default: 512 for Wan, 16 for tiny)")
 
 
 def run_fast(args: argparse.Namespace) -> int:
     from . import fast
     from .calibrate import default_timesteps, evenly_spaced, load_transformer
-    from .plan import load_plan
+    from .plan import PlanModelMismatch, load_plan
     from .viz import plot_schedule
 
     t0 = time.perf_counter()
-    try:
-        target = fast.check_target(args.target_density, "--target-density")
-    except ValueError as e:
-        raise SystemExit(f"fast: {e}") from None
+    target = fast.check_target(args.target_density, "--target-density")
+    png = args.png or args.out.with_name(f"{args.out.name.split('.')[0]}.schedule.png")
     plan = load_plan(args.plan)
+    check_output_path(args.out, "--out")
+    check_output_path(png, "--png")
+    check_input_file(args.prompts, "--prompts")
     calib = plan.meta.calibration
     steps = args.steps or int(calib.get("num_steps", 50))
     latent = calib.get("latent_shape")
@@ -287,8 +382,8 @@ def run_fast(args: argparse.Namespace) -> int:
         schedule = fast.dense_first_schedule(plan, target, timesteps, args.dense_fraction)
     else:
         if latent is None:
-            raise SystemExit(f"fast: {args.plan} has no calibration latent_shape; re-extract it "
-                             f"with `scaling-attn west`")
+            raise CliError(f"--plan {args.plan} has no calibration latent_shape; re-extract it "
+                           f"with `scaling-attn west`")
         device = args._device = resolve_device(args.device)
         dtype = args._dtype = resolve_dtype(args.dtype, device)
         src = load_transformer(args.model, dtype=dtype, device=device, seed=args.seed)
@@ -296,11 +391,18 @@ def run_fast(args: argparse.Namespace) -> int:
         args.num_prompts = 1
         inputs = _west_inputs(args, src, model.config.text_dim)[:1]
         if not inputs:
-            raise SystemExit("fast: no calibration input (empty prompt file?)")
+            raise CliError(f"--prompts {args.prompts}: no calibration input (empty prompt "
+                           f"file?)")
         capture = None if args.capture_steps is None else evenly_spaced(steps, args.capture_steps)
         print(f"profiling {src.name}: latents {tuple(latent)}, {steps} steps "
               f"({'all' if capture is None else len(capture)} profiled), target density {target}")
         levels = args.levels or list(fast.DEFAULT_LEVELS)
+        try:
+            plan.check_model(model)
+        except PlanModelMismatch as e:
+            made_by = calib.get("source") or "scaling-attn west"
+            raise CliError(f"--model {args.model}: {e}. The plan was made by `{made_by}`: pass "
+                           f"the same --model") from None
         plan, _ = fast.build_fast_plan(
             plan, model, inputs[0], target, timesteps=timesteps, latent_shape=latent,
             capture_steps=capture, levels=levels, rows_per_block=args.rows_per_block,
@@ -308,7 +410,6 @@ def run_fast(args: argparse.Namespace) -> int:
         schedule = plan.schedule
     plan = plan.with_schedule(schedule)
     path = plan.save(args.out)
-    png = args.png or args.out.with_name(f"{args.out.name.split('.')[0]}.schedule.png")
     plot_schedule(plan, png)
     info = schedule.info
     print(plan.summary())
@@ -356,9 +457,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _innermost_file(exc: BaseException) -> Path | None:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return None if tb is None else Path(tb.tb_frame.f_code.co_filename).resolve()
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Errors that describe the user's input, not a bug: :class:`CliError`, files that cannot be
+    read or written (``OSError``), and ``ValueError``/``ImportError`` raised by this package's
+    own checks (plan and argument errors; they name the argument and the fix). A
+    ``ValueError`` from inside torch or diffusers keeps its traceback."""
+    inner = getattr(exc, "inner_exception", None)  # torch.compile's BackendCompilerFailed
+    if isinstance(inner, BaseException) and inner is not exc:
+        return is_user_error(inner)
+    if isinstance(exc, (CliError, OSError)):
+        return True
+    where = _innermost_file(exc)
+    return isinstance(exc, (ValueError, ImportError)) and where is not None and \
+        where.is_relative_to(PACKAGE_DIR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. User errors print ``scaling-attn CMD: error: ...`` (one line) to stderr and
+    return 2, as argparse does; set SCALING_ATTN_DEBUG=1 for their tracebacks."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV) == "1" or not is_user_error(e):
+            raise
+        inner = getattr(e, "inner_exception", None)
+        msg = " ".join(str(inner if isinstance(inner, BaseException) else e).split())
+        print(f"scaling-attn {args.command}: error: {msg or type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Stages (each timed):
 4. compile the transformer with ``scaling_attn_backend(plan)`` (CPU: the op's reference path);
 5. generate the *held-out* captions dense (eager model) and sparse (compiled), same seeds;
 6. write to ``--out``: ``side_by_side.gif`` (dense | sparse per prompt), ``masks_layer<i>.png``,
-   ``schedule.png``, ``plan.safetensors``, ``results.md``, ``results.json``.
+   ``schedule.png``, ``blocks.png`` (which tokens each mask block holds, ``--token-order``), ``plan.safetensors``, ``results.md``, ``results.json``.
 
 Metrics of the sparse video against the dense one of the same prompt and seed: PSNR (data range
 2, videos in ``[-1, 1]``), SSIM (Gaussian window 11 / sigma 1.5 per frame and channel, averaged
@@ -39,7 +39,7 @@ CUDA_GRID = (12, 64, 64)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import parse_triple
+    from .cli import add_token_order_argument, parse_triple, positive_int
 
     p.add_argument("--model-path", type=Path, default=None,
                    help="tiny Wan folder (config.json, diffusion_pytorch_model.safetensors, "
@@ -50,7 +50,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=parse_triple, default=None, metavar="F,H,W",
                    help=f"video size in pixels (= latents; patch 1x2x2): default {'x'.join(map(str, CPU_GRID))} "
                         f"on CPU, {'x'.join(map(str, CUDA_GRID))} on CUDA")
-    p.add_argument("--steps", type=int, default=16, help="Euler steps of every run (default 16)")
+    p.add_argument("--steps", type=positive_int, default=16,
+                   help="Euler steps of every run (default 16)")
     p.add_argument("--shift", type=float, default=1.0, help="flow shift of the sigma schedule (default 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance (default 1.0 = off, as the model card samples)")
@@ -68,6 +69,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-to-plot", default=None,
                    help="comma-separated layers for masks PNGs (default: first and last)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_token_order_argument(p)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     from .tiny_wan import ASSET_DIR, WEIGHTS_NAME, encode_captions, generate, load_tiny_wan, sigmas
     from .tiny_wan import token_grid as tiny_token_grid
     from .toy_video import held_out_captions
-    from .viz import plot_layer, plot_schedule
+    from .viz import plot_block_layout, plot_layer, plot_schedule
 
     progress = not args.quiet
     model_path = Path(args.model_path) if args.model_path is not None else ASSET_DIR
@@ -246,6 +248,14 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     with timer("load model"):
         model = load_tiny_wan(device, dtype, path=model_path)
+        # WEST calibration and FAST profiling run the model in the dtype of its *first*
+        # parameter. In bf16 (the CUDA default) that is Wan's scale_shift_table, kept fp32 as
+        # diffusers does, so they fed fp32 latents to the bf16 patch embedding and every GPU
+        # demo died: "Input type (float) and bias type (c10::BFloat16) should be the same".
+        # They run on an fp32 copy instead (6.9M parameters; the plan's weight fingerprint
+        # rounds to bf16, so it matches the bf16 model that is compiled and sampled).
+        calib_model = model if dtype == torch.float32 else \
+            load_tiny_wan(device, torch.float32, path=model_path)
     C = model.config.in_channels
     latent = (C, *grid)
     ts_all = [1000.0 * s for s in sigmas(args.steps, args.shift).tolist()[:-1]]  # what generate runs
@@ -259,13 +269,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     west_caps, fast_cap = caps[:-1], caps[-1]
     with timer("WEST calibration"), torch.no_grad():
         inputs = [calib_input(c, 1000 + i) for i, c in enumerate(west_caps)]
-        plan = calibrate_west(model, inputs, ts_all, latent_shape=latent,
+        plan = calibrate_west(calib_model, inputs, ts_all, latent_shape=latent,
                               capture_steps=evenly_spaced(len(ts_all), args.calib_capture_steps),
                               guidance_scale=args.guidance_scale, progress=progress,
-                              source=f"scaling-attn demo ({model_path.name})")
+                              source=f"scaling-attn demo ({model_path.name})",
+                              token_order=args.token_order)
     with timer("FAST profile + fit"), torch.no_grad():
         plan, _ = fast.build_fast_plan(
-            plan, model, calib_input(fast_cap, 2000), target, timesteps=ts_all,
+            plan, calib_model, calib_input(fast_cap, 2000), target, timesteps=ts_all,
             latent_shape=latent, capture_steps=evenly_spaced(len(ts_all), args.fast_capture_steps),
             progress=progress)
     fit = float(plan.schedule.info.get("achieved_density", float("nan")))
@@ -281,6 +292,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         pngs = [plot_layer(plan, li, out / f"masks_layer{li}.png", density=target)
                 for li in layers]
         pngs.append(plot_schedule(plan, out / "schedule.png"))
+        pngs.append(plot_block_layout(tgrid, plan.token_order, out / "blocks.png"))
 
     prompts = held_out_captions()[: args.num_prompts]
     B = len(prompts)
@@ -315,10 +327,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     meta = {"model": str(model_path), "grid": list(grid), "token_grid": list(tgrid), "seq_len": S,
             "num_blocks": num_blocks(S), "steps": args.steps, "shift": args.shift,
             "guidance_scale": args.guidance_scale, "device": str(device), "dtype": str(dtype),
+            "calibration_dtype": str(next(calib_model.parameters()).dtype),
             "target_density": target, "fast_fit_density": fit, "density": density,
             "calibration_captions": west_caps, "fast_caption": fast_cap, "prompts": prompts,
             "seed": args.seed, "compiler": args.compiler, "rewritten_attention_calls": rewritten,
-            "num_layers": plan.num_layers, "num_heads": plan.num_heads}
+            "num_layers": plan.num_layers, "num_heads": plan.num_heads,
+            "token_order": plan.meta.token_order}
     md = markdown_table(rows, timer.times, meta)
     (out / "results.md").write_text(md)
     files = [str(p) for p in (gif, *pngs, plan_path, out / "results.md", out / "results.json")]

@@ -1,6 +1,6 @@
 """FAST: fidelity-aware, head-wise density per (layer, timestep bucket) on the WEST topology.
 
-Pipeline (``../shared/research/papers.md`` §1, steps 5-9)::
+Pipeline (the ScalingAttention paper, FAST)::
 
     plan (WEST codes) + model + one calibration input
       -> profile_fidelity     one dense run; per (layer, step, head, level) the fidelity of the
@@ -59,6 +59,7 @@ import torch
 from . import west
 from .masks import BLOCK, num_blocks
 from .plan import FastSchedule, Plan
+from .token_order import in_token_order
 
 DEFAULT_LEVELS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0)
 DEFAULT_ROWS_PER_BLOCK = 16
@@ -271,7 +272,9 @@ def profile_fidelity(plan: Plan, transformer, calibration_input, *,
                          f"{capture_steps}")
     rows = sample_rows(S, rows_per_block, seed=seed)
     acc = _FidelityAccumulator(codes, levels, rows, {j: i for i, j in enumerate(chosen)})
-    capture_self_attention(transformer, [calibration_input], steps, acc,
+    # The codes' blocks are in the plan's token order: q/k go into it before scoring.
+    capture_self_attention(transformer, [calibration_input], steps,
+                           in_token_order(acc, plan.token_order),
                            latent_shape=latent_shape, capture_steps=chosen,
                            guidance_scale=guidance_scale, progress=progress)
     if bool((acc.count == 0).any()):

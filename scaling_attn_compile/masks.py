@@ -11,8 +11,10 @@ One layer's tables
 ------------------
 ``masks``          int32 ``(H, L, NB, W)``. Bit ``j % 32`` of word ``j // 32`` in row
                    ``(h, level, u)`` says whether query block ``u`` of head ``h`` attends to KV
-                   block ``j`` at that density level. Bits past ``NB`` must be zero.
-``level_table``    int32 ``(NT, H)``: the level each head uses in each timestep bucket.
+                   block ``j`` at that density level. Bits past ``NB`` should be zero;
+                   the op ignores them (``reference.py`` defines every value's behaviour).
+``level_table``    int32 ``(NT, H)``: the level each head uses in each timestep bucket, in
+                   ``[0, L)`` (the op clamps values outside).
 ``bucket_bounds``  float32 ``(NT - 1,)``, ascending, in timestep units (diffusers' scheduler
                    timesteps, 0..1000). ``bucket(t) = #{i : bucket_bounds[i] <= t}``, so bucket 0
                    holds the smallest (latest, least noisy) timesteps.

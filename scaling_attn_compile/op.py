@@ -17,15 +17,26 @@
 
 Semantics: :func:`scaling_attn_compile.reference.sparse_attention_reference`. On CUDA the op
 launches the Triton kernel in ``kernels/``; on the CPU it runs the reference.
+
+Table *values* are not checked per call (that would need a host sync in compiled code); every
+value has a defined behaviour instead (``reference.py``): levels are clamped to ``[0, L)``,
+mask bits past the last block are ignored, a NaN timestep falls in bucket 0. Tables the backend
+builds are valid by construction (checked when the plan is bound). For hand-made tables, call
+:func:`check_tables` once, or set ``SCALING_ATTN_CHECK_TABLES=1`` to make every eager call of
+the op run it (a host sync per call on CUDA: for debugging).
+
+Float64 q/k/v run on the CPU only (the reference, computed in float64); the kernel takes fp16
+and bf16, and fp32 in Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from .masks import num_blocks, num_words
+from .masks import WORD_BITS, num_blocks, num_words
 from .reference import (
     ENERGY_RULES,
     block_masks_for,
@@ -35,6 +46,7 @@ from .reference import (
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
+CHECK_TABLES_ENV = "SCALING_ATTN_CHECK_TABLES"  # "1": every eager op call runs check_tables
 
 
 def _check(cond: bool, exc: type[Exception], msg: str) -> None:
@@ -82,13 +94,67 @@ def validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep) -> Non
                f"sparse_attention: {name} must be on q's device {q.device}, got {t.device}")
 
 
+def check_tables(masks: torch.Tensor, level_table: torch.Tensor, bucket_bounds: torch.Tensor,
+                 seq_len: int, timestep: torch.Tensor | None = None) -> None:
+    """Opt-in value checks of one layer's tables (and a timestep) for ``seq_len`` tokens.
+
+    Raises ValueError naming the table, the bad value and where it is: levels outside
+    ``[0, L)``, mask bits of KV blocks past ``NB``, NaN or descending ``bucket_bounds``, a NaN
+    ``timestep``. The op itself never raises on these (see the module docstring); this reads
+    the values, so on CUDA it synchronises: call it when tables are made, not every step.
+    """
+    nb, nw = num_blocks(seq_len), num_words(seq_len)
+    _check(masks.dtype == torch.int32 and masks.dim() == 4 and masks.shape[2] == nb
+           and masks.shape[3] == nw and masks.shape[1] >= 1, ValueError,
+           f"check_tables: masks must be int32 (H, L>=1, NB={nb}, W={nw}) for S={seq_len}, got "
+           f"{masks.dtype} {tuple(masks.shape)}; materialise the tables for this length")
+    H, L = masks.shape[0], masks.shape[1]
+    _check(bucket_bounds.dtype == torch.float32 and bucket_bounds.dim() == 1, ValueError,
+           f"check_tables: bucket_bounds must be float32 (NT - 1,), got {bucket_bounds.dtype} "
+           f"{tuple(bucket_bounds.shape)}")
+    nt = bucket_bounds.numel() + 1
+    _check(level_table.dtype == torch.int32 and tuple(level_table.shape) == (nt, H), ValueError,
+           f"check_tables: level_table must be int32 (NT={nt}, H={H}), got {level_table.dtype} "
+           f"{tuple(level_table.shape)}")
+    bad = (level_table < 0) | (level_table >= L)
+    if bool(bad.any()):
+        t, h = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"check_tables: level_table[{t}, {h}] = {int(level_table[t, h])}, but masks has L={L} "
+            f"levels: expected values in [0, {L - 1}] ({int(bad.sum())} entries outside; the op "
+            f"would clamp them); rebuild the level table")
+    spare = nw * WORD_BITS - nb  # bits of the last word past NB
+    if spare:
+        high = torch.tensor(-(1 << (WORD_BITS - spare)), dtype=torch.int32, device=masks.device)
+        stray = (masks[..., -1] & high) != 0  # (H, L, NB)
+        if bool(stray.any()):
+            h, lv, u = (int(i) for i in stray.nonzero()[0])
+            raise ValueError(
+                f"check_tables: masks[{h}, {lv}, {u}] sets bits of KV blocks >= NB={nb} (S="
+                f"{seq_len}) in its last word ({int(stray.sum())} rows do; the op ignores them); "
+                "expected zeros there: pack block masks with masks.pack_blocks")
+    b = bucket_bounds
+    _check(not bool(b.isnan().any()), ValueError,
+           f"check_tables: bucket_bounds must not contain NaN, got {b.tolist()}")
+    _check(b.numel() < 2 or bool((b[1:] >= b[:-1]).all()), ValueError,
+           f"check_tables: bucket_bounds must be ascending, got {b.tolist()}; sort them")
+    if timestep is not None:
+        _check(not bool(timestep.isnan().any()), ValueError,
+               "check_tables: timestep is NaN; the op would use bucket 0 (no bound is <= NaN); "
+               "pass the scheduler's timestep")
+
+
 def validate_kernel_inputs(q, *, interpret: bool = False) -> None:
     """What the Triton kernel supports beyond the op's semantics."""
     _check(q.is_cuda or interpret, ValueError,
            f"block-sparse kernel: tensors must be CUDA tensors, got device {q.device} "
            "(the op runs the reference on the CPU; set TRITON_INTERPRET=1 to interpret the kernel)")
     _check(q.dtype in KERNEL_DTYPES or (interpret and q.dtype == torch.float32), TypeError,
-           f"block-sparse kernel: dtype must be float16 or bfloat16, got {q.dtype}")
+           f"block-sparse kernel: dtype must be float16 or bfloat16, got {q.dtype}; cast q, k, "
+           "v (float64 runs only on the CPU, through the reference)")
+    _check(not (interpret and q.dtype == torch.bfloat16), TypeError,
+           "block-sparse kernel: bfloat16 in Triton's interpreter gives garbage (its bf16 tl.dot "
+           "is broken: errors of 1e8-1e10); use float16 or float32 on the CPU, bfloat16 on a GPU")
     _check(q.shape[-1] in HEAD_DIMS, ValueError,
            f"block-sparse kernel: head_dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
 
@@ -107,6 +173,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
                      energy_threshold: float = 0.0) -> torch.Tensor:
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
     validate_energy(energy_rule, energy_threshold)
+    if os.environ.get(CHECK_TABLES_ENV) == "1":
+        check_tables(masks, level_table, bucket_bounds, q.shape[2], timestep)
     out = torch.empty_like(q)  # same strides as q, as the fake promises
     if q.is_cuda:
         validate_kernel_inputs(q)
@@ -118,8 +186,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
     if energy_rule:
         blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, q.shape[0],
                                  q.shape[2])
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.copy_(energy_filtered_attention_reference(
-            q, k, v, blocks, scale, energy_rule, energy_threshold, compute_dtype=torch.float32))
+            q, k, v, blocks, scale, energy_rule, energy_threshold, compute_dtype=compute))
     return out.copy_(sparse_attention_reference(q, k, v, masks, level_table, bucket_bounds,
                                                 timestep, scale))
 

@@ -15,8 +15,10 @@ File format (``FORMAT_VERSION`` 1): a safetensors file. Tensors:
 
 The JSON metadata sits in the safetensors header under the key ``"scaling_attn_plan"``: format
 name and version, model class, config and its fingerprint, a weights fingerprint, layers, heads,
-head_dim, block size, patch size, calibration grid and inputs, FAST info, and a sha256 of every
-tensor's bytes (safetensors itself checks the header and sizes, not the data).
+head_dim, block size, patch size, calibration grid and inputs, FAST info, the token order the
+blocks are in (``token_order``: ``"raster"``, ``"tile"`` or ``"tile:FxHxW"``, see
+``token_order``; files written before it existed load as ``"raster"``, which they are), and a
+sha256 of every tensor's bytes (safetensors itself checks the header and sizes, not the data).
 """
 
 from __future__ import annotations
@@ -24,21 +26,31 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import west
+from . import plan_schema, west
 from .masks import BLOCK, num_blocks, num_words, pack_blocks
 from .tables import AttentionTables
+from .token_order import TokenOrder
+from .token_order import describe as describe_order
 
 FORMAT = "scaling-attn-plan"
 FORMAT_VERSION = 1
 META_KEY = "scaling_attn_plan"
 DEFAULT_DENSITY = 0.5  # no schedule, no levels: one level at 50% kept blocks (paper: 45-74%)
 MAX_TABLE_BYTES = 600 * 10**6  # budget for one grid's materialised tables on the GPU
+# Remapped threshold maps kept per plan: Dynamo's default recompile_limit is 8, so a model
+# compiled at more resolutions than that runs eager anyway. 14B at 720p: 559 MB per grid.
+MAX_CACHED_GRIDS = 8
+# "Far" from the asked density: |achieved - asked| > max(0.05, 0.25 x asked). Block rounding
+# alone moves a uniform WEST density by up to ~0.05 at 16 blocks (0.25 asked -> 0.199 or 0.318
+# on the tiny model); a 1-block calibration grid used at 8 blocks gave 1.0 for 0.3 asked.
+DENSITY_WARN_ABS, DENSITY_WARN_REL = 0.05, 0.25
 
 Grid = tuple[int, int, int]
 
@@ -91,15 +103,21 @@ def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
     run in float32, float16 or bfloat16. ``None`` for meta tensors (no weights).
     """
     model = _unwrap(transformer)
+    return fingerprint_tensors([getattr(block.attn1, name).weight for block in model.blocks
+                                for name in ("to_q", "to_k")], samples)
+
+
+def fingerprint_tensors(tensors, samples: int = 1024) -> str | None:
+    """The weights fingerprint of ``tensors`` in order (``blocks.<i>.attn1.to_q/to_k.weight``
+    for i = 0, 1, ...); ``None`` if any is a meta tensor. Shared by :func:`weights_fingerprint`
+    and the backend's check, which only sees the Dynamo graph's parameter tensors."""
     h = hashlib.sha256()
-    for block in model.blocks:
-        for name in ("to_q", "to_k"):
-            w = getattr(block.attn1, name).weight
-            if w.is_meta:
-                return None
-            flat = w.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // samples)][:samples]
-            h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    for w in tensors:
+        if w.is_meta:
+            return None
+        flat = w.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)][:samples]
+        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -161,6 +179,9 @@ class PlanMeta:
     num_calibration_inputs: int
     calibration: dict = field(default_factory=dict)  # timesteps, steps, source, ...
     energy_filter: dict | None = None  # EnergyFilter.to_dict(), applied by the backend
+    # Which tokens share a 128-token block (token_order.py). A file without the key was written
+    # before tile order existed, and its blocks are raster strips: the default must stay raster.
+    token_order: str = "raster"
     block_size: int = BLOCK
     code_max: int = west.CODE_MAX
     format: str = FORMAT
@@ -184,6 +205,7 @@ class Plan:
 
     def __post_init__(self):
         m = self.meta
+        m.token_order = str(TokenOrder.parse(m.token_order))  # one clear error for a bad spec
         nb0 = num_blocks(math.prod(m.calib_grid))
         want = (m.num_layers, m.num_heads, nb0, nb0)
         if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != want:
@@ -196,8 +218,10 @@ class Plan:
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, transformer, calib_grid: Grid,
-                   num_calibration_inputs: int, calibration: dict | None = None) -> Plan:
-        """A plan for ``transformer`` from threshold codes extracted at ``calib_grid (F, H, W)``."""
+                   num_calibration_inputs: int, calibration: dict | None = None, *,
+                   token_order=None) -> Plan:
+        """A plan for ``transformer`` from threshold codes extracted at ``calib_grid (F, H, W)``
+        with blocks in ``token_order`` (``None``: raster)."""
         model = _unwrap(transformer)
         cfg = model_config(model)
         heads = cfg["num_attention_heads"]
@@ -207,7 +231,8 @@ class Plan:
             weights_fingerprint=weights_fingerprint(model),
             num_layers=len(model.blocks), num_heads=heads, head_dim=cfg["attention_head_dim"],
             patch_size=list(cfg["patch_size"]), calib_grid=list(calib_grid),
-            num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}))
+            num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}),
+            token_order=str(TokenOrder.parse(token_order)))
         return cls(codes.to("cpu", torch.uint8).contiguous(), meta)
 
     def with_energy_filter(self, energy_filter) -> Plan:
@@ -243,6 +268,11 @@ class Plan:
     def calib_grid(self) -> Grid:
         return tuple(self.meta.calib_grid)
 
+    @property
+    def token_order(self) -> TokenOrder:
+        """The order the plan's blocks are in, at every grid (``token_order.py``)."""
+        return TokenOrder.parse(self.meta.token_order)
+
     def grid_for(self, latent_shape) -> Grid:
         """Token grid ``(F, H, W)`` of latents ``(B, C, F, H, W)`` or ``(C, F, H, W)`` after patching."""
         f, h, w = (int(x) for x in tuple(latent_shape)[-3:])
@@ -257,15 +287,22 @@ class Plan:
     def thresholds(self, grid: Grid | None = None) -> torch.Tensor:
         """Codes ``(num_layers, H, NB, NB)`` at ``grid`` (the calibration grid by default),
         remapped conservatively through 3D block coordinates; cached per grid."""
-        grid = self.calib_grid if grid is None else tuple(int(x) for x in grid)
-        if len(grid) != 3 or min(grid) < 1:
-            raise PlanError(f"grid: expected a latent token grid (F, H, W) of positive ints, "
-                            f"got {grid}")
+        grid = self.calib_grid if grid is None else _as_grid(grid, "grid")
         if grid == self.calib_grid:
             return self.codes
         if grid not in self._remapped:
-            self._remapped[grid] = west.remap_codes(self.codes, self.calib_grid, grid,
-                                                    progress=self.codes.shape[-1] > 128)
+            # remap_codes checks the size before allocating (a pixel size passed as the grid
+            # asked for 1.36 TB); the error says what a token grid is.
+            try:
+                remapped = west.remap_codes(self.codes, self.calib_grid, grid,
+                                            progress=self.codes.shape[-1] > 128,
+                                            patch_size=tuple(self.meta.patch_size),
+                                            order=self.token_order)
+            except ValueError as e:
+                raise PlanError(str(e)) from None
+            if len(self._remapped) >= MAX_CACHED_GRIDS:  # oldest first (dicts keep order)
+                self._remapped.pop(next(iter(self._remapped)))
+            self._remapped[grid] = remapped
         return self._remapped[grid]
 
     def mask(self, layer: int, p: float, grid: Grid | None = None) -> torch.Tensor:
@@ -292,7 +329,13 @@ class Plan:
         Tables live on ``device`` (default CPU). Raises :class:`PlanError` if they would exceed
         ``max_bytes`` (600 MB: Wan2.1-14B at 720p fits 8 levels, see :func:`tables_nbytes`).
         """
-        grid = tuple(int(x) for x in grid)
+        grid = _as_grid(grid, "materialize: grid")
+        if grid != self.calib_grid:
+            try:  # before the table budget: its message tells token grids from pixels
+                west.check_remap_size(self.num_layers * self.num_heads, self.calib_grid, grid,
+                                      patch_size=self.meta.patch_size)
+            except ValueError as e:
+                raise PlanError(f"materialize: {e}") from None
         sched = self.schedule if use_schedule else None
         if sched is not None and (levels is not None or density is not None):
             raise PlanError("materialize: this plan has a FAST schedule, which fixes the levels; "
@@ -342,6 +385,7 @@ class Plan:
                 words.append(pack_blocks(keep))
             level_dens.append(torch.stack(dens, dim=1))  # (H, L)
             masks.append(torch.stack(words, dim=1).to(device))  # (H, L, NB, W)
+        self._warn_if_density_far(grid, density, sched, level_dens)
         if sched is not None:
             level_tables = [sched.level_tables[i].to(device) for i in range(self.num_layers)]
             bounds = sched.bucket_bounds.to(device)
@@ -349,7 +393,34 @@ class Plan:
             level_tables = [torch.zeros(1, self.num_heads, dtype=torch.int32, device=device)
                             for _ in range(self.num_layers)]
             bounds = torch.zeros(0, dtype=torch.float32, device=device)
-        return AttentionTables(grid, masks, level_tables, bounds, level_dens)
+        return AttentionTables(grid, masks, level_tables, bounds, level_dens,
+                               token_order=self.meta.token_order)
+
+    def _warn_if_density_far(self, grid: Grid, density, sched, level_dens) -> None:
+        """Warn when the mean kept-block density at ``grid`` is far from the one asked for
+        (``density``, or the schedule's ``target_density``): a coarse calibration grid remapped
+        to a finer one keeps whole regions (1 block at calibration -> every block kept)."""
+        if sched is not None:
+            asked = sched.info.get("target_density")
+            lt = sched.level_tables.long()  # (num_layers, NT, H)
+            got = float(torch.stack([d.gather(1, lt[i].T).mean()  # d: (H, NL) -> (H, NT)
+                                     for i, d in enumerate(level_dens)]).mean())
+        else:
+            asked = density
+            got = float(torch.stack([d[:, 0] for d in level_dens]).mean())
+        if asked is None or abs(got - asked) <= max(DENSITY_WARN_ABS, DENSITY_WARN_REL * asked):
+            return
+        nb0, nb = self.codes.shape[-1], num_blocks(math.prod(grid))
+        if grid == self.calib_grid or nb0 >= nb:
+            why = (f"with {nb} blocks per row the masks are too coarse to reach it (the "
+                   f"always-kept diagonal alone is 1/{nb} = {1 / nb:.3f}); run a larger grid or "
+                   f"ask a density these masks reach")
+        else:
+            why = (f"the plan was calibrated at grid {self.calib_grid} ({nb0} blocks per row), "
+                   f"and each of its blocks covers ~{nb / nb0:.0f} blocks here; calibrate at a "
+                   f"grid closer to this one (`scaling-attn west --latent F,H,W`)")
+        warnings.warn(f"materialize: mean kept-block density at grid {grid} is {got:.3f}, far "
+                      f"from the {asked:g} asked: {why}", stacklevel=3)
 
     # ---- model check -------------------------------------------------------------------------
 
@@ -408,6 +479,7 @@ class Plan:
         meta = asdict(self.meta)
         meta["schedule"] = None if self.schedule is None else {"info": self.schedule.info}
         meta["sha256"] = {k: _sha256(t) for k, t in tensors.items()}
+        meta[plan_schema.CHECKSUM_KEY] = plan_schema.meta_checksum(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
         return path
@@ -421,6 +493,7 @@ class Plan:
             f"calibration grid (F, H, W) = {tuple(m.calib_grid)} -> S = "
             f"{math.prod(m.calib_grid)}, NB = {self.codes.shape[-1]}; "
             f"{m.num_calibration_inputs} calibration inputs",
+            describe_order(self.calib_grid, self.token_order),
         ]
         curve = west.density_by_code(self.codes).mean(dim=(0, 1))  # (256,), no big masks
         for p in densities:
@@ -433,6 +506,18 @@ class Plan:
         else:
             lines.append("FAST schedule: none")
         return "\n".join(lines)
+
+
+def _as_grid(grid, what: str) -> Grid:
+    """``grid`` as a tuple of three positive Python ints, else a :class:`PlanError`."""
+    try:
+        out = tuple(operator.index(x) for x in grid)
+    except TypeError:
+        out = ()
+    if len(out) != 3 or min(out) < 1:
+        raise PlanError(f"{what}: expected a latent token grid (F, H, W) of three positive ints, "
+                        f"got {grid!r}")
+    return out
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -475,15 +560,34 @@ def load_plan(path, *, device="cpu") -> Plan:
     except json.JSONDecodeError as e:
         raise PlanFileError(f"load_plan: {path} has corrupted plan metadata ({e}); re-run "
                             f"`scaling-attn west`") from e
-    if meta.get("format") != FORMAT:
+    if isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise PlanFileError(f"load_plan: {path} metadata format is {meta.get('format')!r}, "
                             f"expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
         raise PlanVersionError(f"load_plan: {path} is plan format version "
                                f"{meta.get('format_version')!r}; this scaling_attn_compile reads "
                                f"version {FORMAT_VERSION}. Use a matching package version or "
                                f"re-extract the plan with `scaling-attn west`")
-    sums = meta.pop("sha256", {})
+    try:
+        plan_schema.check_meta(meta)
+    except plan_schema.SchemaError as e:
+        raise PlanFileError(f"load_plan: {path} metadata: {e}; the file was edited or written "
+                            f"by other code: re-run `scaling-attn west`") from None
+    stored = meta.pop(plan_schema.CHECKSUM_KEY, None)
+    if stored is None:
+        # Files written before the metadata checksum existed (same format version): readable,
+        # but nothing vouches for their JSON.
+        warnings.warn(f"load_plan: {path} has no metadata checksum (written by an older "
+                      f"scaling_attn_compile); its JSON cannot be verified. Re-save it with "
+                      f"load_plan(path).save(path)", stacklevel=2)
+    elif stored != plan_schema.meta_checksum(meta):
+        raise PlanFileError(f"load_plan: {path} metadata fails its sha256 check: the JSON was "
+                            f"edited or corrupted; re-copy the file or re-run `scaling-attn west`")
+    if config_fingerprint(meta["model_config"]) != meta["config_fingerprint"]:
+        raise PlanFileError(f"load_plan: {path} metadata: model_config does not match its "
+                            f"config_fingerprint {meta['config_fingerprint']}; the JSON was "
+                            f"edited: re-run `scaling-attn west`")
+    sums = meta.pop("sha256")
     if set(sums) != set(tensors):
         raise PlanFileError(f"load_plan: {path} tensors {sorted(tensors)} do not match its "
                             f"checksummed list {sorted(sums)}; the file is corrupted")
@@ -492,11 +596,16 @@ def load_plan(path, *, device="cpu") -> Plan:
             raise PlanFileError(f"load_plan: {path} tensor '{k}' fails its sha256 check: the "
                                 f"file's bytes are corrupted; re-copy it or re-run `scaling-attn west`")
     sched_meta = meta.pop("schedule", None)
-    try:
-        pm = PlanMeta(**meta)
-    except TypeError as e:
-        raise PlanFileError(f"load_plan: {path} metadata fields are wrong for version "
-                            f"{FORMAT_VERSION} ({e})") from e
+    pm = PlanMeta(**meta)  # the schema admits only PlanMeta's fields here
+    if pm.energy_filter is not None:
+        from .energy import EnergyFilter
+
+        try:
+            EnergyFilter.from_dict(pm.energy_filter)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PlanFileError(f"load_plan: {path} metadata field 'energy_filter' is not a valid "
+                                f"EnergyFilter ({e}); re-attach it with plan.with_energy_filter"
+                                ) from None
     schedule = None
     if sched_meta is not None:
         need = ("fast.levels", "fast.level_tables", "fast.bucket_bounds")

@@ -9,6 +9,20 @@ Semantics, for one batch element ``b`` and head ``h``:
 3. ``out[i] = sum_j softmax_j(scale * q_i . k_j  over kept j) * v_j``: the softmax is renormalised
    over the kept keys only, exactly what a FlashAttention loop that skips blocks computes.
 
+Defined behaviour for any table values (the kernel, this reference and the Inductor template
+agree on it, and none of them reads out of bounds; ``tests/test_bad_tables.py`` fuzzes it):
+
+* **Levels** outside ``[0, L)`` are clamped to ``[0, L - 1]`` (``L = masks.shape[1]``): -3 uses
+  level 0, 99 uses level ``L - 1``.
+* **Mask bits** of KV blocks ``>= NB`` are ignored: the high bits of the last word, and whole
+  words past ``ceil(NB / 32)`` if a table has more.
+* **Timestep** ``t`` is compared in float32. ``bucket(t) = #{i : bucket_bounds[i] <= t}``, so a
+  NaN timestep is in bucket 0 (every comparison with NaN is false), ``+inf`` in the last bucket,
+  and a NaN bound is never counted. Raising instead would need a host sync in compiled code;
+  :func:`scaling_attn_compile.op.check_tables` (opt-in) raises on NaN timesteps and bad tables.
+* **Float64** q/k/v are computed in float64 (the default ``compute_dtype`` follows them), so the
+  op's CPU path returns float64 computed in float64; the kernel refuses float64 (fp16/bf16).
+
 It never builds an ``S x S`` tensor in one piece: queries are processed in chunks so that the
 score chunk stays under ``max_chunk_elements`` (default 2**26 floats, 256 MB in float32).
 """
@@ -23,9 +37,13 @@ from .masks import BLOCK, add_diagonal, num_blocks, select_levels, unpack_blocks
 
 def block_masks_for(masks: torch.Tensor, level_table: torch.Tensor, bucket_bounds: torch.Tensor,
                     timestep: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """Boolean block mask each (batch element, head) uses: ``(B, H, NB, NB)``, diagonal on."""
+    """Boolean block mask each (batch element, head) uses: ``(B, H, NB, NB)``, diagonal on.
+
+    Levels are clamped to ``[0, L - 1]`` and bits past ``NB`` dropped (see the module docstring).
+    """
     nb = num_blocks(seq_len)
     levels = select_levels(level_table, bucket_bounds, timestep.to(masks.device), batch)  # (B, H)
+    levels = levels.clamp(0, masks.shape[1] - 1)
     heads = torch.arange(masks.shape[0], device=masks.device)
     words = masks[heads[None, :], levels]  # (B, H, NB, W)
     return add_diagonal(unpack_blocks(words, nb))
@@ -35,7 +53,7 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                masks: torch.Tensor, level_table: torch.Tensor,
                                bucket_bounds: torch.Tensor, timestep: torch.Tensor,
                                scale: float | None = None, *,
-                               compute_dtype: torch.dtype = torch.float32,
+                               compute_dtype: torch.dtype | None = None,
                                max_chunk_elements: int = 2**26) -> torch.Tensor:
     """Block-sparse attention, written for clarity.
 
@@ -46,13 +64,16 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         bucket_bounds: float32 ``(NT - 1,)``, ascending.
         timestep: ``(B,)`` or ``()``.
         scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
-        compute_dtype: float32 (default) or float64 for an oracle.
+        compute_dtype: float32 or float64 (an oracle); ``None``: float64 for float64 inputs,
+            else float32.
 
     Returns:
         ``(B, H, S, D)`` in ``q.dtype``.
     """
     B, H, S, D = q.shape
     scale = D**-0.5 if scale is None else scale
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, B, S)  # (B,H,NB,NB)
     kc, vc = k.to(compute_dtype), v.to(compute_dtype)
     out = torch.empty(B, H, S, D, dtype=compute_dtype, device=q.device)

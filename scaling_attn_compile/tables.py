@@ -25,6 +25,8 @@ class AttentionTables:
         level_tables: per layer, int32 ``(NT, H)``.
         bucket_bounds: float32 ``(NT - 1,)``, ascending timestep boundaries (shared by layers).
         level_densities: per layer, float ``(H, L)`` kept-block fraction of each level (for logs).
+        token_order: which tokens share a 128-token block (``token_order.py`` spec: ``"raster"``,
+            ``"tile"``, ``"tile:FxHxW"``); the backend permutes the model's tokens to match.
     """
 
     grid: tuple[int, int, int]
@@ -32,6 +34,7 @@ class AttentionTables:
     level_tables: list[torch.Tensor]
     bucket_bounds: torch.Tensor
     level_densities: list[torch.Tensor] | None = None
+    token_order: str = "raster"
 
     @property
     def num_layers(self) -> int:
@@ -52,6 +55,7 @@ class AttentionTables:
             [t.to(device) for t in self.level_tables],
             self.bucket_bounds.to(device),
             self.level_densities,
+            self.token_order,
         )
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

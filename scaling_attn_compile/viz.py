@@ -1,4 +1,5 @@
-"""Pictures of a plan: a layer's per-head threshold maps T and the block mask at one density."""
+"""Pictures of a plan: a layer's per-head threshold maps T and the block mask at one density,
+the FAST schedule, and the token order's block layout (which tokens a block row/column is)."""
 
 from __future__ import annotations
 
@@ -52,10 +53,48 @@ def plot_layer(plan, layer: int, out, *, density: float = 0.3, grid=None,
         axes[2 * (i // cols)][i % cols].axis("off")
         axes[2 * (i // cols) + 1][i % cols].axis("off")
     shown = tuple(plan.calib_grid if grid is None else grid)
+    order = getattr(plan, "token_order", "raster")
     fig.suptitle(f"layer {layer}: WEST threshold maps, grid (F, H, W) = {shown}, NB = {nb}\n"
-                 f"rows: query blocks, columns: KV blocks", fontsize=9)
+                 f"rows: query blocks, columns: KV blocks, in {order} order "
+                 f"(see plot_block_layout)", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="T (keep-density threshold)")
+    return _save(fig, out, dpi)
+
+
+def plot_block_layout(grid, order, out, *, frames: Sequence[int] | None = None,
+                      dpi: int = 110) -> Path:
+    """Write a PNG of which 128-token block each token of ``grid (F, H, W)`` belongs to under
+    ``order`` (``token_order.py``), one panel per frame in ``frames`` (default: up to 4): what
+    the rows and columns of :func:`plot_layer`'s maps are. Raster blocks are strips of token
+    rows; tile blocks are boxes (the block id is the colour, its number is printed on it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .token_order import TokenOrder, block_of_token, describe
+
+    F, H, W = (int(x) for x in grid)
+    order = TokenOrder.parse(order)
+    blk = block_of_token((F, H, W), order).view(F, H, W)
+    frames = list(range(min(F, 4))) if frames is None else [f for f in frames if 0 <= f < F]
+    if not frames:
+        raise ValueError(f"plot_block_layout: frames must be in 0..{F - 1}, got none")
+    fig, axes = plt.subplots(1, len(frames), figsize=(3.2 * len(frames), 3.2 * H / W + 0.9),
+                             squeeze=False)
+    nb = int(blk.max()) + 1
+    for ax, f in zip(axes[0], frames, strict=True):
+        ax.imshow(blk[f].numpy(), cmap="tab20", vmin=0, vmax=max(19, nb - 1),
+                  interpolation="nearest")
+        for b in blk[f].unique().tolist():  # label each block at its tokens' centre
+            ys, xs = (blk[f] == b).nonzero(as_tuple=True)
+            ax.text(xs.float().mean(), ys.float().mean(), str(b), ha="center", va="center",
+                    fontsize=6)
+        ax.set_title(f"frame {f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"grid (F, H, W) = {(F, H, W)}: {describe((F, H, W), order)}", fontsize=8)
     return _save(fig, out, dpi)
 
 

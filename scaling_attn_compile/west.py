@@ -1,6 +1,6 @@
 """WEST: the weight-encoded sparse topology of each self-attention head, as a threshold map.
 
-Pipeline (``../shared/research/papers.md`` §1)::
+Pipeline (the ScalingAttention paper, WEST)::
 
     q, k (B, H, S, D) of one layer, one calibration input, one step
       -> block_mass          (B, H, NB, NB) float32: mean softmax probability per 128x128 block
@@ -28,10 +28,11 @@ too), so a remap to another grid does not spread an artificial "always kept" blo
 
 Resolution remap
 ----------------
-Tokens are flattened ``(f, h, w)`` of the latent grid ``(F, H, W)`` (after patching), 128 tokens a
-block, so a block is a run of rows, not a box. :func:`remap_codes` maps each target token to the
-base tokens whose cells overlap it in normalised ``[0, 1)^3`` coordinates, which gives for each
-target block the set of overlapping base blocks, and takes ``T_t(U, V) = min T_b(u, v)`` over
+Blocks are 128 consecutive tokens in the plan's token order (:mod:`.token_order`): in raster
+order ``(f, h, w)`` a block is a run of rows, in tile order a 3D tile. :func:`remap_codes` maps
+each target token to the base tokens whose cells overlap it in normalised ``[0, 1)^3``
+coordinates, and each token to its block under its grid's order, which gives for each target
+block the set of overlapping base blocks, and takes ``T_t(U, V) = min T_b(u, v)`` over
 overlapping pairs. So a target block is kept at ``p`` exactly when some overlapping base block
 pair is kept at ``p`` (conservative, and nested levels stay nested).
 """
@@ -241,11 +242,14 @@ def _axis_overlap(n_to: int, n_from: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx.clamp(max=n_from - 1), valid
 
 
-def block_overlap(from_grid: Grid, to_grid: Grid) -> torch.Tensor:
+def block_overlap(from_grid: Grid, to_grid: Grid, from_order=None, to_order=None) -> torch.Tensor:
     """bool ``(NB_to, NB_from)``: target block U overlaps base block u in 3D token coordinates.
 
-    Grids are latent token grids ``(F, H, W)`` after patching; tokens flatten ``(f, h, w)``.
+    Grids are latent token grids ``(F, H, W)`` after patching; blocks are 128 tokens of each
+    grid's token order (``None``: raster, tokens flatten ``(f, h, w)``; see :mod:`.token_order`).
     """
+    from .token_order import block_of_token
+
     (F0, H0, W0), (F1, H1, W1) = from_grid, to_grid
     fi, fv = _axis_overlap(F1, F0)
     hi, hv = _axis_overlap(H1, H0)
@@ -257,29 +261,91 @@ def block_overlap(from_grid: Grid, to_grid: Grid) -> torch.Tensor:
     valid = (fv[:, None, None, :, None, None] & hv[None, :, None, None, :, None]
              & wv[None, None, :, None, None, :])
     s1 = F1 * H1 * W1
-    target_block = (torch.arange(s1) // BLOCK).view(F1, H1, W1, 1, 1, 1).expand_as(base)
+    to_block = block_of_token(to_grid, to_order)
+    from_block = block_of_token(from_grid, from_order)
+    target_block = to_block.view(F1, H1, W1, 1, 1, 1).expand_as(base)
     overlap = torch.zeros(num_blocks(s1), num_blocks(F0 * H0 * W0), dtype=torch.bool)
-    overlap[target_block[valid], base[valid] // BLOCK] = True
+    overlap[target_block[valid], from_block[base[valid]]] = True
     return overlap
 
 
+# Peak bytes remap_codes may allocate. Wan2.1-14B from a 480p calibration to 720p needs
+# ~0.6 GB (559 MB of output maps); a pixel size passed as the grid (81, 720, 1280) asked for
+# 1.36 TB and spent 6 GB and 33 s before failing.
+MAX_REMAP_BYTES = 4 * 10**9
+WAN_VAE_STRIDE = (4, 8, 8)  # only for the hint that turns a pixel size into a token grid
+
+
+def remap_nbytes(num_maps: int, from_grid: Grid, to_grid: Grid) -> int:
+    """Upper bound of the bytes :func:`remap_codes` allocates for ``num_maps`` maps: the output
+    ``(num_maps, NB1, NB1)`` uint8 plus the larger of the 3D overlap temporaries (int64 token
+    ids, ``S1 x Kf x Kh x Kw``) and the per-map gather ``(NB1, K, NB0)``."""
+    s1 = math.prod(to_grid)
+    nb0, nb1 = num_blocks(math.prod(from_grid)), num_blocks(s1)
+    k_axes = [min(a, -(-a // b) + 1) for a, b in zip(from_grid, to_grid, strict=True)]
+    tokens = s1 * math.prod(k_axes) * 25  # base + target ids (int64) x 3 copies + valid (bool)
+    k = min(nb0, math.prod(k_axes) * 2)  # base blocks touching one target block, bounded
+    gather = nb1 * nb0 * (9 + k) + nb1 * k * 8  # the sort of the overlap, then t[idx]
+    return num_maps * nb1 * nb1 + max(tokens, gather)
+
+
+def _grid_hint(grid: Grid, patch_size) -> str:
+    """What the grid would be if ``grid`` were a Wan video's pixels (frames, height, width)."""
+    (f, h, w), (st, sh, sw) = grid, WAN_VAE_STRIDE
+    pt, ph, pw = patch_size or (1, 2, 2)
+    if (f - 1) % st or h % (sh * ph) or w % (sw * pw):
+        return ""
+    tok = (((f - 1) // st + 1) // pt, h // (sh * ph), w // (sw * pw))
+    return (f"; if {grid} is a video's frames, height and width in pixels, its Wan token grid is "
+            f"{tok} (VAE stride {WAN_VAE_STRIDE}, patch {tuple(patch_size or (1, 2, 2))})")
+
+
+def check_remap_size(num_maps: int, from_grid: Grid, to_grid: Grid, *, patch_size=None,
+                     max_bytes: int = MAX_REMAP_BYTES) -> None:
+    """Raise ``ValueError`` before allocating when remapping to ``to_grid`` needs more than
+    ``max_bytes``; the message says that grids are latent token grids, not pixels."""
+    need = remap_nbytes(num_maps, from_grid, to_grid)
+    if need <= max_bytes:
+        return
+    s1 = math.prod(to_grid)
+    raise ValueError(
+        f"grid: {tuple(to_grid)} is S = {s1:,} tokens ({num_blocks(s1):,} blocks of {BLOCK}); "
+        f"remapping {num_maps} threshold maps to it needs ~{need / 1e9:,.1f} GB, over the "
+        f"{max_bytes / 1e9:g} GB budget. Expected a latent token grid (F, H, W) after the VAE "
+        f"and patching, not pixels{_grid_hint(tuple(to_grid), patch_size)}; pass a larger "
+        f"max_bytes only if the grid is right")
+
+
 def remap_codes(codes: torch.Tensor, from_grid: Grid, to_grid: Grid, *,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, patch_size=None,
+                max_bytes: int = MAX_REMAP_BYTES, order=None, to_order=None) -> torch.Tensor:
     """Threshold codes ``(..., NB0, NB0)`` at ``from_grid`` -> ``(..., NB1, NB1)`` at ``to_grid``.
 
     ``T_to(U, V) = min T_from(u, v)`` over base blocks ``u`` overlapping ``U`` and ``v``
-    overlapping ``V`` (see module doc): conservative, nests like the input.
+    overlapping ``V`` (see module doc): conservative, nests like the input. ``order``: the
+    token order the codes are in (``None``: raster); ``to_order``: the target's (default the
+    same order, applied at the target grid). Raises ``ValueError`` before allocating if that
+    needs more than ``max_bytes`` (see :func:`check_remap_size`; ``patch_size`` only improves
+    its message).
     """
+    to_order = order if to_order is None else to_order
     from_grid, to_grid = tuple(from_grid), tuple(to_grid)
+    for name, g in (("from_grid", from_grid), ("to_grid", to_grid)):
+        if len(g) != 3 or not all(int(x) == x and x >= 1 for x in g):
+            raise ValueError(f"remap_codes: {name} must be a latent token grid (F, H, W) of "
+                             f"positive ints, got {g}")
+    from_grid, to_grid = tuple(int(x) for x in from_grid), tuple(int(x) for x in to_grid)
     nb0 = num_blocks(math.prod(from_grid))
     if codes.shape[-1] != nb0 or codes.shape[-2] != nb0:
         raise ValueError(
             f"remap_codes: codes must be (..., {nb0}, {nb0}) for from_grid {from_grid} "
             f"(S={math.prod(from_grid)}), got {tuple(codes.shape)}; pass the grid they were "
             f"extracted at")
-    if from_grid == to_grid:
+    if from_grid == to_grid and str(order) == str(to_order):
         return codes.clone()
-    overlap = block_overlap(from_grid, to_grid).to(codes.device)  # (NB1, NB0)
+    check_remap_size(math.prod(codes.shape[:-2]), from_grid, to_grid, patch_size=patch_size,
+                     max_bytes=max_bytes)
+    overlap = block_overlap(from_grid, to_grid, order, to_order).to(codes.device)  # (NB1, NB0)
     nb1 = overlap.shape[0]
     counts = overlap.sum(1)
     k = int(counts.max())
@@ -331,14 +397,16 @@ def mass_recall(mass: torch.Tensor, mask: torch.Tensor, seq_len: int) -> torch.T
 
 
 def remap_recall(codes_small: torch.Tensor, small_grid: Grid, codes_large: torch.Tensor,
-                 large_grid: Grid, densities: Sequence[float] = (0.1, 0.2, 0.3, 0.5)) -> dict:
+                 large_grid: Grid, densities: Sequence[float] = (0.1, 0.2, 0.3, 0.5), *,
+                 order=None) -> dict:
     """Scale-invariance check: remap ``codes_small`` to ``large_grid`` and compare its masks with
     the masks of ``codes_large`` (extracted natively at ``large_grid``) at each density.
 
     Returns ``{p: {"recall", "iou", "density_remapped", "density_native"}}``; recall is the
     fraction of natively kept blocks that the remapped mask keeps (paper: > 96%, 480p -> 720p).
+    ``order``: the token order both code maps are in (``None``: raster).
     """
-    remapped = remap_codes(codes_small, small_grid, large_grid)
+    remapped = remap_codes(codes_small, small_grid, large_grid, order=order)
     out = {}
     for p in densities:
         pred, ref = mask_at(remapped, p), mask_at(codes_large, p)

@@ -440,7 +440,7 @@ def test_patch_size_option_and_wrong_patch_size():
 def test_symbolic_sequence_length_errors_or_falls_back_dense(caplog):
     tables = uniform_tables(LAYERS, HEADS, GRID, 0.4)
     with pytest.raises(BackendCompilerFailed, match="dynamic=False") as info:
-        run_eager_backend(tables, dynamic=True)
+        run_eager_backend(tables, dynamic=True, on_dynamic_shapes="error")
     assert isinstance(info.value.inner_exception, DynamicShapeError)
 
     torch._dynamo.reset()

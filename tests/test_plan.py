@@ -153,9 +153,13 @@ def _header(path):
 
 
 def _rewrite_meta(path, edit):
+    """Edit the plan metadata and re-sign it, so the check after the checksum is what fails."""
+    from scaling_attn_compile.plan_schema import CHECKSUM_KEY, meta_checksum
+
     raw, n, header = _header(path)
     meta = json.loads(header["__metadata__"][META_KEY])
     edit(meta)
+    meta[CHECKSUM_KEY] = meta_checksum(meta)
     header["__metadata__"][META_KEY] = json.dumps(meta)
     body = json.dumps(header).encode()
     body += b" " * (-len(body) % 8)

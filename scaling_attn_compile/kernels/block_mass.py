@@ -128,6 +128,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor) -> None:
         raise TypeError(
             f"block_mass_triton: q and k must share one dtype among float16/bfloat16/float32, got "
             f"{q.dtype} and {k.dtype}; cast them first")
+    if not q.is_cuda and q.dtype == torch.bfloat16:
+        raise TypeError(
+            "block_mass_triton: bfloat16 in Triton's interpreter (a CPU tensor) gives garbage "
+            "(its bf16 tl.dot is broken: errors of 1e8-1e10); use float16/float32 on the CPU, or "
+            "west.block_mass_torch")
     D = q.shape[-1]
     if D < 16 or D & (D - 1):
         raise ValueError(

@@ -6,6 +6,12 @@ that 128-token KV block, clear the bit, repeat. Skipped blocks cost nothing: not
 not their QK^T. The row's words are held in registers as a small vector, so the walk is a
 ``for`` loop with a trip count known up front (the popcount), which Triton can software-pipeline.
 
+What if a table holds a bad value? The kernel reads nothing out of bounds for any values:
+the level is clamped to ``[0, L)``, mask bits of KV blocks past the last are cleared and the
+bucket never passes the table's last row; the reference defines the same behaviour
+(``reference.py``) and ``tests/test_bad_tables.py`` fuzzes it. Shapes are checked on the host
+(``check_launch``), so a direct launch is as safe as the op.
+
 The math lives in ``bsa_forward_tile``. The eager kernel below calls it; the Inductor template
 (``scaling_attn_compile.lowering``) pastes its source, so the two never drift apart.
 """
@@ -18,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..op import validate_kernel_inputs
 from ..reference import ENERGY_RULES  # the rule ids the kernel's ENERGY_RULE constexpr takes
 
 MASK_BLOCK = 128  # tokens per mask block (queries and keys); BLOCK_N == MASK_BLOCK
@@ -35,13 +42,41 @@ def bsa_popcount(x):
 
 @triton.jit
 def bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h, off_b, off_h,
-                     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr):
-    """The level this (batch element, head) uses: level_table[#{bounds <= t}, h]. On device, no sync."""
+                     num_levels, NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr):
+    """The level this (batch element, head) uses: level_table[#{bounds <= t}, h], clamped to
+    [0, num_levels - 1]. On device, no sync. Whatever the tables hold, nothing is read out of
+    bounds: the bucket is at most NUM_BOUNDS (padding lanes never count, even for t = +inf) and
+    the level is clamped (one min/max on a scalar per program)."""
     t = tl.load(TS + off_b * stride_ts).to(tl.float32)
     offs = tl.arange(0, BOUNDS_P2)
-    bounds = tl.load(BOUNDS + offs, mask=offs < NUM_BOUNDS, other=float("inf"))
-    bucket = tl.sum((bounds <= t).to(tl.int32), axis=0)
-    return tl.load(LEVEL_TABLE + bucket * stride_lt_t + off_h * stride_lt_h)
+    real = offs < NUM_BOUNDS
+    bounds = tl.load(BOUNDS + offs, mask=real, other=float("inf"))
+    bucket = tl.sum(((bounds <= t) & real).to(tl.int32), axis=0)  # NaN t: no bound counts, 0
+    level = tl.load(LEVEL_TABLE + bucket * stride_lt_t + off_h * stride_lt_h)
+    return tl.minimum(tl.maximum(level, 0), num_levels - 1)
+
+
+@triton.jit
+def bsa_row_words(MASKS, stride_mh, stride_ml, stride_mu, stride_mw, off_h, level, qblock,
+                  SEQ_LEN, NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr):
+    """The mask row of query block ``qblock`` as uint32 words ``(NUM_WORDS_P2,)``, with the bits
+    of KV blocks past the last one (``NB = ceil(S / 128)``) cleared and the diagonal bit set.
+
+    A stray bit past NB (a hand-made table, or W larger than ``ceil(NB / 32)``) would otherwise
+    load K/V rows past the end of the tensors: word ``w`` keeps only its low
+    ``clamp(NB - 32 w, 0, 32)`` bits. The shift amount stays <= 31 (a shift by 32 is undefined).
+    """
+    offs_w = tl.arange(0, NUM_WORDS_P2)
+    row = MASKS + off_h * stride_mh + level * stride_ml + qblock * stride_mu
+    words = tl.load(row + offs_w * stride_mw, mask=offs_w < NUM_WORDS, other=0)
+    words = words.to(tl.uint32, bitcast=True)
+    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
+    n_valid = tl.minimum(tl.maximum(tl.cdiv(SEQ_LEN, 128) - offs_w * 32, 0), 32)
+    valid = tl.where(n_valid >= 32, tl.full([NUM_WORDS_P2], 0xFFFFFFFF, tl.uint32),
+                     (one << tl.minimum(n_valid, 31).to(tl.uint32)) - 1)
+    words = words & valid
+    # The diagonal block is always kept, so no query row is ever empty.
+    return words | tl.where(offs_w == qblock // 32, one << (qblock % 32).to(tl.uint32), 0)
 
 
 @triton.jit
@@ -126,7 +161,7 @@ def bsa_forward_tile(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mh, stride_ml, stride_mu, stride_mw,
     stride_lt_t, stride_lt_h, stride_ts,
-    off_b, off_h, pid_m, SEQ_LEN, qk_scale,
+    off_b, off_h, pid_m, SEQ_LEN, qk_scale, num_levels,
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -150,15 +185,12 @@ def bsa_forward_tile(
 
     # -- this tile's mask row: level from the timestep, words into registers ------------------
     level = bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h,
-                             off_b, off_h, NUM_BOUNDS, BOUNDS_P2)
+                             off_b, off_h, num_levels, NUM_BOUNDS, BOUNDS_P2)
     qblock = (pid_m * BLOCK_M) // 128
     offs_w = tl.arange(0, NUM_WORDS_P2)
-    row = MASKS + off_h * stride_mh + level * stride_ml + qblock * stride_mu
-    words = tl.load(row + offs_w * stride_mw, mask=offs_w < NUM_WORDS, other=0)
-    words = words.to(tl.uint32, bitcast=True)
-    # The diagonal block is always kept, so no query row is ever empty.
     one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
-    words = words | tl.where(offs_w == qblock // 32, one << (qblock % 32).to(tl.uint32), 0)
+    words = bsa_row_words(MASKS, stride_mh, stride_ml, stride_mu, stride_mw, off_h, level,
+                          qblock, SEQ_LEN, NUM_WORDS, NUM_WORDS_P2)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
                 + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_LEN, other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -221,7 +253,7 @@ def _bsa_forward_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_mh, stride_ml, stride_mu, stride_mw,
     stride_lt_t, stride_lt_h, stride_ts,
-    NUM_HEADS, SEQ_LEN, qk_scale,
+    NUM_HEADS, SEQ_LEN, qk_scale, num_levels,
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -239,7 +271,7 @@ def _bsa_forward_kernel(
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_mh, stride_ml, stride_mu, stride_mw,
         stride_lt_t, stride_lt_h, stride_ts,
-        off_b, off_h, pid_m, SEQ_LEN, qk_scale,
+        off_b, off_h, pid_m, SEQ_LEN, qk_scale, num_levels,
         NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
         USE_TMA, WARP_SPECIALIZE, ENERGY_RULE, energy_thr,
     )
@@ -303,6 +335,7 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
     ``skipped``, an int32 tensor of ``B * H * ceil(S / BLOCK_M)`` elements, receives the number
     of blocks each program skipped.
     """
+    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out)
     B, H, S, D = q.shape
     ts = timestep.reshape(-1)
     stride_ts = 0 if ts.numel() == 1 else ts.stride(0)
@@ -316,6 +349,10 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
         raise ValueError("block-sparse kernel: the energy filter decides per 128-row query tile; "
                          f"config block_m must be 128, got {cfg.block_m}")
     if cfg.use_tma:
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise ValueError("block-sparse kernel: a TMA config reads K/V rows as contiguous; "
+                             f"k and v need a last-dim stride of 1, got {k.stride(-1)} and "
+                             f"{v.stride(-1)}; pass .contiguous() tensors or a non-TMA config")
         _ensure_tma_allocator()
     grid = (triton.cdiv(S, cfg.block_m), B * H)
     if skipped is not None and skipped.numel() != grid[0] * grid[1]:
@@ -325,13 +362,48 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
         q, k, v, masks, level_table, bucket_bounds, ts, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *masks.stride(),
         *level_table.stride(), stride_ts,
-        H, S, scale * LOG2E,
+        H, S, scale * LOG2E, masks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
         ENERGY_RULE=energy_rule, energy_thr=energy_threshold * LOG2E,
         SKIPPED=skipped, WRITE_SKIPPED=skipped is not None, **meta,
     )
     return out
+
+
+def check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out) -> None:
+    """Host-side checks of what the kernel indexes with (shapes, dtypes, devices; no values, so
+    no device sync): with these, no table *value* can make the kernel read out of bounds (levels
+    are clamped, bits past the last block ignored, the bucket is at most ``NT - 1``)."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"block-sparse kernel: {msg}")
+
+    need(q.dim() == 4, f"q must be (B, H, S, D), got shape {tuple(q.shape)}")
+    B, H, S, D = q.shape
+    for name, t in (("k", k), ("v", v), ("out", out)):
+        need(t.shape == q.shape, f"{name} must have q's shape {tuple(q.shape)}, got "
+                                 f"{tuple(t.shape)}")
+    validate_kernel_inputs(q, interpret=not q.is_cuda)  # dtype (no bf16 interpreted), head dim
+    nb = triton.cdiv(S, MASK_BLOCK)
+    need(masks.dtype == torch.int32 and masks.dim() == 4 and masks.shape[0] >= H
+         and masks.shape[1] >= 1 and masks.shape[2] >= nb and masks.shape[3] >= triton.cdiv(nb, 32),
+         f"masks must be int32 (H>={H}, L>=1, NB>={nb}, W>={triton.cdiv(nb, 32)}) for S={S}, got "
+         f"{masks.dtype} {tuple(masks.shape)}; materialise the tables for this sequence length")
+    need(bucket_bounds.dtype == torch.float32 and bucket_bounds.dim() == 1,
+         f"bucket_bounds must be float32 (NT - 1,), got {bucket_bounds.dtype} "
+         f"{tuple(bucket_bounds.shape)}; cast it with .float()")
+    nt = bucket_bounds.numel() + 1
+    need(level_table.dtype == torch.int32 and level_table.dim() == 2
+         and level_table.shape[0] >= nt and level_table.shape[1] >= H,
+         f"level_table must be int32 (NT>={nt}, H>={H}), got {level_table.dtype} "
+         f"{tuple(level_table.shape)}; one row per timestep bucket, one column per head")
+    need(timestep.numel() in (1, B), f"timestep must hold 1 or B={B} values, got "
+                                     f"{timestep.numel()}; pass shape ({B},) or ()")
+    for name, t in (("k", k), ("v", v), ("out", out), ("masks", masks),
+                    ("level_table", level_table), ("bucket_bounds", bucket_bounds),
+                    ("timestep", timestep)):
+        need(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
 
 
 def _ensure_tma_allocator():

@@ -89,7 +89,7 @@ def tiny_wan(path: Path | None = None) -> QualityModel:
             caps, device=device, dtype=dtype, path=path),
         generate=lambda model, caps, *, grid, steps, seed, transformer=None: tw.generate(
             model, caps, grid=grid, steps=steps, seed=seed, transformer=transformer,
-            encoder_path=path),
+            encoder=sw.caption_encoder(path)),
         timesteps=lambda steps: [1000.0 * s for s in tw.sigmas(steps).tolist()[:-1]],
         token_grid=tw.token_grid,
         held_out=lambda n: _check_n("tiny-wan", held_out_captions(), n),
@@ -138,7 +138,7 @@ def small_wan(path: Path | None = None) -> QualityModel:
             caps, device=device, dtype=dtype, path=path),
         generate=lambda model, caps, *, grid, steps, seed, transformer=None: sw.generate(
             model, caps, grid=grid, steps=steps, seed=seed, transformer=transformer,
-            encoder_path=path),
+            encoder=sw.caption_encoder(path)),
         timesteps=lambda steps: [1000.0 * s for s in sig(steps).tolist()[:-1]],
         token_grid=sw.token_grid,
         held_out=lambda n: _check_n("small-wan", list(pv.held_out_prompts(max(n, 8))), n),
