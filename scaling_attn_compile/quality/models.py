@@ -89,7 +89,7 @@ def tiny_wan(path: Path | None = None) -> QualityModel:
             caps, device=device, dtype=dtype, path=path),
         generate=lambda model, caps, *, grid, steps, seed, transformer=None: tw.generate(
             model, caps, grid=grid, steps=steps, seed=seed, transformer=transformer,
-            encoder=sw.caption_encoder(path)),
+            encoder_path=path),
         timesteps=lambda steps: [1000.0 * s for s in tw.sigmas(steps).tolist()[:-1]],
         token_grid=tw.token_grid,
         held_out=lambda n: _check_n("tiny-wan", held_out_captions(), n),
