@@ -198,7 +198,12 @@ def test_kernel_counting_path_on_cuda():
     assert (c_got - c_ref).abs().max() <= 0.01 * n
 
 
-def test_registry():
+def test_registry(model, model_dir):
+    # Each entry's sampler runs (a wrong keyword here only shows once a study generates).
+    spec = QM.tiny_wan(model_dir)
+    v = spec.generate(model, spec.held_out(1), grid=(2, 16, 16), steps=1, seed=0)
+    torch.testing.assert_close(v, tw.generate(model, spec.held_out(1), grid=(2, 16, 16), steps=1,
+                                              encoder_path=model_dir))
     spec = QM.get_model("tiny-wan")
     assert spec.native_grid == (8, 32, 32) and spec.steps == 16
     assert spec.token_grid(spec.native_grid) == (8, 16, 16)
@@ -223,6 +228,13 @@ def test_registry():
             pytest.fail(str(e))
         assert math.ceil(math.prod(sw.token_grid(sw.native_grid)) / 128) >= 128
         assert len(sw.held_out(8)) == 8 and sw.steps == 50
+        from scaling_attn_compile.small_wan import make_small_wan
+
+        tiny_sw = make_small_wan(seed=0, num_layers=1).eval()  # its sampler, tiny grid, 1 step
+        F, H, W = sw.native_grid
+        g = (2, H // 4, W // 4)
+        out = sw.generate(tiny_sw, sw.held_out(1), grid=g, steps=1, seed=0)
+        assert out.shape == (1, tiny_sw.config.out_channels, *g)
 
 
 def test_warmup_steps():

@@ -176,7 +176,8 @@ def plot_pareto(res: dict, path: Path) -> Path:
     cfg = res["config"]
     ax.set_title(f"{(res.get('env', {}).get('model_card') or cfg.get('model', 'tiny Wan')).split(':')[0]}, "
                  f"{'x'.join(map(str, cfg['grid']))}, {cfg['steps']} steps, "
-                 f"{len(cfg.get('prompts', []))} held-out prompts x {cfg.get('num_seeds', 1)} seeds",
+                 f"{len(cfg.get('prompts', []))} held-out prompts x {cfg.get('num_seeds', 1)} "
+                 f"seed{'s' if cfg.get('num_seeds', 1) != 1 else ''}",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
