@@ -188,7 +188,7 @@ def run_quality(args, save) -> dict:
                 dens = float(fast.schedule_density(sched, plan.thresholds(tgrid), ts_all).mean())
                 with torch.no_grad():
                     sparse = _cached(cache / f"sparse-{tag}-{order}-{method}-{target}.pt",
-                                     lambda: sparse_videos(model, sp, prompts, gen_kw))
+                                     lambda sp=sp: sparse_videos(model, sp, prompts, gen_kw))
                 if method == "west_fast" and target == args.densities[0]:
                     videos[str(order)] = sparse
                 for i, p in enumerate(prompts):
@@ -363,7 +363,7 @@ def run_step(args) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            med, all_ms = timed(lambda: compiled(**inputs), args.repeats)
+            med, all_ms = timed(lambda c=compiled: c(**inputs), args.repeats)
         out["rows"].append({"order": "raster" if order.is_raster else "tile",
                             "token_order": str(order), "ms_per_step": med, "all_ms": all_ms,
                             "first_call_s": first,
