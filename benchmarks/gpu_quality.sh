@@ -25,9 +25,9 @@
 # on the H200 (commit 9ac337f): one generation of 8 prompts x 2 seeds x 50 steps 7.8 s, a
 # (method, density) with its metrics 10-20 s; a dense step 7.6 ms through our kernel, 8.4 ms
 # through Inductor's SDPA. Compiles dominate: the first of the model 32 s; a method whose tables
-# had another shape 24-32 s (now every method's tables are padded to one shape, which made a
-# recompile 4 s); an energy-filter method 40 s (its rule and threshold are template constants:
-# one new kernel per threshold). 9 methods x 4 densities is ~36 x 10 s of videos plus
+# had another shape than the last compile's 24-32 s, one with the same shape 4 s (so every
+# method's tables are now padded to one shape; not yet measured on the GPU); an energy-filter
+# method 40 s (its rule and threshold are template constants: one new kernel per threshold). 9 methods x 4 densities is ~36 x 10 s of videos plus
 # 24 x ~6 s + 12 x ~40 s of compiles: ~17 min, hence the split. In one call the budget plan
 # keeps densities 0.25 and 0.35 (the bars') first, then cuts prompts and seeds only where that
 # makes it fit; a (method, density) whose expected time would overrun is skipped and says so.

@@ -81,9 +81,10 @@ class Calibration:
 
 def pad_tables(t: AttentionTables, levels: int, buckets: int) -> AttentionTables:
     """The same attention in tables of a common shape, so every method compiles to one graph
-    shape (Inductor's FX graph cache and the template's autotuning then hit: on the H200 a
-    method whose tables had FAST's 10 levels x 6 buckets compiled in 32 s, a recompile of
-    one-level tables in 4 s). Masks ``(H, levels, NB, W)``: extra levels copy the last and are
+    shape, for Inductor's FX graph cache and the template's autotuning to hit: on the H200
+    (small-wan) WEST+FAST's tables (10 levels x 6 buckets) compiled in 32 s and the dense
+    warm-up's (2 x 2) in 24 s, while WEST uniform's, of the dense reference's shape (1 x 1),
+    compiled in 4 s after it. Masks ``(H, levels, NB, W)``: extra levels copy the last and are
     never selected; level tables ``(buckets, H)``: extra rows copy the last; bounds padded with
     +inf, which ``#{bounds <= t}`` never counts for a finite ``t``, so no extra row is reached."""
     nl, nt = t.masks[0].shape[1], t.level_tables[0].shape[0]
