@@ -439,3 +439,28 @@ def test_merge_fills_times_from_a_timing_only_run(tmp_path):
         assert got == {"west_fast": ("ok", 27.0, 4.0), "sta": ("ok", 22.0, 3.0)}
         assert sorted(x["ms_per_step"] for x in m["records"]) == [3.0, 4.0]
         assert m["pareto"]["timed"] and not m["pareto"]["met"]  # sta: faster than any WEST+FAST
+
+
+def test_measured_path_in_tile_order_matches_backend(model, model_dir):
+    """Tables in 3D-tile token order: the counting path permutes q/k/v into it as the backend's
+    order pass permutes the model, so both make the same video; and it is not the raster one."""
+    from scaling_attn_compile.anchors import AnchorPlan
+
+    prompts = ["red circle rotating"]
+    kw = dict(grid=GRID, steps=STEPS, seed=0, encoder_path=model_dir)
+    heads, tgrid = model.config.num_attention_heads, tw.token_grid(GRID)
+    runner = bq.MeasuredAttention(model)
+    got = {}
+    for order in ("tile", "raster"):
+        plan = AnchorPlan("sta", 0.3, LAYERS, heads, token_order=order)
+        runner.configure(plan.materialize(tgrid))
+        with runner.installed():
+            got[order] = tw.generate(model, prompts, **kw)
+    backend = scaling_attn_backend(AnchorPlan("sta", 0.3, LAYERS, heads, token_order="tile"),
+                                   compiler="eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    ref = tw.generate(model, prompts, transformer=compiled, **kw)
+    torch._dynamo.reset()
+    assert backend.reports[0].token_order == "tile"
+    torch.testing.assert_close(got["tile"], ref, atol=2e-4, rtol=1e-4)
+    assert (got["tile"] - got["raster"]).abs().max() > 1e-3

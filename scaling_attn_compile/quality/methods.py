@@ -98,7 +98,7 @@ def pad_tables(t: AttentionTables, levels: int, buckets: int) -> AttentionTables
         torch.cat([d, d[:, -1:].expand(-1, levels - nl)], 1) for d in t.level_densities]
     return AttentionTables(t.grid, [m.contiguous() for m in masks],
                            [lt.contiguous() for lt in lts],
-                           torch.cat([t.bucket_bounds.float().cpu(), inf]), dens)
+                           torch.cat([t.bucket_bounds.float().cpu(), inf]), dens, t.token_order)
 
 
 @dataclass
@@ -124,6 +124,7 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
     plan, tgrid, ts = cal.plan, cal.token_grid, cal.timesteps
     L, H = cal.num_layers, cal.num_heads
     params, rule, sched, tables = {}, 0, None, None
+    order = getattr(getattr(plan, "meta", None), "token_order", "raster")  # anchors follow WEST
     if method in ("west_fast", "west_fast_flat"):
         sched, warn = _fit(cal.profile, target, **({"rho": 1.0} if method == "west_fast_flat"
                                                      else {}))
@@ -150,13 +151,14 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
         if cal.block_mass is None:
             raise ValueError("svg_split: no profiled block mass; the study captures it with the "
                              "energy calibration run")
+        # The profiled mass is of raster-order q/k; the types hold in any order.
         types, share = anchors.svg_head_types(cal.block_mass, tgrid, target)
-        tables = anchors.svg_split_tables(tgrid, target, types)
+        tables = anchors.svg_split_tables(tgrid, target, types, token_order=order)
         params = {"head_types": types.tolist(), "spatial_heads": int((types == 0).sum()),
                   "temporal_heads": int((types == 1).sum()),
                   "kept_mass_share": share.tolist()}
     else:  # radial, sta
-        tables = anchors.anchor_tables(method, tgrid, target, L, H)
+        tables = anchors.anchor_tables(method, tgrid, target, L, H, token_order=order)
     planned = {}
     if sched is not None:
         tables = plan.with_schedule(sched).materialize(tgrid)
