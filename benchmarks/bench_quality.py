@@ -124,10 +124,14 @@ def finite(obj):
 
 
 def merge(paths: list[Path]) -> dict:
-    """One result from runs of the same study split over calls (other densities or methods):
-    results and records joined (a (method, target) in two files: the first wins), the bars
-    recomputed. Each run's PSNR is against its own dense videos, so rows stay comparable when
-    the runs share model, grid, steps, prompts and seeds, which is checked."""
+    """One result from runs of one study split over calls: other densities or methods, or a
+    run without timing (``--no-time``) and one with timing only (``--timing-only``). Rows are
+    joined by (method, target): the first run with videos gives the quality, the first with a
+    time gives ``ms_per_step``; the bars are recomputed. Each run's PSNR is against its own
+    dense videos, so rows stay comparable when the runs share model, grid, steps, prompts, seeds
+    and calibration captions, which is checked (the calibration is deterministic in them)."""
+    import copy
+
     runs = [json.loads(Path(p).read_text()) for p in paths]
     base = runs[0]
     same = ("model", "grid", "steps", "videos", "seeds", "calibration_captions")
@@ -136,23 +140,37 @@ def merge(paths: list[Path]) -> dict:
         if diff:
             raise SystemExit(f"--merge: {p} differs from {paths[0]} in {diff}; merge only runs "
                              "of one study (same model, grid, steps, prompts and seeds)")
-    seen, results, recs = set(), [], []
+    rows: dict[tuple, dict] = {}
+    recs: dict[tuple, list] = {}
     for r in runs:
         for e in r["results"]:
             key = (e["method"], e["target_density"])
-            if key in seen or e["status"] == "skipped_budget":
+            if e["status"] == "skipped_budget":
                 continue
-            seen.add(key)
-            results.append(e)
-            recs += [x for x in r["records"]
-                     if (x["method"], x["target_density"]) == key]
+            have = rows.get(key)
+            if have is None or (have["status"] == "timed" and e["status"] == "ok"):
+                timed = have if have is not None else None
+                rows[key] = copy.deepcopy(e)
+                recs[key] = [x for x in r["records"]
+                             if (x["method"], x["target_density"]) == key]
+                if timed is not None and rows[key].get("ms_per_step") is None:
+                    rows[key].update(ms_per_step=timed["ms_per_step"],
+                                     timing=timed.get("timing"))
+            elif have.get("ms_per_step") is None and e.get("ms_per_step") is not None:
+                have.update(ms_per_step=e["ms_per_step"], timing=e.get("timing"))
+    for key, e in rows.items():
+        for x in recs.get(key, []):
+            x["ms_per_step"] = e.get("ms_per_step")
+    results = list(rows.values())
     out = dict(base)
     out["config"] = dict(base["config"], densities=sorted(
         {d for r in runs for d in r["config"]["densities"]}, reverse=True))
-    out.update(results=results, records=recs, bar=bar_check(results),
-               pareto=pareto_check(results),
+    out.update(results=results, records=[x for v in recs.values() for x in v],
+               bar=bar_check(results), pareto=pareto_check(results),
                at_equal_density=at_equal_density(results, out["config"]["densities"]),
                at_equal_time=at_equal_time(results), merged_from=[str(p) for p in paths],
+               reference_timing=next((r["reference_timing"] for r in runs
+                                      if r.get("reference_timing")), {}),
                budget=[r.get("budget") for r in runs],
                timings_s=[r.get("timings_s") for r in runs])
     return out
@@ -187,6 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-cpu", action="store_true",
                    help="time the compiled step on the CPU too (default: CUDA only)")
     p.add_argument("--no-time", action="store_true", help="do not time (density and PSNR only)")
+    p.add_argument("--timing-only", action="store_true",
+                   help="time every method, make no videos (join with a --no-time run by "
+                        "--merge): splits a GPU study over two calls")
     p.add_argument("--timing-repeats", type=int, default=3)
     p.add_argument("--timing-steps", type=int, default=None,
                    help="time this many evenly spaced steps (default: all)")
@@ -236,13 +257,16 @@ def main(argv=None) -> int:
             out.write_text(json.dumps(finite(res), indent=2, allow_nan=False))
             plot_pareto(res, out.with_suffix(".png"))
 
-        timing = None if not (args.time_cpu or args.no_time) else (args.time_cpu
-                                                                   and not args.no_time)
+        if args.timing_only and args.no_time:
+            p.error("--timing-only and --no-time: pick one (each is half of a split study)")
+        timing = True if args.timing_only else None if not (args.time_cpu or args.no_time) \
+            else (args.time_cpu and not args.no_time)
         res = run_quality(model, spec, grid=args.grid, steps=args.steps,
                           densities=args.densities, methods=methods, num_prompts=args.prompts,
                           num_seeds=args.seeds, seed=args.seed, num_calib=args.num_calib,
                           bisect_iters=args.bisect_iters, time_steps=timing,
                           timing_repeats=args.timing_repeats, timing_steps=args.timing_steps,
+                          timing_only=args.timing_only,
                           budget_minutes=args.budget_minutes, progress=args.progress,
                           on_result=write)
         write(res)

@@ -2,26 +2,35 @@
 # The quality study on one GPU (issue 13 item 3): every method at equal computed density and at
 # equal measured time per step, on held-out prompts, against the model's own dense videos.
 # Run from the repository root on the GPU machine, carrying .whl (the device image has no
-# diffusers: bash ../shared/tools/device-wheels.sh puts the wheels there):
+# diffusers: bash ../shared/tools/device-wheels.sh puts the wheels there).
 #
-#   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh small-wan                 # ~8 min on an H200
-#   GIT_SHA=<sha> DENSITIES=0.5,0.15 TAG=-b bash benchmarks/gpu_quality.sh small-wan   # 2nd call
-#   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh tiny-wan                  # smoke run, ~3 min
-#
-# then, here: python benchmarks/bench_quality.py --merge A.json B.json --out-quality OUT.json
+# One call does it all within BUDGET_MINUTES (default 7.5), cutting what does not fit:
+#   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh small-wan
+# The whole matrix for small-wan does not fit one 10-minute call (below), so split it over four
+# calls (PART=quality: videos, no compile; PART=timing: compiles and times, no videos) and join
+# the four JSONs here with  python benchmarks/bench_quality.py --merge A B C D --out-quality OUT:
+#   GIT_SHA=<sha> PART=quality TAG=-q bash benchmarks/gpu_quality.sh small-wan              # ~6 min
+#   GIT_SHA=<sha> PART=timing TAG=-tm METHODS=west_fast,west_uniform,dense_warmup,radial,sta,svg_split \
+#       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
+#   GIT_SHA=<sha> PART=timing TAG=-te1 METHODS=energy_cumulative,energy_blasst,west_fast_energy \
+#       DENSITIES=0.35,0.25 bash benchmarks/gpu_quality.sh small-wan                      # ~5 min
+#   GIT_SHA=<sha> PART=timing TAG=-te2 METHODS=energy_cumulative,energy_blasst,west_fast_energy \
+#       DENSITIES=0.5,0.15 bash benchmarks/gpu_quality.sh small-wan                       # ~5 min
+#   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh tiny-wan                   # smoke run, ~4 min
 #
 # Writes into $OUT: quality-<gpu>-<model><TAG>.json (rewritten after every method and density, so
 # a run cut short keeps what it finished), its .png, and log.txt: 3 files (the device returns 8).
 #
-# Cost at small-wan's native grid (16x32x32 = 16,384 tokens, 8 layers x 4 heads x 64): dense
-# attention is 4 S^2 D H = 0.27 TFLOP per layer and video, 2.2 TFLOP per step; 8 prompts x 2
-# seeds x 50 steps = 1,760 TFLOP per batch, ~6 s at ~300 TFLOP/s (head_dim 64). 1 dense + 9
-# methods x 4 densities: ~3 min of generation (the energy-only methods visit every block, the
-# others ~0.15-0.5 of them). Timing compiles each (method, density) anew: ~36 compiles of ~5-15 s
-# (Dynamo + Inductor; the Triton and FX caches are warm after the first) plus 4 x 50 timed steps.
-# That is more than 8 minutes, so --budget-minutes (BUDGET_MINUTES, default 7.5) keeps densities
-# 0.25 and 0.35 (the bars') first, cuts the others, then prompts, then seeds, as its estimate
-# needs, and says so in the record ("budget"); DENSITIES=0.5,0.15 in a second call adds the rest.
+# Cost at small-wan's native grid (16x32x32 = 16,384 tokens, 8 layers x 4 heads x 64), measured
+# on the H200 (commit 9ac337f): one generation of 8 prompts x 2 seeds x 50 steps 7.8 s, a
+# (method, density) with its metrics 10-20 s; a dense step 7.6 ms through our kernel, 8.4 ms
+# through Inductor's SDPA. Compiles dominate: the first of the model 32 s; a method whose tables
+# had another shape than the last compile's 24-32 s, one with the same shape 4 s (so every
+# method's tables are now padded to one shape; not yet measured on the GPU); an energy-filter
+# method 40 s (its rule and threshold are template constants: one new kernel per threshold). 9 methods x 4 densities is ~36 x 10 s of videos plus
+# 24 x ~6 s + 12 x ~40 s of compiles: ~17 min, hence the split. In one call the budget plan
+# keeps densities 0.25 and 0.35 (the bars') first, then cuts prompts and seeds only where that
+# makes it fit; a (method, density) whose expected time would overrun is skipped and says so.
 set -u
 MODEL=${1:?model: tiny-wan | small-wan}
 OUT=${OUT:-/tmp/out}
@@ -36,11 +45,19 @@ BUDGET=${BUDGET_MINUTES:-7.5}
 SLUG=$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 JSON=$OUT/quality-$SLUG-$MODEL${TAG:-}.json
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/log.txt"
+case "${PART:-all}" in
+  all) MODE="" ;;
+  quality) MODE="--no-time" ;;
+  timing) MODE="--timing-only" ;;
+  *) echo "PART: expected all, quality or timing, got ${PART}"; exit 2 ;;
+esac
+METHODS_ARG=()
+[ -n "${METHODS:-}" ] && METHODS_ARG=(--methods "$METHODS")
 # SIGINT at the budget + 60 s: Python stops where it is, the JSON holds every finished row.
 timeout --signal=INT --kill-after=20 "$(python3 -c "print(int(60 * $BUDGET + 60))")" \
   python3 benchmarks/bench_quality.py --model "$MODEL" --prompts "${PROMPTS:-8}" \
     --seeds "${SEEDS:-2}" --steps "${STEPS:-50}" --densities "${DENSITIES:-0.5,0.35,0.25,0.15}" \
-    --budget-minutes "$BUDGET" --skip-claims --out-quality "$JSON" ${EXTRA:-} 2>&1 \
-  | tee -a "$OUT/log.txt"
+    "${METHODS_ARG[@]}" $MODE --budget-minutes "$BUDGET" --skip-claims --out-quality "$JSON" \
+    ${EXTRA:-} 2>&1 | tee -a "$OUT/log.txt"
 echo "=== rc ${PIPESTATUS[0]}" | tee -a "$OUT/log.txt"
 ls -la "$OUT"

@@ -199,10 +199,18 @@ def svg_head_types(masses: list[torch.Tensor], grid: Grid, density: float,
 # Tables and the plan-like object
 # --------------------------------------------------------------------------------------------
 
+def _order_perm(grid: Grid, token_order) -> torch.Tensor | None:
+    """The permutation of a ``token_order`` spec (``"raster"``, ``"tile"``, ``"tile:FxHxW"``),
+    ``None`` for raster."""
+    from .token_order import TokenOrder, permutation
+
+    return None if TokenOrder.parse(token_order).is_raster else permutation(grid, token_order)
+
+
 def anchor_masks(kind: str, grid: Grid, density: float, num_heads: int, *,
                  head_types: torch.Tensor | None = None, order=None) -> torch.Tensor:
     """bool ``(H, NB, NB)`` block masks of one layer. ``head_types`` (int ``(H,)``) only for
-    ``svg_split``."""
+    ``svg_split``; ``order``: the sequence's token permutation (:func:`block_coords`)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     grid = _check_grid(grid)
@@ -219,9 +227,12 @@ def anchor_masks(kind: str, grid: Grid, density: float, num_heads: int, *,
 
 
 def anchor_tables(kind: str, grid: Grid, density: float, num_layers: int, num_heads: int, *,
-                  head_types: torch.Tensor | None = None, order=None) -> AttentionTables:
+                  head_types: torch.Tensor | None = None,
+                  token_order: str = "raster") -> AttentionTables:
     """:class:`AttentionTables` of an anchor at ``grid``: one level per layer, one timestep
-    bucket. ``head_types`` int ``(L, H)`` for ``svg_split``."""
+    bucket. ``head_types`` int ``(L, H)`` for ``svg_split``. ``token_order``: which tokens share
+    a block (``token_order.py``); the tables say it, so the backend permutes the model to it."""
+    order = _order_perm(_check_grid(grid), token_order)
     if kind == "svg_split" and (head_types is None
                                 or tuple(head_types.shape) != (num_layers, num_heads)):
         raise ValueError(f"head_types: svg_split needs (num_layers={num_layers}, "
@@ -242,7 +253,7 @@ def anchor_tables(kind: str, grid: Grid, density: float, num_layers: int, num_he
         masks.append(pack_blocks(blocks)[:, None])  # (H, 1, NB, W)
     return AttentionTables(tuple(grid), masks,
                            [torch.zeros(1, num_heads, dtype=torch.int32) for _ in masks],
-                           torch.zeros(0, dtype=torch.float32), dens)
+                           torch.zeros(0, dtype=torch.float32), dens, str(token_order))
 
 
 def radial_tables(grid, density, num_layers, num_heads, **kw) -> AttentionTables:
@@ -263,7 +274,8 @@ class AnchorPlan:
     """An anchor the backend can materialise at any grid: ``scaling_attn_backend(AnchorPlan(...))``.
 
     ``head_types`` (int ``(num_layers, num_heads)``) is required for ``svg_split``; ``info``
-    holds how they were chosen (JSON-able), for records.
+    holds how they were chosen (JSON-able), for records. ``token_order``: see
+    :func:`anchor_tables`.
     """
 
     kind: str
@@ -272,6 +284,7 @@ class AnchorPlan:
     num_heads: int
     head_types: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    token_order: str = "raster"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -283,5 +296,6 @@ class AnchorPlan:
         grid = _check_grid(grid)
         if grid not in self._cache:
             self._cache[grid] = anchor_tables(self.kind, grid, self.density, self.num_layers,
-                                              self.num_heads, head_types=self.head_types)
+                                              self.num_heads, head_types=self.head_types,
+                                              token_order=self.token_order)
         return self._cache[grid]

@@ -127,6 +127,15 @@ def test_timing_through_the_compiled_path(model, model_dir, tmp_path):
     assert all(rec["ms_per_step"] > 0 for rec in res["records"])
     assert res["pareto"]["timed"] and len(res["pareto"]["rows"]) == 2
     assert bq.plot_pareto(res, tmp_path / "t.png").stat().st_size > 0
+    # Timing only: every method timed, no video made.
+    res = bq.run_quality(model, QM.tiny_wan(model_dir), grid=GRID, steps=STEPS,
+                         densities=(0.4,), methods=("west_uniform",), num_prompts=1, num_calib=1,
+                         calib_capture_steps=2, fast_capture_steps=STEPS, energy_capture_steps=2,
+                         time_steps=True, timing_repeats=1, timing_steps=1,
+                         timing_compiler="eager", timing_only=True, log=lambda *a: None)
+    (r,) = res["results"]
+    assert r["status"] == "timed" and r["ms_per_step"] > 0 and r["psnr_db"] is None
+    assert res["records"] == [] and res["timings_s"]["generate_dense"] < 1.0
 
 
 def test_measured_path_matches_backend(model, model_dir):
@@ -383,3 +392,75 @@ def test_claims_part_through_the_registry(model, model_dir):
     assert len(res["topology_stability"]) == 3 and len(res["resolution_transfer"]) == 4
     assert all(0.0 <= r["iou_pooled"] <= 1.0 for r in res["topology_stability"])
     assert "| extracted at |" in claims_tables(res)
+
+
+def test_pad_tables_keeps_the_attention():
+    from scaling_attn_compile.quality.methods import pad_tables
+    from scaling_attn_compile.reference import block_masks_for
+
+    g = torch.Generator().manual_seed(0)
+    H, nb = 2, 8
+    masks = torch.randint(-2**31, 2**31 - 1, (H, 2, nb, 1), generator=g, dtype=torch.int64)
+    masks = (masks & 0xFF).to(torch.int32)  # 8 blocks: bits 0..7
+    lt = torch.tensor([[0, 1], [1, 0], [1, 1]], dtype=torch.int32)
+    bounds = torch.tensor([250.0, 600.0])
+    from scaling_attn_compile.tables import AttentionTables
+
+    t = AttentionTables((1, 8, 128), [masks], [lt], bounds)
+    p = pad_tables(t, 10, 6)
+    assert p.masks[0].shape == (H, 10, nb, 1) and p.level_tables[0].shape == (6, H)
+    assert p.bucket_bounds.tolist()[:2] == [250.0, 600.0] and math.isinf(p.bucket_bounds[-1])
+    for ts in (0.0, 249.9, 250.0, 599.0, 600.0, 1000.0):
+        tt = torch.tensor([ts, 1000.0 - ts])
+        assert torch.equal(block_masks_for(*t.layer(0), tt, 2, 1024),
+                           block_masks_for(*p.layer(0), tt, 2, 1024)), ts
+    assert pad_tables(p, 10, 6) is p  # already that shape
+    assert pad_tables(t, 1, 1) is t  # never shrinks
+
+
+def test_merge_fills_times_from_a_timing_only_run(tmp_path):
+    def run(rows, recs=()):
+        return {"config": {"model": "tiny-wan", "grid": [8, 32, 32], "steps": 16,
+                           "videos": ["p"], "seeds": [0], "calibration_captions": ["c"],
+                           "densities": [0.25]}, "results": rows, "records": list(recs)}
+
+    q = [_row("west_fast", 0.25, 0.25, 27.0), _row("sta", 0.25, 0.25, 22.0)]
+    recs = [dict(zip(RECORD_FIELDS, (r["method"], 0.25, 0.25, r["psnr_db"], 0.9, 0.1, None,
+                                     "p", 0), strict=True)) for r in q]
+    t = [dict(_row("west_fast", 0.25, None, None, 4.0), status="timed"),
+         dict(_row("sta", 0.25, None, None, 3.0), status="timed")]
+    pq, pt, out = tmp_path / "q.json", tmp_path / "t.json", tmp_path / "m.json"
+    pq.write_text(json.dumps(run(q, recs)))
+    pt.write_text(json.dumps(run(t)))
+    for order in ((pt, pq), (pq, pt)):  # either order
+        assert bq.main(["--merge", *map(str, order), "--out-quality", str(out)]) == 0
+        m = json.loads(out.read_text())
+        got = {r["method"]: (r["status"], r["psnr_db"], r["ms_per_step"]) for r in m["results"]}
+        assert got == {"west_fast": ("ok", 27.0, 4.0), "sta": ("ok", 22.0, 3.0)}
+        assert sorted(x["ms_per_step"] for x in m["records"]) == [3.0, 4.0]
+        assert m["pareto"]["timed"] and not m["pareto"]["met"]  # sta: faster than any WEST+FAST
+
+
+def test_measured_path_in_tile_order_matches_backend(model, model_dir):
+    """Tables in 3D-tile token order: the counting path permutes q/k/v into it as the backend's
+    order pass permutes the model, so both make the same video; and it is not the raster one."""
+    from scaling_attn_compile.anchors import AnchorPlan
+
+    prompts = ["red circle rotating"]
+    kw = dict(grid=GRID, steps=STEPS, seed=0, encoder_path=model_dir)
+    heads, tgrid = model.config.num_attention_heads, tw.token_grid(GRID)
+    runner = bq.MeasuredAttention(model)
+    got = {}
+    for order in ("tile", "raster"):
+        plan = AnchorPlan("sta", 0.3, LAYERS, heads, token_order=order)
+        runner.configure(plan.materialize(tgrid))
+        with runner.installed():
+            got[order] = tw.generate(model, prompts, **kw)
+    backend = scaling_attn_backend(AnchorPlan("sta", 0.3, LAYERS, heads, token_order="tile"),
+                                   compiler="eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    ref = tw.generate(model, prompts, transformer=compiled, **kw)
+    torch._dynamo.reset()
+    assert backend.reports[0].token_order == "tile"
+    torch.testing.assert_close(got["tile"], ref, atol=2e-4, rtol=1e-4)
+    assert (got["tile"] - got["raster"]).abs().max() > 1e-3

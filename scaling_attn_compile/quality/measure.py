@@ -34,10 +34,20 @@ LAMBDA_RANGE = (-30.0, 5.0)  # natural-log energy thresholds searched by bisect_
 
 
 def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: int,
-                   threshold: float, *, kernel: bool | None = None):
+                   threshold: float, *, kernel: bool | None = None, perm=None):
     """Block-sparse attention ``(B, H, S, D)``, the computed blocks per batch element (float64
     ``(B,)``, on the CPU) and all blocks per element (``H * NB * NB``). ``kernel``: launch the
-    Triton kernel (default: on CUDA; on the CPU it needs ``TRITON_INTERPRET=1``)."""
+    Triton kernel (default: on CUDA; on the CPU it needs ``TRITON_INTERPRET=1``). ``perm``
+    (int64 ``(S,)``): the tables' token order (``token_order.permutation``) for raster q/k/v:
+    they are permuted into it and the output back, as the backend's order pass does."""
+    if perm is not None:
+        perm = perm.to(q.device)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=q.device)
+        out, c, n = attend_counted(q.index_select(2, perm), k.index_select(2, perm),
+                                   v.index_select(2, perm), masks, level_table, bucket_bounds,
+                                   timestep, rule, threshold, kernel=kernel)
+        return out.index_select(2, inv), c, n
     B, H, S, D = q.shape
     scale = D ** -0.5
     ts = timestep.to(torch.float32)
@@ -103,13 +113,14 @@ class MeasuredAttention:
     def _layer_tables(self, layer: int, device):
         if self._device_tables is None or self._device_tables[0] != device:
             t = self.tables.to(device)
-            self._device_tables = (device, t)
-        return self._device_tables[1].layer(layer)
+            perm = table_perm(t)
+            self._device_tables = (device, t, None if perm is None else perm.to(device))
+        return self._device_tables[1].layer(layer), self._device_tables[2]
 
     def attend(self, layer: int, q, k, v):
-        masks, lt, bb = self._layer_tables(layer, q.device)
+        (masks, lt, bb), perm = self._layer_tables(layer, q.device)
         out, c, per = attend_counted(q, k, v, masks, lt, bb, self.timestep, self.rule,
-                                     self.threshold)
+                                     self.threshold, perm=perm)
         n = torch.full((q.shape[0],), per, dtype=torch.float64)
         self.computed = c if self.computed is None else self.computed + c
         self.total = n if self.total is None else self.total + n
@@ -158,6 +169,14 @@ class MeasuredAttention:
                 model.blocks[i].attn1.processor = proc
 
 
+def table_perm(tables: AttentionTables):
+    """The tables' token permutation, ``None`` in raster order."""
+    from ..token_order import TokenOrder, permutation
+
+    order = getattr(tables, "token_order", "raster")
+    return None if TokenOrder.parse(order).is_raster else permutation(tables.grid, order)
+
+
 def all_blocks_tables(num_layers: int, num_heads: int, grid) -> AttentionTables:
     """Every block visited (for the energy filter alone, and the dense reference)."""
     S = math.prod(grid)
@@ -201,12 +220,13 @@ def filtered_density(captures, tables: AttentionTables, rule: int, lam: float) -
     not change the skip decisions, so k stands in for it)."""
     comp = tot = 0.0
     dev = None
+    perm = table_perm(tables)
     for layer, t, q, k in captures:
         if dev != q.device:
             dev, dt = q.device, tables.to(q.device)
         masks, lt, bb = dt.layer(layer)
         _, c, per = attend_counted(q, k, k, masks, lt, bb, torch.tensor([t], device=q.device),
-                                   rule, lam)
+                                   rule, lam, perm=perm)
         comp += float(c.sum())
         tot += per * q.shape[0]
     return comp / tot

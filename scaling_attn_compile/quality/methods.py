@@ -29,6 +29,8 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
+
 from .. import anchors, fast
 from ..reference import ENERGY_RULES
 from ..tables import AttentionTables
@@ -74,6 +76,29 @@ class Calibration:
     num_layers: int
     num_heads: int
     bisect_iters: int = 10
+    pad_to: tuple[int, int] | None = None  # (levels, buckets) every method's tables share
+
+
+def pad_tables(t: AttentionTables, levels: int, buckets: int) -> AttentionTables:
+    """The same attention in tables of a common shape, so every method compiles to one graph
+    shape, for Inductor's FX graph cache and the template's autotuning to hit: on the H200
+    (small-wan) WEST+FAST's tables (10 levels x 6 buckets) compiled in 32 s and the dense
+    warm-up's (2 x 2) in 24 s, while WEST uniform's, of the dense reference's shape (1 x 1),
+    compiled in 4 s after it. Masks ``(H, levels, NB, W)``: extra levels copy the last and are
+    never selected; level tables ``(buckets, H)``: extra rows copy the last; bounds padded with
+    +inf, which ``#{bounds <= t}`` never counts for a finite ``t``, so no extra row is reached."""
+    nl, nt = t.masks[0].shape[1], t.level_tables[0].shape[0]
+    levels, buckets = max(levels, nl), max(buckets, nt)
+    if (levels, buckets) == (nl, nt):
+        return t
+    inf = torch.full((buckets - nt,), float("inf"), dtype=torch.float32)
+    masks = [torch.cat([m, m[:, -1:].expand(-1, levels - nl, -1, -1)], 1) for m in t.masks]
+    lts = [torch.cat([lt, lt[-1:].expand(buckets - nt, -1)]) for lt in t.level_tables]
+    dens = None if t.level_densities is None else [
+        torch.cat([d, d[:, -1:].expand(-1, levels - nl)], 1) for d in t.level_densities]
+    return AttentionTables(t.grid, [m.contiguous() for m in masks],
+                           [lt.contiguous() for lt in lts],
+                           torch.cat([t.bucket_bounds.float().cpu(), inf]), dens, t.token_order)
 
 
 @dataclass
@@ -99,6 +124,7 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
     plan, tgrid, ts = cal.plan, cal.token_grid, cal.timesteps
     L, H = cal.num_layers, cal.num_heads
     params, rule, sched, tables = {}, 0, None, None
+    order = getattr(getattr(plan, "meta", None), "token_order", "raster")  # anchors follow WEST
     if method in ("west_fast", "west_fast_flat"):
         sched, warn = _fit(cal.profile, target, **({"rho": 1.0} if method == "west_fast_flat"
                                                      else {}))
@@ -125,13 +151,14 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
         if cal.block_mass is None:
             raise ValueError("svg_split: no profiled block mass; the study captures it with the "
                              "energy calibration run")
+        # The profiled mass is of raster-order q/k; the types hold in any order.
         types, share = anchors.svg_head_types(cal.block_mass, tgrid, target)
-        tables = anchors.svg_split_tables(tgrid, target, types)
+        tables = anchors.svg_split_tables(tgrid, target, types, token_order=order)
         params = {"head_types": types.tolist(), "spatial_heads": int((types == 0).sum()),
                   "temporal_heads": int((types == 1).sum()),
                   "kept_mass_share": share.tolist()}
     else:  # radial, sta
-        tables = anchors.anchor_tables(method, tgrid, target, L, H)
+        tables = anchors.anchor_tables(method, tgrid, target, L, H, token_order=order)
     planned = {}
     if sched is not None:
         tables = plan.with_schedule(sched).materialize(tgrid)
@@ -142,6 +169,8 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
     elif method in anchors.KINDS:
         planned = {"planned_density": float(sum(float(d.mean()) for d in tables.level_densities)
                                             / len(tables.level_densities))}
+    if cal.pad_to is not None:
+        tables = pad_tables(tables, *cal.pad_to)
     lam = 0.0
     if rule:
         b = bisect_threshold(cal.energy_captures, tables, rule, target, iters=cal.bisect_iters)

@@ -151,13 +151,14 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                 energy_capture_steps: int = 4, bisect_iters: int = 10,
                 time_steps: bool | None = None, timing_repeats: int = 3,
                 timing_steps: int | None = None, timing_compiler: str = "inductor",
-                budget_minutes: float | None = None,
+                timing_only: bool = False, budget_minutes: float | None = None,
                 progress: bool = False, log: Callable = print,
                 on_result: Callable[[dict], None] | None = None) -> dict:
     """Part 1 on ``model`` (a loaded transformer of ``spec``); returns the JSON-able result.
 
     ``spec`` defaults to tiny-wan at ``model_path``. ``time_steps``: time each method through the
-    compiled path (default: on CUDA only). ``on_result(partial)`` is called after every (target,
+    compiled path (default: on CUDA only). ``timing_only``: build and time every method but make
+    no videos (status ``"timed"``; ``--merge`` joins it with a run made without timing). ``on_result(partial)`` is called after every (target,
     method) with the result so far, for incremental writes."""
     from .models import tiny_wan
 
@@ -197,7 +198,12 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     timings["calibration"] = time.perf_counter() - t0
     log(f"[quality] {spec.name}: WEST on {west_caps}, FAST/energy/SVG profile on {fast_cap!r}: "
         f"{timings['calibration']:.1f} s (one B=1 run {run_b1_s:.1f} s)")
-    calib = M.Calibration(plan, profile, energy_caps, mass, ts_all, tgrid, L, H, bisect_iters)
+    # Every method's tables in one shape: FAST's levels and buckets (see methods.pad_tables).
+    pad_to = (max(len(profile.levels), 2), max(len(profile.timesteps), 2))
+    calib = M.Calibration(plan, profile, energy_caps, mass, ts_all, tgrid, L, H, bisect_iters,
+                          pad_to)
+    if timing_only and not timing:
+        raise ValueError("timing_only: needs timing (CUDA, or time_steps=True)")
     if timing_steps:
         timing_inputs = [timing_inputs[j] for j in evenly_spaced(len(timing_inputs), timing_steps)]
 
@@ -205,13 +211,13 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     if timing:
         t0 = time.perf_counter()
         tkw = {"repeats": timing_repeats, "compiler": timing_compiler}
-        reference["dense_ours"] = time_compiled(model, all_blocks_tables(L, H, tgrid),
-                                                timing_inputs, **tkw)
+        dense_tables = M.pad_tables(all_blocks_tables(L, H, tgrid), *pad_to)
+        reference["dense_ours"] = time_compiled(model, dense_tables, timing_inputs, **tkw)
         reference["dense_inductor_sdpa"] = time_compiled(model, None, timing_inputs, **tkw)
         # The same tables under a new backend: what a method's compile costs once the Inductor
         # and Triton caches are warm (the budget plan's estimate per method).
         reference["dense_ours_recompiled"] = time_compiled(
-            model, all_blocks_tables(L, H, tgrid), timing_inputs, **tkw)
+            model, M.pad_tables(all_blocks_tables(L, H, tgrid), *pad_to), timing_inputs, **tkw)
         timings["reference_timing"] = time.perf_counter() - t0
         log(f"[quality] dense step: ours {reference['dense_ours']['ms_per_step']:.2f} ms, "
             f"Inductor SDPA {reference['dense_inductor_sdpa']['ms_per_step']:.2f} ms "
@@ -227,7 +233,8 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
         warm = reference.get("dense_ours_recompiled", {})
         item_t = (warm["first_pass_s"] + timing_repeats * warm["steps_timed"]
                   * warm["ms_per_step"] / 1e3) if timing else 0.0
-        gen_s = probe_generation_s(model, spec, grid, steps, num_prompts * num_seeds)
+        gen_s = 0.0 if timing_only else probe_generation_s(model, spec, grid, steps,
+                                                           num_prompts * num_seeds)
         budget = plan_budget(60.0 * budget_minutes, time.perf_counter() - t_start,
                              gen_s=gen_s, timing_item_s=item_t, n_methods=len(methods),
                              densities=densities, prompts=num_prompts, seeds=num_seeds)
@@ -241,9 +248,13 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     seeds = [seed + i for i in range(len(videos))]
 
     t0 = time.perf_counter()
-    dense = spec.generate(model, videos, grid=grid, steps=steps, seed=seed).float().cpu()
+    # Videos stay on the model's device: the metrics (float64 SSIM of 16 videos of 16x128x128 at
+    # small-wan's grid) take seconds per method on the CPU.
+    dense = None if timing_only else spec.generate(model, videos, grid=grid, steps=steps,
+                                                   seed=seed).float()
     timings["generate_dense"] = time.perf_counter() - t0
-    log(f"[quality] dense: {len(videos)} videos in {timings['generate_dense']:.1f} s")
+    if dense is not None:
+        log(f"[quality] dense: {len(videos)} videos in {timings['generate_dense']:.1f} s")
     runner = MeasuredAttention(model)
 
     def result_so_far(results, recs):
@@ -262,6 +273,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                     "fast_capture_steps": fast_capture_steps,
                     "energy_capture_steps": energy_capture_steps, "bisect_iters": bisect_iters,
                     "lambda_range": [-30.0, 5.0], "energy_fast_factor": M.ENERGY_FAST_FACTOR,
+                    "timing_only": timing_only,
                     "timing": {"on": timing, "batch": 1, "repeats": timing_repeats,
                                "compiler": timing_compiler,
                                "steps_timed": len(timing_inputs) if timing else 0,
@@ -275,17 +287,27 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                 "at_equal_density": at_equal_density(res_sorted, densities),
                 "at_equal_time": at_equal_time(res_sorted), "timings_s": dict(timings)}
 
-    results, recs, item_max = [], [], 0.0
+    results, recs, took = [], [], {}
+
+    def expected_s(method):
+        """This method's last time; else the median item so far: compiles of the energy
+        methods (a new kernel per threshold) took 40 s on the H200, a mask's 4-30 s."""
+        if method in took:
+            return took[method]
+        seen = sorted(took.values())
+        return seen[len(seen) // 2] if seen else 0.0
+
     for target in _ordered(dens_run):
         for method in methods:
             entry = {"method": method, "label": M.METHODS[method], "target_density": target,
                      "status": "ok", "params": {}, "ms_per_step": None}
             t0 = time.perf_counter()
             spent = t0 - t_start
-            if budget is not None and spent + item_max > budget["budget_s"]:
+            need = expected_s(method)
+            if budget is not None and spent + need > budget["budget_s"]:
                 entry.update(status="skipped_budget", achieved_density=None, psnr_db=None,
-                             ssim=None, rel_l2=None, error=f"{spent:.0f} s spent + {item_max:.0f}"
-                             f" s per item > budget {budget['budget_s']:.0f} s")
+                             ssim=None, rel_l2=None, error=f"{spent:.0f} s spent + {need:.0f} s "
+                             f"expected > budget {budget['budget_s']:.0f} s")
                 results.append(entry)
                 log(f"[quality] {target:.2f} {method:18s} skipped: over the budget")
                 continue
@@ -293,17 +315,22 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                 s = M.build(method, target, calib)
                 entry["params"] = s.params
                 entry.update(s.planned)
-                runner.configure(s.tables, s.rule, s.threshold)
-                with runner.installed():
-                    sparse = spec.generate(model, videos, grid=grid, steps=steps,
-                                           seed=seed).float().cpu()
-                per_d = runner.density_per_sample()
-                rows = [{"prompt": p, "seed": seeds[i], "density": per_d[i],
-                         **video_metrics(sparse[i], dense[i])} for i, p in enumerate(videos)]
-                sm = _summary(rows)
-                entry.update(achieved_density=runner.density(), psnr_db=sm["psnr_db"],
-                             ssim=sm["ssim"], rel_l2=sm["rel_l2"], per_prompt=rows,
-                             attention_calls=runner.calls)
+                rows = []
+                if timing_only:
+                    entry.update(status="timed", achieved_density=None, psnr_db=None, ssim=None,
+                                 rel_l2=None)
+                else:
+                    runner.configure(s.tables, s.rule, s.threshold)
+                    with runner.installed():
+                        sparse = spec.generate(model, videos, grid=grid, steps=steps,
+                                               seed=seed).float()
+                    per_d = runner.density_per_sample()
+                    rows = [{"prompt": p, "seed": seeds[i], "density": per_d[i],
+                             **video_metrics(sparse[i], dense[i])} for i, p in enumerate(videos)]
+                    sm = _summary(rows)
+                    entry.update(achieved_density=runner.density(), psnr_db=sm["psnr_db"],
+                                 ssim=sm["ssim"], rel_l2=sm["rel_l2"], per_prompt=rows,
+                                 attention_calls=runner.calls)
                 if timing:
                     filt = None if not s.rule else EnergyFilter(
                         [k for k, v in ENERGY_RULES.items() if v == s.rule][0],
@@ -317,9 +344,12 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                 entry.update(status="unreachable", error=str(e), achieved_density=None,
                              psnr_db=None, ssim=None, rel_l2=None)
             entry["time_s"] = time.perf_counter() - t0
-            item_max = max(item_max, entry["time_s"])
+            took[method] = entry["time_s"]
             results.append(entry)
-            if entry["status"] == "ok":
+            if entry["status"] == "timed":
+                log(f"[quality] {target:.2f} {method:18s} {entry['ms_per_step']:.2f} ms/step "
+                    f"({entry['time_s']:.0f} s)")
+            elif entry["status"] == "ok":
                 ms = "" if entry["ms_per_step"] is None else f"  {entry['ms_per_step']:.2f} ms/step"
                 log(f"[quality] {target:.2f} {method:18s} achieved {entry['achieved_density']:.3f}"
                     f"  PSNR {entry['psnr_db']:6.2f}  SSIM {entry['ssim']:.4f}  "
