@@ -16,7 +16,7 @@ dense (eager model) and sparse (the model compiled with ``scaling_attn_backend``
 ``west_fast``     WEST + FAST fitted to the target (what the demo runs);
 ``west_uniform``  WEST, one threshold everywhere (``fast.uniform_schedule``);
 ``dense_warmup``  first steps dense, the rest uniform (``fast.dense_first_schedule``; warm-up
-                  length by ``bench_quality.warmup_steps``: a quarter, fewer at low targets).
+                  length by ``quality.methods.warmup_steps``: a quarter, fewer at low targets).
 
 (The energy-filter methods of ``bench_quality.py`` are order-independent in their calibration
 only through the masks; they are not run here.) ``density`` is the schedule's kept-block
@@ -93,7 +93,7 @@ def schedule_for(method, plan, profile, target, ts_all, tgrid):
         return fast.uniform_schedule(plan, target, grid=tgrid)
     if method == "dense_warmup":
         sys.path.insert(0, str(Path(__file__).parent))
-        from bench_quality import warmup_steps  # the quality study's warm-up length rule
+        from scaling_attn_compile.quality.methods import warmup_steps  # the study's rule
 
         k = warmup_steps(target, len(ts_all))
         return fast.dense_first_schedule(plan, target, ts_all, dense_fraction=k / len(ts_all),
