@@ -92,7 +92,6 @@ def schedule_for(method, plan, profile, target, ts_all, tgrid):
     if method == "west_uniform":
         return fast.uniform_schedule(plan, target, grid=tgrid)
     if method == "dense_warmup":
-        sys.path.insert(0, str(Path(__file__).parent))
         from scaling_attn_compile.quality.methods import warmup_steps  # the study's rule
 
         k = warmup_steps(target, len(ts_all))
