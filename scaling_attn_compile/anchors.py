@@ -53,20 +53,13 @@ import torch
 
 from .masks import BLOCK, num_blocks, pack_blocks
 from .tables import AttentionTables
+from .token_order import TokenOrder, check_grid, permutation
 
 KINDS = ("radial", "sta", "svg_split")
 SPATIAL, TEMPORAL = 0, 1  # svg_split head types
 TIE_BREAK = 1e-3  # weight of the secondary distance; primary gaps are >= 1 frame / 1 token / 1/F
 
 Grid = tuple[int, int, int]
-
-
-def _check_grid(grid) -> Grid:
-    g = tuple(int(x) for x in grid)
-    if len(g) != 3 or min(g) < 1:
-        raise ValueError(f"grid: expected a latent token grid (F, H, W) of positive ints, got "
-                         f"{tuple(grid)}")
-    return g
 
 
 def _check_density(density: float) -> float:
@@ -86,7 +79,7 @@ def block_coords(grid: Grid, order: torch.Tensor | None = None) -> torch.Tensor:
     ``order`` (int64 ``(S,)``): sequence position ``i`` holds raster token ``order[i]``; default
     raster order. The partial last block (``S % 128``) averages its real tokens only.
     """
-    F, H, W = _check_grid(grid)
+    F, H, W = check_grid(grid)
     S = F * H * W
     ids = torch.arange(S) if order is None else torch.as_tensor(order, dtype=torch.int64)
     if ids.shape != (S,):
@@ -120,7 +113,7 @@ def _bitlen(x: torch.Tensor) -> torch.Tensor:
 
 def radial_score(grid: Grid, order=None) -> torch.Tensor:
     """float64 ``(NB, NB)``: ``(ds + 1) * 2 ** bitlen(dt)`` plus the nearest-first tie break."""
-    F, H, W = _check_grid(grid)
+    F, H, W = check_grid(grid)
     d = _distances(grid, order)
     diag = math.hypot(H, W)
     return (d["ds"] + 1.0) * torch.pow(2.0, _bitlen(d["dt"])) + TIE_BREAK * (
@@ -129,7 +122,7 @@ def radial_score(grid: Grid, order=None) -> torch.Tensor:
 
 def sta_score(grid: Grid, order=None) -> torch.Tensor:
     """float64 ``(NB, NB)``: ``max(df / F, dh / H, dw / W)`` plus the nearest-first tie break."""
-    F, H, W = _check_grid(grid)
+    F, H, W = check_grid(grid)
     d = _distances(grid, order)
     n = torch.stack([d["dt"] / F, d["dh"] / H, d["dw"] / W])
     return n.amax(0) + TIE_BREAK * n.sum(0)
@@ -138,7 +131,7 @@ def sta_score(grid: Grid, order=None) -> torch.Tensor:
 def svg_scores(grid: Grid, order=None) -> torch.Tensor:
     """float64 ``(2, NB, NB)``: the spatial head's score (frame distance first) and the temporal
     head's (spatial distance first), each with the other distance as tie break."""
-    F, H, W = _check_grid(grid)
+    F, H, W = check_grid(grid)
     d = _distances(grid, order)
     diag = math.hypot(H, W)
     spatial = d["dt"] + TIE_BREAK * d["ds"] / diag
@@ -180,7 +173,7 @@ def svg_head_types(masses: list[torch.Tensor], grid: Grid, density: float,
     types (:data:`SPATIAL` 0 / :data:`TEMPORAL` 1) and float64 ``(L, H, 2)``: the share of each
     head's mass that the spatial and the temporal mask at ``density`` keep.
     """
-    grid = _check_grid(grid)
+    grid = check_grid(grid)
     scores = svg_scores(grid, order)
     masks = torch.stack([mask_from_score(scores[i], density) for i in range(2)])  # (2, NB, NB)
     nb = masks.shape[-1]
@@ -202,8 +195,6 @@ def svg_head_types(masses: list[torch.Tensor], grid: Grid, density: float,
 def _order_perm(grid: Grid, token_order) -> torch.Tensor | None:
     """The permutation of a ``token_order`` spec (``"raster"``, ``"tile"``, ``"tile:FxHxW"``),
     ``None`` for raster."""
-    from .token_order import TokenOrder, permutation
-
     return None if TokenOrder.parse(token_order).is_raster else permutation(grid, token_order)
 
 
@@ -213,7 +204,7 @@ def anchor_masks(kind: str, grid: Grid, density: float, num_heads: int, *,
     ``svg_split``; ``order``: the sequence's token permutation (:func:`block_coords`)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    grid = _check_grid(grid)
+    grid = check_grid(grid)
     if kind == "svg_split":
         if head_types is None or tuple(head_types.shape) != (num_heads,):
             raise ValueError(f"head_types: svg_split needs one type per head, shape "
@@ -232,7 +223,7 @@ def anchor_tables(kind: str, grid: Grid, density: float, num_layers: int, num_he
     """:class:`AttentionTables` of an anchor at ``grid``: one level per layer, one timestep
     bucket. ``head_types`` int ``(L, H)`` for ``svg_split``. ``token_order``: which tokens share
     a block (``token_order.py``); the tables say it, so the backend permutes the model to it."""
-    order = _order_perm(_check_grid(grid), token_order)
+    order = _order_perm(check_grid(grid), token_order)
     if kind == "svg_split" and (head_types is None
                                 or tuple(head_types.shape) != (num_layers, num_heads)):
         raise ValueError(f"head_types: svg_split needs (num_layers={num_layers}, "
@@ -293,7 +284,7 @@ class AnchorPlan:
         self.density = _check_density(self.density)
 
     def materialize(self, grid: Grid) -> AttentionTables:
-        grid = _check_grid(grid)
+        grid = check_grid(grid)
         if grid not in self._cache:
             self._cache[grid] = anchor_tables(self.kind, grid, self.density, self.num_layers,
                                               self.num_heads, head_types=self.head_types,

@@ -168,10 +168,10 @@ def _best(dims: Grid) -> tuple[int, Grid | None]:
 
 def tile_shape_for(grid: Grid) -> Grid | None:
     """The top-level tile shape the rule picks for ``grid (F, H, W)``; None if none fits."""
-    return _best(_check_grid(grid))[1]
+    return _best(check_grid(grid))[1]
 
 
-def _check_grid(grid) -> Grid:
+def check_grid(grid) -> Grid:
     g = tuple(int(x) for x in grid)
     if len(g) != 3 or min(g) < 1:
         raise ValueError(f"grid: expected a latent token grid (F, H, W) of positive ints, got "
@@ -183,7 +183,7 @@ def tile_layout(grid: Grid, tile: Grid | None = None) -> tuple[list[tuple[Grid, 
     """Full tiles of ``grid`` by the rule: ``([(origin (f, h, w), shape), ...], covered)``.
 
     ``tile`` fixes the top-level shape where it fits (the leftover boxes use the auto rule)."""
-    grid = _check_grid(grid)
+    grid = check_grid(grid)
     tiles: list[tuple[Grid, Grid]] = []
 
     def lay(origin: Grid, dims: Grid, shape: Grid | None) -> None:
@@ -228,7 +228,7 @@ def _perm_cached(grid: Grid, spec: str) -> torch.Tensor:
 def permutation(grid: Grid, order=TILE) -> torch.Tensor:
     """int64 ``(S,)``: position ``i`` of ``order`` holds raster token ``perm[i]``
     (``x_ordered = x.index_select(seq_dim, perm)``). Cached; do not modify the result."""
-    return _perm_cached(_check_grid(grid), str(TokenOrder.parse(order)))
+    return _perm_cached(check_grid(grid), str(TokenOrder.parse(order)))
 
 
 def inverse_permutation(grid: Grid, order=TILE) -> torch.Tensor:
@@ -250,7 +250,7 @@ def coverage(grid: Grid, order=TILE) -> float:
     order = TokenOrder.parse(order)
     if order.is_raster:
         return 0.0
-    return tile_layout(grid, order.tile)[1] / math.prod(_check_grid(grid))
+    return tile_layout(grid, order.tile)[1] / math.prod(check_grid(grid))
 
 
 def block_boxes(grid: Grid, order=TILE) -> torch.Tensor:
@@ -259,7 +259,7 @@ def block_boxes(grid: Grid, order=TILE) -> torch.Tensor:
 
     A full tile's box holds exactly its 128 tokens; a raster strip's or an edge remainder's box
     may hold more than its own tokens (it is their bounding box)."""
-    grid = _check_grid(grid)
+    grid = check_grid(grid)
     F, H, W = grid
     perm = permutation(grid, order)
     S = perm.numel()
@@ -278,7 +278,7 @@ def block_boxes(grid: Grid, order=TILE) -> torch.Tensor:
 def describe(grid: Grid, order=TILE) -> str:
     """One line: order, top tile shape, coverage, blocks."""
     order = TokenOrder.parse(order)
-    S = math.prod(_check_grid(grid))
+    S = math.prod(check_grid(grid))
     if order.is_raster:
         return f"raster order: {num_blocks(S)} blocks of {BLOCK} tokens, rows of {grid[2]}"
     t = order.tile_shape(grid)
