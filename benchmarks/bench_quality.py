@@ -134,12 +134,15 @@ def merge(paths: list[Path]) -> dict:
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     base = runs[0]
-    same = ("model", "grid", "steps", "videos", "seeds", "calibration_captions")
+    same = ("model", "grid", "steps", "videos", "seeds", "calibration_captions", "token_order")
+    defaults = {"token_order": "raster"}  # records from before the option were raster order
     for p, r in zip(paths[1:], runs[1:], strict=True):
-        diff = [k for k in same if r["config"].get(k) != base["config"].get(k)]
+        diff = [k for k in same if r["config"].get(k, defaults.get(k))
+                != base["config"].get(k, defaults.get(k))]
         if diff:
             raise SystemExit(f"--merge: {p} differs from {paths[0]} in {diff}; merge only runs "
-                             "of one study (same model, grid, steps, prompts and seeds)")
+                             "of one study (same model, grid, steps, prompts, seeds and token "
+                             "order)")
     rows: dict[tuple, dict] = {}
     recs: dict[tuple, list] = {}
     for r in runs:
@@ -201,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="noise seeds per prompt (default 1)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (video i: seed + i)")
     p.add_argument("--num-calib", type=int, default=2)
+    p.add_argument("--token-order", default="raster", metavar="raster|tile|tile:FxHxW",
+                   help="block order of the WEST plan and the anchors (default raster)")
     p.add_argument("--bisect-iters", type=int, default=10)
     p.add_argument("--time-cpu", action="store_true",
                    help="time the compiled step on the CPU too (default: CUDA only)")
@@ -266,7 +271,7 @@ def main(argv=None) -> int:
                           num_seeds=args.seeds, seed=args.seed, num_calib=args.num_calib,
                           bisect_iters=args.bisect_iters, time_steps=timing,
                           timing_repeats=args.timing_repeats, timing_steps=args.timing_steps,
-                          timing_only=args.timing_only,
+                          timing_only=args.timing_only, token_order=args.token_order,
                           budget_minutes=args.budget_minutes, progress=args.progress,
                           on_result=write)
         write(res)

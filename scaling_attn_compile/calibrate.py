@@ -299,6 +299,7 @@ class LayerCapture:
     step_index: int | None = None
     timestep: float | None = None
     branch: str = ""
+    v: torch.Tensor | None = None  # (B, H, S, D) like q/k; FAST's output-error profile reads it
 
 
 @dataclass
@@ -326,20 +327,26 @@ def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch
     return out.type_as(x)
 
 
-def self_attention_qk(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
-    """q, k ``(B, H, S, D)`` of a ``WanAttention`` self-attention call, as diffusers computes
+def self_attention_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``(B, H, S, D)`` of a ``WanAttention`` self-attention call, as diffusers computes
     them: projections (fused or not), ``norm_q``/``norm_k`` across heads, head split, RoPE."""
     try:  # diffusers' own helper, so fused projections behave identically
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-        q, k, _ = _get_qkv_projections(attn, hidden_states, None)
+        q, k, v = _get_qkv_projections(attn, hidden_states, None)
     except ImportError:
-        q, k = attn.to_q(hidden_states), attn.to_k(hidden_states)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
     k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+    v = v.unflatten(2, (attn.heads, -1))
     if rotary_emb is not None:
         q = _apply_rotary_emb(q, *rotary_emb)
         k = _apply_rotary_emb(k, *rotary_emb)
-    return q.transpose(1, 2), k.transpose(1, 2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def self_attention_qk(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:
+    """q, k of :func:`self_attention_qkv`."""
+    return self_attention_qkv(attn, hidden_states, rotary_emb)[:2]
 
 
 class _CaptureProcessor:
@@ -353,11 +360,11 @@ class _CaptureProcessor:
         s = self.state
         if s.enabled and encoder_hidden_states is None:  # self-attention only
             with torch.no_grad():
-                q, k = self_attention_qk(attn, hidden_states, rotary_emb)
+                q, k, v = self_attention_qkv(attn, hidden_states, rotary_emb)
             s.calls += 1
             self.on_layer(LayerCapture(self.layer, q, k, s.grid, s.input_index, s.step_index,
-                                       s.timestep, s.branch))
-            del q, k
+                                       s.timestep, s.branch, v))
+            del q, k, v
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                              rotary_emb, **kwargs)
 

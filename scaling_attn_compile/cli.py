@@ -339,12 +339,19 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                         "0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.65,0.8,1.0)")
     p.add_argument("--rows-per-block", type=positive_int, default=16,
                    help="sampled query rows per 128-row block (default 16)")
-    p.add_argument("--gamma", type=float, default=1.0, help="A(l, t) curvature (default 1)")
+    p.add_argument("--allocation", default="lagrange", choices=["lagrange", "curve"],
+                   help="how FAST spends the density: 'lagrange' minimises the summed error "
+                        "over (layer, step, head) (default); 'curve' is the paper's A(l, t)")
+    p.add_argument("--objective", default="output_error", choices=["output_error", "fidelity"],
+                   help="lagrange: the error summed, relative attention-output error (default) "
+                        "or 1 - Hellinger fidelity")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="curve: A(l, t) curvature (default 1)")
     p.add_argument("--omega", type=float, default=None,
-                   help="A(l, t) step weight against layers (default L / T)")
+                   help="curve: A(l, t) step weight against layers (default L / T)")
     p.add_argument("--rho", type=float, default=0.1,
-                   help="(1 - A_max) / (1 - A_min): loss allowed early/shallow vs late/deep "
-                        "(default 0.1)")
+                   help="curve: (1 - A_max) / (1 - A_min), loss allowed early/shallow vs "
+                        "late/deep (default 0.1)")
     p.add_argument("--reduce", default="mean", choices=["mean", "min"],
                    help="fidelity of a head: mean or min over sampled rows (default mean)")
     p.add_argument("--prompts", type=Path, default=None,
@@ -406,7 +413,8 @@ def run_fast(args: argparse.Namespace) -> int:
         plan, _ = fast.build_fast_plan(
             plan, model, inputs[0], target, timesteps=timesteps, latent_shape=latent,
             capture_steps=capture, levels=levels, rows_per_block=args.rows_per_block,
-            seed=args.seed, gamma=args.gamma, omega=args.omega, rho=args.rho, reduce=args.reduce)
+            seed=args.seed, allocation=args.allocation, objective=args.objective,
+            gamma=args.gamma, omega=args.omega, rho=args.rho, reduce=args.reduce)
         schedule = plan.schedule
     plan = plan.with_schedule(schedule)
     path = plan.save(args.out)

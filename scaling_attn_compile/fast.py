@@ -132,10 +132,20 @@ def hellinger_fidelity_direct(p: torch.Tensor, keep: torch.Tensor) -> torch.Tens
 def dropped_mass(q: torch.Tensor, k: torch.Tensor, codes: torch.Tensor, levels: Sequence[float],
                  rows: torch.Tensor, scale: float | None = None, *,
                  max_chunk_elements: int = 2**25) -> torch.Tensor:
+    """Dense softmax mass that each level's mask drops, per sampled row: float64
+    ``(B, H, NL, R)`` (see :func:`level_errors`, which also gives the output error)."""
+    return level_errors(q, k, None, codes, levels, rows, scale,
+                        max_chunk_elements=max_chunk_elements)[0]
+
+
+def level_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, codes: torch.Tensor,
+                 levels: Sequence[float], rows: torch.Tensor, scale: float | None = None, *,
+                 max_chunk_elements: int = 2**25) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense softmax mass that each level's mask drops, per sampled row.
 
     Args:
-        q, k: ``(B, H, S, D)`` self-attention inputs (any float dtype).
+        q, k, v: ``(B, H, S, D)`` self-attention inputs (any float dtype); ``v=None`` skips the
+            output error.
         codes: uint8 ``(H, NB, NB)`` WEST threshold codes of this layer at this grid.
         levels: thresholds ``p``; level mask ``codes <= ceil(255 p)``, diagonal block kept.
         rows: int64 ``(R,)`` sampled query rows (:func:`sample_rows`).
@@ -143,7 +153,10 @@ def dropped_mass(q: torch.Tensor, k: torch.Tensor, codes: torch.Tensor, levels: 
         max_chunk_elements: bound on one chunk of scores ``B * H * rows * S``.
 
     Returns:
-        float64 ``(B, H, NL, R)``, in ``[0, 1)``; 0 exactly where the mask keeps every block.
+        ``(dropped, error)``: the dropped mass, float64 ``(B, H, NL, R)`` in ``[0, 1)``, 0 exactly
+        where the mask keeps every block; and (with ``v``) the relative output error
+        ``|O~ - O|^2 / |O|^2`` of each sampled row, float32 ``(B, H, NL, R)``, with ``O`` the dense
+        attention output and ``O~`` the level's (kept blocks, renormalised), else ``None``.
     """
     B, H, S, D = q.shape
     nb = num_blocks(S)
@@ -156,18 +169,35 @@ def dropped_mass(q: torch.Tensor, k: torch.Tensor, codes: torch.Tensor, levels: 
     kf = k.float()
     rows = rows.to(q.device)
     out = torch.empty(B, H, len(levels), rows.numel(), dtype=torch.float64, device=q.device)
+    err = None if v is None else torch.empty(B, H, len(levels), rows.numel(),
+                                             dtype=torch.float32, device=q.device)
     step = max(1, max_chunk_elements // max(1, B * H * S))
     pad = nb * BLOCK - S
+    if v is not None:  # (B, H, NB, BLOCK, D), zero rows past S
+        vb = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(B, H, nb, BLOCK, D)
     for start in range(0, rows.numel(), step):
         r = rows[start:start + step]
         probs = torch.einsum("bhrd,bhsd->bhrs", q[:, :, r].float(), kf).mul_(scale).softmax(-1)
         probs = torch.nn.functional.pad(probs, (0, pad))
-        mass = probs.view(B, H, r.numel(), nb, BLOCK).sum(-1, dtype=torch.float64)  # (B,H,Rc,NB)
-        del probs
+        pblk = probs.view(B, H, r.numel(), nb, BLOCK)
+        mass = pblk.sum(-1, dtype=torch.float64)  # (B,H,Rc,NB)
+        # Per-block partial outputs sum_{k in block j} p_k v_k: a level's output is the sum over
+        # its kept blocks over their kept mass, so one dense PV pass serves every level.
+        pv = None if v is None else torch.einsum("bhrjk,bhjkd->bhrjd", pblk, vb)
+        del probs, pblk
         u = r // BLOCK
         crow = codes[:, u, :].long()  # (H, Rc, NB)
         # The diagonal block is always kept: code 0 is below every cut.
         crow[:, torch.arange(r.numel(), device=q.device), u] = 0
+        if pv is not None:
+            dense_o = pv.sum(3)  # (B, H, Rc, D)
+            norm = dense_o.square().sum(-1).clamp_min(1e-30)
+            for i, cut in enumerate(cuts.tolist()):
+                keep = (crow <= cut).to(pv.dtype)  # (H, Rc, NB)
+                kept_mass = (mass.float() * keep).sum(-1, keepdim=True)  # (B, H, Rc, 1)
+                o = torch.einsum("bhrjd,hrj->bhrd", pv, keep) / kept_mass
+                err[:, :, i, start:start + r.numel()] = (o - dense_o).square().sum(-1) / norm
+            del pv
         hist = torch.zeros(B, H, r.numel(), west.CODE_MAX + 1, dtype=torch.float64,
                            device=q.device)
         hist.scatter_add_(-1, crow.expand(B, -1, -1, -1), mass)
@@ -175,7 +205,7 @@ def dropped_mass(q: torch.Tensor, k: torch.Tensor, codes: torch.Tensor, levels: 
         suffix = hist.flip(-1).cumsum(-1).flip(-1)  # suffix[c] = mass of codes >= c
         suffix = torch.nn.functional.pad(suffix, (0, 1))  # suffix[256] = 0
         out[:, :, :, start:start + r.numel()] = suffix[..., cuts + 1].permute(0, 1, 3, 2)
-    return out
+    return out, err
 
 
 def row_fidelity(q, k, codes, levels, rows, scale=None) -> torch.Tensor:
@@ -204,6 +234,8 @@ class FastProfile:
         level_density: float64 ``(L, H, NL)`` achieved density of each level's mask.
         timesteps: the ``T`` profiled timesteps, descending (step index 0 first).
         info: JSON-able facts (grid, rows per block, seed, ...).
+        output_error: float64 ``(L, T, H, NL)`` mean relative output error ``|O~ - O|^2 / |O|^2``
+            of the sampled rows (:func:`level_errors`), or ``None`` when v was not captured.
     """
 
     levels: list[float]
@@ -212,6 +244,7 @@ class FastProfile:
     level_density: torch.Tensor
     timesteps: list[float]
     info: dict = field(default_factory=dict)
+    output_error: torch.Tensor | None = None
 
     def fidelity(self, reduce: str = "mean") -> torch.Tensor:
         if reduce not in ("mean", "min"):
@@ -228,12 +261,20 @@ class _FidelityAccumulator:
         self.codes, self.levels, self.rows, self.step_of = codes, levels, rows, step_of
         self.sum = torch.zeros(L, T, H, NL, dtype=torch.float64)
         self.min = torch.full((L, T, H, NL), math.inf, dtype=torch.float64)
+        self.err_sum = torch.zeros(L, T, H, NL, dtype=torch.float64)
+        self.has_v = True
         self.count = torch.zeros(L, T, dtype=torch.int64)
 
     def __call__(self, cap) -> None:
         t = self.step_of[cap.step_index]
         codes = self.codes[cap.layer].to(cap.q.device)
-        f = row_fidelity(cap.q, cap.k, codes, self.levels, self.rows).cpu()  # (B, H, NL, R)
+        v = getattr(cap, "v", None)
+        dropped, err = level_errors(cap.q, cap.k, v, codes, self.levels, self.rows)
+        f = fidelity_from_dropped(dropped).cpu()  # (B, H, NL, R)
+        if err is None:
+            self.has_v = False
+        else:
+            self.err_sum[cap.layer, t] += err.double().sum(dim=(0, 3)).cpu()
         self.sum[cap.layer, t] += f.sum(dim=(0, 3))
         self.min[cap.layer, t] = torch.minimum(self.min[cap.layer, t], f.amin(dim=(0, 3)))
         self.count[cap.layer, t] += f.shape[0] * f.shape[3]
@@ -281,11 +322,12 @@ def profile_fidelity(plan: Plan, transformer, calibration_input, *,
         raise RuntimeError("profile_fidelity: some (layer, step) pairs were never captured; is "
                            "blocks.<i>.attn1 running a processor that bypasses __call__?")
     mean = acc.sum / acc.count[:, :, None, None]
+    err = acc.err_sum / acc.count[:, :, None, None] if acc.has_v else None
     info = {"grid": list(grid), "rows_per_block": rows_per_block, "rows": int(rows.numel()),
             "seed": seed, "num_steps": len(steps), "capture_steps": chosen,
             "input": getattr(calibration_input, "name", "")}
     return FastProfile(levels, mean, acc.min, level_densities(codes, levels),
-                       [steps[j] for j in chosen], info)
+                       [steps[j] for j in chosen], info, err)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,17 +382,72 @@ def steps_to_buckets(table: torch.Tensor) -> torch.Tensor:
     return table.flip(1)
 
 
-def fit_schedule(profile: FastProfile, target_density: float, *, gamma: float = 1.0,
+ALLOCATIONS = ("lagrange", "curve")
+OBJECTIVES = ("output_error", "fidelity")
+
+
+def lagrange_choice(cost: torch.Tensor, level_density: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per (layer, step, head) the level minimising ``cost + lam * density``: int64 ``(L, T, H)``
+    for ``cost`` ``(L, T, H, NL)`` and ``level_density`` ``(L, H, NL)``. Ties go to the first
+    (sparsest) level. For each ``lam`` this is the exact minimum of the summed cost over all
+    schedules of the same global density (a Lagrangian relaxation of the knapsack)."""
+    L, T, H, NL = cost.shape
+    total = cost + lam * level_density[:, None].expand(L, T, H, NL)
+    return total.argmin(-1)
+
+
+def _fit_lagrange(cost: torch.Tensor, dens_ld: torch.Tensor, target: float, iters: int):
+    """Bisect ``lam`` (log scale) so the global density of :func:`lagrange_choice` is nearest
+    ``target``; density is non-increasing in ``lam``. Returns ``(density, choice, lam)``."""
+    def run(lam):
+        choice = lagrange_choice(cost, dens_ld, lam)
+        return achieved_density(choice, dens_ld), choice, lam
+
+    at0 = run(0.0)
+    if at0[0] <= target:  # even the least-cost choice is at or below the target
+        return at0
+    lo, hi = -12.0, 6.0  # log10 lam: costs and densities are both in [0, 1]
+    while run(10.0 ** hi)[0] > target and hi < 30:
+        hi += 6.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if run(10.0 ** mid)[0] >= target:
+            lo = mid
+        else:
+            hi = mid
+    return min((run(10.0 ** lo), run(10.0 ** hi)), key=lambda r: abs(r[0] - target))
+
+
+def fit_schedule(profile: FastProfile, target_density: float, *, allocation: str = "lagrange",
+                 objective: str = "output_error", gamma: float = 1.0,
                  omega: float | None = None, rho: float = 0.1, reduce: str = "mean",
                  tol: float = DEFAULT_TOL, iters: int = 60) -> FastSchedule:
-    """Fit A(l, t) so the global density hits ``target_density`` and build the schedule.
+    """Choose a level per (layer, step, head) so the global density hits ``target_density``.
 
-    ``eps_max = 1 - A_min`` is bisected in ``[0, 1 / rho]`` with ``A_max = 1 - rho * eps_max``
-    (see the module doc); ``gamma``, ``omega`` (``None``: ``L / T``) shape the curve. Raises
-    ValueError for a target outside ``(0, 1]`` or below the all-sparsest schedule's density.
-    Warns when the nearest achievable density is more than ``tol`` (absolute) away.
+    ``allocation="lagrange"`` (default): minimise the summed ``objective`` over every cell at
+    the target's global density (:func:`lagrange_choice`, ``lam`` bisected). ``objective``:
+    ``"output_error"``, the sampled rows' mean relative output error (needs a profile with
+    ``output_error``, i.e. v captured), or ``"fidelity"``, ``1 - F`` (``reduce`` picks mean or
+    min). On small-wan at density 0.25 the paper's curve put 0.13 density in the last steps and
+    deepest layers and lost 4.7 dB to uniform density (``benchmarks/results/``); minimising the
+    summed error cannot be worse than uniform on the profile's own cost, by construction.
+
+    ``allocation="curve"``: the paper's A(l, t): ``eps_max = 1 - A_min`` is bisected in
+    ``[0, 1 / rho]`` with ``A_max = 1 - rho * eps_max`` (see the module doc); ``gamma``,
+    ``omega`` (``None``: ``L / T``) shape the curve.
+
+    Raises ValueError for a target outside ``(0, 1]`` or below the all-sparsest schedule's
+    density. Warns when the nearest achievable density is more than ``tol`` (absolute) away.
     """
     target = check_target(target_density)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation: expected one of {list(ALLOCATIONS)}, got {allocation!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+    if allocation == "lagrange" and objective == "output_error" and profile.output_error is None:
+        raise ValueError("objective: 'output_error' needs a profile with output_error (v "
+                         "captured by profile_fidelity); re-profile, or pass "
+                         "objective='fidelity'")
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"rho: expected (1 - A_max) / (1 - A_min) in (0, 1], got {rho}")
     fid = profile.fidelity(reduce)
@@ -367,6 +464,21 @@ def fit_schedule(profile: FastProfile, target_density: float, *, gamma: float = 
         raise ValueError(f"target_density: {target} is below {sparsest:.4f}, the density with every "
                          f"head at the lowest level {profile.levels[0]} (the WEST union and the "
                          f"diagonal keep more than p); pass >= {sparsest:.3f} or add lower levels")
+    if allocation == "lagrange":
+        cost = profile.output_error if objective == "output_error" else 1.0 - fid
+        dens, choice, lam = _fit_lagrange(cost.double(), dens_ld, target, iters)
+        if abs(dens - target) > tol:
+            warnings.warn(f"fit_schedule: nearest achievable global density is {dens:.4f} for "
+                          f"target {target} (|error| > {tol}); the profile has too few (layer, "
+                          f"step, head) cells or too coarse levels for that target", stacklevel=2)
+        info = {"method": "fast", "allocation": "lagrange", "objective": objective,
+                "target_density": target, "achieved_density": dens, "density_tol_abs": tol,
+                "lambda": lam, "profile_cost": float(cost.gather(-1, choice[..., None]).mean()),
+                "reduce": reduce, "profiled_timesteps": list(profile.timesteps),
+                **{f"profile_{k}": v for k, v in profile.info.items()}}
+        return FastSchedule(list(profile.levels),
+                            steps_to_buckets(choice).to(torch.int32).contiguous(),
+                            bucket_bounds_for(profile.timesteps), info)
     lo, hi = 0.0, 1.0 / rho  # density(lo) = dense (1.0) >= target >= density(hi) = sparsest
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -381,8 +493,8 @@ def fit_schedule(profile: FastProfile, target_density: float, *, gamma: float = 
                       f"{target} (|error| > {tol}); the profile has too few (layer, step, head) "
                       f"cells or too coarse levels for that target", stacklevel=2)
     omega_used = L / T if omega is None else float(omega)
-    info = {"method": "fast", "target_density": target, "achieved_density": dens,
-            "density_tol_abs": tol, "a_min": a_min, "a_max": a_max, "gamma": gamma,
+    info = {"method": "fast", "allocation": "curve", "target_density": target,
+            "achieved_density": dens, "density_tol_abs": tol, "a_min": a_min, "a_max": a_max, "gamma": gamma,
             "omega": omega_used, "rho": rho, "reduce": reduce,
             "profiled_timesteps": list(profile.timesteps), **{f"profile_{k}": v
                                                              for k, v in profile.info.items()}}

@@ -288,7 +288,7 @@ def describe(grid: Grid, order=TILE) -> str:
 
 
 def in_token_order(on_layer, order):
-    """Wrap a capture callback (``calibrate.capture_qk``'s ``on_layer``) so it receives q/k
+    """Wrap a capture callback (``calibrate.capture_qk``'s ``on_layer``) so it receives q/k/v
     ``(B, H, S, D)`` with the sequence in ``order`` at the capture's grid: WEST block pooling and
     FAST fidelities then see the blocks the op will. Raster order returns ``on_layer`` itself."""
     import dataclasses
@@ -302,7 +302,8 @@ def in_token_order(on_layer, order):
             raise ValueError("in_token_order: the capture has no grid (F, H, W); run the model "
                              "through calibrate.capture_qk, which reads it from hidden_states")
         perm = permutation(cap.grid, order).to(cap.q.device)
+        v = None if cap.v is None else cap.v.index_select(2, perm)
         return on_layer(dataclasses.replace(cap, q=cap.q.index_select(2, perm),
-                                            k=cap.k.index_select(2, perm)))
+                                            k=cap.k.index_select(2, perm), v=v))
 
     return reordered

@@ -73,6 +73,53 @@ def test_dropped_mass_is_chunk_invariant():
     assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.mark.parametrize("S", [300, 512])
+def test_output_error_matches_masked_attention(S):
+    """level_errors' output error is |O~ - O|^2 / |O|^2 with O~ attention over the kept blocks
+    (renormalised, diagonal kept), computed here from whole rows."""
+    g = torch.Generator().manual_seed(S + 1)
+    B, H, D = 2, 3, 16
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) * 2 for _ in range(3))
+    nb = math.ceil(S / 128)
+    codes = torch.randint(1, 256, (H, nb, nb), generator=g, dtype=torch.uint8)
+    rows = fast.sample_rows(S, 16, seed=1)
+    levels = list(fast.DEFAULT_LEVELS)
+    dropped, err = fast.level_errors(q, k, v, codes, levels, rows)
+    assert torch.equal(dropped, fast.dropped_mass(q, k, codes, levels, rows))
+    p = (q[:, :, rows] @ k.transpose(-1, -2) * D**-0.5).softmax(-1)
+    dense_o = p @ v
+    for i, lv in enumerate(levels):
+        keep = west.mask_at(codes, lv)[:, rows // 128].repeat_interleave(128, -1)[..., :S][None]
+        pk = torch.where(keep, p, torch.zeros_like(p))
+        o = (pk / pk.sum(-1, keepdim=True)) @ v
+        want = (o - dense_o).square().sum(-1) / dense_o.square().sum(-1)
+        assert torch.allclose(err[:, :, i].double(), want, rtol=1e-3, atol=1e-6), lv
+    assert float(err[:, :, -1].abs().max()) < 1e-6  # the dense level loses nothing
+    chunked = fast.level_errors(q, k, v, codes, levels, rows, max_chunk_elements=1)[1]
+    assert torch.allclose(chunked, err, rtol=1e-5, atol=1e-7)
+
+
+@given(cells=st.integers(1, 3), nl=st.integers(2, 3), seed=st.integers(0, 10**6),
+       lam=st.floats(0, 10))
+def test_lagrange_choice_is_optimal_at_its_density(cells, nl, seed, lam):
+    """No schedule over the same levels with at most the Lagrangian choice's density has a lower
+    summed cost (brute force over every schedule of a few cells)."""
+    import itertools
+
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(cells, 1, 1, nl, generator=g, dtype=torch.float64)
+    dens = torch.rand(cells, 1, nl, generator=g, dtype=torch.float64)
+    choice = fast.lagrange_choice(cost, dens, lam)  # (cells, 1, 1)
+    idx = torch.arange(cells)
+    c_star = float(cost[idx, 0, 0, choice[:, 0, 0]].sum())
+    d_star = float(dens[idx, 0, choice[:, 0, 0]].sum())
+    for pick in itertools.product(range(nl), repeat=cells):
+        pick = torch.tensor(pick)
+        d = float(dens[idx, 0, pick].sum())
+        if d <= d_star + 1e-12:
+            assert float(cost[idx, 0, 0, pick].sum()) >= c_star - 1e-9
+
+
 def test_sample_rows_is_stratified_and_seeded():
     r = fast.sample_rows(300, 16, seed=3)
     counts = torch.bincount(r // 128)
@@ -177,7 +224,7 @@ def test_unreachable_low_target_raises(profile):
 @pytest.mark.parametrize("reduce", ["mean", "min"])
 def test_fidelity_constraint_holds_on_profiled_rows(profile, reduce):
     prof = profile[2]
-    s = _fit(prof, 0.5, reduce=reduce, gamma=2.0)
+    s = _fit(prof, 0.5, allocation="curve", reduce=reduce, gamma=2.0)
     i = s.info
     L, T, H, NL = prof.fidelity_mean.shape
     a = fast.target_fidelity(L, T, i["a_min"], i["a_max"], gamma=i["gamma"], omega=i["omega"])
@@ -188,6 +235,49 @@ def test_fidelity_constraint_holds_on_profiled_rows(profile, reduce):
     below = (choice - 1).clamp(min=0)
     prev = fid.gather(-1, below[..., None])[..., 0]
     assert bool(((choice == 0) | (prev < a[:, :, None])).all())  # the smallest such level
+
+
+def test_profile_has_output_error(profile):
+    prof = profile[2]
+    assert prof.output_error is not None
+    assert prof.output_error.shape == prof.fidelity_mean.shape
+    assert float(prof.output_error[..., -1].abs().max()) < 1e-5  # dense level
+    assert bool((prof.output_error >= 0).all())
+
+
+@pytest.mark.parametrize("objective", ["output_error", "fidelity"])
+def test_lagrange_fit_beats_the_curve_on_its_own_cost(profile, objective):
+    """At (nearly) the same global density, the Lagrangian schedule's summed cost is no higher
+    than the paper curve's (its optimality, on the profile it was fitted to)."""
+    prof = profile[2]
+    fid = prof.fidelity("mean")
+    cost = prof.output_error if objective == "output_error" else 1.0 - fid
+    compared = 0
+    for target in (0.3, 0.4, 0.5):
+        lag = _fit(prof, target, objective=objective)
+        cur = _fit(prof, target, allocation="curve")
+        assert lag.info["allocation"] == "lagrange" and cur.info["allocation"] == "curve"
+
+        def total(s):
+            ch = s.level_tables.long().flip(1)
+            return float(cost.gather(-1, ch[..., None]).mean())
+
+        if lag.info["achieved_density"] <= cur.info["achieved_density"] + 1e-12:
+            assert total(lag) <= total(cur) + 1e-9
+            compared += 1
+        assert lag.info["profile_cost"] == pytest.approx(total(lag))
+    assert compared >= 2  # the step-function densities line up for most targets
+
+
+def test_fit_options_are_checked(profile):
+    prof = profile[2]
+    with pytest.raises(ValueError, match="allocation"):
+        fast.fit_schedule(prof, 0.5, allocation="greedy")
+    with pytest.raises(ValueError, match="objective"):
+        fast.fit_schedule(prof, 0.5, objective="psnr")
+    import dataclasses
+    with pytest.raises(ValueError, match="output_error"):
+        fast.fit_schedule(dataclasses.replace(prof, output_error=None), 0.5)
 
 
 def test_schedule_round_trips_through_plan_file(profile, tmp_path):

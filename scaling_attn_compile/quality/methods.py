@@ -1,6 +1,7 @@
 """The study's methods: for a target density, the tables (and energy filter) each one runs.
 
-``west_fast``         WEST topology + FAST schedule fitted to the target.
+``west_fast``         WEST topology + FAST schedule fitted to the target (``fast.fit_schedule``'s
+                      default: the Lagrangian allocation minimising the summed output error).
 ``west_uniform``      WEST topology, one threshold everywhere (``fast.uniform_schedule``).
 ``dense_warmup``      WEST topology, first ``k`` of the ``T`` steps dense and the rest at one
                       threshold chosen so the *global* density is the target
@@ -14,8 +15,10 @@
 ``radial``, ``sta``, ``svg_split``: the training-free anchors (``scaling_attn_compile.anchors``);
                       SVG's head types are chosen per target from the block mass of the dense
                       profiling run (the FAST/energy caption).
-``west_fast_flat``    (diagnostic, not in the default set) FAST with ``rho=1``: one fidelity
-                      target A for every layer and step (no "early steps / shallow layers first").
+Diagnostics, not in the default set:
+``west_fast_curve``   FAST with the paper's A(l, t) curve (``allocation="curve"``, rho 0.1).
+``west_fast_flat``    the curve with ``rho=1``: one fidelity target A for every layer and step.
+``west_fast_fidelity`` the Lagrangian allocation on ``1 - F`` (Hellinger) instead of output error.
 
 Energy thresholds (natural log) are bisected (``--bisect-iters`` steps over ``[-30, 5]``) on q/k
 captured from a *dense* run of a training caption (4 evenly spaced steps, all layers); the
@@ -46,9 +49,15 @@ METHODS = {
     "radial": "Radial-style static mask",
     "sta": "STA-style 3D window",
     "svg_split": "SVG-style spatial/temporal heads",
+    "west_fast_curve": "WEST+FAST, the paper's A(l, t) curve (diagnostic)",
     "west_fast_flat": "WEST+FAST, flat A (rho=1; diagnostic)",
+    "west_fast_fidelity": "WEST+FAST, Lagrangian on Hellinger fidelity (diagnostic)",
 }
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "west_fast_flat")
+DIAGNOSTICS = ("west_fast_curve", "west_fast_flat", "west_fast_fidelity")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in DIAGNOSTICS)
+FIT_OPTIONS = {"west_fast": {}, "west_fast_curve": {"allocation": "curve"},
+               "west_fast_flat": {"allocation": "curve", "rho": 1.0},
+               "west_fast_fidelity": {"objective": "fidelity"}}
 WEST_FAST_FAMILY = ("west_fast", "west_fast_energy")  # the Pareto bar's "WEST+FAST"
 ENERGY_FAST_FACTOR = 1.5  # west_fast_energy: FAST at 1.5 x target, the filter takes the rest
 
@@ -125,10 +134,11 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
     L, H = cal.num_layers, cal.num_heads
     params, rule, sched, tables = {}, 0, None, None
     order = getattr(getattr(plan, "meta", None), "token_order", "raster")  # anchors follow WEST
-    if method in ("west_fast", "west_fast_flat"):
-        sched, warn = _fit(cal.profile, target, **({"rho": 1.0} if method == "west_fast_flat"
-                                                     else {}))
-        params = {"fit_density": sched.info["achieved_density"], "fit_warnings": warn}
+    if method in FIT_OPTIONS:
+        sched, warn = _fit(cal.profile, target, **FIT_OPTIONS[method])
+        params = {"fit_density": sched.info["achieved_density"], "fit_warnings": warn,
+                  "allocation": sched.info["allocation"],
+                  **({"objective": sched.info["objective"]} if "objective" in sched.info else {})}
     elif method == "west_uniform":
         sched = fast.uniform_schedule(plan, target, grid=tgrid)
         params = {"threshold": sched.info["threshold"]}

@@ -152,14 +152,17 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                 time_steps: bool | None = None, timing_repeats: int = 3,
                 timing_steps: int | None = None, timing_compiler: str = "inductor",
                 timing_only: bool = False, budget_minutes: float | None = None,
-                progress: bool = False, log: Callable = print,
+                token_order: str | None = None, progress: bool = False, log: Callable = print,
                 on_result: Callable[[dict], None] | None = None) -> dict:
     """Part 1 on ``model`` (a loaded transformer of ``spec``); returns the JSON-able result.
 
     ``spec`` defaults to tiny-wan at ``model_path``. ``time_steps``: time each method through the
     compiled path (default: on CUDA only). ``timing_only``: build and time every method but make
-    no videos (status ``"timed"``; ``--merge`` joins it with a run made without timing). ``on_result(partial)`` is called after every (target,
-    method) with the result so far, for incremental writes."""
+    no videos (status ``"timed"``; ``--merge`` joins it with a run made without timing).
+    ``token_order``: the WEST plan's (and so every WEST method's and anchor's) block order,
+    ``"raster"`` (default) or ``"tile"``/``"tile:FxHxW"``. ``on_result(partial)`` is called after
+    every (target, method) with the result so far, for incremental writes."""
+    from ..token_order import TokenOrder
     from .models import tiny_wan
 
     t_start = time.perf_counter()
@@ -184,7 +187,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                                       for i, c in enumerate(west_caps)], ts_all,
                               latent_shape=latent, guidance_scale=1.0, progress=progress,
                               capture_steps=evenly_spaced(steps, calib_capture_steps),
-                              source="bench_quality")
+                              source="bench_quality", token_order=token_order)
         cal = spec.calibration_input(fast_cap, 2000)
         profile = profile_fidelity(plan, model, cal, timesteps=ts_all, latent_shape=latent,
                                    capture_steps=evenly_spaced(steps, fast_capture_steps),
@@ -264,6 +267,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
         return {"benchmark": "quality", "config": {
                     "model": spec.name, "grid": list(grid), "token_grid": list(tgrid),
                     "seq_len": math.prod(tgrid), "num_blocks": math.ceil(math.prod(tgrid) / 128),
+                    "token_order": str(TokenOrder.parse(token_order)),
                     "steps": steps, "guidance_scale": 1.0, "timesteps": ts_all,
                     "prompts": prompts, "num_seeds": num_seeds_run, "seeds": seeds,
                     "videos": videos, "calibration_captions": west_caps,
