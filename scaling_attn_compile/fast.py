@@ -419,7 +419,8 @@ def _fit_lagrange(cost: torch.Tensor, dens_ld: torch.Tensor, target: float, iter
 
 
 def fit_schedule(profile: FastProfile, target_density: float, *, allocation: str = "lagrange",
-                 objective: str = "output_error", gamma: float = 1.0,
+                 objective: str = "output_error", weights: torch.Tensor | None = None,
+                 gamma: float = 1.0,
                  omega: float | None = None, rho: float = 0.1, reduce: str = "mean",
                  tol: float = DEFAULT_TOL, iters: int = 60) -> FastSchedule:
     """Choose a level per (layer, step, head) so the global density hits ``target_density``.
@@ -428,7 +429,9 @@ def fit_schedule(profile: FastProfile, target_density: float, *, allocation: str
     the target's global density (:func:`lagrange_choice`, ``lam`` bisected). ``objective``:
     ``"output_error"``, the sampled rows' mean relative output error (needs a profile with
     ``output_error``, i.e. v captured), or ``"fidelity"``, ``1 - F`` (``reduce`` picks mean or
-    min). On small-wan at density 0.25 the paper's curve put 0.13 density in the last steps and
+    min). ``weights``: ``(L, T)`` non-negative gains per (layer, profiled step), step order
+    (e.g. ``quality.response.measure_response``: what a unit of error costs in the final video);
+    the summed cost is then ``sum weights[l, t] * cost[l, t, h, level]``. On small-wan at 0.25 the paper's curve put 0.13 density in the last steps and
     deepest layers and lost 4.7 dB to uniform density (``benchmarks/results/``); minimising the
     summed error cannot be worse than uniform on the profile's own cost, by construction.
 
@@ -452,6 +455,13 @@ def fit_schedule(profile: FastProfile, target_density: float, *, allocation: str
         raise ValueError(f"rho: expected (1 - A_max) / (1 - A_min) in (0, 1], got {rho}")
     fid = profile.fidelity(reduce)
     L, T, H, NL = fid.shape
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if allocation != "lagrange" or tuple(weights.shape) != (L, T) or \
+                not bool(torch.isfinite(weights).all() and (weights >= 0).all()):
+            raise ValueError(f"weights: expected finite non-negative (L, T) = {(L, T)} gains "
+                             f"with allocation='lagrange', got {tuple(weights.shape)} with "
+                             f"{allocation!r}")
     dens_ld = profile.level_density
 
     def run(eps_max: float):
@@ -465,14 +475,16 @@ def fit_schedule(profile: FastProfile, target_density: float, *, allocation: str
                          f"head at the lowest level {profile.levels[0]} (the WEST union and the "
                          f"diagonal keep more than p); pass >= {sparsest:.3f} or add lower levels")
     if allocation == "lagrange":
-        cost = profile.output_error if objective == "output_error" else 1.0 - fid
-        dens, choice, lam = _fit_lagrange(cost.double(), dens_ld, target, iters)
+        cost = (profile.output_error if objective == "output_error" else 1.0 - fid).double()
+        if weights is not None:
+            cost = cost * weights[:, :, None, None]
+        dens, choice, lam = _fit_lagrange(cost, dens_ld, target, iters)
         if abs(dens - target) > tol:
             warnings.warn(f"fit_schedule: nearest achievable global density is {dens:.4f} for "
                           f"target {target} (|error| > {tol}); the profile has too few (layer, "
                           f"step, head) cells or too coarse levels for that target", stacklevel=2)
         info = {"method": "fast", "allocation": "lagrange", "objective": objective,
-                "target_density": target, "achieved_density": dens, "density_tol_abs": tol,
+                "weighted": weights is not None, "target_density": target, "achieved_density": dens, "density_tol_abs": tol,
                 "lambda": lam, "profile_cost": float(cost.gather(-1, choice[..., None]).mean()),
                 "reduce": reduce, "profiled_timesteps": list(profile.timesteps),
                 **{f"profile_{k}": v for k, v in profile.info.items()}}

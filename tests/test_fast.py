@@ -269,6 +269,26 @@ def test_lagrange_fit_beats_the_curve_on_its_own_cost(profile, objective):
     assert compared >= 2  # the step-function densities line up for most targets
 
 
+def test_weights_steer_the_allocation(profile):
+    """A gain no sparse level can pay for keeps that (layer, step) dense; zero gain makes it
+    free, so it goes to the sparsest level."""
+    prof = profile[2]
+    L, T = prof.fidelity_mean.shape[:2]
+    w = torch.ones(L, T, dtype=torch.float64)
+    w[:, 0] = 1e9
+    w[:, -1] = 0.0
+    s = _fit(prof, 0.5, weights=w)
+    choice = s.level_tables.long().flip(1)  # buckets -> steps
+    err = prof.output_error.gather(-1, choice[..., None])[..., 0]
+    assert float(err[:, 0].max()) < 1e-6  # the first step: no error left
+    assert bool((choice[:, -1] == 0).all())  # the free step: the sparsest level
+    assert s.info["weighted"] is True
+    with pytest.raises(ValueError, match="weights"):
+        fast.fit_schedule(prof, 0.5, weights=torch.ones(L + 1, T))
+    with pytest.raises(ValueError, match="weights"):
+        fast.fit_schedule(prof, 0.5, weights=-w)
+
+
 def test_fit_options_are_checked(profile):
     prof = profile[2]
     with pytest.raises(ValueError, match="allocation"):

@@ -19,6 +19,11 @@ Diagnostics, not in the default set:
 ``west_fast_curve``   FAST with the paper's A(l, t) curve (``allocation="curve"``, rho 0.1).
 ``west_fast_flat``    the curve with ``rho=1``: one fidelity target A for every layer and step.
 ``west_fast_fidelity`` the Lagrangian allocation on ``1 - F`` (Hellinger) instead of output error.
+``west_fast_weighted`` the Lagrangian allocation with each (layer, step)'s error weighted by its
+                      measured gain on the final video (``quality.response``);
+                      ``west_fast_weighted_half`` by its square root (a compromise, as the gains
+                      come from one reference level and the error is not linear far from it).
+``west_fast_warmup``  the Lagrangian allocation with the first profiled step's bucket dense.
 
 Energy thresholds (natural log) are bisected (``--bisect-iters`` steps over ``[-30, 5]``) on q/k
 captured from a *dense* run of a training caption (4 evenly spaced steps, all layers); the
@@ -52,8 +57,13 @@ METHODS = {
     "west_fast_curve": "WEST+FAST, the paper's A(l, t) curve (diagnostic)",
     "west_fast_flat": "WEST+FAST, flat A (rho=1; diagnostic)",
     "west_fast_fidelity": "WEST+FAST, Lagrangian on Hellinger fidelity (diagnostic)",
+    "west_fast_weighted": "WEST+FAST, error weighted by its measured cost in the video",
+    "west_fast_weighted_half": "WEST+FAST, weighted by the square root of that cost",
+    "west_fast_warmup": "WEST+FAST, first profiled step bucket dense",
 }
-DIAGNOSTICS = ("west_fast_curve", "west_fast_flat", "west_fast_fidelity")
+DIAGNOSTICS = ("west_fast_curve", "west_fast_flat", "west_fast_fidelity", "west_fast_weighted",
+               "west_fast_weighted_half", "west_fast_warmup")
+WARMUP_WEIGHT = 1e6  # west_fast_warmup: a gain no sparse level's error can pay for
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in DIAGNOSTICS)
 FIT_OPTIONS = {"west_fast": {}, "west_fast_curve": {"allocation": "curve"},
                "west_fast_flat": {"allocation": "curve", "rho": 1.0},
@@ -86,6 +96,7 @@ class Calibration:
     num_heads: int
     bisect_iters: int = 10
     pad_to: tuple[int, int] | None = None  # (levels, buckets) every method's tables share
+    response: dict | None = None  # quality.response.measure_response, for west_fast_weighted
 
 
 def pad_tables(t: AttentionTables, levels: int, buckets: int) -> AttentionTables:
@@ -134,7 +145,19 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
     L, H = cal.num_layers, cal.num_heads
     params, rule, sched, tables = {}, 0, None, None
     order = getattr(getattr(plan, "meta", None), "token_order", "raster")  # anchors follow WEST
-    if method in FIT_OPTIONS:
+    if method in ("west_fast_weighted", "west_fast_weighted_half", "west_fast_warmup"):
+        if method == "west_fast_warmup":
+            w = torch.ones(L, len(cal.profile.timesteps), dtype=torch.float64)
+            w[:, 0] = WARMUP_WEIGHT
+        elif cal.response is None:
+            raise ValueError(f"{method}: no measured response; the study measures it when a "
+                             f"weighted method is asked for")
+        else:
+            w = cal.response["weights"] ** (0.5 if method == "west_fast_weighted_half" else 1.0)
+        sched, warn = _fit(cal.profile, target, weights=w)
+        params = {"fit_density": sched.info["achieved_density"], "fit_warnings": warn,
+                  "allocation": "lagrange", "objective": "output_error", "weighted": True}
+    elif method in FIT_OPTIONS:
         sched, warn = _fit(cal.profile, target, **FIT_OPTIONS[method])
         params = {"fit_density": sched.info["achieved_density"], "fit_warnings": warn,
                   "allocation": sched.info["allocation"],

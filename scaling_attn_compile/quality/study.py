@@ -205,6 +205,20 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     pad_to = (max(len(profile.levels), 2), max(len(profile.timesteps), 2))
     calib = M.Calibration(plan, profile, energy_caps, mass, ts_all, tgrid, L, H, bisect_iters,
                           pad_to)
+    response = None
+    if {"west_fast_weighted", "west_fast_weighted_half"} & set(methods):
+        # also when timing only: the timed tables are these
+        from .response import measure_response
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            response = measure_response(model, spec, plan, profile, fast_cap, grid=grid,
+                                        steps=steps, seed=2000, runner=MeasuredAttention(model))
+        calib.response = response
+        timings["response"] = time.perf_counter() - t0
+        log(f"[quality] response gains (layers {[round(x, 2) for x in response['layer_gain']]}, "
+            f"steps {[round(x, 2) for x in response['bucket_gain_by_step']]}, residual "
+            f"{response['fit_residual']:.2f}): {timings['response']:.1f} s")
     if timing_only and not timing:
         raise ValueError("timing_only: needs timing (CUDA, or time_steps=True)")
     if timing_steps:
@@ -285,6 +299,8 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
                                "path": "torch.compile(model, backend=scaling_attn_backend("
                                        "tables, energy_filter=...), dynamic=False, "
                                        "fullgraph=True)"}},
+                "response": None if response is None else
+                {k: v for k, v in response.items() if k != "weights"},
                 "budget": budget, "reference_timing": reference, "results": res_sorted,
                 "records": recs_sorted, "bar": bar_check(res_sorted),
                 "pareto": pareto_check(res_sorted),
