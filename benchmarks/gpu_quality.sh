@@ -6,16 +6,26 @@
 #
 # One call does it all within BUDGET_MINUTES (default 7.5), cutting what does not fit:
 #   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh small-wan
-# The whole matrix for small-wan does not fit one 10-minute call (below), so split it over four
-# calls (PART=quality: videos, no compile; PART=timing: compiles and times, no videos) and join
-# the four JSONs here with  python benchmarks/bench_quality.py --merge A B C D --out-quality OUT:
-#   GIT_SHA=<sha> PART=quality TAG=-q bash benchmarks/gpu_quality.sh small-wan              # ~6 min
+# The whole matrix for small-wan does not fit one 10-minute call, so split it (PART=quality:
+# videos, no compile, ~5 s per (method, density) on the H200; PART=timing: compiles and times, no
+# videos) and join the JSONs of one token order with
+#   python benchmarks/bench_quality.py --merge A B C ... --out-quality OUT:
+#   GIT_SHA=<sha> PART=quality TAG=-q BUDGET_MINUTES=8.3 \
+#       METHODS=west_fast,west_fast_curve,west_fast_fidelity,west_uniform,dense_warmup,radial,sta,svg_split \
+#       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
+#   GIT_SHA=<sha> PART=quality TAG=-q2 BUDGET_MINUTES=4.3 \
+#       METHODS=west_fast_weighted,west_fast_weighted_half,west_fast_warmup,energy_cumulative,energy_blasst,west_fast_energy \
+#       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
+#   GIT_SHA=<sha> PART=quality TAG=-tile BUDGET_MINUTES=4.3 EXTRA="--token-order tile" \
+#       METHODS=west_fast,west_uniform,dense_warmup,radial,sta,svg_split,west_fast_weighted,west_fast_warmup \
+#       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
 #   GIT_SHA=<sha> PART=timing TAG=-tm METHODS=west_fast,west_uniform,dense_warmup,radial,sta,svg_split \
 #       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
 #   GIT_SHA=<sha> PART=timing TAG=-te1 METHODS=energy_cumulative,energy_blasst,west_fast_energy \
 #       DENSITIES=0.35,0.25 bash benchmarks/gpu_quality.sh small-wan                      # ~5 min
 #   GIT_SHA=<sha> PART=timing TAG=-te2 METHODS=energy_cumulative,energy_blasst,west_fast_energy \
 #       DENSITIES=0.5,0.15 bash benchmarks/gpu_quality.sh small-wan                       # ~5 min
+# Two runs in one call need their own OUT folders (each writes log.txt).
 #   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh tiny-wan                   # smoke run, ~4 min
 #
 # Writes into $OUT: quality-<gpu>-<model><TAG>.json (rewritten after every method and density, so
