@@ -464,3 +464,40 @@ def test_measured_path_in_tile_order_matches_backend(model, model_dir):
     assert backend.reports[0].token_order == "tile"
     torch.testing.assert_close(got["tile"], ref, atol=2e-4, rtol=1e-4)
     assert (got["tile"] - got["raster"]).abs().max() > 1e-3
+
+
+def test_response_gains_fit_their_probes_and_steer_fast(model, model_dir):
+    """quality.response: one probe per step bucket and per layer (each a real generation with
+    only that part sparse); the separable gains reproduce the probes' errors up to the reported
+    residual; the weighted FAST fit still hits the target, and the study's weighted methods
+    build (the warm-up variant keeps the first profiled bucket dense)."""
+    from scaling_attn_compile.quality.measure import MeasuredAttention
+    from scaling_attn_compile.quality.response import measure_response
+
+    spec = QM.tiny_wan(model_dir)
+    ts = spec.timesteps(STEPS)
+    latent = (model.config.in_channels, *GRID)
+    plan = calibrate_west(model, [spec.calibration_input("red circle rotating", 3)], ts,
+                          latent_shape=latent, guidance_scale=1.0, progress=False)
+    prof = fast.profile_fidelity(plan, model, spec.calibration_input("blue square", 4),
+                                 timesteps=ts, latent_shape=latent, guidance_scale=1.0,
+                                 rows_per_block=4, progress=False)
+    r = measure_response(model, spec, plan, prof, "blue square", grid=GRID, steps=STEPS,
+                         seed=5, runner=MeasuredAttention(model))
+    L, T = prof.fidelity_mean.shape[:2]
+    assert r["weights"].shape == (L, T) and float(r["weights"].mean()) == pytest.approx(1.0)
+    assert len(r["probe_mse_by_step"]) == T and len(r["probe_mse_by_layer"]) == L
+    assert all(m > 0 for m in r["probe_mse_by_step"] + r["probe_mse_by_layer"])
+    assert 0.0 <= r["fit_residual"] < 1.0
+    s = fast.fit_schedule(prof, 0.5, weights=r["weights"], tol=0.1)
+    assert abs(s.info["achieved_density"] - 0.5) <= 0.1 and s.info["weighted"]
+    from scaling_attn_compile.quality import methods as M
+
+    cal = M.Calibration(plan, prof, [], None, ts, spec.token_grid(GRID), L,
+                        model.config.num_attention_heads, response=r)
+    for method in ("west_fast_weighted", "west_fast_weighted_half", "west_fast_warmup"):
+        setup = M.build(method, 0.5, cal)
+        assert setup.params["weighted"] and abs(setup.planned["planned_density"] - 0.5) < 0.2
+    warm = M.build("west_fast_warmup", 0.5, cal)
+    first = warm.planned["planned_density_per_step"][0]
+    assert first == pytest.approx(1.0)  # the first profiled bucket runs dense
