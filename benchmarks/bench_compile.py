@@ -50,8 +50,8 @@ from dataclasses import asdict, dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from scaling_attn_compile.masks import unpack_blocks  # noqa: E402
-from scaling_attn_compile.tables import uniform_tables  # noqa: E402
+from scaling_attn_compile.contract.masks import unpack_blocks  # noqa: E402
+from scaling_attn_compile.contract.tables import uniform_tables  # noqa: E402
 
 # Wan2.1 configs (diffusers conversion script; research/inductor.md §5). Latent = VAE 4x8x8.
 COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -193,7 +193,7 @@ def sync(device):
 
 def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_config, reps,
             repeats=None):
-    from scaling_attn_compile.backend import scaling_attn_backend
+    from scaling_attn_compile.compile.backend import scaling_attn_backend
 
     heads = spec["config"]["num_attention_heads"]
     density = rewritten = None

@@ -47,9 +47,9 @@ from bench_compile import (  # noqa: E402
     record_file,
 )
 
-from scaling_attn_compile.backend import scaling_attn_backend  # noqa: E402
-from scaling_attn_compile.parallel import enable_ulysses  # noqa: E402
-from scaling_attn_compile.tables import uniform_tables  # noqa: E402
+from scaling_attn_compile.compile.backend import scaling_attn_backend  # noqa: E402
+from scaling_attn_compile.compile.parallel import enable_ulysses  # noqa: E402
+from scaling_attn_compile.contract.tables import uniform_tables  # noqa: E402
 
 ROWS = {"inductor": None, "ours-0.25": 0.25}
 ARGS = None  # the parsed command line (main)

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from scaling_attn_compile import west
-from scaling_attn_compile.calibrate import (
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import (
     BUILTIN_CONFIGS,
     BUILTIN_TEXT_LEN,
     calibrate_west,

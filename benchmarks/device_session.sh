@@ -57,7 +57,7 @@ shapes)  # why the kernel's throughput depends on the shape (kernel_shapes.py)
   step 120 python3 benchmarks/kernel_shapes.py --words-only --out "$OUT/words.json"
   ;;
 train)
-  step 500 python3 -m scaling_attn_compile.train_tiny --out "$OUT/tiny-wan" --device cuda --minutes 7.5
+  step 500 python3 -m scaling_attn_compile.tiny.train_tiny --out "$OUT/tiny-wan" --device cuda --minutes 7.5
   ;;
 compile)
   step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py

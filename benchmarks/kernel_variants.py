@@ -15,7 +15,7 @@ from scaling_attn_compile.kernels.block_sparse_attention import (
     block_sparse_attention_forward,
 )
 
-from scaling_attn_compile.tables import uniform_tables
+from scaling_attn_compile.contract.tables import uniform_tables
 from scaling_attn_compile.testing import make_qkv
 
 VARIANTS = [

@@ -7,19 +7,19 @@
 
 import importlib
 
-from .energy import EnergyFilter
-from .fast import (
+from .ops.energy import EnergyFilter
+from .offline.fast import (
     build_fast_plan,
     dense_first_schedule,
     fit_schedule,
     profile_fidelity,
     uniform_schedule,
 )
-from .masks import dense_tables, pack_blocks, unpack_blocks
-from .op import lambda_from_recall, sparse_attention
-from .plan import FastSchedule, Plan, PlanError, load_plan
-from .reference import energy_filtered_attention_reference, sparse_attention_reference
-from .tables import AttentionTables, uniform_tables
+from .contract.masks import dense_tables, pack_blocks, unpack_blocks
+from .ops.op import lambda_from_recall, sparse_attention
+from .plan.plan import FastSchedule, Plan, PlanError, load_plan
+from .contract.reference import energy_filtered_attention_reference, sparse_attention_reference
+from .contract.tables import AttentionTables, uniform_tables
 
 __version__ = "0.1.0"
 

@@ -179,7 +179,7 @@ def add_west_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_token_order_argument(p: argparse.ArgumentParser) -> None:
-    from .token_order import NEW_PLAN_ORDER
+    from .contract.token_order import NEW_PLAN_ORDER
 
     p.add_argument("--token-order", default=NEW_PLAN_ORDER, metavar="raster|tile|tile:FxHxW",
                    help="which tokens share a 128-token mask block: 'tile' (3D tiles of the "
@@ -188,7 +188,7 @@ def add_token_order_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _west_inputs(args, src, text_dim: int):
-    from .calibrate import encode_prompts, load_embeddings, random_inputs
+    from .offline.calibrate import encode_prompts, load_embeddings, random_inputs
 
     if args.prompts is None:
         if not src.random_weights:
@@ -201,7 +201,7 @@ def _west_inputs(args, src, text_dim: int):
             raise CliError(f"--prompts {args.prompts} is text, but the model "
                              f"{args.model!r} has no text_encoder/; pass precomputed embeddings "
                              f"(.safetensors with prompt_embeds) instead")
-        from .calibrate import CalibrationInput
+        from .offline.calibrate import CalibrationInput
 
         prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
         emb = encode_prompts(src.folder, prompts, device=args._device, dtype=args._dtype)
@@ -215,7 +215,7 @@ def _west_inputs(args, src, text_dim: int):
 
 
 def run_west(args: argparse.Namespace) -> int:
-    from .calibrate import (
+    from .offline.calibrate import (
         calibrate_west,
         default_timesteps,
         evenly_spaced,
@@ -223,7 +223,7 @@ def run_west(args: argparse.Namespace) -> int:
         load_transformer,
         token_grid,
     )
-    from .masks import num_blocks
+    from .contract.masks import num_blocks
 
     check_output_path(args.out, "--out")  # before minutes of calibration, not after
     check_input_file(args.prompts, "--prompts")
@@ -292,8 +292,8 @@ def add_show_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from .plan import load_plan
-    from .viz import plot_layer
+    from .plan.plan import load_plan
+    from .plan.viz import plot_layer
 
     out = args.out or args.plan.with_name(f"{args.plan.stem}.layer{args.layer}.png")
     plan = load_plan(args.plan)
@@ -357,10 +357,10 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_fast(args: argparse.Namespace) -> int:
-    from . import fast
-    from .calibrate import default_timesteps, evenly_spaced, load_transformer
-    from .plan import PlanModelMismatch, load_plan
-    from .viz import plot_schedule
+    from .offline import fast
+    from .offline.calibrate import default_timesteps, evenly_spaced, load_transformer
+    from .plan.plan import PlanModelMismatch, load_plan
+    from .plan.viz import plot_schedule
 
     t0 = time.perf_counter()
     target = fast.check_target(args.target_density, "--target-density")
@@ -422,13 +422,13 @@ def run_fast(args: argparse.Namespace) -> int:
 # ---- demo ----------------------------------------------------------------------------------------
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .demo import add_demo_arguments as add
+    from .tiny.demo import add_demo_arguments as add
 
     add(p)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .tiny.demo import main as demo_main
 
     return demo_main(args)
 

@@ -29,16 +29,16 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers import transformer_wan
 from torch._dynamo.exc import BackendCompilerFailed
 
-from scaling_attn_compile import lowering
-from scaling_attn_compile.backend import (
+from scaling_attn_compile.compile import lowering
+from scaling_attn_compile.compile.backend import (
     DynamicShapeError,
     PlanMismatchError,
     rewrite_self_attention,
     scaling_attn_backend,
 )
-from scaling_attn_compile.masks import add_diagonal, num_blocks, pack_blocks
-from scaling_attn_compile.reference import sparse_attention_reference
-from scaling_attn_compile.tables import AttentionTables, uniform_tables
+from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_blocks
+from scaling_attn_compile.contract.reference import sparse_attention_reference
+from scaling_attn_compile.contract.tables import AttentionTables, uniform_tables
 from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 OP = torch.ops.scaling_attn.sparse_attention.default
@@ -357,7 +357,7 @@ def test_backend_by_name_with_options():
     """What the entry point gives: torch.compile(backend="scaling_attn", options={"plan": ...})."""
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
-    from scaling_attn_compile.backend import _NAMED, dynamo_backend
+    from scaling_attn_compile.compile.backend import _NAMED, dynamo_backend
 
     if "scaling_attn_test" not in _BACKENDS:
         register_backend(dynamo_backend, name="scaling_attn_test")
@@ -384,7 +384,7 @@ def test_real_plan_is_remapped_to_the_compile_grid():
     """plan.Plan end to end: a topology calibrated at grid (4, 8, 8) is materialised by the
     backend for the grid the model runs, (4, 8, 10), and the compiled model equals the eager
     reference bound to the same materialised tables."""
-    from scaling_attn_compile.plan import Plan
+    from scaling_attn_compile.plan.plan import Plan
 
     model, inputs = make_model(), make_inputs()
     g = torch.Generator().manual_seed(0)
@@ -657,7 +657,7 @@ def test_rendered_template_with_energy_filter_matches_its_reference(rule):
 
     import triton
 
-    from scaling_attn_compile.reference import (
+    from scaling_attn_compile.contract.reference import (
         ENERGY_RULES,
         block_masks_for,
         energy_filtered_attention_reference,
@@ -786,7 +786,7 @@ def test_gpu_generated_code_runs_our_template():
 def test_gpu_energy_filter_lowers_to_the_template(rule):
     from torch._inductor.utils import run_and_get_code
 
-    from scaling_attn_compile.reference import (
+    from scaling_attn_compile.contract.reference import (
         ENERGY_RULES,
         block_masks_for,
         energy_filtered_attention_reference,
@@ -823,7 +823,7 @@ def _run_compiled(model, inputs, backend, t=500):
 
 
 def test_energy_filter_option_reaches_the_op_per_layer():
-    from scaling_attn_compile.energy import EnergyFilter
+    from scaling_attn_compile.ops.energy import EnergyFilter
 
     graphs = []
 
@@ -841,7 +841,7 @@ def test_energy_filter_option_reaches_the_op_per_layer():
 
 
 def test_energy_filter_compiled_equals_rewritten_graph_and_filters():
-    from scaling_attn_compile.energy import EnergyFilter
+    from scaling_attn_compile.ops.energy import EnergyFilter
 
     model, inputs = make_model(), make_inputs()
     tables = uniform_tables(LAYERS, HEADS, GRID, 1.0)
@@ -858,8 +858,8 @@ def test_energy_filter_compiled_equals_rewritten_graph_and_filters():
 
 
 def test_plan_carries_the_energy_filter_through_save_and_load(tmp_path):
-    from scaling_attn_compile.energy import EnergyFilter
-    from scaling_attn_compile.plan import Plan, load_plan
+    from scaling_attn_compile.ops.energy import EnergyFilter
+    from scaling_attn_compile.plan.plan import Plan, load_plan
 
     model = make_model()
     nb = num_blocks(GRID[0] * GRID[1] * GRID[2])
@@ -879,7 +879,7 @@ def test_plan_carries_the_energy_filter_through_save_and_load(tmp_path):
 
 
 def test_energy_filter_validation():
-    from scaling_attn_compile.energy import EnergyFilter
+    from scaling_attn_compile.ops.energy import EnergyFilter
 
     with pytest.raises(ValueError, match="rule"):
         EnergyFilter("topk", threshold=-3.0)

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from scaling_attn_compile import tiny_wan as tw
+from scaling_attn_compile.tiny import tiny_wan as tw
 from scaling_attn_compile.cli import main
-from scaling_attn_compile.demo import COLUMNS, psnr, ssim_video
+from scaling_attn_compile.tiny.demo import COLUMNS, psnr, ssim_video
 
 LAYERS, HEADS, STEPS = 2, 4, 3
 
@@ -100,7 +100,7 @@ def test_demo_in_bf16_runs(model_dir, tmp_path, monkeypatch):
 def test_gpu_demo_runs(grid, tmp_path):
     """``scaling-attn demo --device cuda`` on the bundled model: bf16, the Triton kernel through
     the Inductor template; short (4 steps, 1 prompt). The default grid is 12x64x64 on CUDA."""
-    from scaling_attn_compile.demo import CUDA_GRID
+    from scaling_attn_compile.tiny.demo import CUDA_GRID
 
     out = tmp_path / "demo_gpu"
     args = ["demo", "--out", str(out), "--steps", "4", "--fast-capture-steps", "4",

@@ -20,7 +20,7 @@ from scaling_attn_compile.kernels.block_sparse_attention import (
     block_sparse_attention_forward,
     launch_meta,
 )
-from scaling_attn_compile.masks import dense_tables, num_blocks, pack_blocks
+from scaling_attn_compile.contract.masks import dense_tables, num_blocks, pack_blocks
 from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

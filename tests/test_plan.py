@@ -9,10 +9,10 @@ import struct
 import pytest
 import torch
 
-from scaling_attn_compile import west
-from scaling_attn_compile.calibrate import default_timesteps, load_transformer
-from scaling_attn_compile.masks import num_blocks, num_words, unpack_blocks
-from scaling_attn_compile.plan import (
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import default_timesteps, load_transformer
+from scaling_attn_compile.contract.masks import num_blocks, num_words, unpack_blocks
+from scaling_attn_compile.plan.plan import (
     FORMAT_VERSION,
     META_KEY,
     FastSchedule,
@@ -154,7 +154,7 @@ def _header(path):
 
 def _rewrite_meta(path, edit):
     """Edit the plan metadata and re-sign it, so the check after the checksum is what fails."""
-    from scaling_attn_compile.plan_schema import CHECKSUM_KEY, meta_checksum
+    from scaling_attn_compile.plan.schema import CHECKSUM_KEY, meta_checksum
 
     raw, n, header = _header(path)
     meta = json.loads(header["__metadata__"][META_KEY])

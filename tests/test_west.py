@@ -18,8 +18,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scaling_attn_compile import west
-from scaling_attn_compile.calibrate import (
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import (
     calibrate_west,
     capture_qk,
     capture_self_attention,
@@ -30,7 +30,7 @@ from scaling_attn_compile.calibrate import (
     random_inputs,
     token_grid,
 )
-from scaling_attn_compile.masks import BLOCK, num_blocks
+from scaling_attn_compile.contract.masks import BLOCK, num_blocks
 from scaling_attn_compile.testing import assert_close_to_oracle
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,11 +24,11 @@ import math
 
 import torch
 
-from .. import west
-from ..calibrate import _apply_rotary_emb, capture_self_attention
-from ..masks import BLOCK, dense_tables
-from ..reference import block_masks_for, energy_filtered_attention_reference
-from ..tables import AttentionTables
+from ..offline import west
+from ..offline.calibrate import _apply_rotary_emb, capture_self_attention
+from ..contract.masks import BLOCK, dense_tables
+from ..contract.reference import block_masks_for, energy_filtered_attention_reference
+from ..contract.tables import AttentionTables
 
 LAMBDA_RANGE = (-30.0, 5.0)  # natural-log energy thresholds searched by bisect_threshold
 
@@ -171,7 +171,7 @@ class MeasuredAttention:
 
 def table_perm(tables: AttentionTables):
     """The tables' token permutation, ``None`` in raster order."""
-    from ..token_order import TokenOrder, permutation
+    from ..contract.token_order import TokenOrder, permutation
 
     order = getattr(tables, "token_order", "raster")
     return None if TokenOrder.parse(order).is_raster else permutation(tables.grid, order)

@@ -54,7 +54,7 @@ class QualityModel:
         return [pool[((i * len(pool)) // n + i % 3) % len(pool)] for i in range(n)]
 
     def calibration_input(self, caption: str, seed: int):
-        from ..calibrate import CalibrationInput
+        from ..offline.calibrate import CalibrationInput
 
         return CalibrationInput(self.encode([caption], "cpu", torch.float32), seed=seed,
                                 name=caption)
@@ -77,8 +77,8 @@ def _check_n(name: str, prompts: list[str], n: int) -> list[str]:
 
 def tiny_wan(path: Path | None = None) -> QualityModel:
     """The bundled tiny Wan (6.9M parameters, 8x32x32 pixels = 16 blocks; see its model card)."""
-    from .. import tiny_wan as tw
-    from ..toy_video import held_out_captions, train_triples
+    from ..tiny import tiny_wan as tw
+    from ..tiny.toy_video import held_out_captions, train_triples
 
     path = Path(path) if path is not None else tw.ASSET_DIR
     return QualityModel(
@@ -126,7 +126,7 @@ def small_wan(path: Path | None = None) -> QualityModel:
                       SMALL_WAN_NEEDS["scaling_attn_compile.small_wan"])
     pv = _import_need("scaling_attn_compile.photo_video",
                       SMALL_WAN_NEEDS["scaling_attn_compile.photo_video"])
-    from .. import tiny_wan as tw
+    from ..tiny import tiny_wan as tw
 
     sig = getattr(sw, "sigmas", tw.sigmas)  # its own schedule (a flow shift) if it has one
     path = Path(path) if path is not None else Path(sw.ASSET_DIR)

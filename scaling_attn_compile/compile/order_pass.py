@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .token_order import TokenOrder, inverse_permutation, permutation
+from ..contract.token_order import TokenOrder, inverse_permutation, permutation
 
 
 @dataclass(frozen=True)

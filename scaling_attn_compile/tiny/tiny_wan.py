@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .toy_video import VOCAB
 
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny-wan"
+ASSET_DIR = Path(__file__).parent.parent / "assets" / "tiny-wan"
 """Where the shipped weights live (``config.json``, ``diffusion_pytorch_model.safetensors``,
 ``caption_encoder.safetensors``, ``README.md``)."""
 

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from . import plan_schema, west
-from .masks import BLOCK, num_blocks, num_words, pack_blocks
-from .tables import AttentionTables
-from .token_order import TokenOrder
-from .token_order import describe as describe_order
+from . import schema
+from ..offline import west
+from ..contract.masks import BLOCK, num_blocks, num_words, pack_blocks
+from ..contract.tables import AttentionTables
+from ..contract.token_order import TokenOrder
+from ..contract.token_order import describe as describe_order
 
 FORMAT = "scaling-attn-plan"
 FORMAT_VERSION = 1
@@ -245,7 +246,7 @@ class Plan:
 
     @property
     def energy_filter(self):
-        from .energy import EnergyFilter
+        from ..ops.energy import EnergyFilter
 
         d = self.meta.energy_filter
         return None if d is None else EnergyFilter.from_dict(d)
@@ -598,7 +599,7 @@ def load_plan(path, *, device="cpu") -> Plan:
     sched_meta = meta.pop("schedule", None)
     pm = PlanMeta(**meta)  # the schema admits only PlanMeta's fields here
     if pm.energy_filter is not None:
-        from .energy import EnergyFilter
+        from ..ops.energy import EnergyFilter
 
         try:
             EnergyFilter.from_dict(pm.energy_filter)

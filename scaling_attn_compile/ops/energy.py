@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from .op import lambda_from_recall
-from .reference import ENERGY_RULES
+from ..contract.reference import ENERGY_RULES
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch._dynamo.source import ConstantSource
 
 from . import lowering as _lowering  # registers the Inductor lowering of the op
-from .masks import num_blocks, num_words
-from .op import HEAD_DIMS, KERNEL_DTYPES
+from ..contract.masks import num_blocks, num_words
+from ..ops.op import HEAD_DIMS, KERNEL_DTYPES
 from .specialize import PerShape, is_symbolic
-from .tables import AttentionTables
+from ..contract.tables import AttentionTables
 
 log = logging.getLogger("scaling_attn_compile")
 
@@ -657,7 +657,7 @@ class ScalingAttnBackend:
         self.compiler = compiler
         self.hash_kernel_sources = hash_kernel_sources
         self.materialize_kwargs = dict(materialize_kwargs or {})
-        from .energy import EnergyFilter
+        from ..ops.energy import EnergyFilter
 
         if energy_filter is None:  # the plan may carry one (Plan.with_energy_filter)
             energy_filter = getattr(plan, "energy_filter", None)

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import west
+from ..offline import west
 
 
 def plot_layer(plan, layer: int, out, *, density: float = 0.3, grid=None,
@@ -73,7 +73,7 @@ def plot_block_layout(grid, order, out, *, frames: Sequence[int] | None = None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .token_order import TokenOrder, block_of_token, describe
+    from ..contract.token_order import TokenOrder, block_of_token, describe
 
     F, H, W = (int(x) for x in grid)
     order = TokenOrder.parse(order)

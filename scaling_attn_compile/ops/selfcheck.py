@@ -18,10 +18,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .masks import dense_tables, num_blocks, pack_blocks
+from ..contract.masks import dense_tables, num_blocks, pack_blocks
 from .op import sparse_attention
-from .reference import sparse_attention_reference
-from .testing import make_qkv
+from ..contract.reference import sparse_attention_reference
+from ..testing import make_qkv
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TRITON_INTERPRET") != "1":
             notes.append("(set TRITON_INTERPRET=1 to also run the Triton kernel in the interpreter)")
         else:
-            from .kernels.block_sparse_attention import block_sparse_attention_forward
+            from ..kernels.block_sparse_attention import block_sparse_attention_forward
 
             kdtype = torch.float16 if args.dtype == "auto" else dtype
             name = f"Triton kernel (interpreter, {str(kdtype).removeprefix('torch.')}) == reference"

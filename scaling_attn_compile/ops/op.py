@@ -36,8 +36,8 @@ import os
 
 import torch
 
-from .masks import WORD_BITS, num_blocks, num_words
-from .reference import (
+from ..contract.masks import WORD_BITS, num_blocks, num_words
+from ..contract.reference import (
     ENERGY_RULES,
     block_masks_for,
     energy_filtered_attention_reference,
@@ -178,7 +178,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
     out = torch.empty_like(q)  # same strides as q, as the fake promises
     if q.is_cuda:
         validate_kernel_inputs(q)
-        from .kernels.block_sparse_attention import block_sparse_attention_forward
+        from ..kernels.block_sparse_attention import block_sparse_attention_forward
 
         return block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds,
                                               timestep, out, scale, energy_rule=energy_rule,

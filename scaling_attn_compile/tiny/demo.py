@@ -39,7 +39,7 @@ CUDA_GRID = (12, 64, 64)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_token_order_argument, parse_triple, positive_int
+    from ..cli import add_token_order_argument, parse_triple, positive_int
 
     p.add_argument("--model-path", type=Path, default=None,
                    help="tiny Wan folder (config.json, diffusion_pytorch_model.safetensors, "
@@ -186,7 +186,7 @@ def calibration_captions(n: int) -> list[str]:
 def calibration_input(caption: str, seed: int, *, model_path=None, guidance_scale: float = 1.0):
     """A :class:`~scaling_attn_compile.calibrate.CalibrationInput` for one caption of the tiny
     Wan's encoder (with the null caption as negative when ``guidance_scale != 1``)."""
-    from .calibrate import CalibrationInput
+    from ..offline.calibrate import CalibrationInput
     from .tiny_wan import encode_captions
 
     emb = encode_captions([caption], path=model_path)
@@ -216,15 +216,15 @@ def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo; returns what ``results.json`` holds (rows, timings, meta, files)."""
     import torch
 
-    from . import fast
-    from .backend import scaling_attn_backend
-    from .calibrate import calibrate_west, evenly_spaced
-    from .cli import resolve_device, resolve_dtype
-    from .masks import num_blocks
+    from ..offline import fast
+    from ..compile.backend import scaling_attn_backend
+    from ..offline.calibrate import calibrate_west, evenly_spaced
+    from ..cli import resolve_device, resolve_dtype
+    from ..contract.masks import num_blocks
     from .tiny_wan import ASSET_DIR, WEIGHTS_NAME, encode_captions, generate, load_tiny_wan, sigmas
     from .tiny_wan import token_grid as tiny_token_grid
     from .toy_video import held_out_captions
-    from .viz import plot_block_layout, plot_layer, plot_schedule
+    from ..plan.viz import plot_block_layout, plot_layer, plot_schedule
 
     progress = not args.quiet
     model_path = Path(args.model_path) if args.model_path is not None else ASSET_DIR

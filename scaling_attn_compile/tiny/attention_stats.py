@@ -39,7 +39,7 @@ def capture_qk(model, layers: list[int] | None = None):
     A thin wrapper over :func:`scaling_attn_compile.calibrate.capture_qk`, the one place that
     recomputes q/k exactly as diffusers' ``WanAttnProcessor`` does.
     """
-    from .calibrate import capture_qk as capture
+    from ..offline.calibrate import capture_qk as capture
 
     store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

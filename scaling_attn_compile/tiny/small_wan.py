@@ -32,7 +32,7 @@ from . import tiny_wan
 from .photo_video import MAX_WORDS, VOCAB, words
 from .tiny_wan import ENCODER_NAME, WEIGHTS_NAME, CaptionEncoder, initial_noise, sigmas
 
-ASSET_DIR = Path(__file__).parent / "assets" / "small-wan"
+ASSET_DIR = Path(__file__).parent.parent / "assets" / "small-wan"
 """Shipped weights: ``config.json``, fp16 ``diffusion_pytorch_model.safetensors``,
 ``caption_encoder.safetensors``, ``README.md`` (model card), plots."""
 

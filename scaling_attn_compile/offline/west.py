@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .masks import BLOCK, num_blocks
+from ..contract.masks import BLOCK, num_blocks
 
 CODE_MAX = 255  # uint8 codes 1..255; code c stands for T in ((c - 1) / 255, c / 255]
 
@@ -114,7 +114,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,
     if impl == "auto":
         impl = "triton" if q.is_cuda and D >= 16 and D & (D - 1) == 0 else "torch"
     if impl == "triton":
-        from .kernels.block_mass import block_mass_triton
+        from ..kernels.block_mass import block_mass_triton
         return block_mass_triton(q, k, scale)
     return block_mass_torch(q, k, scale)
 
@@ -248,7 +248,7 @@ def block_overlap(from_grid: Grid, to_grid: Grid, from_order=None, to_order=None
     Grids are latent token grids ``(F, H, W)`` after patching; blocks are 128 tokens of each
     grid's token order (``None``: raster, tokens flatten ``(f, h, w)``; see :mod:`.token_order`).
     """
-    from .token_order import block_of_token
+    from ..contract.token_order import block_of_token
 
     (F0, H0, W0), (F1, H1, W1) = from_grid, to_grid
     fi, fv = _axis_overlap(F1, F0)

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .masks import BLOCK, num_blocks, pack_blocks
-from .tables import AttentionTables
-from .token_order import TokenOrder, check_grid, permutation
+from ..contract.masks import BLOCK, num_blocks, pack_blocks
+from ..contract.tables import AttentionTables
+from ..contract.token_order import TokenOrder, check_grid, permutation
 
 KINDS = ("radial", "sta", "svg_split")
 SPATIAL, TEMPORAL = 0, 1  # svg_split head types

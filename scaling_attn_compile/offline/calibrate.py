@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import west
-from .masks import num_blocks
+from ..contract.masks import num_blocks
 
 Grid = tuple[int, int, int]
 
@@ -56,7 +56,7 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 }
 # Text sequence length of random embeddings per built-in (Wan's T5 pads to 512 tokens).
 BUILTIN_TEXT_LEN = {"tiny-random": 16, "wan2.1-1.3b": 512, "wan2.1-14b": 512}
-TINY_ASSET_DIR = Path(__file__).parent / "assets" / "tiny-wan"
+TINY_ASSET_DIR = Path(__file__).parent.parent / "assets" / "tiny-wan"
 WAN_VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: 4x in time (causal: F_lat = (frames-1)/4 + 1), 8x8 in space
 
 
@@ -484,8 +484,8 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
     working; the CLI and the demo default to ``token_order.NEW_PLAN_ORDER``); q/k are permuted
     into it before block pooling.
     """
-    from .plan import Plan
-    from .token_order import TokenOrder, in_token_order
+    from ..plan.plan import Plan
+    from ..contract.token_order import TokenOrder, in_token_order
 
     order = TokenOrder.parse(token_order)
 

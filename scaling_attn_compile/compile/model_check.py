@@ -28,7 +28,7 @@ import re
 
 import torch
 
-from .plan import PlanModelMismatch, fingerprint_tensors
+from ..plan.plan import PlanModelMismatch, fingerprint_tensors
 
 log = logging.getLogger("scaling_attn_compile")
 
