@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from scaling_attn_compile.kernels import block_sparse_attention as kernel
 
 from scaling_attn_compile import sparse_attention
 from scaling_attn_compile.contract.masks import unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels import block_sparse_attention as kernel
 from scaling_attn_compile.testing import make_qkv
 
 SHAPES = {  # name: (B, H, S, D)

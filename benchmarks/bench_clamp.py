@@ -28,9 +28,9 @@ import sys
 
 import torch
 
-from scaling_attn_compile.kernels import block_sparse_attention as current
 from scaling_attn_compile.contract.masks import unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels import block_sparse_attention as current
 from scaling_attn_compile.testing import make_qkv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

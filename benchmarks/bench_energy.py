@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scaling_attn_compile.kernels import block_sparse_attention as kernel
 
-from scaling_attn_compile.tiny.demo import rel_l2
 from scaling_attn_compile.contract.masks import num_blocks, unpack_blocks
-from scaling_attn_compile.ops.op import lambda_from_recall
 from scaling_attn_compile.contract.reference import ENERGY_RULES
 from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels import block_sparse_attention as kernel
+from scaling_attn_compile.ops.op import lambda_from_recall
 from scaling_attn_compile.testing import make_qkv
+from scaling_attn_compile.tiny.demo import rel_l2
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # name: (label, H, (F, H, W) latent grid after patching, head_dim)

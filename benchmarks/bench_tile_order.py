@@ -131,12 +131,12 @@ def _cached(path: Path, make):
 def run_quality(args, save) -> dict:
     """Quality records; ``save(result)`` is called after each order (a run cut short keeps
     what it measured); sparse and dense videos are cached in ``--cache-dir``."""
+    from scaling_attn_compile.contract.token_order import TokenOrder, coverage
     from scaling_attn_compile.offline import fast
     from scaling_attn_compile.offline.calibrate import evenly_spaced
     from scaling_attn_compile.tiny.demo import calibration_input, video_metrics
     from scaling_attn_compile.tiny.tiny_wan import ASSET_DIR, generate, load_tiny_wan, sigmas
     from scaling_attn_compile.tiny.tiny_wan import token_grid as tiny_token_grid
-    from scaling_attn_compile.contract.token_order import TokenOrder, coverage
     from scaling_attn_compile.tiny.toy_video import held_out_captions
 
     model_path = Path(args.model_path) if args.model_path else ASSET_DIR
@@ -262,13 +262,13 @@ def run_recall(args) -> dict:
     ``p`` blocks by mass, the oracle WEST approximates), mean over rows, heads, layers, captured
     steps and captions. A partition whose blocks follow the attention keeps more at equal
     density. Dense runs of training captions (never the held-out prompts)."""
+    from scaling_attn_compile.contract.masks import num_blocks
+    from scaling_attn_compile.contract.token_order import TokenOrder, permutation
     from scaling_attn_compile.offline import west
     from scaling_attn_compile.offline.calibrate import capture_self_attention, evenly_spaced
     from scaling_attn_compile.tiny.demo import calibration_captions, calibration_input
-    from scaling_attn_compile.contract.masks import num_blocks
     from scaling_attn_compile.tiny.tiny_wan import ASSET_DIR, load_tiny_wan, sigmas
     from scaling_attn_compile.tiny.tiny_wan import token_grid as tiny_token_grid
-    from scaling_attn_compile.contract.token_order import TokenOrder, permutation
 
     model_path = Path(args.model_path) if args.model_path else ASSET_DIR
     grid = tuple(args.grid)
@@ -317,7 +317,11 @@ def run_step(args) -> dict:
 
     from scaling_attn_compile.compile.backend import scaling_attn_backend
     from scaling_attn_compile.contract.tables import uniform_tables
-    from scaling_attn_compile.contract.token_order import TokenOrder, inverse_permutation, permutation
+    from scaling_attn_compile.contract.token_order import (
+        TokenOrder,
+        inverse_permutation,
+        permutation,
+    )
 
     cuda = torch.cuda.is_available()
     if not cuda and args.config != "tiny":

@@ -36,17 +36,19 @@ from pathlib import Path
 
 import torch
 
-from scaling_attn_compile.offline import west
-from scaling_attn_compile.offline.calibrate import (
+from scaling_attn_compile.models.wan import (
     BUILTIN_CONFIGS,
     BUILTIN_TEXT_LEN,
+    latent_shape_for,
+    latent_token_grid,
+    load_transformer,
+)
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import (
     calibrate_west,
     capture_self_attention,
     default_timesteps,
-    latent_shape_for,
-    load_transformer,
     random_inputs,
-    token_grid,
 )
 
 
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     cfg = model.config
     weights_gb = sum(t.numel() * t.element_size() for t in model.parameters()) / 1e9
     latent = latent_shape_for(args.frames, args.height, args.width, cfg.in_channels)
-    grid = token_grid(model, latent)
+    grid = latent_token_grid(model, latent)
     S, H, D = math.prod(grid), cfg.num_attention_heads, cfg.attention_head_dim
     inputs = random_inputs(args.inputs, BUILTIN_TEXT_LEN[args.config], cfg.text_dim)
     ts = default_timesteps(args.steps, 5.0 if args.height >= 720 else 3.0)

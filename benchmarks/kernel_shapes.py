@@ -19,14 +19,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from scaling_attn_compile.kernels.block_sparse_attention import (
-    KernelConfig,
-    block_sparse_attention_forward,
-)
 from triton.testing import do_bench
 
 from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_blocks, unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels.block_sparse_attention import (
+    KernelConfig,
+    block_sparse_attention_forward,
+)
 
 # (H, S): the two Wan shapes, each with the other's head count, and S a multiple of 128.
 CASES = [(12, 32760), (40, 32760), (12, 75600), (40, 75600), (12, 32768), (24, 32760)]

@@ -7,7 +7,10 @@
 
 import importlib
 
-from .ops.energy import EnergyFilter
+from .contract.masks import dense_tables, pack_blocks, unpack_blocks
+from .contract.reference import energy_filtered_attention_reference, sparse_attention_reference
+from .contract.tables import AttentionTables, uniform_tables
+from .errors import PlanError
 from .offline.fast import (
     build_fast_plan,
     dense_first_schedule,
@@ -15,11 +18,10 @@ from .offline.fast import (
     profile_fidelity,
     uniform_schedule,
 )
-from .contract.masks import dense_tables, pack_blocks, unpack_blocks
+from .ops.energy import EnergyFilter
 from .ops.op import lambda_from_recall, sparse_attention
-from .plan.plan import FastSchedule, Plan, PlanError, load_plan
-from .contract.reference import energy_filtered_attention_reference, sparse_attention_reference
-from .contract.tables import AttentionTables, uniform_tables
+from .plan.io import load_plan
+from .plan.plan import FastSchedule, Plan
 
 __version__ = "0.1.0"
 

@@ -21,13 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CliError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEBUG_ENV = "SCALING_ATTN_DEBUG"  # =1: full tracebacks for user errors too
-
-
-class CliError(Exception):
-    """A user error found by a command (bad combination of arguments, unusable output path):
-    printed as one line, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +185,8 @@ def add_token_order_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _west_inputs(args, src, text_dim: int):
-    from .offline.calibrate import encode_prompts, load_embeddings, random_inputs
+    from .models.wan import encode_prompts
+    from .offline.calibrate import load_embeddings, random_inputs
 
     if args.prompts is None:
         if not src.random_weights:
@@ -215,15 +213,9 @@ def _west_inputs(args, src, text_dim: int):
 
 
 def run_west(args: argparse.Namespace) -> int:
-    from .offline.calibrate import (
-        calibrate_west,
-        default_timesteps,
-        evenly_spaced,
-        latent_shape_for,
-        load_transformer,
-        token_grid,
-    )
     from .contract.masks import num_blocks
+    from .models.wan import latent_shape_for, latent_token_grid, load_transformer
+    from .offline.calibrate import calibrate_west, default_timesteps, evenly_spaced
 
     check_output_path(args.out, "--out")  # before minutes of calibration, not after
     check_input_file(args.prompts, "--prompts")
@@ -249,7 +241,7 @@ def run_west(args: argparse.Namespace) -> int:
             raise CliError("pass --frames, --height and --width (or --latent F,H,W) for "
                            f"model {args.model!r}")
         latent = latent_shape_for(frames, height, width, cfg.in_channels, stride)
-    grid = token_grid(model, latent)
+    grid = latent_token_grid(model, latent)
     s = grid[0] * grid[1] * grid[2]
     if num_blocks(s) < 2:
         print(f"warning: token grid {grid} is S = {s} tokens, one block of 128: every mask of "
@@ -292,7 +284,7 @@ def add_show_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from .plan.plan import load_plan
+    from .plan.io import load_plan
     from .plan.viz import plot_layer
 
     out = args.out or args.plan.with_name(f"{args.plan.stem}.layer{args.layer}.png")
@@ -357,9 +349,11 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_fast(args: argparse.Namespace) -> int:
+    from .errors import PlanModelMismatch
+    from .models.wan import load_transformer
     from .offline import fast
-    from .offline.calibrate import default_timesteps, evenly_spaced, load_transformer
-    from .plan.plan import PlanModelMismatch, load_plan
+    from .offline.calibrate import default_timesteps, evenly_spaced
+    from .plan.io import load_plan
     from .plan.viz import plot_schedule
 
     t0 = time.perf_counter()

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from scaling_attn_compile.offline import anchors as A
 from scaling_attn_compile.compile.backend import scaling_attn_backend
 from scaling_attn_compile.contract.masks import unpack_blocks
+from scaling_attn_compile.offline import anchors as A
 from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
 
 SMALL_WAN_TOKENS = (16, 32, 32)  # small-wan's native token grid: 128 blocks

@@ -30,15 +30,12 @@ from diffusers.models.transformers import transformer_wan
 from torch._dynamo.exc import BackendCompilerFailed
 
 from scaling_attn_compile.compile import lowering
-from scaling_attn_compile.compile.backend import (
-    DynamicShapeError,
-    PlanMismatchError,
-    rewrite_self_attention,
-    scaling_attn_backend,
-)
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.compile.rewrite import rewrite_self_attention
 from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_blocks
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.contract.tables import AttentionTables, uniform_tables
+from scaling_attn_compile.errors import DynamicShapeError, PlanMismatchError
 from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 OP = torch.ops.scaling_attn.sparse_attention.default
@@ -859,7 +856,8 @@ def test_energy_filter_compiled_equals_rewritten_graph_and_filters():
 
 def test_plan_carries_the_energy_filter_through_save_and_load(tmp_path):
     from scaling_attn_compile.ops.energy import EnergyFilter
-    from scaling_attn_compile.plan.plan import Plan, load_plan
+    from scaling_attn_compile.plan.io import load_plan
+    from scaling_attn_compile.plan.plan import Plan
 
     model = make_model()
     nb = num_blocks(GRID[0] * GRID[1] * GRID[2])

@@ -20,13 +20,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scaling_attn_compile import sparse_attention, sparse_attention_reference
+from scaling_attn_compile.contract.masks import num_blocks, num_words, pack_blocks
+from scaling_attn_compile.contract.reference import (
+    block_masks_for,
+    energy_filtered_attention_reference,
+)
 from scaling_attn_compile.kernels.block_sparse_attention import (
     CONFIGS,
     block_sparse_attention_forward,
 )
-from scaling_attn_compile.contract.masks import num_blocks, num_words, pack_blocks
 from scaling_attn_compile.ops.op import CHECK_TABLES_ENV, check_tables
-from scaling_attn_compile.contract.reference import block_masks_for, energy_filtered_attention_reference
 from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -275,8 +278,8 @@ def test_check_tables_env_var_makes_the_eager_op_raise(monkeypatch):
 def test_backend_tables_are_valid_by_construction():
     """Tables a plan materialises (what the backend binds) pass check_tables, at a grid whose
     last word is partial (NB = 40: 24 spare bits) and with a FAST schedule."""
+    from scaling_attn_compile.models.wan import load_transformer
     from scaling_attn_compile.offline import west
-    from scaling_attn_compile.offline.calibrate import load_transformer
     from scaling_attn_compile.plan.plan import FastSchedule, Plan
 
     model = load_transformer("tiny-random", seed=0).transformer

@@ -16,18 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaling_attn_compile.offline import fast
-from scaling_attn_compile.tiny import tiny_wan as tw
 from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.offline import fast
 from scaling_attn_compile.offline.calibrate import calibrate_west
-from scaling_attn_compile.tiny.demo import calibration_captions, calibration_input
 from scaling_attn_compile.ops.energy import EnergyFilter
 from scaling_attn_compile.quality import models as QM
 from scaling_attn_compile.quality.measure import attend_counted
 from scaling_attn_compile.quality.report import RECORD_FIELDS
 from scaling_attn_compile.quality.study import plan_budget
-from scaling_attn_compile.contract.tables import uniform_tables
 from scaling_attn_compile.testing import make_local_qkv
+from scaling_attn_compile.tiny import tiny_wan as tw
+from scaling_attn_compile.tiny.demo import calibration_captions, calibration_input
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID, STEPS, LAYERS = (4, 32, 32), 3, 2  # S = 4 x 16 x 16 = 1024 tokens, 8 blocks
@@ -395,8 +395,8 @@ def test_claims_part_through_the_registry(model, model_dir):
 
 
 def test_pad_tables_keeps_the_attention():
-    from scaling_attn_compile.quality.methods import pad_tables
     from scaling_attn_compile.contract.reference import block_masks_for
+    from scaling_attn_compile.quality.methods import pad_tables
 
     g = torch.Generator().manual_seed(0)
     H, nb = 2, 8

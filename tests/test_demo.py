@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from scaling_attn_compile.tiny import tiny_wan as tw
 from scaling_attn_compile.cli import main
+from scaling_attn_compile.tiny import tiny_wan as tw
 from scaling_attn_compile.tiny.demo import COLUMNS, psnr, ssim_video
 
 LAYERS, HEADS, STEPS = 2, 4, 3

@@ -9,19 +9,22 @@ import struct
 import pytest
 import torch
 
-from scaling_attn_compile.offline import west
-from scaling_attn_compile.offline.calibrate import default_timesteps, load_transformer
 from scaling_attn_compile.contract.masks import num_blocks, num_words, unpack_blocks
+from scaling_attn_compile.errors import (
+    PlanError,
+    PlanFileError,
+    PlanModelMismatch,
+    PlanVersionError,
+)
+from scaling_attn_compile.models.wan import load_transformer
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import default_timesteps
+from scaling_attn_compile.plan.io import load_plan
 from scaling_attn_compile.plan.plan import (
     FORMAT_VERSION,
     META_KEY,
     FastSchedule,
     Plan,
-    PlanError,
-    PlanFileError,
-    PlanModelMismatch,
-    PlanVersionError,
-    load_plan,
     tables_nbytes,
 )
 

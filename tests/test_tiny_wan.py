@@ -132,7 +132,7 @@ def test_captured_qk_reproduce_attn1_output():
     got = {}
     h = attn.register_forward_hook(lambda mod, args, out: got.update(inp=args[0], out=out))
     x = torch.randn(1, 3, 2, 8, 8)
-    with ast.capture_qk(m) as qk, torch.no_grad():
+    with ast.collect_qk(m) as qk, torch.no_grad():
         m(hidden_states=x, timestep=torch.tensor([300.0]), encoder_hidden_states=tw.encode_captions(["red square moving left"]))
     h.remove()
     q, k = qk[0]

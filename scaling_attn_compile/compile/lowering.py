@@ -47,9 +47,9 @@ from torch._inductor.select_algorithm import (
 )
 from torch._inductor.virtualized import V
 
-from ..ops import op as _op  # registers torch.ops.scaling_attn.sparse_attention
-from ..kernels import block_sparse_attention as _kernel
 from ..contract.masks import num_blocks, pack_blocks
+from ..kernels import block_sparse_attention as _kernel
+from ..ops import op as _op  # registers torch.ops.scaling_attn.sparse_attention
 
 log = logging.getLogger("scaling_attn_compile")
 

@@ -28,21 +28,15 @@ import re
 
 import torch
 
-from ..plan.plan import PlanModelMismatch, fingerprint_tensors
+from ..errors import PlanModelMismatch
+from ..models.fingerprint import fingerprint_tensors
+from ..models.wan import LAYERS_ROOT, PARAM_HINTS, fingerprint_names
 
 log = logging.getLogger("scaling_attn_compile")
 
 CHECK_MODES = ("weights", "config", False)  # the backend's check_model option
 _TOKEN = re.compile(r"\['([^']+)'\]|\[\"([^\"]+)\"\]|\.(\w+)|\[(\d+)\]")
 _SKIP_TOKENS = {"__dict__", "_modules", "_parameters", "_buffers", "base_layer"}
-# Which config keys shape which parameters: only to word the error.
-_HINTS = (("ffn.", "ffn_dim"), ("text_embedder", "text_dim"), ("time_embedder", "freq_dim"),
-          ("time_proj", "freq_dim"), ("image_embedder", "image_dim"),
-          ("add_k_proj", "added_kv_proj_dim"), ("add_v_proj", "added_kv_proj_dim"),
-          ("norm_added_k", "added_kv_proj_dim"), ("patch_embedding", "in_channels/patch_size"),
-          ("proj_out", "out_channels/patch_size"), ("rope.", "attention_head_dim/rope_max_seq_len"),
-          ("norm_q", "qk_norm"), ("norm_k", "qk_norm"), ("norm2", "cross_attn_norm"),
-          ("attn", "num_attention_heads x attention_head_dim"))
 
 
 def _tokens(source: str) -> list[str]:
@@ -132,7 +126,7 @@ class ModelCheck:
                             "checked against the compiled model")
             return
         expected = self.expected_shapes()
-        top = {k.split(".")[0] for k in expected} if expected else {"blocks"}
+        top = {k.split(".")[0] for k in expected} if expected else {LAYERS_ROOT}
         params = graph_parameters(gm, example_inputs, top)
         if not params:
             return  # not the plan's kind of model at all: the rewrite will say so
@@ -147,10 +141,10 @@ class ModelCheck:
                     diffs.append((name, f"{name} is {tuple(t.shape)} in the model, {want} in "
                                         f"the plan's"))
             if diffs:
-                layers = {".".join(k.split(".")[:2]) for k in expected if k.startswith("blocks.")}
-                keys = sorted({"num_layers" if n.startswith("blocks.") and
+                layers = {".".join(k.split(".")[:2]) for k in expected if k.startswith(LAYERS_ROOT + ".")}
+                keys = sorted({"num_layers" if n.startswith(LAYERS_ROOT + ".") and
                                ".".join(n.split(".")[:2]) not in layers else
-                               next((k for p, k in _HINTS if p in n), "other") for n, _ in diffs})
+                               next((k for p, k in PARAM_HINTS if p in n), "other") for n, _ in diffs})
                 shown = "; ".join(d for _, d in diffs[:2])
                 more = f"; +{len(diffs) - 2} more" if len(diffs) > 2 else ""
                 raise PlanModelMismatch(
@@ -158,8 +152,7 @@ class ModelCheck:
                     f"(differs in {', '.join(keys)}: {shown}{more}); extract a plan for this "
                     f"model with `scaling-attn west`, or pass check_model=False to use it anyway")
         want_fp = meta.weights_fingerprint
-        names = [f"blocks.{i}.attn1.{p}.weight" for i in range(meta.num_layers)
-                 for p in ("to_q", "to_k")]
+        names = fingerprint_names(meta.num_layers)
         if want_fp is None or not all(n in params for n in names):
             return  # a graph without every layer (graph breaks): the shapes had to do
         got_fp = fingerprint_tensors([params[n] for n in names])

@@ -29,32 +29,18 @@ The Wan module names live in :data:`WAN_SITES`, so a model-family adapter can re
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..contract.token_order import TokenOrder, inverse_permutation, permutation
+from ..errors import TokenOrderError
+from ..models.graph import OrderSites
+from ..models.wan import WAN_SITES
 
-
-@dataclass(frozen=True)
-class OrderSites:
-    """Where a transformer's token sequence starts and ends in the graph (module path regexes)."""
-
-    patch_embedding: str  # the Conv3d whose output becomes the [B, S, C] tokens
-    rope: str  # the module whose outputs are the per-token RoPE tables [1, S, 1, D]
-    proj_out: str  # the token-wise output projection [B, S, C_out]
-
-
-WAN_SITES = OrderSites(patch_embedding=r"\Wpatch_embedding\W*$", rope=r"\Wrope\W*$",
-                       proj_out=r"\Wproj_out\W*$")
 # Layout ops between the patch embedding Conv3d and the [B, S, C] tokens.
 _LAYOUT_METHODS = {"flatten", "transpose", "contiguous", "permute", "reshape", "view"}
 BUFFER_PREFIX = "scaling_attn_token_"
-
-
-class TokenOrderError(ValueError):
-    """The graph cannot be run in the plan's token order (missing sites, unknown per-token input)."""
 
 
 def _paths(n: torch.fx.Node) -> list[str]:

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Sequence
 from unittest import mock
 
 import torch
+
+from ..errors import PlanMismatchError
 
 
 def enable_ulysses(transformer, degree: int):
@@ -66,3 +69,70 @@ def enable_ulysses(transformer, degree: int):
                 meta.cached_parameter_indices = {n: i for i, n in enumerate(names)}
     return transformer._parallel_config
 
+
+def ulysses_rank(parallel) -> tuple[int, int] | None:
+    """``(rank in the Ulysses group, Ulysses degree)`` from a ``parallel`` option, or None.
+
+    Accepts ``(rank, degree)``; a diffusers ``ContextParallelConfig`` or ``ParallelConfig`` set
+    up by ``transformer.enable_parallelism`` (its ``_ulysses_local_rank`` and
+    ``ulysses_degree``), or the transformer itself (its ``_parallel_config``); or ``"auto"``:
+    ``torch.distributed``'s rank and world size, right when the Ulysses group is the whole
+    default group in rank order (diffusers' mesh for ``ulysses_degree == world_size``, which
+    is how ``torchrun --nproc-per-node N`` with ``ContextParallelConfig(ulysses_degree=N)``
+    runs); None when torch.distributed is not initialised.
+    """
+    if parallel is None:
+        return None
+    if isinstance(parallel, str):
+        if parallel != "auto":
+            raise ValueError("scaling_attn_backend: parallel must be 'auto', (rank, degree), a "
+                             "diffusers ContextParallelConfig/ParallelConfig or the transformer; "
+                             f"got {parallel!r}")
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        return dist.get_rank(), dist.get_world_size()
+    if isinstance(parallel, Sequence):
+        rank, degree = (int(x) for x in parallel)
+    else:
+        cfg = getattr(parallel, "_parallel_config", None) or parallel  # the transformer
+        cfg = getattr(cfg, "context_parallel_config", None) or cfg  # ParallelConfig
+        if not hasattr(cfg, "ulysses_degree"):
+            raise TypeError(
+                "scaling_attn_backend: parallel must be 'auto', (rank, degree), a diffusers "
+                "ContextParallelConfig/ParallelConfig or a transformer after "
+                f"enable_parallelism; got {type(parallel).__name__}")
+        if (cfg.ring_degree or 1) > 1:
+            # Ring attention splits the keys over ranks: the op would see a chunk of the
+            # sequence, and the block masks are for the whole sequence.
+            raise PlanMismatchError(
+                f"scaling_attn_backend: ring_degree={cfg.ring_degree}; block-sparse attention "
+                "supports Ulysses sequence parallelism only; use "
+                "ContextParallelConfig(ulysses_degree=N) with ring_degree=1")
+        rank, degree = cfg._ulysses_local_rank, cfg.ulysses_degree
+        if rank is None:
+            raise PlanMismatchError(
+                "scaling_attn_backend: the ContextParallelConfig is not set up (no Ulysses "
+                "rank yet); call transformer.enable_parallelism(config=...) before the first "
+                "compiled call")
+    if not 0 <= rank < degree:
+        raise ValueError(f"scaling_attn_backend: parallel=(rank, degree) needs 0 <= rank < "
+                         f"degree, got ({rank}, {degree})")
+    return rank, degree
+
+
+def ulysses_head_range(plan_heads: int, rank: int, degree: int) -> tuple[int, int]:
+    """The plan's heads rank ``rank`` of ``degree`` holds after the Ulysses all-to-all.
+
+    diffusers' ``TemplatedUlyssesAttention`` views each rank's ``(B, S/N, H, D)`` as
+    ``(B, S/N, N, H/N, D)`` and all-to-alls over the ``N`` axis: rank ``r`` receives head
+    chunk ``r`` from every rank, i.e. heads ``[r*H/N, (r+1)*H/N)`` for the whole sequence.
+    (xDiT/yunchang's ``SeqAllToAll4D`` splits heads the same way.)
+    """
+    if plan_heads % degree:
+        raise PlanMismatchError(
+            f"scaling_attn_backend: Ulysses degree {degree} does not divide the plan's "
+            f"{plan_heads} heads; use a degree that divides the head count")
+    n = plan_heads // degree
+    return rank * n, (rank + 1) * n

@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract.reference import (
+    ENERGY_RULES,  # the rule ids the kernel's ENERGY_RULE constexpr takes
+)
 from ..ops.op import validate_kernel_inputs
-from ..contract.reference import ENERGY_RULES  # the rule ids the kernel's ENERGY_RULE constexpr takes
 
 MASK_BLOCK = 128  # tokens per mask block (queries and keys); BLOCK_N == MASK_BLOCK
 LOG2E = 1.4426950408889634

@@ -56,10 +56,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import west
 from ..contract.masks import BLOCK, num_blocks
-from ..plan.plan import FastSchedule, Plan
 from ..contract.token_order import in_token_order
+from ..plan.plan import FastSchedule, Plan
+from . import west
 
 DEFAULT_LEVELS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0)
 DEFAULT_ROWS_PER_BLOCK = 16

@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from .op import lambda_from_recall
 from ..contract.reference import ENERGY_RULES
+from .op import lambda_from_recall
 
 
 @dataclass(frozen=True)

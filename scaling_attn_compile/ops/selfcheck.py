@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..contract.masks import dense_tables, num_blocks, pack_blocks
-from .op import sparse_attention
 from ..contract.reference import sparse_attention_reference
 from ..testing import make_qkv
+from .op import sparse_attention
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

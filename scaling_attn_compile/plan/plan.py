@@ -8,7 +8,7 @@ File format (``FORMAT_VERSION`` 1): a safetensors file. Tensors:
 
 ``west.codes``          uint8 ``(num_layers, H, NB0, NB0)``: threshold codes at the calibration
                         grid (``NB0 = ceil(F0*H0*W0 / 128)``); code ``c`` means ``T in ((c-1)/255,
-                        c/255]``, mask at keep-density ``p`` is ``c <= ceil(255 p)`` (see ``west``).
+                        c/255]``, mask at keep-density ``p`` is ``c <= ceil(255 p)`` (see ``topology``).
 ``fast.levels``         float32 ``(NL,)``, only with a schedule: ascending WEST thresholds ``p``.
 ``fast.level_tables``   int32 ``(num_layers, NT, H)``: level index per (layer, bucket, head).
 ``fast.bucket_bounds``  float32 ``(NT - 1,)``: ascending timestep boundaries (``masks`` module).
@@ -33,12 +33,14 @@ from pathlib import Path
 
 import torch
 
-from . import schema
-from ..offline import west
 from ..contract.masks import BLOCK, num_blocks, num_words, pack_blocks
 from ..contract.tables import AttentionTables
 from ..contract.token_order import TokenOrder
 from ..contract.token_order import describe as describe_order
+from ..errors import PlanError, PlanModelMismatch
+from ..models import wan
+from ..models.fingerprint import _unwrap, config_fingerprint, model_config
+from . import schema, topology
 
 FORMAT = "scaling-attn-plan"
 FORMAT_VERSION = 1
@@ -56,70 +58,9 @@ DENSITY_WARN_ABS, DENSITY_WARN_REL = 0.05, 0.25
 Grid = tuple[int, int, int]
 
 
-class PlanError(ValueError):
-    """A plan that cannot be used: bad file, wrong version, wrong model, bad arguments."""
-
-
-class PlanFileError(PlanError):
-    """The file is not a readable plan (truncated, corrupted, not a plan)."""
-
-
-class PlanVersionError(PlanError):
-    """The file's format version is not the one this package reads."""
-
-
-class PlanModelMismatch(PlanError):
-    """The plan was calibrated for another model (config or weights)."""
-
-
 # --------------------------------------------------------------------------------------------
 # Model fingerprints
 # --------------------------------------------------------------------------------------------
-
-def _unwrap(model):
-    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
-
-
-def model_config(transformer) -> dict:
-    """The architecture config of a diffusers transformer, JSON-able, private keys dropped."""
-    cfg = dict(_unwrap(transformer).config)
-    out = {}
-    for k, v in sorted(cfg.items()):
-        if k.startswith("_"):
-            continue
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def config_fingerprint(config: dict) -> str:
-    """sha256 (16 hex) of the sorted JSON of an architecture config."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
-    """sha256 (16 hex) of a strided sample of every ``blocks.<i>.attn1`` q/k projection weight.
-
-    WEST topology is weight-encoded, so another checkpoint of the same architecture is another
-    topology. Values are rounded to bfloat16 first so a checkpoint matches itself whether it is
-    run in float32, float16 or bfloat16. ``None`` for meta tensors (no weights).
-    """
-    model = _unwrap(transformer)
-    return fingerprint_tensors([getattr(block.attn1, name).weight for block in model.blocks
-                                for name in ("to_q", "to_k")], samples)
-
-
-def fingerprint_tensors(tensors, samples: int = 1024) -> str | None:
-    """The weights fingerprint of ``tensors`` in order (``blocks.<i>.attn1.to_q/to_k.weight``
-    for i = 0, 1, ...); ``None`` if any is a meta tensor. Shared by :func:`weights_fingerprint`
-    and the backend's check, which only sees the Dynamo graph's parameter tensors."""
-    h = hashlib.sha256()
-    for w in tensors:
-        if w.is_meta:
-            return None
-        flat = w.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // samples)][:samples]
-        h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +125,7 @@ class PlanMeta:
     # before tile order existed, and its blocks are raster strips: the default must stay raster.
     token_order: str = "raster"
     block_size: int = BLOCK
-    code_max: int = west.CODE_MAX
+    code_max: int = topology.CODE_MAX
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -229,8 +170,8 @@ class Plan:
         meta = PlanMeta(
             model_class=type(model).__name__, model_config=cfg,
             config_fingerprint=config_fingerprint(cfg),
-            weights_fingerprint=weights_fingerprint(model),
-            num_layers=len(model.blocks), num_heads=heads, head_dim=cfg["attention_head_dim"],
+            weights_fingerprint=wan.weights_fingerprint(model),
+            num_layers=wan.num_layers(model), num_heads=heads, head_dim=cfg["attention_head_dim"],
             patch_size=list(cfg["patch_size"]), calib_grid=list(calib_grid),
             num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}),
             token_order=str(TokenOrder.parse(token_order)))
@@ -295,7 +236,7 @@ class Plan:
             # remap_codes checks the size before allocating (a pixel size passed as the grid
             # asked for 1.36 TB); the error says what a token grid is.
             try:
-                remapped = west.remap_codes(self.codes, self.calib_grid, grid,
+                remapped = topology.remap_codes(self.codes, self.calib_grid, grid,
                                             progress=self.codes.shape[-1] > 128,
                                             patch_size=tuple(self.meta.patch_size),
                                             order=self.token_order)
@@ -310,7 +251,7 @@ class Plan:
         """bool ``(H, NB, NB)`` block mask of ``layer`` at keep-density threshold ``p``."""
         if not 0 <= layer < self.num_layers:
             raise PlanError(f"layer: expected 0..{self.num_layers - 1}, got {layer}")
-        return west.mask_at(self.thresholds(grid)[layer], p)
+        return topology.mask_at(self.thresholds(grid)[layer], p)
 
     def materialize(self, grid: Grid, levels: list[float] | None = None, *,
                     density: float | None = None, use_schedule: bool = True, device=None,
@@ -333,7 +274,7 @@ class Plan:
         grid = _as_grid(grid, "materialize: grid")
         if grid != self.calib_grid:
             try:  # before the table budget: its message tells token grids from pixels
-                west.check_remap_size(self.num_layers * self.num_heads, self.calib_grid, grid,
+                topology.check_remap_size(self.num_layers * self.num_heads, self.calib_grid, grid,
                                       patch_size=self.meta.patch_size)
             except ValueError as e:
                 raise PlanError(f"materialize: {e}") from None
@@ -373,9 +314,9 @@ class Plan:
         for layer in range(self.num_layers):
             c = codes[layer].to(work)  # (H, NB, NB)
             if levels is None:
-                cut = west.codes_for_density(c, density)[:, None, None, None]  # (H, 1, 1, 1)
+                cut = topology.codes_for_density(c, density)[:, None, None, None]  # (H, 1, 1, 1)
             else:
-                cut = torch.tensor([west.code_for(p) for p in levels],
+                cut = torch.tensor([topology.code_for(p) for p in levels],
                                    device=work)[None, :, None, None]
             # One level at a time: pack_blocks works in int64, 8x the bool size (14B/720p:
             # 115 MB per level instead of ~0.6 GB for five at once).
@@ -450,7 +391,7 @@ class Plan:
                                     "`scaling-attn west`")
         if weights == "ignore" or self.meta.weights_fingerprint is None:
             return
-        got = weights_fingerprint(model)
+        got = wan.weights_fingerprint(model)
         if got is not None and got != self.meta.weights_fingerprint:
             msg = (f"check_model: same architecture but other weights (fingerprint "
                    f"{got} != plan's {self.meta.weights_fingerprint}); WEST topology is "
@@ -480,7 +421,7 @@ class Plan:
         meta = asdict(self.meta)
         meta["schedule"] = None if self.schedule is None else {"info": self.schedule.info}
         meta["sha256"] = {k: _sha256(t) for k, t in tensors.items()}
-        meta[plan_schema.CHECKSUM_KEY] = plan_schema.meta_checksum(meta)
+        meta[schema.CHECKSUM_KEY] = schema.meta_checksum(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
         return path
@@ -496,9 +437,9 @@ class Plan:
             f"{m.num_calibration_inputs} calibration inputs",
             describe_order(self.calib_grid, self.token_order),
         ]
-        curve = west.density_by_code(self.codes).mean(dim=(0, 1))  # (256,), no big masks
+        curve = topology.density_by_code(self.codes).mean(dim=(0, 1))  # (256,), no big masks
         for p in densities:
-            d = curve[west.code_for(p)].item()
+            d = curve[topology.code_for(p)].item()
             lines.append(f"  threshold p = {p:.2f}: mean kept-block density {d:.3f}")
         if self.schedule is not None:
             s = self.schedule
@@ -534,88 +475,3 @@ def tables_nbytes(num_layers: int, num_heads: int, grid: Grid, num_levels: int,
     return masks + num_layers * num_buckets * num_heads * 4 + max(0, num_buckets - 1) * 4
 
 
-def load_plan(path, *, device="cpu") -> Plan:
-    """Read and validate a plan file written by :meth:`Plan.save`.
-
-    Raises FileNotFoundError, :class:`PlanFileError` (not a plan, truncated, corrupted bytes),
-    :class:`PlanVersionError` (other format version), :class:`PlanError` (inconsistent content).
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"load_plan: no plan file at {path}; create one with "
-                                f"`scaling-attn west --out {path}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for header/size problems
-        raise PlanFileError(f"load_plan: {path} is not a readable safetensors file ({e}); it may "
-                            f"be truncated or corrupted: re-copy it or re-run `scaling-attn west`") from e
-    if META_KEY not in header:
-        raise PlanFileError(f"load_plan: {path} has no '{META_KEY}' metadata, so it is not a "
-                            f"scaling-attn plan file; create one with `scaling-attn west`")
-    try:
-        meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as e:
-        raise PlanFileError(f"load_plan: {path} has corrupted plan metadata ({e}); re-run "
-                            f"`scaling-attn west`") from e
-    if isinstance(meta, dict) and meta.get("format") != FORMAT:
-        raise PlanFileError(f"load_plan: {path} metadata format is {meta.get('format')!r}, "
-                            f"expected {FORMAT!r}")
-    if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
-        raise PlanVersionError(f"load_plan: {path} is plan format version "
-                               f"{meta.get('format_version')!r}; this scaling_attn_compile reads "
-                               f"version {FORMAT_VERSION}. Use a matching package version or "
-                               f"re-extract the plan with `scaling-attn west`")
-    try:
-        plan_schema.check_meta(meta)
-    except plan_schema.SchemaError as e:
-        raise PlanFileError(f"load_plan: {path} metadata: {e}; the file was edited or written "
-                            f"by other code: re-run `scaling-attn west`") from None
-    stored = meta.pop(plan_schema.CHECKSUM_KEY, None)
-    if stored is None:
-        # Files written before the metadata checksum existed (same format version): readable,
-        # but nothing vouches for their JSON.
-        warnings.warn(f"load_plan: {path} has no metadata checksum (written by an older "
-                      f"scaling_attn_compile); its JSON cannot be verified. Re-save it with "
-                      f"load_plan(path).save(path)", stacklevel=2)
-    elif stored != plan_schema.meta_checksum(meta):
-        raise PlanFileError(f"load_plan: {path} metadata fails its sha256 check: the JSON was "
-                            f"edited or corrupted; re-copy the file or re-run `scaling-attn west`")
-    if config_fingerprint(meta["model_config"]) != meta["config_fingerprint"]:
-        raise PlanFileError(f"load_plan: {path} metadata: model_config does not match its "
-                            f"config_fingerprint {meta['config_fingerprint']}; the JSON was "
-                            f"edited: re-run `scaling-attn west`")
-    sums = meta.pop("sha256")
-    if set(sums) != set(tensors):
-        raise PlanFileError(f"load_plan: {path} tensors {sorted(tensors)} do not match its "
-                            f"checksummed list {sorted(sums)}; the file is corrupted")
-    for k, t in tensors.items():
-        if _sha256(t) != sums[k]:
-            raise PlanFileError(f"load_plan: {path} tensor '{k}' fails its sha256 check: the "
-                                f"file's bytes are corrupted; re-copy it or re-run `scaling-attn west`")
-    sched_meta = meta.pop("schedule", None)
-    pm = PlanMeta(**meta)  # the schema admits only PlanMeta's fields here
-    if pm.energy_filter is not None:
-        from ..ops.energy import EnergyFilter
-
-        try:
-            EnergyFilter.from_dict(pm.energy_filter)
-        except (TypeError, ValueError, AttributeError) as e:
-            raise PlanFileError(f"load_plan: {path} metadata field 'energy_filter' is not a valid "
-                                f"EnergyFilter ({e}); re-attach it with plan.with_energy_filter"
-                                ) from None
-    schedule = None
-    if sched_meta is not None:
-        need = ("fast.levels", "fast.level_tables", "fast.bucket_bounds")
-        if not all(k in tensors for k in need):
-            raise PlanFileError(f"load_plan: {path} declares a FAST schedule but lacks tensors "
-                                f"{[k for k in need if k not in tensors]}")
-        schedule = FastSchedule(tensors["fast.levels"].tolist(), tensors["fast.level_tables"],
-                                tensors["fast.bucket_bounds"], sched_meta.get("info", {}))
-    if "west.codes" not in tensors:
-        raise PlanFileError(f"load_plan: {path} lacks the 'west.codes' tensor")
-    plan = Plan(tensors["west.codes"].to(device), pm, schedule)  # __post_init__ checks shapes
-    return plan

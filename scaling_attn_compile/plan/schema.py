@@ -17,13 +17,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import SchemaError
+
 BLOCK_SIZE = 128  # the kernel's block; a plan for another block size cannot be used
 CODE_MAX = 255  # uint8 threshold codes (west.CODE_MAX)
 CHECKSUM_KEY = "meta_sha256"
-
-
-class SchemaError(ValueError):
-    """The metadata breaks the schema; the message names the field."""
 
 
 # ---- value checks: each returns None when the value is fine, else what was expected ---------

@@ -24,11 +24,12 @@ import math
 
 import torch
 
-from ..offline import west
-from ..offline.calibrate import _apply_rotary_emb, capture_self_attention
 from ..contract.masks import BLOCK, dense_tables
 from ..contract.reference import block_masks_for, energy_filtered_attention_reference
 from ..contract.tables import AttentionTables
+from ..models.wan_capture import _apply_rotary_emb
+from ..offline import west
+from ..offline.calibrate import capture_self_attention
 
 LAMBDA_RANGE = (-30.0, 5.0)  # natural-log energy thresholds searched by bisect_threshold
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..offline import anchors, fast
 from ..contract.reference import ENERGY_RULES
 from ..contract.tables import AttentionTables
+from ..offline import anchors, fast
 from .measure import all_blocks_tables, bisect_threshold
 
 METHODS = {

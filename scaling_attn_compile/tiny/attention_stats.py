@@ -32,14 +32,14 @@ import torch
 
 
 @contextmanager
-def capture_qk(model, layers: list[int] | None = None):
+def collect_qk(model, layers: list[int] | None = None):
     """Context manager: while active, each forward of ``model`` stores ``{layer: (q, k)}`` (float32,
     ``(B, H, S, D)``, detached) of ``blocks.<layer>.attn1`` into the yielded dict (last call wins).
 
-    A thin wrapper over :func:`scaling_attn_compile.calibrate.capture_qk`, the one place that
+    A thin wrapper over :func:`scaling_attn_compile.models.wan_capture.capture_qk`, the one place that
     recomputes q/k exactly as diffusers' ``WanAttnProcessor`` does.
     """
-    from ..offline.calibrate import capture_qk as capture
+    from ..models.wan_capture import capture_qk as capture
 
     store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -161,7 +161,7 @@ def model_attention_stats(model, grid: tuple[int, int, int] = (8, 32, 32), t: fl
     xt = ((1 - t) * x0 + t * noise).to(p.dtype)
     emb = encode_captions(caps, device=p.device, dtype=p.dtype, path=encoder_path)
     ts = torch.full((n,), 1000.0 * t, device=p.device)
-    with capture_qk(model) as qk:
+    with collect_qk(model) as qk:
         model(hidden_states=xt, timestep=ts, encoder_hidden_states=emb, return_dict=False)
     tg = token_grid(grid)
     return {i: head_stats(q, k, tg, **kw) for i, (q, k) in sorted(qk.items())}

@@ -216,15 +216,15 @@ def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo; returns what ``results.json`` holds (rows, timings, meta, files)."""
     import torch
 
-    from ..offline import fast
-    from ..compile.backend import scaling_attn_backend
-    from ..offline.calibrate import calibrate_west, evenly_spaced
     from ..cli import resolve_device, resolve_dtype
+    from ..compile.backend import scaling_attn_backend
     from ..contract.masks import num_blocks
+    from ..offline import fast
+    from ..offline.calibrate import calibrate_west, evenly_spaced
+    from ..plan.viz import plot_block_layout, plot_layer, plot_schedule
     from .tiny_wan import ASSET_DIR, WEIGHTS_NAME, encode_captions, generate, load_tiny_wan, sigmas
     from .tiny_wan import token_grid as tiny_token_grid
     from .toy_video import held_out_captions
-    from ..plan.viz import plot_block_layout, plot_layer, plot_schedule
 
     progress = not args.quiet
     model_path = Path(args.model_path) if args.model_path is not None else ASSET_DIR

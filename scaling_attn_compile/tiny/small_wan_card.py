@@ -18,8 +18,16 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from . import photo_video as pv
-from .attention_stats import capture_qk, head_stats, markdown_table, summarize
-from .small_wan import BLOCK, SmallCaptionEncoder, caption_encoder, generate, load_small_wan, num_blocks, token_grid
+from .attention_stats import collect_qk, head_stats, markdown_table, summarize
+from .small_wan import (
+    BLOCK,
+    SmallCaptionEncoder,
+    caption_encoder,
+    generate,
+    load_small_wan,
+    num_blocks,
+    token_grid,
+)
 from .tiny_wan import WEIGHTS_NAME, initial_noise
 
 # A head's class from two masses (0.5 = most of its softmax mass): near in time (|df| <= 1 latent
@@ -50,7 +58,7 @@ def attention_stats(model, grid, t: float, *, n: int = 2, seed: int = 0, encoder
     enc = encoder or SmallCaptionEncoder.default()
     x0, caps = pv.sample_batch(seed, n, grid, p.device, held_out=True)
     xt = ((1 - t) * x0 + t * initial_noise(n, grid, seed + 10_000).to(p.device)).to(p.dtype)
-    with capture_qk(model) as qk:
+    with collect_qk(model) as qk:
         model(hidden_states=xt, timestep=torch.full((n,), 1000.0 * t, device=p.device),
               encoder_hidden_states=enc(caps, device=p.device, dtype=p.dtype), return_dict=False)
     big = 1 << 26 if p.device.type == "cuda" else 1 << 22
