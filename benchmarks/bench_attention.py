@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from scaling_attn_compile import sparse_attention
 from scaling_attn_compile.contract.masks import unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables
-from scaling_attn_compile.kernels import block_sparse_attention as kernel
+from scaling_attn_compile.kernels.launch import tuned_configs
 from scaling_attn_compile.testing import make_qkv
 
 SHAPES = {  # name: (B, H, S, D)
@@ -146,9 +146,8 @@ def main(argv=None) -> int:
     for r in records:
         sp = f"{r.speedup_vs_cudnn_dense:.2f}x" if r.speedup_vs_cudnn_dense else ""
         print(f"| {r.shape} | {r.impl} | {r.density:.3f} | {r.ms:.3f} | {r.tflops_active:.0f} | {sp} |")
-    tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in
-                                                      kernel.TUNING_TIMES.get(k, {}).items()}}
-             for k, v in kernel._TUNED.items()}
+    tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
+             for k, (v, times) in tuned_configs().items()}
     gpu = env["gpu"].replace(" ", "-").lower()
     path = args.out or os.path.join(os.path.dirname(__file__), "results", f"attention-{gpu}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

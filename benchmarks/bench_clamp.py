@@ -30,7 +30,7 @@ import torch
 
 from scaling_attn_compile.contract.masks import unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables
-from scaling_attn_compile.kernels import block_sparse_attention as current
+from scaling_attn_compile.kernels import launch as current
 from scaling_attn_compile.testing import make_qkv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 f"{n} {row[f'{n}_ms']:.3f} ms ({row[f'{n}_tflops']:.0f} TFLOP/s)" for n in times)
                 + (f", now/before {row['now_over_before']:.4f}" if "before" in times else "")
                 + ("" if same else "  OUTPUTS DIFFER"), flush=True)
-    tuned = {"now": {str(key): str(c) for key, c in current._TUNED.items()}}
+    tuned = {"now": {str(key): str(c) for key, (c, _) in current.tuned_configs().items()}}
     if "before" in modules:
         tuned["before"] = {str(key): str(c) for key, c in modules["before"]._TUNED.items()}
     result = {"question": "cost of the bad-table hardening (level clamp, bits past NB)",

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scaling_attn_compile.contract.masks import num_blocks, unpack_blocks
-from scaling_attn_compile.contract.reference import ENERGY_RULES
+from scaling_attn_compile.contract.masks import ENERGY_RULES, num_blocks, unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables
-from scaling_attn_compile.kernels import block_sparse_attention as kernel
+from scaling_attn_compile.kernels import launch as kernel
 from scaling_attn_compile.ops.op import lambda_from_recall
 from scaling_attn_compile.testing import make_qkv
 from scaling_attn_compile.tiny.demo import rel_l2

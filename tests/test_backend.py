@@ -654,8 +654,8 @@ def test_rendered_template_with_energy_filter_matches_its_reference(rule):
 
     import triton
 
+    from scaling_attn_compile.contract.masks import ENERGY_RULES
     from scaling_attn_compile.contract.reference import (
-        ENERGY_RULES,
         block_masks_for,
         energy_filtered_attention_reference,
     )
@@ -783,8 +783,8 @@ def test_gpu_generated_code_runs_our_template():
 def test_gpu_energy_filter_lowers_to_the_template(rule):
     from torch._inductor.utils import run_and_get_code
 
+    from scaling_attn_compile.contract.masks import ENERGY_RULES
     from scaling_attn_compile.contract.reference import (
-        ENERGY_RULES,
         block_masks_for,
         energy_filtered_attention_reference,
     )

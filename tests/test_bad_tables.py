@@ -25,11 +25,9 @@ from scaling_attn_compile.contract.reference import (
     block_masks_for,
     energy_filtered_attention_reference,
 )
-from scaling_attn_compile.kernels.block_sparse_attention import (
-    CONFIGS,
-    block_sparse_attention_forward,
-)
-from scaling_attn_compile.ops.op import CHECK_TABLES_ENV, check_tables
+from scaling_attn_compile.contract.validate import check_tables
+from scaling_attn_compile.kernels.launch import CONFIGS, block_sparse_attention_forward
+from scaling_attn_compile.ops.op import CHECK_TABLES_ENV
 from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

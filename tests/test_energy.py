@@ -17,7 +17,7 @@ from scaling_attn_compile.contract.reference import (
     energy_filtered_attention_reference,
     visit_order,
 )
-from scaling_attn_compile.kernels.block_sparse_attention import block_sparse_attention_forward
+from scaling_attn_compile.kernels.launch import block_sparse_attention_forward
 from scaling_attn_compile.ops.op import lambda_from_recall
 from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 

@@ -162,7 +162,7 @@ def test_bad_input(mutate, exc, word):
 
 
 def test_kernel_rejects_cpu_tensors_without_interpreter():
-    from scaling_attn_compile.ops.op import validate_kernel_inputs
+    from scaling_attn_compile.contract.validate import validate_kernel_inputs
 
     q = torch.zeros(1, 1, 128, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="CUDA tensors"):

@@ -32,15 +32,14 @@ rewrite count per layer; ``verbose=True`` attaches a stderr handler at INFO.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..contract.masks import num_blocks, num_words
 from ..contract.tables import AttentionTables
+from ..contract.validate import check_attention_tables
 from ..errors import PlanMismatchError
 from ..models.wan import find_timestep
 from . import lowering as _lowering  # registers the Inductor lowering of the op
@@ -59,46 +58,6 @@ log = logging.getLogger("scaling_attn_compile")
 # --------------------------------------------------------------------------------------------
 # The FX pass
 # --------------------------------------------------------------------------------------------
-
-
-def _check_tables(tables: AttentionTables, grid) -> None:
-    if not all(hasattr(tables, a) for a in ("grid", "masks", "level_tables", "bucket_bounds")):
-        raise TypeError(
-            "scaling_attn_backend: the plan must give AttentionTables (grid, masks, "
-            f"level_tables, bucket_bounds), got {type(tables).__name__}")
-    if tuple(tables.grid) != tuple(grid):
-        raise PlanMismatchError(
-            f"scaling_attn_backend: the plan's tables are for latent grid {tuple(tables.grid)}, "
-            f"the model runs grid {tuple(grid)} (F, H, W after patching); pass a Plan "
-            "(with .materialize(grid)) or a callable grid -> AttentionTables so the backend can "
-            "materialise the tables for each resolution")
-    s = math.prod(grid)
-    nb, nw = num_blocks(s), num_words(s)
-    if len(tables.masks) != len(tables.level_tables):
-        raise PlanMismatchError(
-            f"scaling_attn_backend: the plan has {len(tables.masks)} mask tables but "
-            f"{len(tables.level_tables)} level tables; rebuild the plan")
-    nt = tables.bucket_bounds.numel() + 1
-    b = tables.bucket_bounds.float()
-    if tables.bucket_bounds.dim() != 1 or (b[1:] < b[:-1]).any():
-        raise PlanMismatchError(
-            "scaling_attn_backend: bucket_bounds must be 1-D ascending, got "
-            f"{b.tolist()}; rebuild the plan")
-    for i, (m, lt) in enumerate(zip(tables.masks, tables.level_tables, strict=True)):
-        if m.dtype != torch.int32 or m.dim() != 4 or m.shape[2] != nb or m.shape[3] != nw:
-            raise PlanMismatchError(
-                f"scaling_attn_backend: layer {i} masks must be int32 (H, L, NB={nb}, W={nw}) "
-                f"for grid {tuple(grid)} (S={s}), got {m.dtype} {tuple(m.shape)}; "
-                "materialise the plan for this grid")
-        if lt.dtype != torch.int32 or tuple(lt.shape) != (nt, m.shape[0]):
-            raise PlanMismatchError(
-                f"scaling_attn_backend: layer {i} level_table must be int32 (NT={nt}, "
-                f"H={m.shape[0]}), got {lt.dtype} {tuple(lt.shape)}; rebuild the plan")
-        if lt.numel() and (int(lt.min()) < 0 or int(lt.max()) >= m.shape[1]):
-            raise PlanMismatchError(
-                f"scaling_attn_backend: layer {i} level_table holds levels "
-                f"[{int(lt.min())}, {int(lt.max())}] but the masks have {m.shape[1]} levels; "
-                "rebuild the plan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +171,7 @@ class ScalingAttnBackend:
                 tables = plan.materialize(tuple(grid), **self.materialize_kwargs)
             else:
                 tables = plan(tuple(grid))
-            _check_tables(tables, grid)
+            check_attention_tables(tables, grid)
             per_layer = []
             bounds = tables.bucket_bounds.to(device=device, dtype=torch.float32)
             for m, lt in zip(tables.masks, tables.level_tables, strict=True):

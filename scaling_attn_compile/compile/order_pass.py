@@ -8,8 +8,8 @@ permuted tokens at zero per-layer cost. In the Dynamo graph, after the self-atte
   ``flatten(2).transpose(1, 2).contiguous()``);
 * ``index_select(1, perm)`` on both RoPE tables ``freqs_cos``/``freqs_sin`` ``[1, S, 1, D]``;
 * ``index_select(1, perm)`` on a per-token ``timestep`` ``[B, S]`` (Wan2.2 TI2V), if any;
-* ``index_select(1, inv)`` on ``proj_out``'s output ``[B, S, C_out]``, before the unpatchify
-  reshape. After, not before, ``proj_out``: it is token-wise too, and its output has
+* ``index_select(1, inv)`` on the output projection's ``[B, S, C_out]``, before the unpatchify
+  reshape. After, not before, the projection: it is token-wise too, and its output has
   ``C_out = 16 * 1 * 2 * 2 = 64`` channels against ``5120`` going in at 14B (80x fewer bytes).
 
 Cross-attention is untouched (its keys are text, or CLIP image tokens for I2V); I2V's image
@@ -23,7 +23,7 @@ in bf16, well under a millisecond on an H200 against a 5.4 s step), while a gath
 pays an indirect load for every q/k/v row of every layer (40 layers x 2 CFG passes) and the
 RoPE and output would still need the same order.
 
-The Wan module names live in :data:`WAN_SITES`, so a model-family adapter can replace them.
+The module names are the adapter's (:data:`..models.wan.WAN_SITES`); another family passes its own.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def _paths(n: torch.fx.Node) -> list[str]:
 
 def _in(n: torch.fx.Node, pattern: str) -> bool:
     return any(re.search(pattern, p) for p in _paths(n))
+
+
+def _named(pattern: str) -> str:
+    """The module name a site regex matches, for messages (``\\Wproj_out\\W*$`` -> ``proj_out``)."""
+    return re.sub(r"\\W|[*$^]", "", pattern)
 
 
 def _shape(n) -> tuple | None:
@@ -80,9 +85,9 @@ def _index_after(gm, node: torch.fx.Node, index: torch.fx.Node, dim: int) -> tor
 
 def _token_start(gm, sites: OrderSites, S: int) -> torch.fx.Node:
     conv = next((n for n in gm.graph.nodes if n.op == "call_function"
-                 and n.target in (torch.conv3d, F.conv3d) and _in(n, sites.patch_embedding)), None)
+                 and n.target in (torch.conv3d, F.conv3d) and _in(n, sites.embedding)), None)
     if conv is None:
-        raise _fail("the graph has no patch_embedding Conv3d")
+        raise _fail(f"the graph has no {_named(sites.embedding)} Conv3d")
     cur = conv
     while len(cur.users) == 1:
         (u,) = cur.users
@@ -109,16 +114,16 @@ def _rope_tables(gm, sites: OrderSites, S: int) -> list[torch.fx.Node]:
 
 
 def _token_end(gm, sites: OrderSites, S: int) -> torch.fx.Node:
-    lin = [n for n in gm.graph.nodes if n.op == "call_function" and _in(n, sites.proj_out)
+    lin = [n for n in gm.graph.nodes if n.op == "call_function" and _in(n, sites.output)
            and _shape(n) is not None and len(_shape(n)) == 3]
     if not lin:
-        raise _fail("the graph has no proj_out")
+        raise _fail(f"the graph has no {_named(sites.output)}")
     cur = lin[-1]
-    # Follow token-wise 3-D successors (e.g. a context-parallel gather of proj_out's output).
+    # Follow token-wise 3-D successors (e.g. a context-parallel gather of the projection's output).
     while len(cur.users) == 1 and (s := _shape(next(iter(cur.users)))) is not None and len(s) == 3:
         cur = next(iter(cur.users))
     if _shape(cur)[1] != S:
-        raise _fail(f"proj_out's output is not [B, S={S}, C] (got {_shape(cur)})")
+        raise _fail(f"{_named(sites.output)}'s output is not [B, S={S}, C] (got {_shape(cur)})")
     return cur
 
 

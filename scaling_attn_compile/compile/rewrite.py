@@ -26,17 +26,20 @@ import torch.nn.functional as F
 from torch._dynamo.source import ConstantSource
 
 from ..contract.tables import AttentionTables
+from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
 from ..errors import DynamicShapeError, PlanMismatchError
 from ..models.graph import is_static as _is_static
 from ..models.graph import node_value as _val
 from ..models.wan import (
+    ATTENTION_PATH,
+    PATCH_EMBEDDING,
     SELF_ATTENTION,
+    SELF_ATTENTION_PATH,
     attention_site,
     find_latent_grid,
     find_timestep,
     whole_model,
 )
-from ..ops.op import HEAD_DIMS, KERNEL_DTYPES
 
 log = logging.getLogger("scaling_attn_compile")
 
@@ -129,8 +132,29 @@ def rewrite_self_attention(
     if on_dynamic_shapes not in ("error", "dense"):
         raise ValueError("scaling_attn_backend: on_dynamic_shapes must be 'error' or 'dense', "
                          f"got {on_dynamic_shapes!r}")
-    g = gm.graph
     report = RewriteReport()
+    sites, self_layers = collect_sites(gm, report, on_dynamic_shapes)
+    if not sites:  # None: symbolic shapes, left dense; []: no self-attention in this graph
+        return report
+    bound = check_against_plan(gm, sites, self_layers, report, tables_for, patch_size=patch_size,
+                               grid=grid, head_dim=head_dim,
+                               on_dynamic_shapes=on_dynamic_shapes, head_range=head_range)
+    if bound is None:  # a symbolic latent grid, left dense
+        return report
+    tables, per_layer, head_slices = bound
+    ts, fake_mode = bind_timestep(gm, sites, tables, example_inputs)
+    rewrite_sites(gm, sites, per_layer, head_slices, ts, fake_mode, energy, report)
+    return report
+
+
+def collect_sites(gm: torch.fx.GraphModule, report: RewriteReport, on_dynamic_shapes: str
+                  ) -> tuple[list[tuple] | None, set[int]]:
+    """Step 1: the SDPA calls the model adapter calls self-attention, as
+    ``(node, layer, module path, q node, k node, v node, scale)``; the others are counted in
+    ``report.left_dense`` by reason. ``None`` when a self-attention shape is symbolic and
+    ``on_dynamic_shapes="dense"`` (``report.dense_fallback`` says why). Also returns the layers
+    whose self-attention was seen, rewritable or not."""
+    g = gm.graph
     left = Counter()
     sites = []  # (node, layer, module path, q node, k node, v node, scale)
     seen_self_layers = set()
@@ -139,7 +163,7 @@ def rewrite_self_attention(
             continue
         layer, which, path = attention_site(n)
         if which != SELF_ATTENTION:
-            left["cross-attention" if which else "not under blocks.<i>.attn<k>"] += 1
+            left["cross-attention" if which else f"not under {ATTENTION_PATH}"] += 1
             continue
         seen_self_layers.add(layer)
         a = _sdpa_args(n)
@@ -158,7 +182,7 @@ def rewrite_self_attention(
         elif a["scale"] is not None and not isinstance(a["scale"], (int, float)):
             reason = "scale is a tensor"
         if reason:
-            warnings.warn(f"scaling_attn_backend: {path} SDPA left dense: {reason}", stacklevel=2)
+            warnings.warn(f"scaling_attn_backend: {path} SDPA left dense: {reason}", stacklevel=3)
             left[reason] += 1
             continue
         dims = (q.shape[1], q.shape[2], q.shape[3], k.shape[2], v.shape[2])
@@ -172,7 +196,7 @@ def rewrite_self_attention(
                     "pass on_dynamic_shapes='dense' to run such graphs dense")
             log.warning("%s; this graph runs dense attention", msg)
             report.dense_fallback = msg
-            return report
+            return None, seen_self_layers
         if q.shape[2] != k.shape[2] or tuple(k.shape) != tuple(v.shape) or (
                 tuple(q.shape) != tuple(k.shape)):
             left["Sq != Sk"] += 1
@@ -184,13 +208,22 @@ def rewrite_self_attention(
     if not sites:
         n_sdpa = sum(left.values())
         warnings.warn(
-            "scaling_attn_backend: no self-attention SDPA (blocks.<i>.attn1) found in this "
+            f"scaling_attn_backend: no self-attention SDPA ({SELF_ATTENTION_PATH}) found in this "
             f"graph ({n_sdpa} SDPA calls, {dict(left)}); compiling it dense. The model must use "
             "diffusers' 'native' attention backend (transformer.set_attention_backend('native'))"
-            " and be compiled whole (regional compilation hides the layer index)", stacklevel=2)
-        return report
+            " and be compiled whole (regional compilation hides the layer index)", stacklevel=3)
+        return [], seen_self_layers
 
-    # -- the latent grid and the plan for it --------------------------------------------------
+    return sites, seen_self_layers
+
+
+def check_against_plan(gm: torch.fx.GraphModule, sites: list[tuple], seen_self_layers: set[int],
+                       report: RewriteReport,
+                       tables_for, *, patch_size, grid, head_dim, on_dynamic_shapes, head_range):
+    """Step 2: the latent grid (from the adapter, or the ``grid`` option), the plan's tables for
+    it, and every site's layer, heads and head_dim against the plan. Returns
+    ``(tables, per-layer device tensors, {layer: (h0, h1) | None})``, or ``None`` when the grid is
+    symbolic and ``on_dynamic_shapes="dense"``."""
     if grid is not None:
         found, where = tuple(grid), "the grid option"
     else:
@@ -198,7 +231,7 @@ def rewrite_self_attention(
     if found is None:
         raise PlanMismatchError(
             f"scaling_attn_backend: cannot find the latent grid ({where}); the graph must "
-            "contain the transformer's patch_embedding (no graph break before the blocks), or "
+            f"contain the transformer's {PATCH_EMBEDDING} (no graph break before the blocks), or "
             "pass grid=(F, H, W) or patch_size=(pt, ph, pw) to scaling_attn_backend")
     if not all(_is_static(x) for x in found):
         msg = f"latent grid {found} (from {where}) is symbolic"
@@ -208,7 +241,7 @@ def rewrite_self_attention(
                 "or pass on_dynamic_shapes='dense'")
         log.warning("%s; this graph runs dense attention", msg)
         report.dense_fallback = msg
-        return report
+        return None
     found = tuple(int(x) for x in found)
     s = math.prod(found)
     for _n, _layer, path, qn, *_ in sites:
@@ -264,7 +297,15 @@ def rewrite_self_attention(
                 f"kernel supports dtypes {KERNEL_DTYPES} and head_dim in {HEAD_DIMS}; cast the "
                 "transformer, e.g. transformer.to(torch.bfloat16)")
 
-    # -- the timestep input --------------------------------------------------------------------
+    return tables, per_layer, head_slices
+
+
+def bind_timestep(gm: torch.fx.GraphModule, sites: list[tuple], tables: AttentionTables,
+                  example_inputs) -> tuple[torch.fx.Node, Any]:
+    """Step 3: the graph's timestep input the op reads its bucket from, or a constant 0 when the
+    plan has one bucket and the graph has no usable timestep. Returns ``(node, fake_mode)``."""
+    g = gm.graph
+    device = _val(sites[0][3]).device
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode(list(example_inputs)) if example_inputs else None
@@ -293,7 +334,15 @@ def rewrite_self_attention(
             ts = _register_constant(gm, BUFFER_PREFIX + "timestep",
                                     torch.zeros((), device=device), fake_mode)
 
-    # -- rewrite -------------------------------------------------------------------------------
+    return ts, fake_mode
+
+
+def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list, head_slices: dict,
+                  ts: torch.fx.Node, fake_mode, energy, report: RewriteReport) -> None:
+    """Step 4: each site becomes ``torch.ops.scaling_attn.sparse_attention`` bound to its layer's
+    tables (graph buffers with a ``ConstantSource``) and the timestep; the graph is recompiled."""
+    g = gm.graph
+    s = report.seq_len
     for n, layer, path, qn, kn, vn, scale in sites:
         masks, level_table, bounds = per_layer[layer]
         if head_slices.get(layer) is not None:
@@ -321,7 +370,6 @@ def rewrite_self_attention(
                   path, layer, scale)
     g.lint()
     gm.recompile()
-    return report
 
 
 OP = torch.ops.scaling_attn.sparse_attention.default

@@ -103,3 +103,6 @@ def dense_tables(num_heads: int, seq_len: int, device=None) -> tuple[torch.Tenso
         torch.zeros(1, num_heads, dtype=torch.int32, device=device),
         torch.zeros(0, dtype=torch.float32, device=device),
     )
+
+
+ENERGY_RULES = {"off": 0, "cumulative": 1, "blasst": 2}

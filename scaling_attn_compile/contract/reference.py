@@ -91,9 +91,6 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.to(q.dtype)
 
 
-ENERGY_RULES = {"off": 0, "cumulative": 1, "blasst": 2}
-
-
 def visit_order(blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The order in which the kernel visits each query tile's kept KV blocks when the energy
     filter is on: the diagonal block, then its left and right neighbours (where kept), then the

@@ -40,6 +40,6 @@ def is_param_or_buffer(node: torch.fx.Node) -> bool:
 class OrderSites:
     """Where a transformer's token sequence starts and ends in the graph (module path regexes)."""
 
-    patch_embedding: str  # the Conv3d whose output becomes the [B, S, C] tokens
+    embedding: str  # the (patch embedding) Conv3d whose output becomes the [B, S, C] tokens
     rope: str  # the module whose outputs are the per-token RoPE tables [1, S, 1, D]
-    proj_out: str  # the token-wise output projection [B, S, C_out]
+    output: str  # the token-wise output projection [B, S, C_out]

@@ -303,8 +303,8 @@ def whole_model(gm: torch.fx.GraphModule) -> bool:
     return any("patch_embedding" in p for p in paths) and any("proj_out" in p for p in paths)
 
 
-WAN_SITES = OrderSites(patch_embedding=r"\Wpatch_embedding\W*$", rope=r"\Wrope\W*$",
-                       proj_out=r"\Wproj_out\W*$")
+WAN_SITES = OrderSites(embedding=r"\Wpatch_embedding\W*$", rope=r"\Wrope\W*$",
+                       output=r"\Wproj_out\W*$")
 
 
 def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
@@ -330,6 +330,8 @@ PARAM_HINTS = (("ffn.", "ffn_dim"), ("text_embedder", "text_dim"), ("time_embedd
 
 
 SELF_ATTENTION_PATH = "blocks.<i>.attn1"  # how messages name a self-attention layer
+ATTENTION_PATH = "blocks.<i>.attn<k>"  # ... and any attention layer
+PATCH_EMBEDDING = "patch_embedding"  # how messages name the patch embedding
 LAYERS_ROOT = "blocks"  # the ModuleList of transformer blocks: the first name of a layer's parameters
 
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from ..contract.reference import ENERGY_RULES
+from ..contract.masks import ENERGY_RULES
 from .op import lambda_from_recall
 
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TRITON_INTERPRET") != "1":
             notes.append("(set TRITON_INTERPRET=1 to also run the Triton kernel in the interpreter)")
         else:
-            from ..kernels.block_sparse_attention import block_sparse_attention_forward
+            from ..kernels.launch import block_sparse_attention_forward
 
             kdtype = torch.float16 if args.dtype == "auto" else dtype
             name = f"Triton kernel (interpreter, {str(kdtype).removeprefix('torch.')}) == reference"

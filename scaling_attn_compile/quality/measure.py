@@ -55,7 +55,7 @@ def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: i
     blocks = block_masks_for(masks, level_table, bucket_bounds, ts, B, S)  # (B, H, NB, NB)
     visited = blocks.sum(dim=(1, 2, 3)).double()
     if q.is_cuda if kernel is None else kernel:
-        from ..kernels.block_sparse_attention import block_sparse_attention_forward
+        from ..kernels.launch import block_sparse_attention_forward
 
         out = torch.empty_like(q)
         skipped = torch.zeros(B * H * blocks.shape[-1], dtype=torch.int32, device=q.device) \

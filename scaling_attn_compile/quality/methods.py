@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..contract.reference import ENERGY_RULES
+from ..contract.masks import ENERGY_RULES
 from ..contract.tables import AttentionTables
 from ..offline import anchors, fast
 from .measure import all_blocks_tables, bisect_threshold

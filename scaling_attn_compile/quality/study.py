@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..contract.reference import ENERGY_RULES
+from ..contract.masks import ENERGY_RULES
 from ..offline.calibrate import calibrate_west, evenly_spaced
 from ..offline.fast import profile_fidelity
 from ..ops.energy import EnergyFilter

@@ -36,7 +36,6 @@ import torch
 
 from . import photo_video as pv
 from .small_wan import (
-    SMALL_WAN_CONFIG,
     SMALL_WAN_GRID,
     SmallCaptionEncoder,
     caption_encoder,
