@@ -23,10 +23,11 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
+
+import _common
 
 from scaling_attn_compile.contract.masks import unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables
@@ -51,14 +52,7 @@ def load_before(path: str):
 
 
 def environment() -> dict:
-    sha = os.environ.get("GIT_SHA") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    import triton
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "git_sha": sha, "cuda": torch.version.cuda}
+    return _common.environment(_common.gpu_name(cpu="cpu (interpreter)"))
 
 
 def timer(device: str):

@@ -35,7 +35,7 @@ from scaling_attn_compile.contract.tables import uniform_tables
 from scaling_attn_compile.kernels import launch as kernel
 from scaling_attn_compile.ops.op import lambda_from_recall
 from scaling_attn_compile.testing import make_qkv
-from scaling_attn_compile.tiny.demo import rel_l2
+from scaling_attn_compile.tiny.metrics import rel_l2
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # name: (label, H, (F, H, W) latent grid after patching, head_dim)
@@ -128,7 +128,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_energy: needs a CUDA GPU", file=sys.stderr)
         return 1
-    sys.path.insert(0, str(Path(__file__).parent))
     from bench_attention import environment
 
     records: list = []

@@ -36,16 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_compile import (  # noqa: E402
-    MODELS,
-    build_model,
-    environment,
-    latent_shape,
-    make_inputs,
-    record_file,
-)
+from _common import record_file  # noqa: E402
+from bench_compile import MODELS, build_model, environment, latent_shape, make_inputs  # noqa: E402
 
 from scaling_attn_compile.compile.backend import scaling_attn_backend  # noqa: E402
 from scaling_attn_compile.compile.parallel import enable_ulysses  # noqa: E402

@@ -134,7 +134,8 @@ def run_quality(args, save) -> dict:
     from scaling_attn_compile.contract.token_order import TokenOrder, coverage
     from scaling_attn_compile.offline import fast
     from scaling_attn_compile.offline.calibrate import evenly_spaced
-    from scaling_attn_compile.tiny.demo import calibration_input, video_metrics
+    from scaling_attn_compile.tiny.demo import calibration_input
+    from scaling_attn_compile.tiny.metrics import video_metrics
     from scaling_attn_compile.tiny.tiny_wan import ASSET_DIR, generate, load_tiny_wan, sigmas
     from scaling_attn_compile.tiny.tiny_wan import token_grid as tiny_token_grid
     from scaling_attn_compile.tiny.toy_video import held_out_captions
@@ -312,8 +313,7 @@ def run_recall(args) -> dict:
 
 def run_step(args) -> dict:
     """Compiled step time in raster vs tile order (CUDA), and the permutation alone."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import bench_compile as bc  # its model and inputs
+    import bench_compile as bc  # its model and inputs (this script's folder is on sys.path)
 
     from scaling_attn_compile.compile.backend import scaling_attn_backend
     from scaling_attn_compile.contract.tables import uniform_tables
@@ -408,7 +408,7 @@ def _floats(s):
 
 
 def main(argv=None) -> int:
-    from scaling_attn_compile.cli import parse_triple
+    from scaling_attn_compile.args import parse_triple
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,15 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+import _common
 
 from scaling_attn_compile.models.wan import (
     BUILTIN_CONFIGS,
@@ -53,15 +53,7 @@ from scaling_attn_compile.offline.calibrate import (
 
 
 def environment(device) -> dict:
-    # The device's copy of the tree may have no .git: the launcher can pass GIT_SHA.
-    sha = os.environ.get("GIT_SHA") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    import triton
-
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "git_sha": sha, "cuda": torch.version.cuda}
+    return _common.environment(_common.gpu_name(device))
 
 
 def sync(device):

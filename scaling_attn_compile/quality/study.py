@@ -29,7 +29,7 @@ from ..contract.masks import ENERGY_RULES
 from ..offline.calibrate import calibrate_west, evenly_spaced
 from ..offline.fast import profile_fidelity
 from ..ops.energy import EnergyFilter
-from ..tiny.demo import video_metrics
+from ..tiny.metrics import video_metrics
 from . import methods as M
 from .measure import MeasuredAttention, all_blocks_tables, capture_qk_at, profiled_block_mass
 from .models import QualityModel

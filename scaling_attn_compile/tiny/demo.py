@@ -14,9 +14,8 @@ Stages (each timed):
 6. write to ``--out``: ``side_by_side.gif`` (dense | sparse per prompt), ``masks_layer<i>.png``,
    ``schedule.png``, ``blocks.png`` (which tokens each mask block holds, ``--token-order``), ``plan.safetensors``, ``results.md``, ``results.json``.
 
-Metrics of the sparse video against the dense one of the same prompt and seed: PSNR (data range
-2, videos in ``[-1, 1]``), SSIM (Gaussian window 11 / sigma 1.5 per frame and channel, averaged
-over frames; ``ssim_video``) and relative L2 ``||s - d|| / ||d||``. Density is kept blocks / all
+Metrics of the sparse video against the dense one of the same prompt and seed (``metrics.py``):
+PSNR, SSIM and relative L2. Density is kept blocks / all
 blocks (diagonal included) of the schedule's masks at the generation grid, averaged over layers,
 heads and the sampler's steps.
 
@@ -33,13 +32,15 @@ import math
 import time
 from pathlib import Path
 
+from .metrics import video_metrics
+
 COLUMNS = ("prompt", "density", "psnr_db", "ssim", "rel_l2")
 CPU_GRID = (8, 32, 32)
 CUDA_GRID = (12, 64, 64)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_token_order_argument, parse_triple, positive_int
+    from ..args import add_token_order_argument, parse_triple, positive_int
 
     p.add_argument("--model-path", type=Path, default=None,
                    help="tiny Wan folder (config.json, diffusion_pytorch_model.safetensors, "
@@ -73,53 +74,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---- metrics -------------------------------------------------------------------------------------
-
-def _gaussian_window(size: int, sigma: float):
-    import torch
-
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim_video(a, b, *, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM of two videos ``(C, F, H, W)`` (or ``(B, C, F, H, W)``): Gaussian-window SSIM
-    (Wang et al. 2004, K1 = 0.01, K2 = 0.03) of each frame, channels treated separately, valid
-    windows only, averaged over frames and channels. The window shrinks (odd) to fit small frames."""
-    import torch.nn.functional as F
-
-    a, b = a.double(), b.double()
-    if a.dim() == 4:
-        a, b = a[None], b[None]
-    B, C, T, H, W = a.shape
-    size = min(window, H - (H + 1) % 2, W - (W + 1) % 2)
-    w = _gaussian_window(size, sigma)[None, None].to(a.device)
-    x = a.permute(0, 2, 1, 3, 4).reshape(B * T * C, 1, H, W)
-    y = b.permute(0, 2, 1, 3, 4).reshape(B * T * C, 1, H, W)
-    mx, my = F.conv2d(x, w), F.conv2d(y, w)
-    sxx = F.conv2d(x * x, w) - mx * mx
-    syy = F.conv2d(y * y, w) - my * my
-    sxy = F.conv2d(x * y, w) - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return float(s.mean())
-
-
-def psnr(a, b, data_range: float = 2.0) -> float:
-    mse = float((a.double() - b.double()).pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
-
-
-def rel_l2(a, b) -> float:
-    """``||a - b|| / ||b||`` (b the reference)."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
-
-
-def video_metrics(sparse, dense) -> dict:
-    """PSNR (dB), SSIM and relative L2 of one video against its dense reference (same shape)."""
-    return {"psnr_db": psnr(sparse, dense), "ssim": ssim_video(sparse, dense),
-            "rel_l2": rel_l2(sparse, dense)}
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -216,7 +170,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo; returns what ``results.json`` holds (rows, timings, meta, files)."""
     import torch
 
-    from ..cli import resolve_device, resolve_dtype
+    from ..args import resolve_device, resolve_dtype
     from ..compile.backend import scaling_attn_backend
     from ..contract.masks import num_blocks
     from ..offline import fast
