@@ -378,7 +378,8 @@ def run_step(args) -> dict:
     C = model.config.num_attention_heads * model.config.attention_head_dim
     D = model.config.attention_head_dim
     x = torch.randn(1, S, C, device=device, dtype=dtype)
-    y = torch.randn(1, S, model.proj_out.out_features, device=device, dtype=dtype)
+    y = torch.randn(1, S, model.config.out_channels * math.prod(model.config.patch_size),
+                    device=device, dtype=dtype)  # the output projection's [B, S, C_out]
     rope = torch.randn(1, S, 1, D, device=device, dtype=torch.float32)
     perm = permutation(grid, "tile").to(device)
     inv = inverse_permutation(grid, "tile").to(device)

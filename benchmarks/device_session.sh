@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU runs, grouped into calls of the device tool that each end inside its 10-minute limit.
-# Run from the repository root on the GPU machine, carrying .whl (bash ../shared/tools/device-wheels.sh);
+# Run from the repository root on the GPU machine, carrying .whl (the wheels the image lacks:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata zipp);
 # the device's copy has no .git, so pass the commit: GIT_SHA=$(git rev-parse --short HEAD) here.
 #
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh tests      # the GPU test suites

@@ -28,14 +28,14 @@ __version__ = "0.1.0"
 # Imported on first use: the backend pulls in Inductor (~3 s) and the tiny model diffusers
 # (~4 s), which the op, the reference and the plan tools do not need.
 _LAZY = {
-    "scaling_attn_backend": "backend",
-    "ScalingAttnBackend": "backend",
-    "PlanMismatchError": "backend",
-    "DynamicShapeError": "backend",
-    "rewrite_self_attention": "backend",
-    "load_tiny_wan": "tiny_wan",
-    "encode_captions": "tiny_wan",
-    "generate": "tiny_wan",
+    "scaling_attn_backend": "compile.backend",
+    "ScalingAttnBackend": "compile.backend",
+    "PlanMismatchError": "errors",
+    "DynamicShapeError": "errors",
+    "rewrite_self_attention": "compile.rewrite",
+    "load_tiny_wan": "tiny.tiny_wan",
+    "encode_captions": "tiny.tiny_wan",
+    "generate": "tiny.tiny_wan",
 }
 
 

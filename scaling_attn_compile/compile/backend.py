@@ -11,18 +11,19 @@ For each graph Dynamo hands it, the backend
 0. checks that the graph's parameters are the plan's model (config shapes and the attention
    weights fingerprint, ``check_model``); a graph with symbolic sizes is compiled per concrete
    size at its first call instead (``on_dynamic_shapes="specialize"``, :mod:`.specialize`);
-1. finds the latent grid ``(F, H, W)`` after patching (the output shape of the ``patch_embedding``
+1. finds the latent grid ``(F, H, W)`` after patching (the output shape of the patch-embedding
    Conv3d applied to the ``hidden_states`` input ``[B, C, F, H, W]``), materialises the plan for
    it and checks the plan against the model (layers, heads, head_dim, sequence length);
-2. rewrites every ``F.scaled_dot_product_attention`` call of self-attention
-   (``blocks.<i>.attn1`` in ``nn_module_stack``, ``Sq == Sk``, no mask, no dropout, not causal)
+2. rewrites every ``F.scaled_dot_product_attention`` call of self-attention (the model adapter,
+   :mod:`..models.wan`, reads the layer from ``nn_module_stack``; ``Sq == Sk``, no mask, no
+   dropout, not causal)
    into ``torch.ops.scaling_attn.sparse_attention`` bound to layer ``i``'s tables (graph buffers
    with a ``ConstantSource``, so their values stay out of compiled code and caches) and the
    transformer's ``timestep`` input (density is looked up on the device: no recompile per step);
 3. hands the graph to Inductor's ``compile_fx``; the op's lowering (:mod:`.lowering`) makes it a
    Triton template kernel on CUDA and an extern call to the eager op elsewhere.
 
-Cross-attention (``attn2``: text, and text + image for I2V) is never touched. The design and the
+Cross-attention (text, and text + image for I2V) is never touched. The design and the
 reasons are in ``DESIGN.md``.
 
 Logging: logger ``scaling_attn_compile``; INFO gives one line per compiled graph with the
@@ -201,7 +202,8 @@ class ScalingAttnBackend:
         (order,) = orders
         if str(order) != "raster" and (self.parallel is not None or self.head_range is not None):
             # Untested: Ulysses' split hooks cut the tokens and RoPE tables after the patch
-            # embedding and gather them after proj_out, around where the permutations go.
+            # embedding and gather them after the output projection, around where the
+            # permutations go.
             raise PlanMismatchError(
                 f"scaling_attn_backend: the plan's blocks are in {order} order, which is not yet "
                 "supported with sequence parallelism (parallel=/head_range=); extract a "
@@ -280,7 +282,7 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         inductor_config: config patches for ``compile_fx`` (e.g. ``{"max_autotune": True}``;
             ``{"triton.cudagraphs": True}`` for CUDA graphs).
         patch_size: ``(pt, ph, pw)``; the grid is then ``hidden_states[B, C, F, H, W]`` sizes
-            divided by it instead of the ``patch_embedding`` output shape.
+            divided by it instead of the patch embedding's output shape.
         grid: the latent grid, for graphs that do not contain the patch embedding.
         on_dynamic_shapes: what to do with a graph whose sizes are symbolic (Dynamo's
             automatic-dynamic recompile at a second resolution, or ``dynamic=True``):

@@ -13,7 +13,7 @@ edit could reuse stale generated code. :class:`KernelSourceHash` is a no-op post
 its launcher (``kernels/``) and the template source (taken at
 import); the backend installs it in the config patches it gives ``compile_fx``.
 
-Version notes (torch 2.11 to 2.14, ``research/inductor.md`` section 1): the template is created
+Version notes (torch 2.11 to 2.14): the template is created
 once at import (a duplicate ``TritonTemplate`` name asserts up to 2.13);
 ``autotune_select_algorithm`` returns ``node`` on 2.11 and ``(node, choice)`` from 2.12;
 ``store_output`` takes ``val_shape`` in all four, but the stub only passes it when the installed

@@ -9,8 +9,9 @@ example inputs (or graph attributes, with ``inline_inbuilt_nn_modules=False``). 
   parameter and buffer of the graph must have the shape it has there (this tells ffn, text,
   frequency, head and patch sizes apart; heads, head_dim and layers are checked again by the
   rewrite). Names the plan's model lacks are a mismatch too (an I2V image embedder).
-* **weights**: when the graph holds every ``blocks.<i>.attn1.to_q/to_k.weight``, their sampled
-  fingerprint (:func:`~scaling_attn_compile.plan.fingerprint_tensors`) must equal the plan's.
+* **weights**: when the graph holds every self-attention q/k weight the adapter names
+  (``wan.fingerprint_names``), their sampled fingerprint
+  (:func:`~scaling_attn_compile.models.fingerprint.fingerprint_tensors`) must equal the plan's.
 
 LoRA adapters (peft's ``lora_A``/``lora_B`` and ``base_layer``) are skipped: their base
 weights are the model's. What to do on a mismatch is the backend's ``check_model`` option.
@@ -45,9 +46,9 @@ def _tokens(source: str) -> list[str]:
 
 def graph_parameters(gm: torch.fx.GraphModule, example_inputs, top_level: set[str]
                      ) -> dict[str, torch.Tensor]:
-    """``{"blocks.0.attn1.to_q.weight": tensor, ...}``: the model parameters and buffers of a
-    Dynamo graph, named as in ``model.named_parameters()``. ``top_level``: the model's child
-    names (``blocks``, ``patch_embedding``, ...); a path's root (``L['self']``, or a pipeline
+    """``{"<block>.<i>.<attention>.to_q.weight": tensor, ...}``: the model parameters and buffers
+    of a Dynamo graph, named as in ``model.named_parameters()``. ``top_level``: the model's child
+    names (its blocks, its patch embedding, ...); a path's root (``L['self']``, or a pipeline
     attribute) is everything before the first of them."""
     out: dict[str, torch.Tensor] = {}
 

@@ -52,7 +52,7 @@ def _in(n: torch.fx.Node, pattern: str) -> bool:
 
 
 def _named(pattern: str) -> str:
-    """The module name a site regex matches, for messages (``\\Wproj_out\\W*$`` -> ``proj_out``)."""
+    """The module name a site regex matches, for messages (``\\Wname\\W*$`` -> ``name``)."""
     return re.sub(r"\\W|[*$^]", "", pattern)
 
 

@@ -86,7 +86,7 @@ def _register_constant(gm: torch.fx.GraphModule, name: str, value: torch.Tensor,
                        fake_mode) -> torch.fx.Node:
     """A graph buffer AOT lifts as an input. Without the ConstantSource, AOT asserts
     "``name`` not found in param_name_to_source"; a plain tensor attribute would reach the fake
-    kernel as a real tensor (research/inductor.md §3)."""
+    kernel as a real tensor."""
     if name not in dict(gm.named_buffers()):
         gm.register_buffer(name, value)
         if hasattr(gm, "_param_name_to_source"):

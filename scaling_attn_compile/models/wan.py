@@ -38,7 +38,7 @@ Grid = tuple[int, int, int]
 
 
 # Built-in architectures (random weights). Real configs: Wan2.1 T2V 1.3B and 14B
-# (research/papers.md [W1]/[W2]); "tiny" is for tests and CPU smoke runs.
+# (their diffusers transformer configs); "tiny" is for tests and CPU smoke runs.
 BUILTIN_CONFIGS: dict[str, dict] = {
     "tiny-random": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
                         in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128,

@@ -1,13 +1,9 @@
 """Dense calibration runs of a diffusers Wan transformer, capturing self-attention q/k per layer.
 
-Two layers of API:
+The capture itself (a processor swap on every self-attention layer, :func:`capture_qk`,
+:class:`LayerCapture`) is the model adapter's: :mod:`scaling_attn_compile.models.wan_capture`.
+Here:
 
-* :func:`capture_qk` (context manager): installs a capturing processor on every
-  ``blocks.<i>.attn1`` (self-attention). Each forward call of the transformer then hands your
-  callback a :class:`LayerCapture` per layer: ``q, k`` ``(B, H, S, D)`` exactly as diffusers'
-  ``WanAttnProcessor`` feeds them to SDPA (projection, RMS norm, RoPE), plus the latent grid and
-  whatever step info the driver put in the state. The original processor then runs unchanged,
-  so the model's output is bit-identical. Cost: the q/k projections, norms and RoPE run twice.
 * :func:`capture_self_attention`: the driver. For each :class:`CalibrationInput` it denoises from
   seeded noise along ``timesteps`` (flow-matching Euler, Wan's sampler family: ``sigma = t /
   1000``, ``x <- x + (sigma_next - sigma) * v``, with classifier-free guidance when the input has
@@ -17,9 +13,8 @@ Two layers of API:
 returns a :class:`~scaling_attn_compile.plan.Plan`. FAST (issue 5) reuses :func:`capture_qk` /
 :func:`capture_self_attention` with its own callback.
 
-Also here: model loading (a local diffusers folder, the tiny asset, or built-in configs with
-random weights), latent shapes, default timesteps, and calibration inputs (random or precomputed
-embeddings, or a checkpoint's own text encoder).
+Also here: default timesteps and calibration inputs (random or precomputed embeddings). Model
+loading, latent shapes and prompt encoding are the adapter's (:mod:`..models.wan`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..offline import west
+from . import topology
 
 
 def plot_layer(plan, layer: int, out, *, density: float = 0.3, grid=None,
@@ -31,8 +31,8 @@ def plot_layer(plan, layer: int, out, *, density: float = 0.3, grid=None,
         raise ValueError(f"plot_layer: heads must be a non-empty subset of 0..{plan.num_heads - 1}, "
                          f"got {heads}")
     codes = plan.thresholds(grid)[layer]  # (H, NB, NB)
-    t = west.codes_to_thresholds(codes).cpu().numpy()
-    mask = west.mask_at(codes, density).cpu().numpy()
+    t = topology.codes_to_thresholds(codes).cpu().numpy()
+    mask = topology.mask_at(codes, density).cpu().numpy()
     nb = codes.shape[-1]
     cols = min(max_cols, len(heads))
     groups = math.ceil(len(heads) / cols)
@@ -130,7 +130,7 @@ def plot_schedule(plan, out, *, heads_per_panel: int = 4, max_cols: int = 4,
     if heads_per_panel < 1:
         raise ValueError(f"plot_schedule: heads_per_panel must be >= 1, got {heads_per_panel}")
     codes = plan.codes  # (L, H, NB, NB)
-    dens = torch.stack([west.mask_at(codes, p).double().mean(dim=(-1, -2))
+    dens = torch.stack([topology.mask_at(codes, p).double().mean(dim=(-1, -2))
                         for p in sched.levels], -1)  # (L, H, NL)
     lt = sched.level_tables.long().flip(1)  # bucket order -> step order (early steps first)
     L, T, H = lt.shape

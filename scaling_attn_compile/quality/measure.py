@@ -1,6 +1,6 @@
 """Counting what is computed: the study's attention path, and the energy-threshold calibration.
 
-:class:`MeasuredAttention` replaces every ``blocks.<i>.attn1`` processor: q/k/v exactly as
+:class:`MeasuredAttention` replaces every self-attention processor (``wan.self_attention_modules``): q/k/v exactly as
 diffusers' ``WanAttnProcessor`` computes them, then the op's semantics bound to a method's tables
 and the step's ``timestep``, counting per batch element the blocks computed: the blocks the mask
 visits (``reference.block_masks_for``, diagonal on) minus those the energy filter skipped.
@@ -27,6 +27,7 @@ import torch
 from ..contract.masks import BLOCK, dense_tables
 from ..contract.reference import block_masks_for, energy_filtered_attention_reference
 from ..contract.tables import AttentionTables
+from ..models.wan import self_attention_modules
 from ..models.wan_capture import _apply_rotary_emb
 from ..offline import west
 from ..offline.calibrate import capture_self_attention
@@ -79,7 +80,7 @@ def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: i
 
 
 class MeasuredAttention:
-    """Self-attention of every ``blocks.<i>.attn1`` through the op's semantics, counting blocks.
+    """Every self-attention layer through the op's semantics, counting blocks.
 
     ``configure(tables, rule, threshold)`` binds an :class:`AttentionTables` (the method's masks
     at the generation grid) and an energy rule (0 off, 1 cumulative, 2 BLASST). Inside
@@ -158,16 +159,17 @@ class MeasuredAttention:
             self.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
 
         handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        attention = self_attention_modules(model)
         originals = {}
         try:
-            for i, block in enumerate(model.blocks):
-                originals[i] = block.attn1.processor
-                block.attn1.processor = self.processor(originals[i], i)
+            for i, attn in enumerate(attention):
+                originals[i] = attn.processor
+                attn.processor = self.processor(originals[i], i)
             yield self
         finally:
             handle.remove()
             for i, proc in originals.items():
-                model.blocks[i].attn1.processor = proc
+                attention[i].processor = proc
 
 
 def table_perm(tables: AttentionTables):
