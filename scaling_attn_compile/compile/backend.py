@@ -275,7 +275,7 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
     ``torch.compile`` call recompiles.
 
     Args:
-        plan: :class:`~scaling_attn_compile.tables.AttentionTables` for the one latent grid the
+        plan: :class:`~scaling_attn_compile.contract.tables.AttentionTables` for the one latent grid the
             model runs, or an object with ``.materialize(grid) -> AttentionTables`` (a
             :class:`Plan`), or a callable ``grid -> AttentionTables``. ``grid`` is the latent
             ``(F, H, W)`` after patching (``S = F * H * W``).
@@ -294,13 +294,13 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
             ``"weights"`` (default) needs both to match; ``"config"`` allows other weights of
             the same architecture (a fine-tune or LoRA of the calibrated model) and logs a
             warning; ``False`` skips the check and logs that. A mismatch raises
-            :class:`~scaling_attn_compile.plan.PlanModelMismatch` naming what differs.
+            :class:`~scaling_attn_compile.plan.plan.PlanModelMismatch` naming what differs.
         compiler: ``"inductor"`` (default), ``"eager"`` (run the rewritten graph eagerly; for
             debugging) or a callable ``(gm, example_inputs) -> callable``.
         hash_kernel_sources: put the kernel/lowering sources into Inductor's cache key.
         materialize_kwargs: extra keyword arguments for ``plan.materialize(grid, ...)``, e.g.
             ``{"density": 0.25}`` for a plan without a FAST schedule.
-        energy_filter: an :class:`~scaling_attn_compile.energy.EnergyFilter` (or a dict of its
+        energy_filter: an :class:`~scaling_attn_compile.ops.energy.EnergyFilter` (or a dict of its
             fields): the kernel's online skipping of negligible visited blocks, per layer.
             ``None`` uses the plan's (``Plan.with_energy_filter``), if any.
         parallel: Ulysses sequence parallelism (each rank runs ``H/N`` heads for the whole

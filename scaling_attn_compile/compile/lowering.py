@@ -1,7 +1,7 @@
 """Inductor lowering of ``torch.ops.scaling_attn.sparse_attention``: a Triton template on CUDA,
 the eager op (an extern call) everywhere else.
 
-Importing this module registers the lowering; :mod:`scaling_attn_compile.backend` imports it.
+Importing this module registers the lowering; :mod:`scaling_attn_compile.compile.backend` imports it.
 
 One source of kernel math: the template's source (:mod:`.template_source`) is a stub plus the
 *source text* of the kernel's jit functions, the same functions the eager launcher calls.
@@ -40,9 +40,10 @@ from torch._inductor.select_algorithm import (
 from torch._inductor.virtualized import V
 
 from ..contract.masks import num_blocks, pack_blocks
+from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
 from ..kernels import block_sparse_attention as _kernel
 from ..kernels import launch as _launch
-from ..ops import op as _op  # registers torch.ops.scaling_attn.sparse_attention
+from ..ops import op as _op  # noqa: F401  (registers torch.ops.scaling_attn.sparse_attention)
 from . import template_source as _template_source
 from .template_source import _TILE_FN, template_source
 
@@ -163,7 +164,7 @@ def _tile_constexprs(meta: dict, config: dict) -> dict:
 
 def _template_supported(q) -> bool:
     head_dim = _static(q.get_size()[-1])
-    return q.get_dtype() in _op.KERNEL_DTYPES and head_dim in _op.HEAD_DIMS
+    return q.get_dtype() in KERNEL_DTYPES and head_dim in HEAD_DIMS
 
 
 @register_lowering(OP, type_promotion_kind=None)

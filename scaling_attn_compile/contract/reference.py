@@ -19,7 +19,7 @@ agree on it, and none of them reads out of bounds; ``tests/test_bad_tables.py`` 
 * **Timestep** ``t`` is compared in float32. ``bucket(t) = #{i : bucket_bounds[i] <= t}``, so a
   NaN timestep is in bucket 0 (every comparison with NaN is false), ``+inf`` in the last bucket,
   and a NaN bound is never counted. Raising instead would need a host sync in compiled code;
-  :func:`scaling_attn_compile.op.check_tables` (opt-in) raises on NaN timesteps and bad tables.
+  :func:`scaling_attn_compile.ops.op.check_tables` (opt-in) raises on NaN timesteps and bad tables.
 * **Float64** q/k/v are computed in float64 (the default ``compute_dtype`` follows them), so the
   op's CPU path returns float64 computed in float64; the kernel refuses float64 (fp16/bf16).
 

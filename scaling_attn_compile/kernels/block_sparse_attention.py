@@ -14,7 +14,7 @@ bucket never passes the table's last row; the reference defines the same behavio
 launcher and the autotune cache are :mod:`.launch`; this file is the math alone.
 
 The math lives in ``bsa_forward_tile``. The eager kernel below calls it; the Inductor template
-(``scaling_attn_compile.lowering``) pastes its source, so the two never drift apart.
+(``scaling_attn_compile.compile.lowering``) pastes its source, so the two never drift apart.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Here:
   negative embeddings) and captures at the chosen steps.
 
 :func:`calibrate_west` wires this to :mod:`.west` (block mass -> threshold codes -> union) and
-returns a :class:`~scaling_attn_compile.plan.Plan`. FAST (issue 5) reuses :func:`capture_qk` /
+returns a :class:`~scaling_attn_compile.plan.plan.Plan`. FAST (issue 5) reuses :func:`capture_qk` /
 :func:`capture_self_attention` with its own callback.
 
 Also here: default timesteps and calibration inputs (random or precomputed embeddings). Model
@@ -196,7 +196,7 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
                    guidance_scale: float = 5.0, block_mass_impl: str = "auto",
                    accumulate_device=None, progress: bool = True, source: str = "",
                    token_order=None):
-    """Run dense calibration and return a :class:`~scaling_attn_compile.plan.Plan` (no schedule).
+    """Run dense calibration and return a :class:`~scaling_attn_compile.plan.plan.Plan` (no schedule).
 
     For every captured (input, step, branch) and layer: ``west.block_mass`` of q/k (Triton on
     CUDA, chunked torch on CPU), threshold codes, and the running min (union) per layer. The

@@ -249,7 +249,7 @@ def profile_fidelity(plan: Plan, transformer, calibration_input, *,
 
     Args:
         plan: the WEST plan of ``transformer`` (checked with ``plan.check_model``).
-        calibration_input: a :class:`~scaling_attn_compile.calibrate.CalibrationInput`.
+        calibration_input: a :class:`~scaling_attn_compile.offline.calibrate.CalibrationInput`.
         timesteps: descending 0..1000 (e.g. ``calibrate.default_timesteps``).
         latent_shape: ``(C, F, H, W)``; its grid may differ from the plan's (remapped codes).
         capture_steps: step indices to profile (default all); these become the buckets.

@@ -2,7 +2,7 @@
 
 The static mask (WEST/FAST) decides which KV blocks a query tile visits; the filter decides which
 visited blocks cost exp and P*V. The rule and its reference are in
-:func:`scaling_attn_compile.reference.energy_filtered_attention_reference`.
+:func:`scaling_attn_compile.contract.reference.energy_filtered_attention_reference`.
 
     scaling_attn_backend(plan, energy_filter=EnergyFilter("cumulative", recall_budget=1.46))
     plan = plan.with_energy_filter(EnergyFilter("blasst", threshold=math.log(1e-4)))

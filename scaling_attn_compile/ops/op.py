@@ -6,16 +6,16 @@
   any strides with a contiguous last dim, e.g. the ``(B, H, S, D)`` views of ``(B, S, H, D)``
   memory that diffusers passes to SDPA.
 * ``masks`` int32 ``(H, L, NB, W)``, ``level_table`` int32 ``(NT, H)``, ``bucket_bounds`` float32
-  ``(NT - 1,)``: one layer's tables, format in :mod:`scaling_attn_compile.masks`.
+  ``(NT - 1,)``: one layer's tables, format in :mod:`scaling_attn_compile.contract.masks`.
 * ``timestep``: ``(B,)`` or ``()``; picks each batch element's density level on the device
   (no ``.item()``, no host sync, so CUDA graphs can capture it).
 * ``scale``: the softmax scale (``1 / sqrt(D)`` for SDPA's default).
 * ``energy_rule``, ``energy_threshold``: the online filter inside the kernel, off by default
   (0 off, 1 cumulative energy / DynSparse, 2 BLASST; threshold in natural-log units, see
-  :func:`scaling_attn_compile.reference.energy_filtered_attention_reference`).
+  :func:`scaling_attn_compile.contract.reference.energy_filtered_attention_reference`).
 * ``out``: same shape, dtype and strides as ``q``.
 
-Semantics: :func:`scaling_attn_compile.reference.sparse_attention_reference`. On CUDA the op
+Semantics: :func:`scaling_attn_compile.contract.reference.sparse_attention_reference`. On CUDA the op
 launches the Triton kernel in ``kernels/``; on the CPU it runs the reference.
 
 Table *values* are not checked per call (that would need a host sync in compiled code); every

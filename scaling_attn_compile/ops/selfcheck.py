@@ -1,7 +1,7 @@
 """A small self-check: the op against SDPA and the reference, and the Triton kernel against the
 reference (on the GPU, or in Triton's interpreter on a CPU-only machine).
 
-    python -m scaling_attn_compile.selfcheck [--dtype auto|fp16|bf16|fp32]
+    python -m scaling_attn_compile.ops.selfcheck [--dtype auto|fp16|bf16|fp32]
 
 ``auto`` is float16 on CUDA and float32 on the CPU (the kernel row runs float16 there).
 bfloat16 on the CPU checks the op but not the interpreted kernel: Triton's interpreter computes
@@ -40,7 +40,7 @@ def _row(name: str, err: float, bound: float, seconds: float) -> tuple[str, bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scaling_attn_compile.selfcheck",
+    p = argparse.ArgumentParser(prog="python -m scaling_attn_compile.ops.selfcheck",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype of q, k, v (default auto: fp16 on CUDA, fp32 on the CPU)")

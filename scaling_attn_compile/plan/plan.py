@@ -178,7 +178,7 @@ class Plan:
         return cls(codes.to("cpu", torch.uint8).contiguous(), meta)
 
     def with_energy_filter(self, energy_filter) -> Plan:
-        """A copy that carries an :class:`~scaling_attn_compile.energy.EnergyFilter` (or
+        """A copy that carries an :class:`~scaling_attn_compile.ops.energy.EnergyFilter` (or
         ``None``) in its metadata; the backend applies it unless given one explicitly."""
         from dataclasses import replace
 

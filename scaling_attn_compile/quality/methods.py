@@ -11,7 +11,7 @@
 ``energy_blasst``     the same with BLASST's rule.
 ``west_fast_energy``  FAST fitted at ``min(1, 1.5 x target)``, cumulative-energy filter on top, its
                       threshold bisected so the *computed* density hits the target.
-``radial``, ``sta``, ``svg_split``: the training-free anchors (``scaling_attn_compile.anchors``);
+``radial``, ``sta``, ``svg_split``: the training-free anchors (``scaling_attn_compile.offline.anchors``);
                       SVG's head types are chosen per target from the block mass of the dense
                       profiling run (the FAST/energy caption).
 ``west_fast_flat``    (diagnostic, not in the default set) FAST with ``rho=1``: one fidelity

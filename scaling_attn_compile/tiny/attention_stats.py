@@ -17,7 +17,7 @@ q and k are captured exactly as diffusers' ``WanAttnProcessor`` makes them (``to
 ``norm_q``/``norm_k``, heads unflattened, 3D RoPE applied) by a forward pre-hook, and attention
 probabilities are formed over query chunks so no ``S x S`` tensor per head is ever whole.
 
-    python -m scaling_attn_compile.attention_stats --model assets-dir-or-"random" --grid 8x32x32 --t 0.5
+    python -m scaling_attn_compile.tiny.attention_stats --model assets-dir-or-"random" --grid 8x32x32 --t 0.5
 """
 
 from __future__ import annotations

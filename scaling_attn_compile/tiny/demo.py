@@ -138,7 +138,7 @@ def calibration_captions(n: int) -> list[str]:
 
 
 def calibration_input(caption: str, seed: int, *, model_path=None, guidance_scale: float = 1.0):
-    """A :class:`~scaling_attn_compile.calibrate.CalibrationInput` for one caption of the tiny
+    """A :class:`~scaling_attn_compile.offline.calibrate.CalibrationInput` for one caption of the tiny
     Wan's encoder (with the null caption as negative when ``guidance_scale != 1``)."""
     from ..offline.calibrate import CalibrationInput
     from .tiny_wan import encode_captions
@@ -186,7 +186,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise SystemExit(
             f"demo: no tiny Wan weights at {model_path} ({WEIGHTS_NAME} missing). The bundled "
             f"model ships in scaling_attn_compile/assets/tiny-wan/; if it is not there yet, pass "
-            f"--model-path to a folder written by `python -m scaling_attn_compile.train_tiny "
+            f"--model-path to a folder written by `python -m scaling_attn_compile.tiny.train_tiny "
             f"--out DIR` (or tiny_wan.save_tiny_wan)")
     target = fast.check_target(args.target_density, "--target-density")
     device = resolve_device(args.device)

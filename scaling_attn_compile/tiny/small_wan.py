@@ -117,7 +117,7 @@ def load_small_wan(device="cpu", dtype=torch.float32, path: str | Path | None = 
     d = Path(path) if path is not None else ASSET_DIR
     if not (d / WEIGHTS_NAME).exists():
         raise FileNotFoundError(f"path: no {WEIGHTS_NAME} in {d}; train one with `python -m "
-                                f"scaling_attn_compile.train_small_wan --out {d} --device cuda --minutes 7`")
+                                f"scaling_attn_compile.tiny.train_small_wan --out {d} --device cuda --minutes 7`")
     return tiny_wan.load_tiny_wan(device, dtype, path=d)
 
 

@@ -4,7 +4,7 @@ Runs at the end of ``train_small_wan`` on the training device, on the weights as
 reloaded), at the native grid on CUDA (< 1 min on an H200: 30 Euler steps of 4 videos, and 4
 forwards with q/k capture). Also usable alone::
 
-    python -m scaling_attn_compile.small_wan_card --model DIR --device cuda   # prints the structure
+    python -m scaling_attn_compile.tiny.small_wan_card --model DIR --device cuda   # prints the structure
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ trained here from scratch so that block-sparse attention can be studied at reali
 granularity: its native video, {g} pixels = {'x'.join(map(str, tg))} tokens = {math.prod(tg):,} tokens,
 is **{num_blocks(a.card_grid)} blocks of {BLOCK}** (tiny-wan: 16; Wan2.1: 256-591).
 Weights: `diffusion_pytorch_model.safetensors`, fp16 EMA, {size_mb:.1f} MB. Load with
-`scaling_attn_compile.small_wan.load_small_wan(device, dtype, path=...)` or
+`scaling_attn_compile.tiny.small_wan.load_small_wan(device, dtype, path=...)` or
 `WanTransformer3DModel.from_pretrained(path)`.
 
 ## Architecture and why
@@ -159,7 +159,7 @@ Weights: `diffusion_pytorch_model.safetensors`, fp16 EMA, {size_mb:.1f} MB. Load
   up to {pv.MAX_WORDS} words; `""` = null caption), never trained.
 - **Sampling**: rectified-flow Euler, `timestep = 1000 t` (`small_wan.generate`).
 
-## Data (`scaling_attn_compile.photo_video`, generated on the fly)
+## Data (`scaling_attn_compile.tiny.photo_video`, generated on the fly)
 
 Photographs shipped inside the scikit-image wheel (`skimage/data/`, read with Pillow; nothing
 downloaded), centre-cropped square. Videos: a camera window pans, zooms, rotates or combines a

@@ -198,7 +198,7 @@ def load_tiny_wan(device="cpu", dtype=torch.float32, path: str | Path | None = N
     if not (d / WEIGHTS_NAME).exists():
         raise FileNotFoundError(
             f"path: no {WEIGHTS_NAME} in {d}; train one with "
-            f"`python -m scaling_attn_compile.train_tiny --out {d} --device cuda --minutes 7.5`"
+            f"`python -m scaling_attn_compile.tiny.train_tiny --out {d} --device cuda --minutes 7.5`"
         )
     config = WanTransformer3DModel.load_config(str(d))
     model = WanTransformer3DModel.from_config(config)

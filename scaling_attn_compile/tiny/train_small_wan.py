@@ -1,7 +1,7 @@
 """Train small-wan (rectified flow on camera moves over photographs), resumable, and write its card.
 
-    python -m scaling_attn_compile.train_small_wan --out DIR --device cuda --minutes 7 [--resume DIR]
-    python -m scaling_attn_compile.train_small_wan --out /tmp/sw --device cpu --steps 3 \\
+    python -m scaling_attn_compile.tiny.train_small_wan --out DIR --device cuda --minutes 7 [--resume DIR]
+    python -m scaling_attn_compile.tiny.train_small_wan --out /tmp/sw --device cpu --steps 3 \\
         --res 2x16x16 --batch 2 --num-layers 1          # smoke run
 
 Objective, noise-level sampling, caption dropout, LR schedule and EMA are train_tiny's (imported,
@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-layers", type=int, default=None, help="override the config (tests)")
     ap.add_argument("--ffn-dim", type=int, default=None, help="override the config (tests)")
     a = ap.parse_args(argv)
-    a.command = "python -m scaling_attn_compile.train_small_wan " + " ".join(sys.argv[1:] if argv is None else argv)
+    a.command = "python -m scaling_attn_compile.tiny.train_small_wan " + " ".join(sys.argv[1:] if argv is None else argv)
     dev = "cuda" if a.device.startswith("cuda") else "cpu"
     for k, v in DEFAULTS[dev].items():
         if getattr(a, k) is None:

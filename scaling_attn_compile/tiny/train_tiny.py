@@ -1,7 +1,7 @@
 """Train the tiny Wan with rectified flow on procedural toy videos, and write its model card.
 
-    python -m scaling_attn_compile.train_tiny --out DIR --device cuda --minutes 7.5   # ~8.5 min on an H100
-    python -m scaling_attn_compile.train_tiny --out /tmp/tw --device cpu --minutes 4  # weak, loadable
+    python -m scaling_attn_compile.tiny.train_tiny --out DIR --device cuda --minutes 7.5   # ~8.5 min on an H100
+    python -m scaling_attn_compile.tiny.train_tiny --out /tmp/tw --device cpu --minutes 4  # weak, loadable
 
 Objective (rectified flow, as Wan): ``x_t = (1 - t) x0 + t noise``, the model predicts the velocity
 ``noise - x0`` from ``(x_t, timestep = 1000 t, caption)``; MSE. ``t`` is logit-normal (SD3) mixed
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     import sys
 
-    a.command = "python -m scaling_attn_compile.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv)
+    a.command = "python -m scaling_attn_compile.tiny.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv)
     dev = "cuda" if a.device.startswith("cuda") else "cpu"
     for k, v in DEFAULTS[dev].items():
         if getattr(a, k) is None:
@@ -334,11 +334,11 @@ Weights: `diffusion_pytorch_model.safetensors` (fp16, {size_mb:.1f} MB). Load wi
   over the grammar's {len(CaptionEncoder.default().vocab)} words, one 64-d row per word, zero-padded to 8 tokens; `""` is
   the null caption. Not trained.
 - **Sampling:** rectified-flow Euler, `timestep = 1000 t`, t from 1 to 0
-  (`scaling_attn_compile.tiny_wan.generate`).
+  (`scaling_attn_compile.tiny.tiny_wan.generate`).
 
 ## Data
 
-Procedural (`scaling_attn_compile.toy_video`): one textured (striped) square, circle or triangle
+Procedural (`scaling_attn_compile.tiny.toy_video`): one textured (striped) square, circle or triangle
 in one of 8 colours, moving left/right/up/down, bouncing or rotating, over a panning textured
 background. Captions `[small|large] color shape motion`, e.g. "red square moving left".
 8 x 3 x 6 = 144 (color, shape, motion) triples, 8 held out of training: {held}.
@@ -380,7 +380,7 @@ blocks a query block needs to hold R of its mass (lower = more block-sparse). `u
 Per head at t = 0.5:
 
 {per_head_table(stats_mid)}
-Reproduce: `python -m scaling_attn_compile.attention_stats --model <this dir> --grid {'x'.join(map(str, a.sample_grid))}`.
+Reproduce: `python -m scaling_attn_compile.tiny.attention_stats --model <this dir> --grid {'x'.join(map(str, a.sample_grid))}`.
 
 ## Command
 
