@@ -102,7 +102,7 @@ def _token_start(gm, sites: OrderSites, S: int) -> torch.fx.Node:
 
 
 def _rope_tables(gm, sites: OrderSites, S: int) -> list[torch.fx.Node]:
-    inside = {n for n in gm.graph.nodes if n.op != "placeholder" and _in(n, sites.rope)}
+    inside = {n for n in gm.graph.nodes if n.op != "placeholder" and _in(n, sites.rope_tables)}
     outs = [n for n in inside if any(u not in inside for u in n.users)]
     if not outs:
         raise _fail("the graph has no RoPE module outputs")

@@ -41,5 +41,5 @@ class OrderSites:
     """Where a transformer's token sequence starts and ends in the graph (module path regexes)."""
 
     embedding: str  # the (patch embedding) Conv3d whose output becomes the [B, S, C] tokens
-    rope: str  # the module whose outputs are the per-token RoPE tables [1, S, 1, D]
+    rope_tables: str  # the module whose outputs are the per-token RoPE tables [1, S, 1, D]
     output: str  # the token-wise output projection [B, S, C_out]

@@ -303,7 +303,7 @@ def whole_model(gm: torch.fx.GraphModule) -> bool:
     return any("patch_embedding" in p for p in paths) and any("proj_out" in p for p in paths)
 
 
-WAN_SITES = OrderSites(embedding=r"\Wpatch_embedding\W*$", rope=r"\Wrope\W*$",
+WAN_SITES = OrderSites(embedding=r"\Wpatch_embedding\W*$", rope_tables=r"\Wrope\W*$",
                        output=r"\Wproj_out\W*$")
 
 
