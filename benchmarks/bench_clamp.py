@@ -14,6 +14,11 @@ The added work is per program, outside the KV loop: a min/max on the level and a
 and-mask on the row's words (13-18 more PTX instructions of ~1,300-2,200 in the sm_90 compile).
 
 On a CPU, ``TRITON_INTERPRET=1 ... --shape 1,2,300,64 --dtype fp16 --rounds 1`` smoke-tests it.
+
+Since the kernel's math and its launcher are two files (``kernels/block_sparse_attention.py``,
+``kernels/launch.py``), ``--before`` takes a kernel file from before that split (one file held
+both; its ``from ..reference`` / ``from ..op`` imports need that commit's package layout). To
+compare two commits after the split, check the old one out in a second tree and run this there.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ for stage in "${@:?stage: tests | kernel | attention | shapes | train | compile 
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
-  step 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_west.py  # 89-94 s on the H200
+  step 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_lowering.py tests/test_west.py  # 89-94 s on the H200 (before the split)
   ;;
 kernel)
   step 75 python3 benchmarks/kernel_variants.py --out "$OUT/variants.json"
