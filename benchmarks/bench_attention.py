@@ -19,10 +19,9 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+import _common
 import torch
 import torch.nn.functional as F
-
-import _common
 
 from scaling_attn_compile import sparse_attention
 from scaling_attn_compile.contract.masks import unpack_blocks

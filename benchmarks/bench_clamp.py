@@ -30,9 +30,8 @@ import os
 import statistics
 import sys
 
-import torch
-
 import _common
+import torch
 
 from scaling_attn_compile.contract.masks import unpack_blocks
 from scaling_attn_compile.contract.tables import uniform_tables

@@ -47,9 +47,8 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
-import torch  # noqa: E402
-
 import _common  # noqa: E402
+import torch  # noqa: E402
 
 from scaling_attn_compile.contract.masks import unpack_blocks  # noqa: E402
 from scaling_attn_compile.contract.tables import uniform_tables  # noqa: E402

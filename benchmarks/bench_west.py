@@ -32,9 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import _common
+import torch
 
 from scaling_attn_compile.models.wan import (
     BUILTIN_CONFIGS,
