@@ -16,17 +16,17 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
+import _common
 import torch
 import torch.nn.functional as F
-from scaling_attn_compile.kernels import block_sparse_attention as kernel
 
 from scaling_attn_compile import sparse_attention
-from scaling_attn_compile.masks import unpack_blocks
-from scaling_attn_compile.tables import uniform_tables
+from scaling_attn_compile.contract.masks import unpack_blocks
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels.launch import tuned_configs
 from scaling_attn_compile.testing import make_qkv
 
 SHAPES = {  # name: (B, H, S, D)
@@ -52,14 +52,7 @@ class Record:
 
 
 def environment() -> dict:
-    # The device's copy of the tree has no .git: the launcher can pass the SHA in the environment.
-    sha = os.environ.get("GIT_SHA") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    import triton
-
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "git_sha": sha, "cuda": torch.version.cuda}
+    return _common.environment(torch.cuda.get_device_name())
 
 
 def bench(fn) -> float:
@@ -146,10 +139,9 @@ def main(argv=None) -> int:
     for r in records:
         sp = f"{r.speedup_vs_cudnn_dense:.2f}x" if r.speedup_vs_cudnn_dense else ""
         print(f"| {r.shape} | {r.impl} | {r.density:.3f} | {r.ms:.3f} | {r.tflops_active:.0f} | {sp} |")
-    tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in
-                                                      kernel.TUNING_TIMES.get(k, {}).items()}}
-             for k, v in kernel._TUNED.items()}
-    gpu = env["gpu"].replace(" ", "-").lower()
+    tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
+             for k, (v, times) in tuned_configs().items()}
+    gpu = _common.gpu_slug(env["gpu"])
     path = args.out or os.path.join(os.path.dirname(__file__), "results", f"attention-{gpu}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -14,6 +14,11 @@ The added work is per program, outside the KV loop: a min/max on the level and a
 and-mask on the row's words (13-18 more PTX instructions of ~1,300-2,200 in the sm_90 compile).
 
 On a CPU, ``TRITON_INTERPRET=1 ... --shape 1,2,300,64 --dtype fp16 --rounds 1`` smoke-tests it.
+
+Since the kernel's math and its launcher are two files (``kernels/block_sparse_attention.py``,
+``kernels/launch.py``), ``--before`` takes a kernel file from before that split (one file held
+both; its ``from ..reference`` / ``from ..op`` imports need that commit's package layout). To
+compare two commits after the split, check the old one out in a second tree and run this there.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 
+import _common
 import torch
 
-from scaling_attn_compile.kernels import block_sparse_attention as current
-from scaling_attn_compile.masks import unpack_blocks
-from scaling_attn_compile.tables import uniform_tables
+from scaling_attn_compile.contract.masks import unpack_blocks
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels import launch as current
 from scaling_attn_compile.testing import make_qkv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -51,14 +56,7 @@ def load_before(path: str):
 
 
 def environment() -> dict:
-    sha = os.environ.get("GIT_SHA") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    import triton
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "git_sha": sha, "cuda": torch.version.cuda}
+    return _common.environment(_common.gpu_name(cpu="cpu (interpreter)"))
 
 
 def timer(device: str):
@@ -135,7 +133,7 @@ def main(argv=None) -> int:
                 f"{n} {row[f'{n}_ms']:.3f} ms ({row[f'{n}_tflops']:.0f} TFLOP/s)" for n in times)
                 + (f", now/before {row['now_over_before']:.4f}" if "before" in times else "")
                 + ("" if same else "  OUTPUTS DIFFER"), flush=True)
-    tuned = {"now": {str(key): str(c) for key, c in current._TUNED.items()}}
+    tuned = {"now": {str(key): str(c) for key, (c, _) in current.tuned_configs().items()}}
     if "before" in modules:
         tuned["before"] = {str(key): str(c) for key, c in modules["before"]._TUNED.items()}
     result = {"question": "cost of the bad-table hardening (level clamp, bits past NB)",

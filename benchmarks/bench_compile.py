@@ -44,24 +44,25 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
+import _common  # noqa: E402
 import torch  # noqa: E402
 
-from scaling_attn_compile.masks import unpack_blocks  # noqa: E402
-from scaling_attn_compile.tables import uniform_tables  # noqa: E402
+from scaling_attn_compile.contract.masks import unpack_blocks  # noqa: E402
+from scaling_attn_compile.contract.tables import uniform_tables  # noqa: E402
+from scaling_attn_compile.models.wan import BUILTIN_CONFIGS  # noqa: E402
 
-# Wan2.1 configs (diffusers conversion script; research/inductor.md §5). Latent = VAE 4x8x8.
+# Wan2.1 1.3B/14B are the adapter's BUILTIN_CONFIGS; COMMON is the rest of the tiny smoke model.
 COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
               rope_max_seq_len=1024)
 MODELS = {
-    "1.3b": dict(name="Wan2.1-T2V-1.3B", video=(480, 832, 81), text_len=512, config=dict(
-        COMMON, num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)),
-    "14b": dict(name="Wan2.1-T2V-14B", video=(720, 1280, 81), text_len=512, config=dict(
-        COMMON, num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)),
+    "1.3b": dict(name="Wan2.1-T2V-1.3B", video=(480, 832, 81), text_len=512,
+                 config=dict(BUILTIN_CONFIGS["wan2.1-1.3b"])),
+    "14b": dict(name="Wan2.1-T2V-14B", video=(720, 1280, 81), text_len=512,
+                config=dict(BUILTIN_CONFIGS["wan2.1-14b"])),
     "tiny": dict(name="tiny (CPU smoke test)", video=(128, 160, 13), text_len=24, config=dict(
         COMMON, in_channels=4, out_channels=4, text_dim=32, freq_dim=32, rope_max_seq_len=64,
         num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)),
@@ -89,17 +90,12 @@ class Record:
 
 
 def environment(device: str) -> dict:
-    sha = os.environ.get("GIT_SHA") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     import diffusers
-    import triton
 
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "diffusers": diffusers.__version__, "cuda": torch.version.cuda, "git_sha": sha,
-            "cold_cache": "TORCHINDUCTOR_CACHE_DIR" in os.environ
-            and "bench_compile_cache_" in os.environ["TORCHINDUCTOR_CACHE_DIR"]}
+    return _common.environment(
+        _common.gpu_name(device), diffusers=diffusers.__version__,
+        cold_cache="TORCHINDUCTOR_CACHE_DIR" in os.environ
+        and "bench_compile_cache_" in os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def latent_shape(spec) -> tuple[int, int, int, int, int]:
@@ -109,25 +105,7 @@ def latent_shape(spec) -> tuple[int, int, int, int, int]:
     return (1, c, (frames - 1) // 4 + 1, h // 8, w // 8)
 
 
-def record_file(args, env: dict, question: str) -> tuple[str, dict]:
-    """The JSON record's path (``--out``; a temp file for ``--tiny``, whose CPU timings are no
-    record; else ``results/<question>-<gpu>.json``) and what it already holds for this GPU, so
-    runs split over several device calls merge into one record (``{}`` for another GPU)."""
-    if args.out:
-        path = args.out
-    elif args.tiny:
-        path = os.path.join(tempfile.gettempdir(), f"{question}-cpu-tiny.json")
-    else:
-        gpu = env["gpu"].replace(" ", "-").lower()
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"{question}-{gpu}.json")
-    stored = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored.get("env", {}).get("gpu") != env["gpu"]:
-            stored = {}
-    return path, stored
+record_file = _common.record_file  # bench_parallel and bench_tile_order use it from here
 
 
 def build_model(spec, layers: int, device: str, dtype: torch.dtype):
@@ -193,7 +171,7 @@ def sync(device):
 
 def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_config, reps,
             repeats=None):
-    from scaling_attn_compile.backend import scaling_attn_backend
+    from scaling_attn_compile.compile.backend import scaling_attn_backend
 
     heads = spec["config"]["num_attention_heads"]
     density = rewritten = None

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scaling_attn_compile.kernels import block_sparse_attention as kernel
 
-from scaling_attn_compile.demo import rel_l2
-from scaling_attn_compile.masks import num_blocks, unpack_blocks
-from scaling_attn_compile.op import lambda_from_recall
-from scaling_attn_compile.reference import ENERGY_RULES
-from scaling_attn_compile.tables import uniform_tables
+from scaling_attn_compile.contract.masks import ENERGY_RULES, num_blocks, unpack_blocks
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels import launch as kernel
+from scaling_attn_compile.ops.op import lambda_from_recall
 from scaling_attn_compile.testing import make_qkv
+from scaling_attn_compile.tiny.metrics import rel_l2
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {  # name: (label, H, (F, H, W) latent grid after patching, head_dim)
@@ -129,7 +128,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_energy: needs a CUDA GPU", file=sys.stderr)
         return 1
-    sys.path.insert(0, str(Path(__file__).parent))
     from bench_attention import environment
 
     records: list = []

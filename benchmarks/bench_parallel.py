@@ -35,21 +35,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from _common import record_file
+from bench_compile import MODELS, build_model, environment, latent_shape, make_inputs
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_compile import (  # noqa: E402
-    MODELS,
-    build_model,
-    environment,
-    latent_shape,
-    make_inputs,
-    record_file,
-)
-
-from scaling_attn_compile.backend import scaling_attn_backend  # noqa: E402
-from scaling_attn_compile.parallel import enable_ulysses  # noqa: E402
-from scaling_attn_compile.tables import uniform_tables  # noqa: E402
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.compile.parallel import enable_ulysses
+from scaling_attn_compile.contract.tables import uniform_tables
 
 ROWS = {"inductor": None, "ours-0.25": 0.25}
 ARGS = None  # the parsed command line (main)

@@ -184,7 +184,7 @@ def _floats(s: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from scaling_attn_compile.cli import parse_triple, resolve_device, resolve_dtype
+    from scaling_attn_compile.args import parse_triple, resolve_device, resolve_dtype
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

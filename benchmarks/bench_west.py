@@ -26,40 +26,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _common
 import torch
 
-from scaling_attn_compile import west
-from scaling_attn_compile.calibrate import (
+from scaling_attn_compile.models.wan import (
     BUILTIN_CONFIGS,
     BUILTIN_TEXT_LEN,
+    latent_shape_for,
+    latent_token_grid,
+    load_transformer,
+)
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import (
     calibrate_west,
     capture_self_attention,
     default_timesteps,
-    latent_shape_for,
-    load_transformer,
     random_inputs,
-    token_grid,
 )
 
 
 def environment(device) -> dict:
-    # The device's copy of the tree may have no .git: the launcher can pass GIT_SHA.
-    sha = os.environ.get("GIT_SHA") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    import triton
-
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "git_sha": sha, "cuda": torch.version.cuda}
+    return _common.environment(_common.gpu_name(device))
 
 
 def sync(device):
@@ -113,7 +106,7 @@ def main(argv=None) -> int:
     cfg = model.config
     weights_gb = sum(t.numel() * t.element_size() for t in model.parameters()) / 1e9
     latent = latent_shape_for(args.frames, args.height, args.width, cfg.in_channels)
-    grid = token_grid(model, latent)
+    grid = latent_token_grid(model, latent)
     S, H, D = math.prod(grid), cfg.num_attention_heads, cfg.attention_head_dim
     inputs = random_inputs(args.inputs, BUILTIN_TEXT_LEN[args.config], cfg.text_dim)
     ts = default_timesteps(args.steps, 5.0 if args.height >= 720 else 3.0)

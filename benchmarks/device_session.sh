@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU runs, grouped into calls of the device tool that each end inside its 10-minute limit.
-# Run from the repository root on the GPU machine, carrying .whl (bash ../shared/tools/device-wheels.sh);
+# Run from the repository root on the GPU machine, carrying .whl (the wheels the image lacks:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata zipp);
 # the device's copy has no .git, so pass the commit: GIT_SHA=$(git rev-parse --short HEAD) here.
 #
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh tests      # the GPU test suites
@@ -43,7 +44,7 @@ for stage in "${@:?stage: tests | kernel | attention | shapes | train | compile 
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
-  step 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_west.py  # 89-94 s on the H200
+  step 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_lowering.py tests/test_west.py  # 89-94 s on the H200 (before the split)
   ;;
 kernel)
   step 75 python3 benchmarks/kernel_variants.py --out "$OUT/variants.json"
@@ -57,7 +58,7 @@ shapes)  # why the kernel's throughput depends on the shape (kernel_shapes.py)
   step 120 python3 benchmarks/kernel_shapes.py --words-only --out "$OUT/words.json"
   ;;
 train)
-  step 500 python3 -m scaling_attn_compile.train_tiny --out "$OUT/tiny-wan" --device cuda --minutes 7.5
+  step 500 python3 -m scaling_attn_compile.tiny.train_tiny --out "$OUT/tiny-wan" --device cuda --minutes 7.5
   ;;
 compile)
   step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py

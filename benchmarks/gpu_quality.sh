@@ -2,7 +2,7 @@
 # The quality study on one GPU (issue 13 item 3): every method at equal computed density and at
 # equal measured time per step, on held-out prompts, against the model's own dense videos.
 # Run from the repository root on the GPU machine, carrying .whl (the device image has no
-# diffusers: bash ../shared/tools/device-wheels.sh puts the wheels there).
+# diffusers; put the wheels there with: python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata zipp).
 #
 # One call does it all within BUDGET_MINUTES (default 7.5), cutting what does not fit:
 #   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh small-wan

@@ -24,7 +24,7 @@ if [ -z "${FRESH:-}" ] && [ -f "$ASSETS/diffusion_pytorch_model.safetensors" ]; 
   RESUME=(--resume "$ASSETS")
 fi
 # 9-minute wall clock: --minutes counts from the start (compile included), the card < 1 min.
-timeout --signal=INT --kill-after=15 540 python3 -m scaling_attn_compile.train_small_wan \
+timeout --signal=INT --kill-after=15 540 python3 -m scaling_attn_compile.tiny.train_small_wan \
   --out "$OUT/small-wan" --device cuda --minutes "${MINUTES:-7}" "${RESUME[@]}" "$@" 2>&1 | tail -n 400
 echo "rc ${PIPESTATUS[0]}"
 ls -la "$OUT/small-wan"

@@ -19,14 +19,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from scaling_attn_compile.kernels.block_sparse_attention import (
-    KernelConfig,
-    block_sparse_attention_forward,
-)
 from triton.testing import do_bench
 
-from scaling_attn_compile.masks import add_diagonal, num_blocks, pack_blocks, unpack_blocks
-from scaling_attn_compile.tables import uniform_tables
+from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_blocks, unpack_blocks
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels.launch import KernelConfig, block_sparse_attention_forward
 
 # (H, S): the two Wan shapes, each with the other's head count, and S a multiple of 128.
 CASES = [(12, 32760), (40, 32760), (12, 75600), (40, 75600), (12, 32768), (24, 32760)]
@@ -117,7 +114,7 @@ def time_pattern(H: int, S: int, pattern: str, shared_kv: bool, D: int = 128) ->
 def words_sweep(H: int = 12, S: int = 32760, D: int = 128) -> list[dict]:
     """Dense, both configs, with the mask row's word vector padded to at least 1 (none: 8 words
     at S=32,760), 16, 32 or 64 words; each output checked against the unpadded plain config."""
-    from scaling_attn_compile.kernels import block_sparse_attention as K
+    from scaling_attn_compile.kernels import launch as K
 
     q, k, v = gpu_qkv(H, S, D)
     ts = torch.tensor([500.0], device="cuda")

@@ -10,12 +10,9 @@ import json
 import sys
 
 import torch
-from scaling_attn_compile.kernels.block_sparse_attention import (
-    KernelConfig,
-    block_sparse_attention_forward,
-)
 
-from scaling_attn_compile.tables import uniform_tables
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.kernels.launch import KernelConfig, block_sparse_attention_forward
 from scaling_attn_compile.testing import make_qkv
 
 VARIANTS = [

@@ -16,12 +16,9 @@ import sys
 
 import torch
 
-from scaling_attn_compile.kernels.block_sparse_attention import (
-    CONFIGS,
-    block_sparse_attention_forward,
-)
-from scaling_attn_compile.masks import num_blocks, pack_blocks
-from scaling_attn_compile.reference import sparse_attention_reference
+from scaling_attn_compile.contract.masks import num_blocks, pack_blocks
+from scaling_attn_compile.contract.reference import sparse_attention_reference
+from scaling_attn_compile.kernels.launch import CONFIGS, block_sparse_attention_forward
 from scaling_attn_compile.testing import make_qkv
 
 

@@ -7,33 +7,35 @@
 
 import importlib
 
-from .energy import EnergyFilter
-from .fast import (
+from .contract.masks import dense_tables, pack_blocks, unpack_blocks
+from .contract.reference import energy_filtered_attention_reference, sparse_attention_reference
+from .contract.tables import AttentionTables, uniform_tables
+from .errors import PlanError
+from .offline.fast import (
     build_fast_plan,
     dense_first_schedule,
     fit_schedule,
     profile_fidelity,
     uniform_schedule,
 )
-from .masks import dense_tables, pack_blocks, unpack_blocks
-from .op import lambda_from_recall, sparse_attention
-from .plan import FastSchedule, Plan, PlanError, load_plan
-from .reference import energy_filtered_attention_reference, sparse_attention_reference
-from .tables import AttentionTables, uniform_tables
+from .ops.energy import EnergyFilter
+from .ops.op import lambda_from_recall, sparse_attention
+from .plan.io import load_plan
+from .plan.plan import FastSchedule, Plan
 
 __version__ = "0.1.0"
 
 # Imported on first use: the backend pulls in Inductor (~3 s) and the tiny model diffusers
 # (~4 s), which the op, the reference and the plan tools do not need.
 _LAZY = {
-    "scaling_attn_backend": "backend",
-    "ScalingAttnBackend": "backend",
-    "PlanMismatchError": "backend",
-    "DynamicShapeError": "backend",
-    "rewrite_self_attention": "backend",
-    "load_tiny_wan": "tiny_wan",
-    "encode_captions": "tiny_wan",
-    "generate": "tiny_wan",
+    "scaling_attn_backend": "compile.backend",
+    "ScalingAttnBackend": "compile.backend",
+    "PlanMismatchError": "errors",
+    "DynamicShapeError": "errors",
+    "rewrite_self_attention": "compile.rewrite",
+    "load_tiny_wan": "tiny.tiny_wan",
+    "encode_captions": "tiny.tiny_wan",
+    "generate": "tiny.tiny_wan",
 }
 
 

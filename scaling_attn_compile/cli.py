@@ -15,19 +15,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .args import (
+    add_token_order_argument,
+    check_input_file,
+    check_output_path,
+    int_list,
+    parse_triple,
+    positive_float,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+)
+from .errors import CliError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEBUG_ENV = "SCALING_ATTN_DEBUG"  # =1: full tracebacks for user errors too
-
-
-class CliError(Exception):
-    """A user error found by a command (bad combination of arguments, unusable output path):
-    printed as one line, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -39,90 +46,6 @@ class Command:
 
 
 # ---- shared argument helpers -------------------------------------------------------------------
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def int_list(text: str) -> list[int]:
-    """argparse type: ``"0,2,3"`` -> ``[0, 2, 3]`` non-negative ints."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        values = [-1]
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated indices like 0,1,3, got "
-                                         f"{text!r}")
-    return values
-
-
-def check_output_path(path: Path, flag: str) -> None:
-    """Fail now, not after a long run, if ``path`` cannot be written: make its folder and write
-    (then remove) a probe file there. Permissions alone do not tell (root, read-only mounts)."""
-    if path.is_dir():
-        raise CliError(f"{flag} {path} is a folder; expected a file path such as "
-                       f"{path / 'plan.safetensors'}")
-    folder = next((a for a in path.absolute().parents if a.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise CliError(f"{flag} {path} is not writable: {folder} is a file, not a folder; pass "
-                       f"a path in a folder you can write to")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".scaling-attn-probe-"):
-            pass
-    except OSError as e:
-        raise CliError(f"{flag} {path} is not writable ({e.strerror or e}); pass a path in a "
-                       f"folder you can write to") from None
-
-
-def check_input_file(path: Path | None, flag: str) -> None:
-    """Fail before loading a model if an input file given on the command line is missing."""
-    if path is not None and not path.is_file():
-        raise CliError(f"{flag} {path}: no such file")
-
-
-def parse_triple(text: str) -> tuple[int, int, int]:
-    """``"F,H,W"`` -> ``(F, H, W)`` positive ints (argparse type)."""
-    try:
-        vals = tuple(int(x) for x in text.replace("x", ",").split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive ints like 21,30,52, got {text!r}")
-    return vals
-
-
-def resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device):
-    import torch
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    return table[name]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,17 +101,9 @@ def add_west_arguments(p: argparse.ArgumentParser) -> None:
     add_token_order_argument(p)
 
 
-def add_token_order_argument(p: argparse.ArgumentParser) -> None:
-    from .token_order import NEW_PLAN_ORDER
-
-    p.add_argument("--token-order", default=NEW_PLAN_ORDER, metavar="raster|tile|tile:FxHxW",
-                   help="which tokens share a 128-token mask block: 'tile' (3D tiles of the "
-                        "latent grid, shape chosen per grid), 'tile:2x8x8' (a fixed tile), or "
-                        f"'raster' (strips of token rows); default {NEW_PLAN_ORDER}")
-
-
 def _west_inputs(args, src, text_dim: int):
-    from .calibrate import encode_prompts, load_embeddings, random_inputs
+    from .models.wan import encode_prompts
+    from .offline.calibrate import load_embeddings, random_inputs
 
     if args.prompts is None:
         if not src.random_weights:
@@ -201,7 +116,7 @@ def _west_inputs(args, src, text_dim: int):
             raise CliError(f"--prompts {args.prompts} is text, but the model "
                              f"{args.model!r} has no text_encoder/; pass precomputed embeddings "
                              f"(.safetensors with prompt_embeds) instead")
-        from .calibrate import CalibrationInput
+        from .offline.calibrate import CalibrationInput
 
         prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
         emb = encode_prompts(src.folder, prompts, device=args._device, dtype=args._dtype)
@@ -215,15 +130,9 @@ def _west_inputs(args, src, text_dim: int):
 
 
 def run_west(args: argparse.Namespace) -> int:
-    from .calibrate import (
-        calibrate_west,
-        default_timesteps,
-        evenly_spaced,
-        latent_shape_for,
-        load_transformer,
-        token_grid,
-    )
-    from .masks import num_blocks
+    from .contract.masks import num_blocks
+    from .models.wan import latent_shape_for, latent_token_grid, load_transformer
+    from .offline.calibrate import calibrate_west, default_timesteps, evenly_spaced
 
     check_output_path(args.out, "--out")  # before minutes of calibration, not after
     check_input_file(args.prompts, "--prompts")
@@ -249,7 +158,7 @@ def run_west(args: argparse.Namespace) -> int:
             raise CliError("pass --frames, --height and --width (or --latent F,H,W) for "
                            f"model {args.model!r}")
         latent = latent_shape_for(frames, height, width, cfg.in_channels, stride)
-    grid = token_grid(model, latent)
+    grid = latent_token_grid(model, latent)
     s = grid[0] * grid[1] * grid[2]
     if num_blocks(s) < 2:
         print(f"warning: token grid {grid} is S = {s} tokens, one block of 128: every mask of "
@@ -292,8 +201,8 @@ def add_show_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from .plan import load_plan
-    from .viz import plot_layer
+    from .plan.io import load_plan
+    from .plan.viz import plot_layer
 
     out = args.out or args.plan.with_name(f"{args.plan.stem}.layer{args.layer}.png")
     plan = load_plan(args.plan)
@@ -364,10 +273,12 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_fast(args: argparse.Namespace) -> int:
-    from . import fast
-    from .calibrate import default_timesteps, evenly_spaced, load_transformer
-    from .plan import PlanModelMismatch, load_plan
-    from .viz import plot_schedule
+    from .errors import PlanModelMismatch
+    from .models.wan import load_transformer
+    from .offline import fast
+    from .offline.calibrate import default_timesteps, evenly_spaced
+    from .plan.io import load_plan
+    from .plan.viz import plot_schedule
 
     t0 = time.perf_counter()
     target = fast.check_target(args.target_density, "--target-density")
@@ -430,13 +341,13 @@ def run_fast(args: argparse.Namespace) -> int:
 # ---- demo ----------------------------------------------------------------------------------------
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .demo import add_demo_arguments as add
+    from .tiny.demo import add_demo_arguments as add
 
     add(p)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .tiny.demo import main as demo_main
 
     return demo_main(args)
 

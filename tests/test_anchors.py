@@ -1,4 +1,4 @@
-"""The training-free anchors (``scaling_attn_compile.anchors``): block geometry, densities near
+"""The training-free anchors (``scaling_attn_compile.offline.anchors``): block geometry, densities near
 their targets, the diagonal, nestedness, SVG's head choice, and a run through the op and the
 backend at a tiny grid."""
 
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from scaling_attn_compile import anchors as A
-from scaling_attn_compile.backend import scaling_attn_backend
-from scaling_attn_compile.masks import unpack_blocks
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.contract.masks import unpack_blocks
+from scaling_attn_compile.offline import anchors as A
 from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
 
 SMALL_WAN_TOKENS = (16, 32, 32)  # small-wan's native token grid: 128 blocks
@@ -142,7 +142,7 @@ def test_anchor_tables_through_the_op(kind):
 def test_anchor_plan_through_the_backend():
     """A tiny Wan compiled with an AnchorPlan: every self-attention is rewritten; density 1.0
     is the dense model, density 0.3 is not."""
-    from scaling_attn_compile import tiny_wan as tw
+    from scaling_attn_compile.tiny import tiny_wan as tw
 
     model = tw.make_tiny_wan(seed=0, num_layers=2, ffn_dim=256).eval().requires_grad_(False)
     x = torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -14,10 +14,8 @@ three 128-blocks, the last one partial.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 import warnings
 from unittest import mock
 
@@ -29,17 +27,13 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers import transformer_wan
 from torch._dynamo.exc import BackendCompilerFailed
 
-from scaling_attn_compile import lowering
-from scaling_attn_compile.backend import (
-    DynamicShapeError,
-    PlanMismatchError,
-    rewrite_self_attention,
-    scaling_attn_backend,
-)
-from scaling_attn_compile.masks import add_diagonal, num_blocks, pack_blocks
-from scaling_attn_compile.reference import sparse_attention_reference
-from scaling_attn_compile.tables import AttentionTables, uniform_tables
-from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.compile.rewrite import rewrite_self_attention
+from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_blocks
+from scaling_attn_compile.contract.reference import sparse_attention_reference
+from scaling_attn_compile.contract.tables import AttentionTables, uniform_tables
+from scaling_attn_compile.errors import DynamicShapeError, PlanMismatchError
+from scaling_attn_compile.testing import assert_close_to_oracle
 
 OP = torch.ops.scaling_attn.sparse_attention.default
 LAYERS, HEADS = 2, 2
@@ -357,7 +351,7 @@ def test_backend_by_name_with_options():
     """What the entry point gives: torch.compile(backend="scaling_attn", options={"plan": ...})."""
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
-    from scaling_attn_compile.backend import _NAMED, dynamo_backend
+    from scaling_attn_compile.compile.backend import _NAMED, dynamo_backend
 
     if "scaling_attn_test" not in _BACKENDS:
         register_backend(dynamo_backend, name="scaling_attn_test")
@@ -384,7 +378,7 @@ def test_real_plan_is_remapped_to_the_compile_grid():
     """plan.Plan end to end: a topology calibrated at grid (4, 8, 8) is materialised by the
     backend for the grid the model runs, (4, 8, 10), and the compiled model equals the eager
     reference bound to the same materialised tables."""
-    from scaling_attn_compile.plan import Plan
+    from scaling_attn_compile.plan.plan import Plan
 
     model, inputs = make_model(), make_inputs()
     g = torch.Generator().manual_seed(0)
@@ -553,266 +547,6 @@ def test_rewrite_self_attention_is_usable_alone():
     assert type(gm._param_name_to_source["scaling_attn_masks_0"]).__name__ == "ConstantSource"
 
 
-# --------------------------------------------------------------------------------------------
-# The Inductor lowering and the template, without a GPU
-# --------------------------------------------------------------------------------------------
-
-
-def test_cpu_lowering_is_an_extern_call_to_the_op():
-    from torch._inductor.utils import run_and_get_code
-
-    q, k, v = make_qkv(1, 2, 200, 16, dtype=torch.float32)
-    tables = two_level_tables(1, 2, (1, 1, 200))
-    masks, lt, bb = tables.layer(0)
-    ts = torch.tensor([900])
-    f = torch.compile(lambda *a: OP(*a, 0.25) * 2, backend="inductor", fullgraph=True)
-    out, (code, *_) = run_and_get_code(f, q, k, v, masks, lt, bb, ts)
-    assert "torch.ops.scaling_attn.sparse_attention.default" in code
-    # The extern call runs the very reference: equal to the bit.
-    assert torch.equal(out, 2 * sparse_attention_reference(q, k, v, masks, lt, bb, ts, 0.25))
-
-
-def test_template_source_is_the_kernel_source():
-    """One source of kernel math: every jit function the tile calls is pasted verbatim."""
-    import inspect
-
-    src = lowering.template_source()
-    names = []
-    for fn in lowering._jit_closure(lowering._TILE_FN):
-        body = inspect.getsource(getattr(fn, "fn", fn))
-        assert body[body.index("\ndef ") + 1:] in src
-        names.append(getattr(fn, "fn", fn).__name__)
-    assert {"bsa_forward_tile", "bsa_popcount", "bsa_select_level"} <= set(names)
-    assert "bsa_forward_tile(" in src and "{{store_output(" in src
-
-
-@contextlib.contextmanager
-def capture_template_choices():
-    """Render the template on the CPU (Inductor's triton cpu backend) and capture the choices
-    instead of benchmarking them (there is no GPU to benchmark on)."""
-    import torch.utils._triton as triton_utils
-
-    captured = []
-
-    def select(name, choices, inputs, layout, **kwargs):
-        captured.extend(choices)
-        raise RuntimeError("choices captured")
-
-    with mock.patch.object(lowering, "_select", select), \
-            mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
-            mock.patch.object(triton_utils, "triton_hash_with_backend", lambda: "cpu-test"), \
-            torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
-        yield captured
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
-@pytest.mark.parametrize("ts_shape", ["per-batch", "shared"])
-def test_rendered_template_runs_in_the_interpreter(ts_shape):
-    """The template as Inductor renders it (Jinja, def_kernel, stride/size, store_output, the
-    pasted jit functions) is run by the Triton interpreter and equals the reference: this
-    catches template API drift and stub bugs without a GPU."""
-    import importlib.util
-
-    import triton
-
-    B, H, S, D = 2, 2, 200, 64
-    q, k, v = make_qkv(B, H, S, D, dtype=torch.float16)
-    tables = two_level_tables(1, H, (1, 1, S))
-    masks, lt, _ = tables.layer(0)
-    lt, bb = torch.cat([lt, lt[-1:]]), torch.tensor([500.0, float("inf")])  # as the backend binds
-    # "shared": one timestep for both batch elements, a (1,) view whose storage goes on with a
-    # timestep of the other bucket, so reading it at stride 1 instead of 0 gives a wrong answer.
-    ts = torch.tensor([900, 100]) if ts_shape == "per-batch" else torch.tensor([100, 900])[:1]
-    scale = D**-0.5
-    f = lambda *a: OP(*a, scale)
-    with capture_template_choices() as choices:
-        with pytest.raises(Exception, match="choices captured"):
-            torch.compile(f, backend="inductor", fullgraph=True)(q, k, v, masks, lt, bb, ts)
-    assert len(choices) == len(lowering.template_configs())
-    golden = sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale,
-                                        compute_dtype=torch.float64)
-    same = sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale)
-    by_block_m = {}
-    for choice in choices:
-        spec = importlib.util.spec_from_file_location("tmpl", choice.bmreq.module_path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        kernel = getattr(mod, choice.bmreq.kernel_name)
-        block_m = kernel.inductor_meta["config_args"]["BLOCK_M"]
-        by_block_m.setdefault(block_m, kernel)
-    assert set(by_block_m) == {64, 128}
-    for block_m, kernel in by_block_m.items():  # one per tile height: the interpreter is slow
-        out = torch.full_like(q, float("nan"))
-        kernel.fn[(triton.cdiv(S, block_m), B, H)](q, k, v, masks, lt, bb, ts, out)
-        assert_close_to_oracle(out, golden, same, k=3.0, what=f"template BLOCK_M={block_m}")
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
-@pytest.mark.parametrize("rule", ["cumulative", "blasst"])
-def test_rendered_template_with_energy_filter_matches_its_reference(rule):
-    """With the energy filter on, the op still lowers to the template (128-row configs only) and
-    the rendered kernel equals the filter's reference, at a threshold that skips blocks: the
-    unfiltered reference is further off than the tolerance, so a dropped filter would fail."""
-    import importlib.util
-
-    import triton
-
-    from scaling_attn_compile.reference import (
-        ENERGY_RULES,
-        block_masks_for,
-        energy_filtered_attention_reference,
-    )
-
-    B, H, S, D = 1, 2, 600, 64
-    q, k, v = make_local_qkv(B, H, S, D, seed=3, dtype=torch.float16)  # far blocks negligible
-    tables = uniform_tables(1, H, (1, 1, S), 1.0)
-    masks, lt, bb = tables.layer(0)
-    ts = torch.tensor([500.0])
-    scale, code = D**-0.5, ENERGY_RULES[rule]
-    threshold = 0.0 if rule == "cumulative" else -0.5  # aggressive: the dropped mass shows
-    f = lambda *a: OP(*a, scale, code, threshold)
-    with capture_template_choices() as choices:
-        with pytest.raises(Exception, match="choices captured"):
-            torch.compile(f, backend="inductor", fullgraph=True)(q, k, v, masks, lt, bb, ts)
-    assert len(choices) == sum(c["block_m"] == 128 for c in lowering.template_configs())
-    blocks = block_masks_for(masks, lt, bb, ts, B, S)
-    golden, skipped = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
-                                                          return_skipped=True)
-    same = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
-                                               compute_dtype=torch.float32)
-    assert skipped.any(), "the threshold must make the filter skip something"
-    unfiltered = sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale)
-    with pytest.raises(AssertionError):
-        assert_close_to_oracle(unfiltered, golden, same, k=3.0)
-    choice = choices[0]
-    spec = importlib.util.spec_from_file_location("tmpl", choice.bmreq.module_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    kernel = getattr(mod, choice.bmreq.kernel_name)
-    assert kernel.inductor_meta["config_args"]["ENERGY_RULE"] == code
-    assert f"ENERGY_RULE : tl.constexpr = {code}" in open(choice.bmreq.module_path).read()
-    out = torch.full_like(q, float("nan"))
-    kernel.fn[(triton.cdiv(S, 128), B, H)](q, k, v, masks, lt, bb, ts, out)
-    assert_close_to_oracle(out, golden, same, k=3.0, what=f"template, {rule} filter")
-
-
-def test_wan_graph_lowers_to_template_choices():
-    """The whole Wan graph (q/k/v are permuted views of RoPE outputs, not graph inputs) reaches
-    the template path on the CPU: every config renders, reading q/k/v as (B, H, S, D) views of
-    (B, S, H, D) memory and writing the output in the same fill order."""
-    model = make_model(head_dim=64).to(torch.float16)
-    inputs = make_inputs(dtype=torch.float16)
-    be = scaling_attn_backend(two_level_tables())
-    with capture_template_choices() as choices, torch.no_grad():
-        with pytest.raises(BackendCompilerFailed, match="choices captured"):
-            compiled(model, be)(timestep=torch.tensor([900]), return_dict=False, **inputs)
-    assert len(choices) == len(lowering.template_configs())
-    S, H, D = 320, HEADS, 64
-    for choice in choices:
-        src = open(choice.bmreq.module_path).read()
-        for t in "qkv":
-            line = next(x for x in src.splitlines() if f"stride_{t}b, " in x)
-            b, h, s, d = (int(x) for x in line.split("=")[1].split(","))
-            assert (h, s, d) == (D, H * D, 1) and b in (0, S * H * D), line
-        assert f"idx_d + {D}*idx_h + {H * D}*idx_m" in src  # output: (B, S, H, D) memory
-
-
-def test_kernel_source_hash_follows_the_files(tmp_path):
-    files = []
-    for name in ("lowering.py", "backend.py", "kernel.py"):
-        p = tmp_path / name
-        p.write_text(f"# {name}\n")
-        files.append(str(p))
-    lowering.get_hash_for_files.cache_clear()  # Inductor's helper caches its last answer
-    before = lowering.source_hash(files)
-    (tmp_path / "kernel.py").write_text("# kernel.py, edited\n")
-    lowering.get_hash_for_files.cache_clear()
-    assert lowering.source_hash(files) != before
-    assert lowering.KernelSourceHash().uuid() == lowering._SOURCE_HASH
-
-
-def test_backend_installs_the_hash_pass_and_keeps_a_user_pass():
-    class UserPass(lowering.CustomGraphPass):
-        def __call__(self, graph):
-            pass
-
-        def uuid(self):
-            return "user-pass-v1"
-
-    be = scaling_attn_backend(uniform_tables(1, 1, GRID, 1.0),
-                              inductor_config={"post_grad_custom_post_pass": UserPass(),
-                                               "max_autotune": True})
-    patches = be.config_patches()
-    assert patches["max_autotune"] is True
-    hashed = patches["post_grad_custom_post_pass"]
-    assert isinstance(hashed, lowering.KernelSourceHash)
-    assert hashed.uuid() != lowering.KernelSourceHash().uuid()  # the user pass is hashed too
-    assert scaling_attn_backend(uniform_tables(1, 1, GRID, 1.0), hash_kernel_sources=False
-                                ).config_patches() == {}
-
-
-# --------------------------------------------------------------------------------------------
-# GPU only
-# --------------------------------------------------------------------------------------------
-
-
-@GPU
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_generated_code_runs_our_template():
-    from torch._inductor.utils import run_and_get_code
-
-    dtype, head_dim = device_setup("cuda")
-    model = make_model(head_dim=head_dim).to("cuda", dtype)
-    inputs = make_inputs(device="cuda", dtype=dtype)
-    tables = two_level_tables()
-    oracle = Oracle(model, tables)
-    cm = compiled(model, scaling_attn_backend(tables))
-    ts = torch.tensor([900], device="cuda")
-    with torch.no_grad():
-        out, codes = run_and_get_code(cm, timestep=ts, return_dict=False, **inputs)
-    code = "\n".join(codes)
-    assert "def bsa_forward_tile(" in code, "our template kernel is not in the generated code"
-    # The FX graph is echoed in comments; an eager fallback would be a call in the code itself.
-    calls = [line for line in code.splitlines() if not line.lstrip().startswith("#")]
-    assert not any("torch.ops.scaling_attn.sparse_attention" in line for line in calls), \
-        "fell back to the eager op"
-    same, golden = oracle(ts, **inputs)
-    assert_close_to_oracle(out[0], golden, same, k=3.0)
-
-
-@GPU
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("rule", ["cumulative", "blasst"])
-def test_gpu_energy_filter_lowers_to_the_template(rule):
-    from torch._inductor.utils import run_and_get_code
-
-    from scaling_attn_compile.reference import (
-        ENERGY_RULES,
-        block_masks_for,
-        energy_filtered_attention_reference,
-    )
-
-    B, H, S, D = 1, 2, 2000, 64
-    q, k, v = make_local_qkv(B, H, S, D, seed=3, dtype=torch.bfloat16, device="cuda")
-    masks, lt, bb = uniform_tables(1, H, (1, 1, S), 1.0).to("cuda").layer(0)
-    ts = torch.tensor([500.0], device="cuda")
-    scale, code, threshold = D**-0.5, ENERGY_RULES[rule], (-2.0 if rule == "cumulative" else -1.0)
-    torch._dynamo.reset()
-    f = torch.compile(lambda *a: OP(*a, scale, code, threshold), fullgraph=True)
-    out, codes = run_and_get_code(f, q, k, v, masks, lt, bb, ts)
-    src = "\n".join(codes)
-    assert "def bsa_forward_tile(" in src and f"ENERGY_RULE : tl.constexpr = {code}" in src
-    calls = [line for line in src.splitlines() if not line.lstrip().startswith("#")]
-    assert not any("torch.ops.scaling_attn.sparse_attention" in line for line in calls)
-    blocks = block_masks_for(masks, lt, bb, ts, B, S)
-    golden, skipped = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
-                                                          return_skipped=True)
-    same = energy_filtered_attention_reference(q, k, v, blocks, scale, code, threshold,
-                                               compute_dtype=torch.bfloat16)
-    assert skipped.any()
-    assert_close_to_oracle(out, golden, same, k=3.0)
-
-
 # -- the online energy filter as a backend / plan option (issue 6) -------------------------------
 
 def _run_compiled(model, inputs, backend, t=500):
@@ -823,7 +557,7 @@ def _run_compiled(model, inputs, backend, t=500):
 
 
 def test_energy_filter_option_reaches_the_op_per_layer():
-    from scaling_attn_compile.energy import EnergyFilter
+    from scaling_attn_compile.ops.energy import EnergyFilter
 
     graphs = []
 
@@ -841,7 +575,7 @@ def test_energy_filter_option_reaches_the_op_per_layer():
 
 
 def test_energy_filter_compiled_equals_rewritten_graph_and_filters():
-    from scaling_attn_compile.energy import EnergyFilter
+    from scaling_attn_compile.ops.energy import EnergyFilter
 
     model, inputs = make_model(), make_inputs()
     tables = uniform_tables(LAYERS, HEADS, GRID, 1.0)
@@ -858,8 +592,9 @@ def test_energy_filter_compiled_equals_rewritten_graph_and_filters():
 
 
 def test_plan_carries_the_energy_filter_through_save_and_load(tmp_path):
-    from scaling_attn_compile.energy import EnergyFilter
-    from scaling_attn_compile.plan import Plan, load_plan
+    from scaling_attn_compile.ops.energy import EnergyFilter
+    from scaling_attn_compile.plan.io import load_plan
+    from scaling_attn_compile.plan.plan import Plan
 
     model = make_model()
     nb = num_blocks(GRID[0] * GRID[1] * GRID[2])
@@ -879,7 +614,7 @@ def test_plan_carries_the_energy_filter_through_save_and_load(tmp_path):
 
 
 def test_energy_filter_validation():
-    from scaling_attn_compile.energy import EnergyFilter
+    from scaling_attn_compile.ops.energy import EnergyFilter
 
     with pytest.raises(ValueError, match="rule"):
         EnergyFilter("topk", threshold=-3.0)
@@ -889,21 +624,3 @@ def test_energy_filter_validation():
         EnergyFilter("cumulative", recall_budget=-1.0)
     with pytest.raises(TypeError, match="energy_filter"):
         scaling_attn_backend(uniform_tables(LAYERS, HEADS, GRID, 1.0), energy_filter=3.0)
-
-
-def test_template_paste_rejects_module_globals_but_not_attribute_names(tmp_path):
-    """The pasted jit source may not read module constants (NameError in Inductor's module), and
-    an attribute such as ``x.T`` is no global read even when the module holds a ``T`` (Triton's
-    interpreter injects one into the kernel module)."""
-    import types
-
-    src = ("import triton\nBIG = 7\nT = object()\n\n@triton.jit\ndef uses_global(x):\n"
-           "    return x * BIG\n\n@triton.jit\ndef uses_attribute(x):\n    return x.T\n")
-    path = tmp_path / "k.py"
-    path.write_text(src)
-    mod = types.ModuleType("k")
-    mod.__file__ = str(path)
-    exec(compile(src, str(path), "exec"), mod.__dict__)
-    with pytest.raises(RuntimeError, match="module global 'BIG'"):
-        lowering._jit_source(mod.uses_global, {"uses_global"})
-    assert "def uses_attribute" in lowering._jit_source(mod.uses_attribute, {"uses_attribute"})

@@ -14,20 +14,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scaling_attn_compile import west
-from scaling_attn_compile.calibrate import load_transformer
 from scaling_attn_compile.cli import main
-from scaling_attn_compile.masks import num_blocks
-from scaling_attn_compile.plan import (
-    MAX_CACHED_GRIDS,
-    META_KEY,
-    FastSchedule,
-    Plan,
-    PlanError,
-    PlanFileError,
-    load_plan,
-)
-from scaling_attn_compile.plan_schema import CHECKSUM_KEY, FIELDS, meta_checksum
+from scaling_attn_compile.contract.masks import num_blocks
+from scaling_attn_compile.errors import PlanError, PlanFileError
+from scaling_attn_compile.models.wan import load_transformer
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.plan.io import load_plan
+from scaling_attn_compile.plan.plan import MAX_CACHED_GRIDS, META_KEY, FastSchedule, Plan
+from scaling_attn_compile.plan.schema import CHECKSUM_KEY, FIELDS, meta_checksum
 
 GRID = (3, 8, 20)  # S = 480, 4 blocks
 
@@ -134,12 +128,12 @@ def test_argument_errors_exit_2_before_any_work(argv, match, capsys):
 
 
 def test_west_checks_its_output_path_before_loading_the_model(tmp_path, capsys, monkeypatch):
-    from scaling_attn_compile import calibrate
+    from scaling_attn_compile.models import wan
 
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(calibrate, "load_transformer", must_not_load)
+    monkeypatch.setattr(wan, "load_transformer", must_not_load)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     rc, err = run_cli(["west", "--out", str(blocker / "sub" / "p.safetensors")], capsys)
@@ -153,12 +147,13 @@ def test_west_checks_its_output_path_before_loading_the_model(tmp_path, capsys, 
 def test_bugs_keep_their_traceback(plan_file, monkeypatch, capsys):
     """Only the package's own checks are one-liners: the same exception types raised from
     elsewhere are bugs and propagate, and SCALING_ATTN_DEBUG=1 shows a user error's traceback."""
-    from scaling_attn_compile import plan as plan_mod
+    from scaling_attn_compile.plan import io as plan_io
+    from scaling_attn_compile.plan import plan as plan_mod
 
     def foreign(*a, **k):
         raise ValueError("raised outside scaling_attn_compile")
 
-    monkeypatch.setattr(plan_mod, "load_plan", foreign)
+    monkeypatch.setattr(plan_io, "load_plan", foreign)
     with pytest.raises(ValueError, match="outside"):
         main(["show", str(plan_file)])
     monkeypatch.undo()

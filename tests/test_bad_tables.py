@@ -20,13 +20,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scaling_attn_compile import sparse_attention, sparse_attention_reference
-from scaling_attn_compile.kernels.block_sparse_attention import (
-    CONFIGS,
-    block_sparse_attention_forward,
+from scaling_attn_compile.contract.masks import num_blocks, num_words, pack_blocks
+from scaling_attn_compile.contract.reference import (
+    block_masks_for,
+    energy_filtered_attention_reference,
 )
-from scaling_attn_compile.masks import num_blocks, num_words, pack_blocks
-from scaling_attn_compile.op import CHECK_TABLES_ENV, check_tables
-from scaling_attn_compile.reference import block_masks_for, energy_filtered_attention_reference
+from scaling_attn_compile.contract.validate import check_tables
+from scaling_attn_compile.kernels.launch import CONFIGS, block_sparse_attention_forward
+from scaling_attn_compile.ops.op import CHECK_TABLES_ENV
 from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -203,7 +204,7 @@ def test_rendered_template_follows_the_defined_behaviour():
     import torch.utils._triton as triton_utils
     import triton
 
-    from scaling_attn_compile import lowering
+    from scaling_attn_compile.compile import lowering
 
     q, k, v, masks, lt, bb, _ = case("levels", S=300, buckets=4)
     masks[..., -1] |= past_nb_bits(300).to(DEVICE)
@@ -275,9 +276,9 @@ def test_check_tables_env_var_makes_the_eager_op_raise(monkeypatch):
 def test_backend_tables_are_valid_by_construction():
     """Tables a plan materialises (what the backend binds) pass check_tables, at a grid whose
     last word is partial (NB = 40: 24 spare bits) and with a FAST schedule."""
-    from scaling_attn_compile import west
-    from scaling_attn_compile.calibrate import load_transformer
-    from scaling_attn_compile.plan import FastSchedule, Plan
+    from scaling_attn_compile.models.wan import load_transformer
+    from scaling_attn_compile.offline import west
+    from scaling_attn_compile.plan.plan import FastSchedule, Plan
 
     model = load_transformer("tiny-random", seed=0).transformer
     calib, grid = (3, 8, 20), (5, 32, 32)  # S = 480 (NB 4) -> S = 5120 (NB 40)
@@ -317,7 +318,7 @@ def test_bf16_in_the_interpreter_is_refused_with_the_reason(capsys):
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     with pytest.raises(TypeError, match="bfloat16 in Triton's interpreter gives garbage"):
         block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, torch.empty_like(q), 0.125)
-    from scaling_attn_compile.selfcheck import main
+    from scaling_attn_compile.ops.selfcheck import main
 
     assert main(["--dtype", "bf16"]) == 0
     printed = capsys.readouterr().out
@@ -354,7 +355,7 @@ def test_gpu_compiled_template_bad_tables():
     ts = torch.tensor([float("inf")])
     masks, lt, bb, ts = (t.cuda() for t in (masks, lt, bb, ts))
     op = torch.ops.scaling_attn.sparse_attention.default
-    from scaling_attn_compile import lowering  # noqa: F401  (registers the lowering)
+    from scaling_attn_compile.compile import lowering  # noqa: F401  (registers the lowering)
 
     out = torch.compile(lambda *a: op(*a, D**-0.5), backend="inductor", fullgraph=True)(
         q, k, v, masks, lt, bb, ts)

@@ -16,18 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaling_attn_compile import fast
-from scaling_attn_compile import tiny_wan as tw
-from scaling_attn_compile.backend import scaling_attn_backend
-from scaling_attn_compile.calibrate import calibrate_west
-from scaling_attn_compile.demo import calibration_captions, calibration_input
-from scaling_attn_compile.energy import EnergyFilter
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.offline import fast
+from scaling_attn_compile.offline.calibrate import calibrate_west
+from scaling_attn_compile.ops.energy import EnergyFilter
 from scaling_attn_compile.quality import models as QM
 from scaling_attn_compile.quality.measure import attend_counted
 from scaling_attn_compile.quality.report import RECORD_FIELDS
 from scaling_attn_compile.quality.study import plan_budget
-from scaling_attn_compile.tables import uniform_tables
 from scaling_attn_compile.testing import make_local_qkv
+from scaling_attn_compile.tiny import tiny_wan as tw
+from scaling_attn_compile.tiny.demo import calibration_captions, calibration_input
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID, STEPS, LAYERS = (4, 32, 32), 3, 2  # S = 4 x 16 x 16 = 1024 tokens, 8 blocks
@@ -226,8 +226,8 @@ def test_registry(model, model_dir):
         spec.held_out(9)
     with pytest.raises(ValueError, match=r"--model: expected one of \['small-wan', 'tiny-wan'\]"):
         QM.get_model("big-wan")
-    if importlib.util.find_spec("scaling_attn_compile.small_wan") is None:
-        with pytest.raises(RuntimeError, match="--model small-wan: scaling_attn_compile.small_wan "
+    if importlib.util.find_spec("scaling_attn_compile.tiny.small_wan") is None:
+        with pytest.raises(RuntimeError, match="--model small-wan: scaling_attn_compile.tiny.small_wan "
                                                "is not installed"):
             QM.get_model("small-wan")
     else:  # merged: the entry must build, with >= 128 blocks at its native grid
@@ -237,7 +237,7 @@ def test_registry(model, model_dir):
             pytest.fail(str(e))
         assert math.ceil(math.prod(sw.token_grid(sw.native_grid)) / 128) >= 128
         assert len(sw.held_out(8)) == 8 and sw.steps == 50
-        from scaling_attn_compile.small_wan import make_small_wan
+        from scaling_attn_compile.tiny.small_wan import make_small_wan
 
         tiny_sw = make_small_wan(seed=0, num_layers=1).eval()  # its sampler, tiny grid, 1 step
         F, H, W = sw.native_grid
@@ -395,8 +395,8 @@ def test_claims_part_through_the_registry(model, model_dir):
 
 
 def test_pad_tables_keeps_the_attention():
+    from scaling_attn_compile.contract.reference import block_masks_for
     from scaling_attn_compile.quality.methods import pad_tables
-    from scaling_attn_compile.reference import block_masks_for
 
     g = torch.Generator().manual_seed(0)
     H, nb = 2, 8
@@ -404,7 +404,7 @@ def test_pad_tables_keeps_the_attention():
     masks = (masks & 0xFF).to(torch.int32)  # 8 blocks: bits 0..7
     lt = torch.tensor([[0, 1], [1, 0], [1, 1]], dtype=torch.int32)
     bounds = torch.tensor([250.0, 600.0])
-    from scaling_attn_compile.tables import AttentionTables
+    from scaling_attn_compile.contract.tables import AttentionTables
 
     t = AttentionTables((1, 8, 128), [masks], [lt], bounds)
     p = pad_tables(t, 10, 6)
@@ -444,7 +444,7 @@ def test_merge_fills_times_from_a_timing_only_run(tmp_path):
 def test_measured_path_in_tile_order_matches_backend(model, model_dir):
     """Tables in 3D-tile token order: the counting path permutes q/k/v into it as the backend's
     order pass permutes the model, so both make the same video; and it is not the raster one."""
-    from scaling_attn_compile.anchors import AnchorPlan
+    from scaling_attn_compile.offline.anchors import AnchorPlan
 
     prompts = ["red circle rotating"]
     kw = dict(grid=GRID, steps=STEPS, seed=0, encoder_path=model_dir)

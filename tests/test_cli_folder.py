@@ -17,7 +17,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from scaling_attn_compile.cli import main
-from scaling_attn_compile.plan import load_plan
+from scaling_attn_compile.plan.io import load_plan
 
 # Latents (C, F, H, W) = (4, 2, 16, 48) -> token grid (2, 8, 24), S = 384: three 128-blocks, so
 # masks can drop blocks and a FAST target below 1 is reachable.
@@ -66,7 +66,7 @@ def test_west_fast_show_on_a_save_pretrained_folder(wan_folder, tmp_path, capsys
 
 def test_west_fast_show_with_the_default_model(tmp_path, capsys):
     """No --model: the default ('tiny': the shipped model, else the tiny random config)."""
-    from scaling_attn_compile.calibrate import load_transformer
+    from scaling_attn_compile.models.wan import load_transformer
 
     default = load_transformer("tiny").transformer
     plan = _west_fast_show(tmp_path, capsys, [])

@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 
-from scaling_attn_compile import tiny_wan as tw
 from scaling_attn_compile.cli import main
-from scaling_attn_compile.demo import COLUMNS, psnr, ssim_video
+from scaling_attn_compile.tiny import tiny_wan as tw
+from scaling_attn_compile.tiny.demo import COLUMNS
+from scaling_attn_compile.tiny.metrics import psnr, ssim_video
 
 LAYERS, HEADS, STEPS = 2, 4, 3
 
@@ -79,9 +80,9 @@ def test_demo_in_bf16_runs(model_dir, tmp_path, monkeypatch):
     """The GPU default dtype, on the CPU. Every GPU demo died in WEST calibration with "Input type
     (float) and bias type (c10::BFloat16) should be the same": calibration took its dtype from
     the model's first parameter, Wan's fp32-kept scale_shift_table. Fails without the fix."""
-    from scaling_attn_compile import cli
+    from scaling_attn_compile import args
 
-    monkeypatch.setattr(cli, "resolve_dtype", lambda name, device: torch.bfloat16)
+    monkeypatch.setattr(args, "resolve_dtype", lambda name, device: torch.bfloat16)
     out = tmp_path / "demo_bf16"
     rc = main(["demo", "--model-path", str(model_dir), "--out", str(out), "--grid", "2,32,32",
                "--steps", "2", "--num-calib", "1", "--calib-capture-steps", "1",
@@ -100,7 +101,7 @@ def test_demo_in_bf16_runs(model_dir, tmp_path, monkeypatch):
 def test_gpu_demo_runs(grid, tmp_path):
     """``scaling-attn demo --device cuda`` on the bundled model: bf16, the Triton kernel through
     the Inductor template; short (4 steps, 1 prompt). The default grid is 12x64x64 on CUDA."""
-    from scaling_attn_compile.demo import CUDA_GRID
+    from scaling_attn_compile.tiny.demo import CUDA_GRID
 
     out = tmp_path / "demo_gpu"
     args = ["demo", "--out", str(out), "--steps", "4", "--fast-capture-steps", "4",

@@ -11,14 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scaling_attn_compile import sparse_attention, sparse_attention_reference
-from scaling_attn_compile.kernels.block_sparse_attention import block_sparse_attention_forward
-from scaling_attn_compile.masks import BLOCK, dense_tables, num_blocks, pack_blocks
-from scaling_attn_compile.op import lambda_from_recall
-from scaling_attn_compile.reference import (
+from scaling_attn_compile.contract.masks import BLOCK, dense_tables, num_blocks, pack_blocks
+from scaling_attn_compile.contract.reference import (
     block_masks_for,
     energy_filtered_attention_reference,
     visit_order,
 )
+from scaling_attn_compile.kernels.launch import block_sparse_attention_forward
+from scaling_attn_compile.ops.op import lambda_from_recall
 from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

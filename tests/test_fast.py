@@ -11,15 +11,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scaling_attn_compile import fast, west
-from scaling_attn_compile.calibrate import (
-    calibrate_west,
-    default_timesteps,
-    load_transformer,
-    random_inputs,
-)
-from scaling_attn_compile.masks import timestep_bucket
-from scaling_attn_compile.plan import load_plan
+from scaling_attn_compile.contract.masks import timestep_bucket
+from scaling_attn_compile.models.wan import load_transformer
+from scaling_attn_compile.offline import fast, west
+from scaling_attn_compile.offline.calibrate import calibrate_west, default_timesteps, random_inputs
+from scaling_attn_compile.plan.io import load_plan
 
 LATENT = (4, 4, 32, 32)  # patch (1, 2, 2) -> grid (4, 16, 16), S = 1024, NB = 8
 STEPS = 10

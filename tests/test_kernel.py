@@ -15,12 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scaling_attn_compile import sparse_attention, sparse_attention_reference
-from scaling_attn_compile.kernels.block_sparse_attention import (
-    CONFIGS,
-    block_sparse_attention_forward,
-    launch_meta,
-)
-from scaling_attn_compile.masks import dense_tables, num_blocks, pack_blocks
+from scaling_attn_compile.contract.masks import dense_tables, num_blocks, pack_blocks
+from scaling_attn_compile.kernels.launch import CONFIGS, block_sparse_attention_forward, launch_meta
 from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from scaling_attn_compile.kernels import block_sparse_attention as K
+from scaling_attn_compile.kernels import launch as L
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "MASKS": "*i32",
             "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32"}
@@ -31,7 +32,7 @@ UNIT = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_
 DIV16 = {"Q", "K", "V", "OUT", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS", "SKIPPED", "stride_qb",
          "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
          "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os"}
-constexprs = dict(K.launch_meta(32760, 8, 2, 128), BLOCK_M=128, USE_TMA=False,
+constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, USE_TMA=False,
                   WARP_SPECIALIZE=False, ENERGY_RULE=0, WRITE_SKIPPED=False, **UNIT)
 constexprs.update(json.loads(sys.argv[1]))
 fn = K._bsa_forward_kernel

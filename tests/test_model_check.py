@@ -15,9 +15,10 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch._dynamo.exc import BackendCompilerFailed
 
-from scaling_attn_compile.backend import DynamicShapeError, scaling_attn_backend
-from scaling_attn_compile.masks import num_blocks
-from scaling_attn_compile.plan import Plan, PlanModelMismatch
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.contract.masks import num_blocks
+from scaling_attn_compile.errors import DynamicShapeError, PlanModelMismatch
+from scaling_attn_compile.plan.plan import Plan
 
 CALIB_GRID = (4, 8, 10)  # S = 320: 3 blocks
 SMALL = (1, 4, 4, 16, 20)  # [B, C, F, H, W] -> grid (4, 8, 10)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scaling_attn_compile import sparse_attention, sparse_attention_reference
-from scaling_attn_compile.masks import (
+from scaling_attn_compile.contract.masks import (
     dense_tables,
     num_blocks,
     pack_blocks,
@@ -162,7 +162,7 @@ def test_bad_input(mutate, exc, word):
 
 
 def test_kernel_rejects_cpu_tensors_without_interpreter():
-    from scaling_attn_compile.op import validate_kernel_inputs
+    from scaling_attn_compile.contract.validate import validate_kernel_inputs
 
     q = torch.zeros(1, 1, 128, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="CUDA tensors"):

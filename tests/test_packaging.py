@@ -73,5 +73,5 @@ def test_backend_is_registered_by_name():
     import torch._dynamo
 
     (ep,) = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "scaling_attn"]
-    assert ep.value == "scaling_attn_compile.backend:dynamo_backend"
+    assert ep.value == "scaling_attn_compile.compile.backend:dynamo_backend"
     assert "scaling_attn" in torch._dynamo.list_backends(exclude_tags=())

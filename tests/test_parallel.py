@@ -30,12 +30,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # the spawned workers import test
 
 import test_backend as tb  # noqa: E402
 
-from scaling_attn_compile.backend import (  # noqa: E402
-    PlanMismatchError,
-    scaling_attn_backend,
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.compile.parallel import (
+    enable_ulysses,  # noqa: E402
     ulysses_head_range,
 )
-from scaling_attn_compile.parallel import enable_ulysses  # noqa: E402
+from scaling_attn_compile.errors import PlanMismatchError
 from scaling_attn_compile.testing import assert_close_to_oracle  # noqa: E402
 
 WORLD, HEADS, LAYERS = 2, 4, 2
@@ -152,7 +152,7 @@ def test_fewer_heads_without_an_offset_is_a_clear_error(parallel_results):
 
 
 def test_head_range_must_fit_the_model():
-    from scaling_attn_compile.backend import ulysses_rank
+    from scaling_attn_compile.compile.parallel import ulysses_rank
 
     with pytest.raises(PlanMismatchError, match="does not divide"):
         ulysses_head_range(40, 0, 3)

@@ -1,12 +1,12 @@
-"""CPU tests of the photograph videos small-wan trains on (scaling_attn_compile.photo_video)."""
+"""CPU tests of the photograph videos small-wan trains on (scaling_attn_compile.tiny.photo_video)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scaling_attn_compile import photo_video as pv
-from scaling_attn_compile.small_wan import SmallCaptionEncoder
+from scaling_attn_compile.tiny import photo_video as pv
+from scaling_attn_compile.tiny.small_wan import SmallCaptionEncoder
 
 
 def test_shape_range_and_determinism():

@@ -9,19 +9,22 @@ import struct
 import pytest
 import torch
 
-from scaling_attn_compile import west
-from scaling_attn_compile.calibrate import default_timesteps, load_transformer
-from scaling_attn_compile.masks import num_blocks, num_words, unpack_blocks
-from scaling_attn_compile.plan import (
-    FORMAT_VERSION,
-    META_KEY,
-    FastSchedule,
-    Plan,
+from scaling_attn_compile.contract.masks import num_blocks, num_words, unpack_blocks
+from scaling_attn_compile.errors import (
     PlanError,
     PlanFileError,
     PlanModelMismatch,
     PlanVersionError,
-    load_plan,
+)
+from scaling_attn_compile.models.wan import load_transformer
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import default_timesteps
+from scaling_attn_compile.plan.io import load_plan
+from scaling_attn_compile.plan.plan import (
+    FORMAT_VERSION,
+    META_KEY,
+    FastSchedule,
+    Plan,
     tables_nbytes,
 )
 
@@ -154,7 +157,7 @@ def _header(path):
 
 def _rewrite_meta(path, edit):
     """Edit the plan metadata and re-sign it, so the check after the checksum is what fails."""
-    from scaling_attn_compile.plan_schema import CHECKSUM_KEY, meta_checksum
+    from scaling_attn_compile.plan.schema import CHECKSUM_KEY, meta_checksum
 
     raw, n, header = _header(path)
     meta = json.loads(header["__metadata__"][META_KEY])

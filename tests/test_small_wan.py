@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from scaling_attn_compile import attention_stats as ast
-from scaling_attn_compile import small_wan as sw
-from scaling_attn_compile import small_wan_card as card
+from scaling_attn_compile.tiny import attention_stats as ast
+from scaling_attn_compile.tiny import small_wan as sw
+from scaling_attn_compile.tiny import small_wan_card as card
 
 SMALL = dict(num_layers=1)
 
@@ -65,7 +65,7 @@ def test_generate_tiny_grid():
 
 
 def test_train_smoke_writes_a_loadable_folder_and_resumes(tmp_path):
-    from scaling_attn_compile import train_small_wan as tr
+    from scaling_attn_compile.tiny import train_small_wan as tr
 
     common = ["--device", "cpu", "--res", "2x16x16,2x16x32", "--batch", "2", "--num-layers", "1",
               "--log-every", "1", "--sample-steps", "2"]

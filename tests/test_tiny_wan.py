@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from scaling_attn_compile import attention_stats as ast
-from scaling_attn_compile import tiny_wan as tw
-from scaling_attn_compile import toy_video as tv
+from scaling_attn_compile.tiny import attention_stats as ast
+from scaling_attn_compile.tiny import tiny_wan as tw
+from scaling_attn_compile.tiny import toy_video as tv
 
 SMALL = dict(num_layers=1)  # one block: enough for wiring tests, fast on 2 cores
 
@@ -107,7 +107,7 @@ def test_generate_tiny_grid():
 
 
 def test_train_three_steps_saves_and_loads(tmp_path):
-    from scaling_attn_compile import train_tiny
+    from scaling_attn_compile.tiny import train_tiny
 
     out = tmp_path / "run"
     s = train_tiny.main(["--out", str(out), "--device", "cpu", "--steps", "3", "--res", "2x8x8,2x8x16",
@@ -132,7 +132,7 @@ def test_captured_qk_reproduce_attn1_output():
     got = {}
     h = attn.register_forward_hook(lambda mod, args, out: got.update(inp=args[0], out=out))
     x = torch.randn(1, 3, 2, 8, 8)
-    with ast.capture_qk(m) as qk, torch.no_grad():
+    with ast.collect_qk(m) as qk, torch.no_grad():
         m(hidden_states=x, timestep=torch.tensor([300.0]), encoder_hidden_states=tw.encode_captions(["red square moving left"]))
     h.remove()
     q, k = qk[0]

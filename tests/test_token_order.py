@@ -19,12 +19,13 @@ from diffusers.models.transformers import transformer_wan
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scaling_attn_compile import token_order as to
-from scaling_attn_compile import west
-from scaling_attn_compile.backend import scaling_attn_backend
-from scaling_attn_compile.masks import BLOCK, num_blocks
-from scaling_attn_compile.plan import Plan, load_plan
-from scaling_attn_compile.reference import sparse_attention_reference
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.contract import token_order as to
+from scaling_attn_compile.contract.masks import BLOCK, num_blocks
+from scaling_attn_compile.contract.reference import sparse_attention_reference
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.plan.io import load_plan
+from scaling_attn_compile.plan.plan import Plan
 from scaling_attn_compile.testing import assert_close_to_oracle
 
 LATENT = (1, 4, 4, 16, 20)
@@ -308,9 +309,9 @@ def test_per_token_timestep_is_permuted_with_the_tokens():
 
 def test_old_plan_file_without_token_order_loads_as_raster(tmp_path):
     from safetensors import safe_open
-
-    from scaling_attn_compile.plan_schema import CHECKSUM_KEY
     from safetensors.torch import save_file
+
+    from scaling_attn_compile.plan.schema import CHECKSUM_KEY
 
     model, inputs, ts = make_model(), make_inputs(), torch.tensor([500.0])
     plan = make_plan(model, "raster")

@@ -18,19 +18,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scaling_attn_compile import west
-from scaling_attn_compile.calibrate import (
+from scaling_attn_compile.contract.masks import BLOCK, num_blocks
+from scaling_attn_compile.models.wan import latent_shape_for, latent_token_grid, load_transformer
+from scaling_attn_compile.models.wan_capture import capture_qk
+from scaling_attn_compile.offline import west
+from scaling_attn_compile.offline.calibrate import (
     calibrate_west,
-    capture_qk,
     capture_self_attention,
     default_timesteps,
     evenly_spaced,
-    latent_shape_for,
-    load_transformer,
     random_inputs,
-    token_grid,
 )
-from scaling_attn_compile.masks import BLOCK, num_blocks
 from scaling_attn_compile.testing import assert_close_to_oracle
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -449,9 +447,9 @@ def test_remap_small_to_large_recall(structured, capsys):
 
 
 def test_token_grid_and_latent_errors(tiny):
-    assert token_grid(tiny, (4, 21, 60, 104)) == (21, 30, 52)
+    assert latent_token_grid(tiny, (4, 21, 60, 104)) == (21, 30, 52)
     assert latent_shape_for(81, 480, 832, 16) == (16, 21, 60, 104)
     with pytest.raises(ValueError, match="frames"):
         latent_shape_for(80, 480, 832, 16)
     with pytest.raises(ValueError, match="patch size"):
-        token_grid(tiny, (4, 2, 9, 8))
+        latent_token_grid(tiny, (4, 2, 9, 8))

@@ -137,7 +137,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor) -> None:
     if D < 16 or D & (D - 1):
         raise ValueError(
             f"block_mass_triton: head_dim D must be a power of two >= 16 (tl.arange/tl.dot), got "
-            f"{D}; use scaling_attn_compile.west.block_mass_torch for other head sizes")
+            f"{D}; use scaling_attn_compile.offline.west.block_mass_torch for other head sizes")
 
 
 def block_mass_triton(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, *,

@@ -19,8 +19,8 @@ from itertools import combinations
 
 import torch
 
-from .. import fast, west
-from ..calibrate import calibrate_west, evenly_spaced
+from ..offline import fast, west
+from ..offline.calibrate import calibrate_west, evenly_spaced
 from .models import QualityModel
 
 

@@ -1,6 +1,6 @@
 """Counting what is computed: the study's attention path, and the energy-threshold calibration.
 
-:class:`MeasuredAttention` replaces every ``blocks.<i>.attn1`` processor: q/k/v exactly as
+:class:`MeasuredAttention` replaces every self-attention processor (``wan.self_attention_modules``): q/k/v exactly as
 diffusers' ``WanAttnProcessor`` computes them, then the op's semantics bound to a method's tables
 and the step's ``timestep``, counting per batch element the blocks computed: the blocks the mask
 visits (``reference.block_masks_for``, diagonal on) minus those the energy filter skipped.
@@ -24,11 +24,13 @@ import math
 
 import torch
 
-from .. import west
-from ..calibrate import _apply_rotary_emb, capture_self_attention
-from ..masks import BLOCK, dense_tables
-from ..reference import block_masks_for, energy_filtered_attention_reference
-from ..tables import AttentionTables
+from ..contract.masks import BLOCK, dense_tables
+from ..contract.reference import block_masks_for, energy_filtered_attention_reference
+from ..contract.tables import AttentionTables
+from ..models.wan import self_attention_modules
+from ..models.wan_capture import _apply_rotary_emb
+from ..offline import west
+from ..offline.calibrate import capture_self_attention
 
 LAMBDA_RANGE = (-30.0, 5.0)  # natural-log energy thresholds searched by bisect_threshold
 
@@ -54,7 +56,7 @@ def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: i
     blocks = block_masks_for(masks, level_table, bucket_bounds, ts, B, S)  # (B, H, NB, NB)
     visited = blocks.sum(dim=(1, 2, 3)).double()
     if q.is_cuda if kernel is None else kernel:
-        from ..kernels.block_sparse_attention import block_sparse_attention_forward
+        from ..kernels.launch import block_sparse_attention_forward
 
         out = torch.empty_like(q)
         skipped = torch.zeros(B * H * blocks.shape[-1], dtype=torch.int32, device=q.device) \
@@ -78,7 +80,7 @@ def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: i
 
 
 class MeasuredAttention:
-    """Self-attention of every ``blocks.<i>.attn1`` through the op's semantics, counting blocks.
+    """Every self-attention layer through the op's semantics, counting blocks.
 
     ``configure(tables, rule, threshold)`` binds an :class:`AttentionTables` (the method's masks
     at the generation grid) and an energy rule (0 off, 1 cumulative, 2 BLASST). Inside
@@ -157,21 +159,22 @@ class MeasuredAttention:
             self.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
 
         handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        attention = self_attention_modules(model)
         originals = {}
         try:
-            for i, block in enumerate(model.blocks):
-                originals[i] = block.attn1.processor
-                block.attn1.processor = self.processor(originals[i], i)
+            for i, attn in enumerate(attention):
+                originals[i] = attn.processor
+                attn.processor = self.processor(originals[i], i)
             yield self
         finally:
             handle.remove()
             for i, proc in originals.items():
-                model.blocks[i].attn1.processor = proc
+                attention[i].processor = proc
 
 
 def table_perm(tables: AttentionTables):
     """The tables' token permutation, ``None`` in raster order."""
-    from ..token_order import TokenOrder, permutation
+    from ..contract.token_order import TokenOrder, permutation
 
     order = getattr(tables, "token_order", "raster")
     return None if TokenOrder.parse(order).is_raster else permutation(tables.grid, order)

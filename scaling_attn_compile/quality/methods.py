@@ -12,7 +12,7 @@
 ``energy_blasst``     the same with BLASST's rule.
 ``west_fast_energy``  FAST fitted at ``min(1, 1.5 x target)``, cumulative-energy filter on top, its
                       threshold bisected so the *computed* density hits the target.
-``radial``, ``sta``, ``svg_split``: the training-free anchors (``scaling_attn_compile.anchors``);
+``radial``, ``sta``, ``svg_split``: the training-free anchors (``scaling_attn_compile.offline.anchors``);
                       SVG's head types are chosen per target from the block mass of the dense
                       profiling run (the FAST/energy caption).
 Diagnostics, not in the default set:
@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import anchors, fast
-from ..reference import ENERGY_RULES
-from ..tables import AttentionTables
+from ..contract.masks import ENERGY_RULES
+from ..contract.tables import AttentionTables
+from ..offline import anchors, fast
 from .measure import all_blocks_tables, bisect_threshold
 
 METHODS = {

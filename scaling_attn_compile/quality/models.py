@@ -16,7 +16,7 @@ Each entry is a :class:`QualityModel`. What the study needs of a model:
 * ``native_grid``: the (pixel = latent, or latent) grid ``generate`` takes, ``token_grid(grid)``
   the token grid after patching; ``steps``: the study's default step count.
 
-``small-wan`` is imported lazily from ``scaling_attn_compile.small_wan`` (+ ``photo_video``), and
+``small-wan`` is imported lazily from ``scaling_attn_compile.tiny.small_wan`` (+ ``photo_video``), and
 its absence is one clear error, so the tiny-wan study runs without it.
 """
 
@@ -54,7 +54,7 @@ class QualityModel:
         return [pool[((i * len(pool)) // n + i % 3) % len(pool)] for i in range(n)]
 
     def calibration_input(self, caption: str, seed: int):
-        from ..calibrate import CalibrationInput
+        from ..offline.calibrate import CalibrationInput
 
         return CalibrationInput(self.encode([caption], "cpu", torch.float32), seed=seed,
                                 name=caption)
@@ -77,8 +77,8 @@ def _check_n(name: str, prompts: list[str], n: int) -> list[str]:
 
 def tiny_wan(path: Path | None = None) -> QualityModel:
     """The bundled tiny Wan (6.9M parameters, 8x32x32 pixels = 16 blocks; see its model card)."""
-    from .. import tiny_wan as tw
-    from ..toy_video import held_out_captions, train_triples
+    from ..tiny import tiny_wan as tw
+    from ..tiny.toy_video import held_out_captions, train_triples
 
     path = Path(path) if path is not None else tw.ASSET_DIR
     return QualityModel(
@@ -98,10 +98,10 @@ def tiny_wan(path: Path | None = None) -> QualityModel:
 
 # What small-wan must expose (the small-wan helper's modules); one place to change the names.
 SMALL_WAN_NEEDS = {
-    "scaling_attn_compile.small_wan": ("load_small_wan", "encode_captions", "generate",
+    "scaling_attn_compile.tiny.small_wan": ("load_small_wan", "encode_captions", "generate",
                                        "token_grid", "SMALL_WAN_GRID", "ASSET_DIR",
                                        "WEIGHTS_NAME"),
-    "scaling_attn_compile.photo_video": ("held_out_prompts", "train_captions"),
+    "scaling_attn_compile.tiny.photo_video": ("held_out_prompts", "train_captions"),
 }
 
 
@@ -122,11 +122,11 @@ def _import_need(module: str, names) -> object:
 
 def small_wan(path: Path | None = None) -> QualityModel:
     """small-wan (16x128x128 pixels, patch (1, 4, 4): 16x32x32 tokens = 128 blocks), 50 steps."""
-    sw = _import_need("scaling_attn_compile.small_wan",
-                      SMALL_WAN_NEEDS["scaling_attn_compile.small_wan"])
-    pv = _import_need("scaling_attn_compile.photo_video",
-                      SMALL_WAN_NEEDS["scaling_attn_compile.photo_video"])
-    from .. import tiny_wan as tw
+    sw = _import_need("scaling_attn_compile.tiny.small_wan",
+                      SMALL_WAN_NEEDS["scaling_attn_compile.tiny.small_wan"])
+    pv = _import_need("scaling_attn_compile.tiny.photo_video",
+                      SMALL_WAN_NEEDS["scaling_attn_compile.tiny.photo_video"])
+    from ..tiny import tiny_wan as tw
 
     sig = getattr(sw, "sigmas", tw.sigmas)  # its own schedule (a flow shift) if it has one
     path = Path(path) if path is not None else Path(sw.ASSET_DIR)

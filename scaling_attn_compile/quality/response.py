@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import fast
-from ..plan import FastSchedule
+from ..offline import fast
+from ..plan.plan import FastSchedule
 
 REF_LEVEL = 0.2  # sparse enough to move the video measurably, dense enough to stay near-linear
 

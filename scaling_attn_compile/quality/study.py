@@ -18,18 +18,18 @@ Order of work (each stage timed in ``timings_s``):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from ..calibrate import calibrate_west, evenly_spaced
-from ..demo import video_metrics
-from ..energy import EnergyFilter
-from ..fast import profile_fidelity
-from ..reference import ENERGY_RULES
+from ..contract.masks import ENERGY_RULES
+from ..models.wan import compute_dtype, num_layers
+from ..offline.calibrate import calibrate_west, evenly_spaced
+from ..offline.fast import profile_fidelity
+from ..ops.energy import EnergyFilter
+from ..tiny.metrics import video_metrics
 from . import methods as M
 from .measure import MeasuredAttention, all_blocks_tables, capture_qk_at, profiled_block_mass
 from .models import QualityModel
@@ -39,37 +39,6 @@ from .timing import record_inputs, time_compiled
 DENSITIES = (0.5, 0.35, 0.25, 0.15)
 PRIORITY = (0.25, 0.35, 0.15, 0.5)  # the bars read 0.25 and <= 0.35 first
 MIN_PROMPTS = 2
-
-
-@contextlib.contextmanager
-def compute_dtype_first(model):
-    """Make ``next(model.parameters())`` a parameter in the compute dtype while calibrating.
-
-    ``calibrate.capture_self_attention`` (and so WEST, FAST's profile and the q/k captures)
-    takes the run's dtype from the first parameter; in a bf16 Wan loaded as diffusers does, that
-    is ``scale_shift_table``, which Wan keeps in float32, and the float32 latents then fail the
-    bf16 patch embedding ("Input type (float) and bias type (c10::BFloat16) should be the
-    same"; seen on the H200). The fix belongs in calibrate.py (the dtype of
-    ``patch_embedding.weight``, as ``tiny_wan.generate`` does); until then this shadows
-    ``model.parameters`` for the ``with`` block with one that yields ``patch_embedding.weight``
-    first (no value, dtype or order of the module changes) and removes the shadow on exit.
-    """
-    first = next(model.parameters(), None)
-    lead = model.patch_embedding.weight
-    if first is None or first.dtype == lead.dtype:
-        yield
-        return
-    cls_parameters = type(model).parameters
-
-    def parameters(recurse: bool = True):
-        yield lead
-        yield from cls_parameters(model, recurse)
-
-    model.__dict__["parameters"] = parameters
-    try:
-        yield
-    finally:
-        del model.__dict__["parameters"]
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -123,9 +92,9 @@ def plan_budget(budget_s: float, spent_s: float, *, gen_s: float, timing_item_s:
 def probe_generation_s(model, spec: QualityModel, grid, steps: int, batch: int) -> float:
     """One generation of ``batch`` videos, estimated from one timed step through the counting
     path with every block visited (the energy-only methods' cost, the most any method pays)."""
-    L, H = len(model.blocks), model.config.num_attention_heads
+    L, H = num_layers(model), model.config.num_attention_heads
     p = next(model.parameters())
-    dev, dt = p.device, model.proj_out.weight.dtype
+    dev, dt = p.device, compute_dtype(model)
     x = torch.randn(batch, model.config.in_channels, *grid, device=dev).to(dt)
     ts = torch.full((batch,), 500.0, device=dev)
     enc = spec.encode(spec.held_out(1) * batch, dev, dt)
@@ -162,7 +131,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     ``token_order``: the WEST plan's (and so every WEST method's and anchor's) block order,
     ``"raster"`` (default) or ``"tile"``/``"tile:FxHxW"``. ``on_result(partial)`` is called after
     every (target, method) with the result so far, for incremental writes."""
-    from ..token_order import TokenOrder
+    from ..contract.token_order import TokenOrder
     from .models import tiny_wan
 
     t_start = time.perf_counter()
@@ -174,7 +143,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     timing = (device.type == "cuda") if time_steps is None else bool(time_steps)
     latent = (model.config.in_channels, *grid)
     ts_all = spec.timesteps(steps)
-    L, H = len(model.blocks), model.config.num_attention_heads
+    L, H = num_layers(model), model.config.num_attention_heads
     caps = spec.training(num_calib + 1)
     west_caps, fast_cap = caps[:-1], caps[-1]
     all_prompts = spec.held_out(num_prompts)
@@ -182,7 +151,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    with torch.no_grad(), compute_dtype_first(model):
+    with torch.no_grad():
         plan = calibrate_west(model, [spec.calibration_input(c, 1000 + i)
                                       for i, c in enumerate(west_caps)], ts_all,
                               latent_shape=latent, guidance_scale=1.0, progress=progress,

@@ -84,7 +84,7 @@ def time_compiled(model, plan, inputs, *, energy_filter=None, repeats: int = 3,
     """ms per step of ``model`` compiled with our backend bound to ``plan`` (tables or a
     plan-like object); ``plan=None`` times plain ``torch.compile`` (Inductor, dense SDPA).
     ``compiler="eager"`` skips Inductor (the rewritten graph runs eagerly): for tests only."""
-    from ..backend import scaling_attn_backend
+    from ..compile.backend import scaling_attn_backend
 
     if plan is None:
         compiled = torch.compile(model, dynamic=False, fullgraph=True,

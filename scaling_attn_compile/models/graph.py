@@ -1,0 +1,45 @@
+"""What a model adapter reads off a Dynamo graph: node values, module paths, input sources, and
+the sites the token-order step needs. Family-agnostic: no module path of any model is named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def module_paths(node: torch.fx.Node) -> list[str]:
+    return [str(p) for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def node_value(node) -> Any:
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else node
+
+
+def is_static(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, torch.SymInt)
+
+
+def source_name(node: torch.fx.Node) -> str:
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    try:
+        return source.name() if callable(getattr(source, "name", None)) else str(source.name)
+    except Exception:  # noqa: BLE001 - a source without a name is just not matched by name
+        return ""
+
+
+def is_param_or_buffer(node: torch.fx.Node) -> bool:
+    name = source_name(node)
+    return "_parameters" in name or "_buffers" in name
+
+
+@dataclass(frozen=True)
+class OrderSites:
+    """Where a transformer's token sequence starts and ends in the graph (module path regexes)."""
+
+    embedding: str  # the (patch embedding) Conv3d whose output becomes the [B, S, C] tokens
+    rope_tables: str  # the module whose outputs are the per-token RoPE tables [1, S, 1, D]
+    output: str  # the token-wise output projection [B, S, C_out]

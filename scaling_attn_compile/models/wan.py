@@ -1,0 +1,358 @@
+"""The Wan2.1 adapter (diffusers ``WanTransformer3DModel``): the only module that knows Wan's
+module paths (``blocks.<i>.attn1`` self-attention, ``attn2`` cross-attention,
+``patch_embedding``, ``timesteps_proj``, ``rope``, ``proj_out``) and its configs.
+
+* graph sites, for the FX pass: :func:`attention_site`, :func:`find_timestep`,
+  :func:`find_latent_grid`, :func:`whole_model`, :data:`WAN_SITES` (token-order step),
+  :data:`PARAM_HINTS` and :func:`fingerprint_names` (the model check);
+* models: :data:`BUILTIN_CONFIGS` (1.3B, 14B, a tiny random one), :func:`load_transformer`,
+  :func:`latent_shape_for`, :func:`latent_token_grid`, :func:`encode_prompts` (UMT5);
+* :func:`weights_fingerprint` and :func:`num_layers`, for the plan.
+
+The q/k capture by processor swap is :mod:`.wan_capture`. A new family (Wan2.2, ...) is one new
+file with the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PlanMismatchError
+from .fingerprint import _unwrap, fingerprint_tensors
+from .graph import OrderSites
+from .graph import is_param_or_buffer as _is_param_or_buffer
+from .graph import is_static as _is_static
+from .graph import module_paths as _module_paths
+from .graph import node_value as _val
+from .graph import source_name as _source_name
+
+Grid = tuple[int, int, int]
+
+
+# Built-in architectures (random weights). Real configs: Wan2.1 T2V 1.3B and 14B
+# (their diffusers transformer configs); "tiny" is for tests and CPU smoke runs.
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "tiny-random": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128,
+                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                        eps=1e-6, rope_max_seq_len=1024),
+    "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                        ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    "wan2.1-14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                       in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                       ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                       qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+}
+
+
+# Text sequence length of random embeddings per built-in (Wan's T5 pads to 512 tokens).
+BUILTIN_TEXT_LEN = {"tiny-random": 16, "wan2.1-1.3b": 512, "wan2.1-14b": 512}
+
+
+TINY_ASSET_DIR = Path(__file__).parent.parent / "assets" / "tiny-wan"
+
+
+WAN_VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: 4x in time (causal: F_lat = (frames-1)/4 + 1), 8x8 in space
+
+
+@dataclass
+class ModelSource:
+    """A loaded transformer and where it came from.
+
+    ``folder``: the diffusers folder (``None`` for built-in configs); ``random_weights``: True for
+    built-in configs; ``vae_stride``: pixels per latent cell ``(t, h, w)``; ``text_len``: length
+    of random prompt embeddings that fits the model.
+    """
+
+    transformer: torch.nn.Module
+    name: str
+    folder: Path | None
+    random_weights: bool
+    vae_stride: tuple[int, int, int]
+    text_len: int = 512
+
+
+def _vae_stride_of(folder: Path) -> tuple[int, int, int]:
+    cfg = folder / "vae" / "config.json"
+    if not cfg.is_file():
+        return (1, 1, 1)  # no VAE: the model works on pixels (e.g. the tiny toy-video DiT)
+    c = json.loads(cfg.read_text())
+    return (int(c.get("scale_factor_temporal") or 4), int(c.get("scale_factor_spatial") or 8),
+            int(c.get("scale_factor_spatial") or 8))
+
+
+def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                     seed: int = 0, num_layers: int | None = None) -> ModelSource:
+    """Load a ``WanTransformer3DModel``.
+
+    ``spec``:
+      * a directory: a diffusers folder (``transformer/`` subfolder, or a bare transformer folder
+        with ``config.json``);
+      * ``"tiny"``: the trained tiny model in ``scaling_attn_compile/assets/tiny-wan/`` when it is
+        installed, else the ``"tiny-random"`` built-in;
+      * a key of :data:`BUILTIN_CONFIGS`: that architecture with random weights (seeded).
+
+    ``num_layers`` truncates a built-in config (for memory/time checks); not allowed on folders.
+    """
+    from diffusers import WanTransformer3DModel
+
+    if spec == "tiny":
+        shipped = any((TINY_ASSET_DIR / sub / "config.json").is_file() for sub in ("transformer", ""))
+        spec = str(TINY_ASSET_DIR) if shipped else "tiny-random"
+    path = Path(spec)
+    if path.is_dir():
+        if num_layers is not None:
+            raise ValueError(f"load_transformer: num_layers applies to built-in configs only, got "
+                             f"num_layers={num_layers} with folder {path}")
+        sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
+        if sub is None and not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"load_transformer: {path} has neither transformer/config.json nor config.json; "
+                f"pass a diffusers Wan folder or one of {sorted(BUILTIN_CONFIGS)} or 'tiny'")
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            # Without it diffusers 0.42 fails with "low_cpu_mem_usage cannot be False when
+            # keep_in_fp32_modules is True", which names neither the package nor the fix.
+            raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
+                              f"`accelerate` package (a dependency of scaling-attn-compile); "
+                              f"pip install accelerate")
+        model = WanTransformer3DModel.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
+        model = model.to(device).eval()
+        return ModelSource(model, path.name, path, False, _vae_stride_of(path))
+    if spec not in BUILTIN_CONFIGS:
+        raise ValueError(f"load_transformer: model must be a diffusers folder, 'tiny' or one of "
+                         f"{sorted(BUILTIN_CONFIGS)}, got {spec!r} (no such folder either)")
+    cfg = dict(BUILTIN_CONFIGS[spec])
+    if num_layers is not None:
+        cfg["num_layers"] = int(num_layers)
+    torch.manual_seed(seed)
+    # Build directly on the device in the target dtype: 14B in float32 would need 56 GB first.
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return ModelSource(model.eval(), spec, None, True, WAN_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
+
+
+def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
+                     vae_stride: Sequence[int] = WAN_VAE_STRIDE) -> tuple[int, int, int, int]:
+    """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels.
+
+    Time is causal (Wan's VAE): ``F = (frames - 1) / st + 1``; space: ``H = height / sh``.
+    """
+    st, sh, sw = vae_stride
+    if (frames - 1) % st or height % sh or width % sw:
+        raise ValueError(f"latent_shape_for: need (frames - 1) % {st} == 0, height % {sh} == 0 and "
+                         f"width % {sw} == 0 for VAE stride {tuple(vae_stride)}, got frames={frames}, "
+                         f"height={height}, width={width}; e.g. 81 x 480 x 832")
+    return (in_channels, (frames - 1) // st + 1, height // sh, width // sw)
+
+
+def latent_token_grid(transformer, latent_shape: Sequence[int]) -> Grid:
+    """Self-attention token grid ``(F, H, W)`` of latents ``(..., C, F, H, W)`` after patching."""
+    pt, ph, pw = _unwrap(transformer).config.patch_size
+    f, h, w = (int(x) for x in tuple(latent_shape)[-3:])
+    if f % pt or h % ph or w % pw:
+        raise ValueError(f"latent_token_grid: latent (F, H, W) = {(f, h, w)} must be divisible by the patch "
+                         f"size {(pt, ph, pw)}; pick height/width that are multiples of "
+                         f"{ph * 8}/{pw * 8} pixels")
+    return (f // pt, h // ph, w // pw)
+
+
+
+def encode_prompts(folder, prompts: Sequence[str], *, device="cpu", dtype=torch.float32,
+                   max_sequence_length: int = 512) -> torch.Tensor:
+    """Encode prompts with a checkpoint's own ``text_encoder/`` + ``tokenizer/`` (UMT5, as
+    ``WanPipeline._get_t5_prompt_embeds``): ``(N, max_sequence_length, text_dim)``, zero-padded
+    past each prompt's tokens. Needs ``transformers``. Untested here (no weights on this machine).
+    """
+    try:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+    except ImportError as e:
+        raise ImportError("encode_prompts: text prompts need the `transformers` package "
+                          "(pip install transformers), or pass precomputed embeddings") from e
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+    enc = UMT5EncoderModel.from_pretrained(str(folder), subfolder="text_encoder",
+                                           torch_dtype=dtype).to(device).eval()
+    prompts = [" ".join(p.split()) for p in prompts]  # WanPipeline's whitespace_clean
+    t = tok(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    lens = t.attention_mask.gt(0).sum(1)
+    with torch.no_grad():
+        h = enc(t.input_ids.to(device), t.attention_mask.to(device)).last_hidden_state
+    out = torch.zeros_like(h)
+    for i, n in enumerate(lens.tolist()):
+        out[i, :n] = h[i, :n]
+    return out.cpu()
+
+
+# "L['self'].blocks.0.attn1" (torch 2.11) and
+# "L['self'].__dict__['_modules']['blocks'].0.attn1" (torch 2.13): one regex for both.
+LAYER_RE = re.compile(r"blocks\W+(\d+)\W+(attn\d)")
+
+
+# A block whose forward a diffusers hook replaced (context parallelism puts its split hook on
+# blocks.0) is reached through the hook's closure, e.g. "...['blocks'].0.forward.func
+# .__closure__[0].cell_contents.forward.__self__.attn1". Only these wrapper tokens may stand
+# between the layer index and the attention, so no other nesting is mistaken for a layer.
+HOOKED_LAYER_RE = re.compile(
+    r"blocks\W+(\d+)(?:\W|\d|forward|func|__closure__|cell_contents|__self__)*?\W(attn\d)$")
+
+
+SELF_ATTENTION = "attn1"
+
+
+def attention_site(node: torch.fx.Node) -> tuple[int | None, str | None, str | None]:
+    """(layer index, 'attn1'/'attn2', module path) of the innermost ``blocks.<i>.attn<k>``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _cls in reversed(list(stack.values())):
+        m = LAYER_RE.search(str(path)) or HOOKED_LAYER_RE.search(str(path))
+        if m:
+            return int(m.group(1)), m.group(2), str(path)
+    return None, None, None
+
+
+def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The transformer's ``timestep`` placeholder.
+
+    By name (``L['kwargs']['timestep']`` or a placeholder called ``*timestep*``); failing that
+    (a positional call), the non-parameter placeholder feeding Wan's ``timesteps_proj``.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n in placeholders:
+        if _is_param_or_buffer(n):
+            continue
+        src = _source_name(n)
+        if re.search(r"\[['\"]timestep['\"]\]$", src) or (
+                "timestep" in n.name and "encoder" not in n.name):
+            return n
+    # A positional call: walk back from the nodes of the sinusoidal timestep embedding.
+    seen = set()
+    todo = [x for n in gm.graph.nodes if any("timesteps_proj" in p for p in _module_paths(n))
+            for x in n.all_input_nodes]
+    while todo:
+        x = todo.pop(0)
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "placeholder" and not _is_param_or_buffer(x):
+            return x
+        todo.extend(x.all_input_nodes)
+    return None
+
+
+def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None = None
+                     ) -> tuple[tuple[Any, ...] | None, str]:
+    """Latent grid ``(F, H, W)`` after patching, and where it came from.
+
+    The output of the ``patch_embedding`` Conv3d is ``[B, inner, F, H, W]``: its last three sizes
+    are the grid whatever the kernel, stride or padding. With ``patch_size`` given, the grid is
+    the ``hidden_states`` input ``[B, C, F, H, W]`` divided by it instead. May return symbolic
+    sizes (the caller decides what to do with them).
+    """
+    conv = None
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.conv3d, F.conv3d) and any(
+                "patch_embedding" in p for p in _module_paths(n)):
+            conv = n
+            break
+    if patch_size is not None:
+        hidden = conv.args[0] if conv is not None else None
+        if hidden is None:
+            cands = [n for n in gm.graph.nodes if n.op == "placeholder"
+                     and not _is_param_or_buffer(n) and "encoder" not in n.name
+                     and "hidden_states" in (_source_name(n) + n.name)]
+            hidden = cands[0] if cands else None
+        shape = getattr(_val(hidden), "shape", None)
+        if shape is None or len(shape) != 5:
+            return None, "no 5-D hidden_states input [B, C, F, H, W] in the graph"
+        pt, ph, pw = patch_size
+        f, h, w = shape[2:]
+        if any(_is_static(a) and a % p for a, p in zip((f, h, w), (pt, ph, pw), strict=True)):
+            raise PlanMismatchError(
+                f"scaling_attn_backend: hidden_states grid {tuple(shape[2:])} is not divisible "
+                f"by patch_size={tuple(patch_size)}; pass the model's patch size "
+                "(transformer.config.patch_size) or leave patch_size=None")
+        return (f // pt, h // ph, w // pw), f"hidden_states {tuple(shape)} / patch {patch_size}"
+    if conv is None:
+        return None, "no patch_embedding Conv3d in the graph"
+    out = _val(conv)
+    if out is None or len(out.shape) != 5:
+        return None, "patch_embedding output is not 5-D"
+    return tuple(out.shape[2:]), f"patch_embedding output {tuple(out.shape)}"
+
+
+def whole_model(gm: torch.fx.GraphModule) -> bool:
+    """Does this graph hold the model's first and last parts (no graph break in between)?"""
+    paths = [p for n in gm.graph.nodes for p in _module_paths(n)]
+    return any("patch_embedding" in p for p in paths) and any("proj_out" in p for p in paths)
+
+
+WAN_SITES = OrderSites(embedding=r"\Wpatch_embedding\W*$", rope_tables=r"\Wrope\W*$",
+                       output=r"\Wproj_out\W*$")
+
+
+def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
+    """sha256 (16 hex) of a strided sample of every ``blocks.<i>.attn1`` q/k projection weight.
+
+    WEST topology is weight-encoded, so another checkpoint of the same architecture is another
+    topology. Values are rounded to bfloat16 first so a checkpoint matches itself whether it is
+    run in float32, float16 or bfloat16. ``None`` for meta tensors (no weights).
+    """
+    model = _unwrap(transformer)
+    return fingerprint_tensors([getattr(block.attn1, name).weight for block in model.blocks
+                                for name in ("to_q", "to_k")], samples)
+
+
+# Which config keys shape which parameters: only to word the error.
+PARAM_HINTS = (("ffn.", "ffn_dim"), ("text_embedder", "text_dim"), ("time_embedder", "freq_dim"),
+          ("time_proj", "freq_dim"), ("image_embedder", "image_dim"),
+          ("add_k_proj", "added_kv_proj_dim"), ("add_v_proj", "added_kv_proj_dim"),
+          ("norm_added_k", "added_kv_proj_dim"), ("patch_embedding", "in_channels/patch_size"),
+          ("proj_out", "out_channels/patch_size"), ("rope.", "attention_head_dim/rope_max_seq_len"),
+          ("norm_q", "qk_norm"), ("norm_k", "qk_norm"), ("norm2", "cross_attn_norm"),
+          ("attn", "num_attention_heads x attention_head_dim"))
+
+
+SELF_ATTENTION_PATH = "blocks.<i>.attn1"  # how messages name a self-attention layer
+ATTENTION_PATH = "blocks.<i>.attn<k>"  # ... and any attention layer
+PATCH_EMBEDDING = "patch_embedding"  # how messages name the patch embedding
+LAYERS_ROOT = "blocks"  # the ModuleList of transformer blocks: the first name of a layer's parameters
+
+
+def num_layers(transformer) -> int:
+    """Number of transformer blocks (self-attention layers)."""
+    return len(_unwrap(transformer).blocks)
+
+
+def compute_dtype(transformer) -> torch.dtype:
+    """The dtype the model computes in: its patch embedding's. Not the first parameter's: Wan
+    keeps ``scale_shift_table`` in float32 in a bfloat16 model, and float32 latents then fail the
+    bf16 patch embedding ("Input type (float) and bias type (c10::BFloat16) should be the same",
+    seen on the H200)."""
+    return _unwrap(transformer).patch_embedding.weight.dtype
+
+
+def self_attention_modules(transformer) -> list:
+    """The self-attention module of each block, in layer order (whose processor a capture swaps)."""
+    return [block.attn1 for block in _unwrap(transformer).blocks]
+
+
+def fingerprint_names(num_layers: int) -> list[str]:
+    """Parameter names :func:`weights_fingerprint` hashes, in order, as a graph names them."""
+    return [f"blocks.{i}.attn1.{p}.weight" for i in range(num_layers) for p in ("to_q", "to_k")]

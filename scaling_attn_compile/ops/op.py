@@ -1,0 +1,98 @@
+"""The block-sparse attention op: ``torch.ops.scaling_attn.sparse_attention``.
+
+``sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale) -> out``
+
+* ``q, k, v``: ``(B, H, S, D)``, fp16/bf16 (fp32 too on the CPU reference and the interpreter);
+  any strides with a contiguous last dim, e.g. the ``(B, H, S, D)`` views of ``(B, S, H, D)``
+  memory that diffusers passes to SDPA.
+* ``masks`` int32 ``(H, L, NB, W)``, ``level_table`` int32 ``(NT, H)``, ``bucket_bounds`` float32
+  ``(NT - 1,)``: one layer's tables, format in :mod:`scaling_attn_compile.contract.masks`.
+* ``timestep``: ``(B,)`` or ``()``; picks each batch element's density level on the device
+  (no ``.item()``, no host sync, so CUDA graphs can capture it).
+* ``scale``: the softmax scale (``1 / sqrt(D)`` for SDPA's default).
+* ``energy_rule``, ``energy_threshold``: the online filter inside the kernel, off by default
+  (0 off, 1 cumulative energy / DynSparse, 2 BLASST; threshold in natural-log units, see
+  :func:`scaling_attn_compile.contract.reference.energy_filtered_attention_reference`).
+* ``out``: same shape, dtype and strides as ``q``.
+
+Semantics: :func:`scaling_attn_compile.contract.reference.sparse_attention_reference`. On CUDA the op
+launches the Triton kernel in ``kernels/``; on the CPU it runs the reference.
+
+Table *values* are not checked per call (that would need a host sync in compiled code); every
+value has a defined behaviour instead (``reference.py``): levels are clamped to ``[0, L)``,
+mask bits past the last block are ignored, a NaN timestep falls in bucket 0. Tables the backend
+builds are valid by construction (checked when the plan is bound). For hand-made tables, call
+:func:`check_tables` once, or set ``SCALING_ATTN_CHECK_TABLES=1`` to make every eager call of
+the op run it (a host sync per call on CUDA: for debugging).
+
+Float64 q/k/v run on the CPU only (the reference, computed in float64); the kernel takes fp16
+and bf16, and fp32 in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..contract.reference import (
+    block_masks_for,
+    energy_filtered_attention_reference,
+    sparse_attention_reference,
+)
+from ..contract.validate import (
+    check_tables,
+    validate_energy,
+    validate_inputs,
+    validate_kernel_inputs,
+)
+
+CHECK_TABLES_ENV = "SCALING_ATTN_CHECK_TABLES"  # "1": every eager op call runs check_tables
+
+
+@torch.library.custom_op("scaling_attn::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
+                     level_table: torch.Tensor, bucket_bounds: torch.Tensor,
+                     timestep: torch.Tensor, scale: float, energy_rule: int = 0,
+                     energy_threshold: float = 0.0) -> torch.Tensor:
+    validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    validate_energy(energy_rule, energy_threshold)
+    if os.environ.get(CHECK_TABLES_ENV) == "1":
+        check_tables(masks, level_table, bucket_bounds, q.shape[2], timestep)
+    out = torch.empty_like(q)  # same strides as q, as the fake promises
+    if q.is_cuda:
+        validate_kernel_inputs(q)
+        from ..kernels.launch import block_sparse_attention_forward
+
+        return block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds,
+                                              timestep, out, scale, energy_rule=energy_rule,
+                                              energy_threshold=energy_threshold)
+    if energy_rule:
+        blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, q.shape[0],
+                                 q.shape[2])
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return out.copy_(energy_filtered_attention_reference(
+            q, k, v, blocks, scale, energy_rule, energy_threshold, compute_dtype=compute))
+    return out.copy_(sparse_attention_reference(q, k, v, masks, level_table, bucket_bounds,
+                                                timestep, scale))
+
+
+@sparse_attention.register_fake
+def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule=0,
+      energy_threshold=0.0):
+    validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    validate_energy(energy_rule, energy_threshold)
+    return torch.empty_like(q)
+
+
+def lambda_from_recall(recall_budget: float, seq_len: int, block: int = 128) -> float:
+    """DynSparse's threshold from a recall target: ``ln(P_real) + ln(Bc / L)``.
+
+    A skipped block's mass is at most ``Bc * exp(lambda)`` times the kept mass, so over the
+    ``L / Bc`` blocks of a row the dropped-to-kept ratio stays under ``Bc * P_real``
+    (``P_real`` is the paper's tuned knob, not a probability: it used 1.46 on Wan2.2-14B).
+    """
+    if not recall_budget > 0:
+        raise ValueError(f"lambda_from_recall: recall_budget (P_real) must be > 0, got {recall_budget}")
+    return math.log(recall_budget) + math.log(block / seq_len)
