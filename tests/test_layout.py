@@ -31,11 +31,11 @@ FLOORS = {
     "__init__": 9,
 }
 
-# Wan's module paths and the attribute paths to them. Only models/ may name them; tiny/ builds
-# and trains its own Wan models, so it names their parts too.
+# Wan's module paths and the attribute paths to them. Only models/ may name them (tiny/, which
+# builds and trains its own Wan models, asks the adapter too).
 WAN_PATHS = re.compile(r"attn1|attn2|attn<k>|patch_embedding|timesteps_proj|proj_out|"
                        r"condition_embedder|blocks\.<|\.blocks\b|\\Wrope|\.rope\b")
-WAN_ALLOWED = (f"{PKG}/models/", f"{PKG}/tiny/")
+WAN_ALLOWED = (f"{PKG}/models/",)
 
 
 def tracked() -> list[str]:

@@ -348,6 +348,17 @@ def compute_dtype(transformer) -> torch.dtype:
     return _unwrap(transformer).patch_embedding.weight.dtype
 
 
+def compute_weight(transformer) -> torch.Tensor:
+    """A parameter on the model's device in its compute dtype (:func:`compute_dtype`), for code
+    that makes inputs for it."""
+    return _unwrap(transformer).patch_embedding.weight
+
+
+def transformer_blocks(transformer) -> torch.nn.ModuleList:
+    """The transformer blocks, in layer order (what per-block compilation compiles)."""
+    return _unwrap(transformer).blocks
+
+
 def self_attention_modules(transformer) -> list:
     """The self-attention module of each block, in layer order (whose processor a capture swaps)."""
     return [block.attn1 for block in _unwrap(transformer).blocks]

@@ -340,6 +340,7 @@ def dense_first_schedule(plan: Plan, density: float, timesteps: Sequence[float],
                         {"method": "dense_first", "target_density": density,
                          "dense_fraction": dense_fraction, "dense_steps": k, "num_steps": T,
                          "match_global": match_global, "sparse_threshold": p,
+                         "bucket_steps": [T - k, k],  # bucket 0: the sparse steps
                          "sparse_density": got,
                          "achieved_density": (k + (T - k) * got) / T})
 

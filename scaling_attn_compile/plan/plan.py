@@ -345,7 +345,12 @@ class Plan:
         if sched is not None:
             asked = sched.info.get("target_density")
             lt = sched.level_tables.long()  # (num_layers, NT, H)
-            got = float(torch.stack([d.gather(1, lt[i].T).mean()  # d: (H, NL) -> (H, NT)
+            # Buckets weighted by the steps they hold where the schedule says (a dense warm-up of
+            # 13 of 50 steps is 1 of its 2 buckets), else alike.
+            w = torch.tensor(sched.info.get("bucket_steps") or [1.0] * lt.shape[1],
+                             dtype=torch.float32)
+            w = w / w.sum()
+            got = float(torch.stack([(d.gather(1, lt[i].T) * w).sum(1).mean()  # (H, NL)->(H, NT)
                                      for i, d in enumerate(level_dens)]).mean())
         else:
             asked = density

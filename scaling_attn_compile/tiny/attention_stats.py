@@ -1,6 +1,6 @@
 """Evidence of attention structure: per-head entropy and locality of a Wan model's self-attention.
 
-For each ``blocks.<i>.attn1`` and head, at one diffusion timestep, averaged over queries and
+For each self-attention layer and head, at one diffusion timestep, averaged over queries and
 videos (S tokens on the token grid ``(F, H, W)``, f-major order as Wan flattens them):
 
 - ``entropy``: ``-sum_j p_j log p_j`` in nats; ``entropy_norm`` = entropy / log S (1 = uniform).
@@ -28,13 +28,15 @@ from contextlib import contextmanager
 
 import torch
 
+from ..models.wan import compute_weight
+
 # ----------------------------------------------------------------------------- capture
 
 
 @contextmanager
 def collect_qk(model, layers: list[int] | None = None):
     """Context manager: while active, each forward of ``model`` stores ``{layer: (q, k)}`` (float32,
-    ``(B, H, S, D)``, detached) of ``blocks.<layer>.attn1`` into the yielded dict (last call wins).
+    ``(B, H, S, D)``, detached) of the self-attention layer ``layer`` into the yielded dict (last call wins).
 
     A thin wrapper over :func:`scaling_attn_compile.models.wan_capture.capture_qk`, the one place that
     recomputes q/k exactly as diffusers' ``WanAttnProcessor`` does.
@@ -155,7 +157,7 @@ def model_attention_stats(model, grid: tuple[int, int, int] = (8, 32, 32), t: fl
     from .tiny_wan import encode_captions, initial_noise, token_grid
     from .toy_video import sample_batch
 
-    p = model.proj_out.weight
+    p = compute_weight(model)
     x0, caps = sample_batch(seed, n, grid, p.device, captions=captions, held_out=captions is None)
     noise = initial_noise(n, grid, seed + 10_000).to(p.device)
     xt = ((1 - t) * x0 + t * noise).to(p.dtype)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+from ..models.wan import compute_dtype, compute_weight
 from . import tiny_wan
 from .photo_video import MAX_WORDS, VOCAB, words
 from .tiny_wan import ENCODER_NAME, WEIGHTS_NAME, CaptionEncoder, initial_noise, sigmas
@@ -134,7 +135,7 @@ def generate(model: WanTransformer3DModel, captions: list[str], grid: tuple[int,
     batches cond rows first). ``encoder``: default ``SmallCaptionEncoder.default()``."""
     token_grid(grid)
     net = transformer if transformer is not None else model
-    device, dtype = model.proj_out.weight.device, model.proj_out.weight.dtype
+    device, dtype = compute_weight(model).device, compute_dtype(model)
     enc = encoder or SmallCaptionEncoder.default()
     B = len(captions)
     x = initial_noise(B, grid, seed, model.config.in_channels).to(device)

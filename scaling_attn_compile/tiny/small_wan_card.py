@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+from ..models.wan import SELF_ATTENTION_PATH, compute_weight
 from . import photo_video as pv
 from .attention_stats import collect_qk, head_stats, markdown_table, summarize
 from .small_wan import (
@@ -54,7 +55,7 @@ def class_shares(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
 @torch.no_grad()
 def attention_stats(model, grid, t: float, *, n: int = 2, seed: int = 0, encoder=None):
     """``{layer: {metric: (H,)}}`` at noise level t on x_t of ``n`` held-out photo videos."""
-    p = model.proj_out.weight
+    p = compute_weight(model)
     enc = encoder or SmallCaptionEncoder.default()
     x0, caps = pv.sample_batch(seed, n, grid, p.device, held_out=True)
     xt = ((1 - t) * x0 + t * initial_noise(n, grid, seed + 10_000).to(p.device)).to(p.dtype)
@@ -200,7 +201,7 @@ camera motion). Each row: a data video for the caption, then the model's sample;
 
 ## Attention structure
 
-Self-attention (`blocks.<i>.attn1`) at noise level t, input x_t of 2 held-out videos, grid {g}.
+Self-attention (`{SELF_ATTENTION_PATH}`) at noise level t, input x_t of 2 held-out videos, grid {g}.
 Head classes by where most (>= 50%) of a head's softmax mass lies: **local** = within 1 latent
 frame and 4 tokens (16 px); **spatial** = within 1 frame, spread in space; **temporal** = within
 4 tokens of the same place across frames; **global** = neither. Chance (uniform attention) at

@@ -31,6 +31,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
+from ..models.wan import compute_dtype, compute_weight
 from .toy_video import VOCAB
 
 ASSET_DIR = Path(__file__).parent.parent / "assets" / "tiny-wan"
@@ -253,8 +254,8 @@ def generate(model: WanTransformer3DModel, captions: list[str], grid: tuple[int,
     """
     token_grid(grid)
     net = transformer if transformer is not None else model
-    # The output projection's dtype is the compute dtype (Wan keeps some modules fp32 under bf16).
-    device, dtype = model.proj_out.weight.device, model.proj_out.weight.dtype
+    # Wan keeps some modules fp32 under bf16: ask the adapter for the compute dtype.
+    device, dtype = compute_weight(model).device, compute_dtype(model)
     B = len(captions)
     x = initial_noise(B, grid, seed, model.config.in_channels).to(device)
     cond = encode_captions(captions, device=device, dtype=dtype, path=encoder_path)

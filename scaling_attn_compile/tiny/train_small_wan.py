@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.wan import compute_dtype, transformer_blocks
 from . import photo_video as pv
 from .small_wan import (
     SMALL_WAN_GRID,
@@ -129,7 +130,7 @@ def val_loss(model, grid, device, encoder, n: int = 4, seed: int = 99_999,
     x0, caps = pv.sample_batch(seed, n, grid, device, held_out=True)
     noise = initial_noise(n, grid, seed).to(device)
     emb = encoder(caps, device=device)
-    dtype = model.proj_out.weight.dtype
+    dtype = compute_dtype(model)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
         return sum(flow_loss(model, x0.to(dtype), emb.to(dtype), torch.full((n,), t, device=device),
                              noise.to(dtype)).item() for t in ts) / len(ts)
@@ -166,7 +167,7 @@ def train(a) -> dict:
         for knob in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
-        for block in model.blocks:
+        for block in transformer_blocks(model):
             block.compile(dynamic=False)  # in place: parameter names unchanged
     g = torch.Generator(device="cpu").manual_seed(a.seed + step0)  # caption dropout
     gd = torch.Generator(device=device).manual_seed(a.seed + step0)  # t and noise
@@ -233,7 +234,7 @@ def train(a) -> dict:
                    final_train_loss=sum(h["loss"] for h in history[-8:]) / max(len(history[-8:]), 1))
     from .small_wan_card import finish
 
-    del model, opt, ema  # the card reloads what shipped
+    del model, opt  # the card reloads what shipped (ema is the checkpoint closure's)
     finish(out, a, summary, history, runs, encoder, device, val_loss)
     summary["total_seconds"] = run["total_seconds"] = time.time() - t_start
     (out / LOG_NAME).write_text(json.dumps({"summary": summary, "history": history, "runs": runs}, default=str))

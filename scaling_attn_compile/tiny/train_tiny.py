@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.wan import SELF_ATTENTION_PATH, compute_dtype
 from .tiny_wan import (
     TINY_WAN_CONFIG,
     CaptionEncoder,
@@ -125,7 +126,7 @@ def val_loss(model, grid, device, encoder, n: int = 8, seed: int = 99_999,
     x0, caps = sample_batch(seed, n, grid, device, held_out=True)
     noise = initial_noise(n, grid, seed).to(device)
     emb = encoder(caps, device=device)
-    dtype = model.proj_out.weight.dtype
+    dtype = compute_dtype(model)
     return sum(
         flow_loss(model, x0.to(dtype), emb.to(dtype), torch.full((n,), t, device=device),
                   noise.to(dtype)).item() for t in ts
@@ -370,7 +371,7 @@ model's sample from the same caption (the last four captions were never trained 
 
 ## Attention structure (trained vs random init)
 
-Self-attention (`blocks.<i>.attn1`) statistics at noise level t (input: x_t of held-out toy videos),
+Self-attention (`{SELF_ATTENTION_PATH}`) statistics at noise level t (input: x_t of held-out toy videos),
 mean over {len(stats_mid)} layers x {TINY_WAN_CONFIG['num_attention_heads']} heads, grid {'x'.join(map(str, a.sample_grid))} pixels = {'x'.join(map(str, token_grid(a.sample_grid)))} tokens.
 `entropy_norm`: entropy / log S (1 = uniform); `frame<k>`: softmax mass within k latent frames;
 `radius<r>`: mass within r tokens spatially (any frame); `blocks<R>`: fraction of 128-token KV
