@@ -8,7 +8,7 @@ bundled model's videos closest to its dense output, at equal *computed* density 
     python benchmarks/bench_quality.py --skip-claims --prompts 2       # quicker
     python benchmarks/bench_quality.py --skip-quality                   # part 2 only
 
-Models come from a registry (``scaling_attn_compile.quality.models``: ``tiny-wan``, ``small-wan``),
+Models come from a registry (``scaling_attn_compile.tiny.registry``: ``tiny-wan``, ``small-wan``),
 each with its loader, caption encoder, sampler, held-out prompts (never seen by calibration),
 training captions for calibration and native grid. Methods (``quality.methods``): WEST+FAST,
 WEST uniform, uniform + dense warm-up (SVG), cumulative energy, BLASST, WEST+FAST + energy, and
@@ -55,7 +55,6 @@ from scaling_attn_compile.quality.measure import (  # noqa: F401  (re-exported f
     filtered_density,
 )
 from scaling_attn_compile.quality.methods import DEFAULT_METHODS, METHODS, warmup_steps  # noqa: F401
-from scaling_attn_compile.quality.models import MODELS, QualityModel, get_model
 from scaling_attn_compile.quality.report import (  # noqa: F401
     at_equal_density,
     at_equal_time,
@@ -66,6 +65,7 @@ from scaling_attn_compile.quality.report import (  # noqa: F401
     quality_table,
 )
 from scaling_attn_compile.quality.study import DENSITIES, run_quality  # noqa: F401
+from scaling_attn_compile.tiny.registry import MODELS, BundledModel, get_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -77,7 +77,7 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def environment(spec: QualityModel | Path, device: torch.device | None = None) -> dict:
+def environment(spec: BundledModel | Path, device: torch.device | None = None) -> dict:
     import os
 
     import diffusers

@@ -21,11 +21,11 @@ from scaling_attn_compile.contract.tables import uniform_tables
 from scaling_attn_compile.offline import fast
 from scaling_attn_compile.offline.calibrate import calibrate_west
 from scaling_attn_compile.ops.energy import EnergyFilter
-from scaling_attn_compile.quality import models as QM
 from scaling_attn_compile.quality.measure import attend_counted
 from scaling_attn_compile.quality.report import RECORD_FIELDS
 from scaling_attn_compile.quality.study import plan_budget
 from scaling_attn_compile.testing import make_local_qkv
+from scaling_attn_compile.tiny import registry as QM
 from scaling_attn_compile.tiny import tiny_wan as tw
 from scaling_attn_compile.tiny.demo import calibration_captions, calibration_input
 

@@ -39,7 +39,7 @@ def test_ssim_and_psnr_basics():
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no tiny Wan weights"):
+    with pytest.raises(SystemExit, match="no tiny-wan weights"):
         main(["demo", "--model-path", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
 
 
@@ -96,12 +96,29 @@ def test_demo_in_bf16_runs(model_dir, tmp_path, monkeypatch):
     assert all(math.isfinite(r["psnr_db"]) or r["psnr_db"] == math.inf for r in res["rows"])
 
 
+def test_demo_runs_small_wan(tmp_path):
+    """``--model small-wan`` (what ``--device cuda`` runs by default) through the same stages, on
+    the bundled weights at a small grid: 4x64x64 pixels = 4x16x16 tokens, 8 blocks."""
+    out = tmp_path / "demo_sw"
+    rc = main(["demo", "--model", "small-wan", "--out", str(out), "--grid", "4,64,64",
+               "--steps", "2", "--num-calib", "1", "--calib-capture-steps", "1",
+               "--fast-capture-steps", "2", "--num-prompts", "1", "--compiler", "eager",
+               "--device", "cpu", "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    meta = res["meta"]
+    assert meta["model_name"] == "small-wan" and meta["token_grid"] == [4, 16, 16]
+    assert meta["rewritten_attention_calls"] >= meta["num_layers"] == 8
+    assert "photo" in meta["prompts"][0]  # a held-out small-wan prompt, not a toy caption
+    assert math.isfinite(res["rows"][0]["psnr_db"]) and res["rows"][0]["rel_l2"] < 1.0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("grid", [None, "16,64,64"], ids=["default-grid", "grid-16x64x64"])
 def test_gpu_demo_runs(grid, tmp_path):
-    """``scaling-attn demo --device cuda`` on the bundled model: bf16, the Triton kernel through
-    the Inductor template; short (4 steps, 1 prompt). The default grid is 12x64x64 on CUDA."""
-    from scaling_attn_compile.tiny.demo import CUDA_GRID
+    """``scaling-attn demo --device cuda``: small-wan in bf16, the Triton kernel through the
+    Inductor template; short (4 steps, 1 prompt). The default grid is small-wan's native
+    16x128x128 (128 blocks)."""
 
     out = tmp_path / "demo_gpu"
     args = ["demo", "--out", str(out), "--steps", "4", "--fast-capture-steps", "4",
@@ -111,7 +128,8 @@ def test_gpu_demo_runs(grid, tmp_path):
     res = json.loads((out / "results.json").read_text())
     meta = res["meta"]
     assert meta["device"].startswith("cuda") and meta["dtype"] == "torch.bfloat16"
-    assert meta["grid"] == ([int(x) for x in grid.split(",")] if grid else list(CUDA_GRID))
+    assert meta["model_name"] == "small-wan"
+    assert meta["grid"] == ([int(x) for x in grid.split(",")] if grid else [16, 128, 128])
     assert meta["rewritten_attention_calls"] >= meta["num_layers"]
     for r in res["rows"]:
         # Sparse near dense, not garbage: rel L2 0.40 at density 0.35 on the CPU (16 steps, README

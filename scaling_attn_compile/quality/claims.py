@@ -21,7 +21,7 @@ import torch
 
 from ..offline import fast, west
 from ..offline.calibrate import calibrate_west, evenly_spaced
-from .models import QualityModel
+from ..tiny.registry import BundledModel
 
 
 def disjoint_caption_sets(pool: list[str], n_sets: int, per_set: int,
@@ -36,7 +36,7 @@ def disjoint_caption_sets(pool: list[str], n_sets: int, per_set: int,
     return [caps[s * per_set:(s + 1) * per_set] for s in range(n_sets)]
 
 
-def _west(model, spec: QualityModel, captions, grid, steps, capture_steps, seed0):
+def _west(model, spec: BundledModel, captions, grid, steps, capture_steps, seed0):
     ts = spec.timesteps(steps)
     latent = (model.config.in_channels, *grid)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def _iou_stats(a: torch.Tensor, b: torch.Tensor, p: float) -> dict:
             "density_b": mb.float().mean().item(), "chance_iou": p / (2 - p)}
 
 
-def run_claims(model, spec: QualityModel, *, grid=None, steps: int = 16, n_sets: int = 3,
+def run_claims(model, spec: BundledModel, *, grid=None, steps: int = 16, n_sets: int = 3,
                per_set: int = 2, capture_steps: int = 4, small_grids=None,
                n_profiles: int = 3, fast_capture_steps: int = 6,
                fast_targets=(0.25, 0.35), densities=(0.15, 0.25, 0.5), log=print) -> dict:

@@ -30,9 +30,9 @@ from ..offline.calibrate import calibrate_west, evenly_spaced
 from ..offline.fast import profile_fidelity
 from ..ops.energy import EnergyFilter
 from ..tiny.metrics import video_metrics
+from ..tiny.registry import BundledModel
 from . import methods as M
 from .measure import MeasuredAttention, all_blocks_tables, capture_qk_at, profiled_block_mass
-from .models import QualityModel
 from .report import at_equal_density, at_equal_time, bar_check, pareto_check, records
 from .timing import record_inputs, time_compiled
 
@@ -89,7 +89,7 @@ def plan_budget(budget_s: float, spent_s: float, *, gen_s: float, timing_item_s:
             "scaled": cuts, "fits": cost(nd, p, s) <= left}
 
 
-def probe_generation_s(model, spec: QualityModel, grid, steps: int, batch: int) -> float:
+def probe_generation_s(model, spec: BundledModel, grid, steps: int, batch: int) -> float:
     """One generation of ``batch`` videos, estimated from one timed step through the counting
     path with every block visited (the energy-only methods' cost, the most any method pays)."""
     L, H = num_layers(model), model.config.num_attention_heads
@@ -112,7 +112,7 @@ def probe_generation_s(model, spec: QualityModel, grid, steps: int, batch: int) 
     return steps * (time.perf_counter() - t0)
 
 
-def run_quality(model, spec: QualityModel | None = None, *, model_path=None, grid=None,
+def run_quality(model, spec: BundledModel | None = None, *, model_path=None, grid=None,
                 steps: int | None = None, densities: Sequence[float] = DENSITIES,
                 methods: Sequence[str] = M.DEFAULT_METHODS, num_prompts: int = 3,
                 num_seeds: int = 1, seed: int = 0, num_calib: int = 2,
@@ -132,7 +132,7 @@ def run_quality(model, spec: QualityModel | None = None, *, model_path=None, gri
     ``"raster"`` (default) or ``"tile"``/``"tile:FxHxW"``. ``on_result(partial)`` is called after
     every (target, method) with the result so far, for incremental writes."""
     from ..contract.token_order import TokenOrder
-    from .models import tiny_wan
+    from ..tiny.registry import tiny_wan
 
     t_start = time.perf_counter()
     spec = spec or tiny_wan(model_path)

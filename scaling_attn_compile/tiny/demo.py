@@ -1,11 +1,16 @@
-"""``scaling-attn demo``: the whole pipeline on the bundled tiny Wan, end to end, in minutes on a CPU.
+"""``scaling-attn demo``: the whole pipeline on a bundled Wan, end to end, in minutes on a CPU.
 
-    scaling-attn demo                      # bundled model, 8x32x32 on CPU (12x64x64 on CUDA)
-    scaling-attn demo --model-path /tmp/tw --target-density 0.25 --out demo_out
+    scaling-attn demo                      # CPU: tiny-wan at 8x32x32; CUDA: small-wan at 16x128x128
+    scaling-attn demo --model tiny-wan --model-path /tmp/tw --target-density 0.25 --out demo_out
+
+Which model (``--model``, ``tiny.registry``): on the CPU the tiny Wan (16 blocks per video: a
+mask block is half a frame, so minutes suffice but sparse frames show block seams); on CUDA
+small-wan at its native grid (16,384 tokens = 128 blocks per video, the granularity the quality
+study measures).
 
 Stages (each timed):
 
-1. load the tiny Wan (``load_tiny_wan``) and its caption encoder from ``--model-path``;
+1. load the model and its caption encoder from ``--model-path`` (default: the bundled assets);
 2. WEST: dense calibration runs on a few *training* captions -> threshold codes (``calibrate_west``);
 3. FAST: one profiling run (a training caption not used in 2) -> head-wise schedule fitted to
    ``--target-density`` (``build_fast_plan``);
@@ -21,7 +26,7 @@ heads and the sampler's steps.
 
 Calibration, profiling and sampling share one trajectory definition: rectified-flow Euler on
 ``tiny_wan.sigmas(steps, shift)`` with ``timestep = 1000 t`` and noise seeded per sample, so
-``calibrate.capture_self_attention`` sees exactly what ``tiny_wan.generate`` will run.
+``calibrate.capture_self_attention`` sees exactly what the model's ``generate`` will run.
 """
 
 from __future__ import annotations
@@ -35,24 +40,29 @@ from pathlib import Path
 from .metrics import video_metrics
 
 COLUMNS = ("prompt", "density", "psnr_db", "ssim", "rel_l2")
-CPU_GRID = (8, 32, 32)
-CUDA_GRID = (12, 64, 64)
+CPU_GRID = (8, 32, 32)  # tiny-wan on the CPU: 16 blocks, ~3 min on 2 cores
+CUDA_GRID = (12, 64, 64)  # tiny-wan on CUDA (small-wan runs its native grid)
+DEFAULT_MODEL = {"cpu": "tiny-wan", "cuda": "small-wan"}
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     from ..args import add_token_order_argument, parse_triple, positive_int
 
+    p.add_argument("--model", default="auto", choices=["auto", "tiny-wan", "small-wan"],
+                   help="bundled model (default auto: tiny-wan on CPU, small-wan on CUDA)")
     p.add_argument("--model-path", type=Path, default=None,
-                   help="tiny Wan folder (config.json, diffusion_pytorch_model.safetensors, "
-                        "caption_encoder.safetensors); default: the bundled assets/tiny-wan/")
+                   help="the model's folder (config.json, diffusion_pytorch_model.safetensors, "
+                        "caption_encoder.safetensors); default: its bundled assets/<model>/")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out/)")
     p.add_argument("--target-density", type=float, default=0.35,
                    help="FAST global kept-block fraction (default 0.35)")
     p.add_argument("--grid", type=parse_triple, default=None, metavar="F,H,W",
-                   help=f"video size in pixels (= latents; patch 1x2x2): default {'x'.join(map(str, CPU_GRID))} "
-                        f"on CPU, {'x'.join(map(str, CUDA_GRID))} on CUDA")
-    p.add_argument("--steps", type=positive_int, default=16,
-                   help="Euler steps of every run (default 16)")
+                   help=f"video size in pixels (= latents): default for tiny-wan (patch 1x2x2) "
+                        f"{'x'.join(map(str, CPU_GRID))} on CPU, {'x'.join(map(str, CUDA_GRID))} "
+                        f"on CUDA; for small-wan (patch 1x4x4) its native 16x128x128")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="Euler steps of every run (default: the model's, 16 tiny-wan, 50 "
+                        "small-wan)")
     p.add_argument("--shift", type=float, default=1.0, help="flow shift of the sigma schedule (default 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance (default 1.0 = off, as the model card samples)")
@@ -176,57 +186,59 @@ def run_demo(args: argparse.Namespace) -> dict:
     from ..offline import fast
     from ..offline.calibrate import calibrate_west, evenly_spaced
     from ..plan.viz import plot_block_layout, plot_layer, plot_schedule
-    from .tiny_wan import ASSET_DIR, WEIGHTS_NAME, encode_captions, generate, load_tiny_wan, sigmas
-    from .tiny_wan import token_grid as tiny_token_grid
-    from .toy_video import held_out_captions
+    from .registry import get_model
 
     progress = not args.quiet
-    model_path = Path(args.model_path) if args.model_path is not None else ASSET_DIR
-    if not (model_path / WEIGHTS_NAME).exists():
-        raise SystemExit(
-            f"demo: no tiny Wan weights at {model_path} ({WEIGHTS_NAME} missing). The bundled "
-            f"model ships in scaling_attn_compile/assets/tiny-wan/; if it is not there yet, pass "
-            f"--model-path to a folder written by `python -m scaling_attn_compile.tiny.train_tiny "
-            f"--out DIR` (or tiny_wan.save_tiny_wan)")
     target = fast.check_target(args.target_density, "--target-density")
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
-    grid = tuple(args.grid) if args.grid else (CUDA_GRID if device.type == "cuda" else CPU_GRID)
-    tgrid = tiny_token_grid(grid)
+    name = DEFAULT_MODEL.get(device.type, "tiny-wan") if args.model == "auto" else args.model
+    spec = get_model(name, args.model_path)
+    model_path = spec.path
+    if not (model_path / spec.weights_name).exists():
+        raise SystemExit(
+            f"demo: no {name} weights at {model_path} ({spec.weights_name} missing). The bundled "
+            f"model ships in scaling_attn_compile/assets/{name}/; if it is not there yet, pass "
+            f"--model-path to a folder written by its trainer (e.g. `python -m "
+            f"scaling_attn_compile.tiny.train_tiny --out DIR`)")
+    steps = args.steps or spec.steps
+    if args.grid:
+        grid = tuple(args.grid)
+    elif name == "tiny-wan":
+        grid = CUDA_GRID if device.type == "cuda" else CPU_GRID
+    else:
+        grid = spec.native_grid
+    tgrid = spec.token_grid(grid)
     S = math.prod(tgrid)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
-    print(f"[demo] model {model_path}, grid {grid} -> tokens {tgrid} (S = {S}, "
-          f"{num_blocks(S)} blocks), {args.steps} steps, {device} {dtype}", flush=True)
+    print(f"[demo] {name} from {model_path}, grid {grid} -> tokens {tgrid} (S = {S}, "
+          f"{num_blocks(S)} blocks), {steps} steps, {device} {dtype}", flush=True)
 
     with timer("load model"):
-        model = load_tiny_wan(device, dtype, path=model_path)
-        # WEST calibration and FAST profiling run the model in the dtype of its *first*
-        # parameter. In bf16 (the CUDA default) that is Wan's scale_shift_table, kept fp32 as
-        # diffusers does, so they fed fp32 latents to the bf16 patch embedding and every GPU
-        # demo died: "Input type (float) and bias type (c10::BFloat16) should be the same".
-        # They run on an fp32 copy instead (6.9M parameters; the plan's weight fingerprint
-        # rounds to bf16, so it matches the bf16 model that is compiled and sampled).
-        calib_model = model if dtype == torch.float32 else \
-            load_tiny_wan(device, torch.float32, path=model_path)
+        model = spec.load(device, dtype)
+        # WEST calibration and FAST profiling take the model's compute dtype from the adapter;
+        # they run on an fp32 copy (7.5M parameters at most) so the plan is fitted on exact
+        # attention; the plan's weight fingerprint rounds to bf16, so it matches the bf16 model
+        # that is compiled and sampled.
+        calib_model = model if dtype == torch.float32 else spec.load(device, torch.float32)
     C = model.config.in_channels
     latent = (C, *grid)
-    ts_all = [1000.0 * s for s in sigmas(args.steps, args.shift).tolist()[:-1]]  # what generate runs
+    ts_all = spec.timesteps(steps, args.shift)  # what generate runs
     cfg = args.guidance_scale != 1.0
 
     def calib_input(caption: str, seed: int):
-        return calibration_input(caption, seed, model_path=model_path,
-                                 guidance_scale=args.guidance_scale)
+        return spec.calibration_input(caption, seed, guidance_scale=args.guidance_scale)
 
-    caps = calibration_captions(args.num_calib + 1)
+    caps = spec.training(args.num_calib + 1)
     west_caps, fast_cap = caps[:-1], caps[-1]
     with timer("WEST calibration"), torch.no_grad():
         inputs = [calib_input(c, 1000 + i) for i, c in enumerate(west_caps)]
         plan = calibrate_west(calib_model, inputs, ts_all, latent_shape=latent,
                               capture_steps=evenly_spaced(len(ts_all), args.calib_capture_steps),
                               guidance_scale=args.guidance_scale, progress=progress,
-                              source=f"scaling-attn demo ({model_path.name})",
+                              source=f"scaling-attn demo ({name}, {model_path.name})",
                               token_order=args.token_order)
     with timer("FAST profile + fit"), torch.no_grad():
         plan, _ = fast.build_fast_plan(
@@ -248,27 +260,27 @@ def run_demo(args: argparse.Namespace) -> dict:
         pngs.append(plot_schedule(plan, out / "schedule.png"))
         pngs.append(plot_block_layout(tgrid, plan.token_order, out / "blocks.png"))
 
-    prompts = held_out_captions()[: args.num_prompts]
+    prompts = spec.held_out(args.num_prompts)
     B = len(prompts)
-    gen_kw = dict(grid=grid, steps=args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                  shift=args.shift, encoder_path=model_path, progress=progress)
+    gen_kw = dict(grid=grid, steps=steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                  shift=args.shift, progress=progress)
     with timer("compile (sparse backend, first call)"), torch.no_grad():
         backend = scaling_attn_backend(plan, compiler=args.compiler)
         compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         Bp = 2 * B if cfg else B  # warm up at the shape generate will use
         compiled(hidden_states=torch.zeros(Bp, *latent, device=device, dtype=dtype),
                  timestep=torch.full((Bp,), 500.0, device=device),
-                 encoder_hidden_states=encode_captions(prompts + ([""] * B if cfg else []),
-                                                       device=device, dtype=dtype, path=model_path),
+                 encoder_hidden_states=spec.encode(prompts + ([""] * B if cfg else []),
+                                                   device=device, dtype=dtype),
                  return_dict=False)
     rewritten = sum(r.num_rewritten for r in backend.reports)
     if rewritten == 0:
         raise RuntimeError("demo: the backend rewrote no self-attention call; the sparse run "
                            "would be dense")
-    with timer("generate dense"):
-        dense = generate(model, prompts, **gen_kw)
-    with timer("generate sparse"):
-        sparse = generate(model, prompts, transformer=compiled, **gen_kw)
+    with timer("generate dense"), torch.no_grad():
+        dense = spec.generate(model, prompts, **gen_kw)
+    with timer("generate sparse"), torch.no_grad():
+        sparse = spec.generate(model, prompts, transformer=compiled, **gen_kw)
     dense, sparse = dense.float().cpu(), sparse.float().cpu()
 
     rows = [{"prompt": p, "density": density, **video_metrics(sparse[i], dense[i])}
@@ -278,8 +290,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     with timer("write gif"):
         gif = write_gif(dense, sparse, out / "side_by_side.gif", prompts)
 
-    meta = {"model": str(model_path), "grid": list(grid), "token_grid": list(tgrid), "seq_len": S,
-            "num_blocks": num_blocks(S), "steps": args.steps, "shift": args.shift,
+    meta = {"model": str(model_path), "model_name": name, "grid": list(grid), "token_grid": list(tgrid), "seq_len": S,
+            "num_blocks": num_blocks(S), "steps": steps, "shift": args.shift,
             "guidance_scale": args.guidance_scale, "device": str(device), "dtype": str(dtype),
             "calibration_dtype": str(next(calib_model.parameters()).dtype),
             "target_density": target, "fast_fit_density": fit, "density": density,

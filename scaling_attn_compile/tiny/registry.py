@@ -1,29 +1,28 @@
-"""The models the quality study runs: name -> loader, caption encoder, sampler, prompts, grid.
+"""The bundled models by name: loader, caption encoder, sampler, prompts, grid (the demo and the
+quality study run them through this).
 
     spec = get_model("tiny-wan")                   # or "small-wan", or get_model(name, path=DIR)
     model = spec.load("cuda", torch.bfloat16)
     video = spec.generate(model, spec.held_out(8), grid=spec.native_grid, steps=50, seed=0)
 
-Each entry is a :class:`QualityModel`. What the study needs of a model:
+Each entry is a :class:`BundledModel`. What the demo and the study need of a model:
 
 * ``load(device, dtype)`` -> a diffusers ``WanTransformer3DModel`` in eval mode;
 * ``encode(captions, device, dtype)`` -> ``encoder_hidden_states (B, T, text_dim)``;
-* ``generate(model, captions, grid=, steps=, seed=, transformer=)`` -> videos ``(B, C, F, H, W)``
-  float32, sample ``i`` from noise seeded ``seed + i``, the transformer called with
-  ``timestep = timesteps(steps)[j]`` at step ``j`` (calibration replays that trajectory);
+* ``generate(model, captions, grid=, steps=, seed=, transformer=, guidance_scale=, shift=)`` ->
+  videos ``(B, C, F, H, W)`` float32, sample ``i`` from noise seeded ``seed + i``, the transformer
+  called with ``timestep = timesteps(steps, shift)[j]`` at step ``j`` (calibration replays that
+  trajectory);
 * ``held_out(n)``: ``n`` prompts no calibration sees; ``training_pool()``: training captions,
   from which calibration draws;
 * ``native_grid``: the (pixel = latent, or latent) grid ``generate`` takes, ``token_grid(grid)``
   the token grid after patching; ``steps``: the study's default step count.
 
-``small-wan`` is imported lazily from ``scaling_attn_compile.tiny.small_wan`` (+ ``photo_video``), and
-its absence is one clear error, so the tiny-wan study runs without it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 
 @dataclass
-class QualityModel:
+class BundledModel:
     name: str
     path: Path  # the weights folder (config.json, weights, caption encoder, README.md card)
     weights_name: str
@@ -41,7 +40,7 @@ class QualityModel:
     load: Callable
     encode: Callable
     generate: Callable
-    timesteps: Callable[[int], list[float]]
+    timesteps: Callable[..., list[float]]
     token_grid: Callable
     held_out: Callable[[int], list[str]]
     training_pool: Callable[[], list[str]]
@@ -53,11 +52,14 @@ class QualityModel:
         n = max(1, min(n, len(pool)))
         return [pool[((i * len(pool)) // n + i % 3) % len(pool)] for i in range(n)]
 
-    def calibration_input(self, caption: str, seed: int):
+    def calibration_input(self, caption: str, seed: int, *, guidance_scale: float = 1.0):
+        """One caption's calibration input; with ``guidance_scale != 1`` the null caption is its
+        negative (classifier-free guidance, as ``generate`` runs it)."""
         from ..offline.calibrate import CalibrationInput
 
+        neg = self.encode([""], "cpu", torch.float32) if guidance_scale != 1.0 else None
         return CalibrationInput(self.encode([caption], "cpu", torch.float32), seed=seed,
-                                name=caption)
+                                negative_prompt_embeds=neg, name=caption)
 
     def card(self) -> str | None:
         card = self.path / "README.md"
@@ -75,83 +77,58 @@ def _check_n(name: str, prompts: list[str], n: int) -> list[str]:
     return prompts[:n]
 
 
-def tiny_wan(path: Path | None = None) -> QualityModel:
+def tiny_wan(path: Path | None = None) -> BundledModel:
     """The bundled tiny Wan (6.9M parameters, 8x32x32 pixels = 16 blocks; see its model card)."""
-    from ..tiny import tiny_wan as tw
-    from ..tiny.toy_video import held_out_captions, train_triples
+    from . import tiny_wan as tw
+    from .toy_video import held_out_captions, train_triples
 
     path = Path(path) if path is not None else tw.ASSET_DIR
-    return QualityModel(
+    return BundledModel(
         name="tiny-wan", path=path, weights_name=tw.WEIGHTS_NAME, native_grid=(8, 32, 32),
         steps=16,
         load=lambda device, dtype: tw.load_tiny_wan(device, dtype, path=path),
         encode=lambda caps, device=None, dtype=torch.float32: tw.encode_captions(
             caps, device=device, dtype=dtype, path=path),
-        generate=lambda model, caps, *, grid, steps, seed, transformer=None: tw.generate(
+        generate=lambda model, caps, *, grid, steps, seed, transformer=None, **kw: tw.generate(
             model, caps, grid=grid, steps=steps, seed=seed, transformer=transformer,
-            encoder_path=path),
-        timesteps=lambda steps: [1000.0 * s for s in tw.sigmas(steps).tolist()[:-1]],
+            encoder_path=path, **kw),
+        timesteps=lambda steps, shift=1.0: [1000.0 * s
+                                            for s in tw.sigmas(steps, shift).tolist()[:-1]],
         token_grid=tw.token_grid,
         held_out=lambda n: _check_n("tiny-wan", held_out_captions(), n),
         training_pool=lambda: [" ".join(t) for t in train_triples()])
 
 
-# What small-wan must expose (the small-wan helper's modules); one place to change the names.
-SMALL_WAN_NEEDS = {
-    "scaling_attn_compile.tiny.small_wan": ("load_small_wan", "encode_captions", "generate",
-                                       "token_grid", "SMALL_WAN_GRID", "ASSET_DIR",
-                                       "WEIGHTS_NAME"),
-    "scaling_attn_compile.tiny.photo_video": ("held_out_prompts", "train_captions"),
-}
-
-
-def _import_need(module: str, names) -> object:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise RuntimeError(f"--model small-wan: {module} is not installed in this checkout ({e}); "
-                           "it comes with the small-wan branch; run --model tiny-wan "
-                           "until it is merged") from e
-    missing = [n for n in names if not hasattr(mod, n)]
-    if missing:
-        raise RuntimeError(f"--model small-wan: {module} lacks {missing}, which the quality "
-                           f"registry expects; add them or adapt SMALL_WAN_NEEDS and "
-                           f"small_wan() in {__name__}")
-    return mod
-
-
-def small_wan(path: Path | None = None) -> QualityModel:
+def small_wan(path: Path | None = None) -> BundledModel:
     """small-wan (16x128x128 pixels, patch (1, 4, 4): 16x32x32 tokens = 128 blocks), 50 steps."""
-    sw = _import_need("scaling_attn_compile.tiny.small_wan",
-                      SMALL_WAN_NEEDS["scaling_attn_compile.tiny.small_wan"])
-    pv = _import_need("scaling_attn_compile.tiny.photo_video",
-                      SMALL_WAN_NEEDS["scaling_attn_compile.tiny.photo_video"])
-    from ..tiny import tiny_wan as tw
+    from . import photo_video as pv
+    from . import small_wan as sw
+    from . import tiny_wan as tw
 
-    sig = getattr(sw, "sigmas", tw.sigmas)  # its own schedule (a flow shift) if it has one
     path = Path(path) if path is not None else Path(sw.ASSET_DIR)
-    return QualityModel(
+    return BundledModel(
         name="small-wan", path=path, weights_name=sw.WEIGHTS_NAME,
         native_grid=tuple(sw.SMALL_WAN_GRID), steps=50,
         load=lambda device, dtype: sw.load_small_wan(device, dtype, path=path),
         encode=lambda caps, device=None, dtype=torch.float32: sw.encode_captions(
             caps, device=device, dtype=dtype, path=path),
-        generate=lambda model, caps, *, grid, steps, seed, transformer=None: sw.generate(
-            model, caps, grid=grid, steps=steps, seed=seed, transformer=transformer,
-            encoder=sw.caption_encoder(path)),
-        timesteps=lambda steps: [1000.0 * s for s in sig(steps).tolist()[:-1]],
+        generate=lambda model, caps, *, grid, steps, seed, transformer=None, progress=False,
+        **kw: sw.generate(model, caps, grid=grid, steps=steps, seed=seed, transformer=transformer,
+                          encoder=sw.caption_encoder(path), **kw),
+        timesteps=lambda steps, shift=1.0: [1000.0 * s
+                                            for s in tw.sigmas(steps, shift).tolist()[:-1]],
         token_grid=sw.token_grid,
         held_out=lambda n: _check_n("small-wan", list(pv.held_out_prompts(max(n, 8))), n),
         training_pool=lambda: list(pv.train_captions(64)))
 
 
-MODELS: dict[str, Callable[[Path | None], QualityModel]] = {
+MODELS: dict[str, Callable[[Path | None], BundledModel]] = {
     "tiny-wan": tiny_wan,
     "small-wan": small_wan,
 }
 
 
-def get_model(name: str, path: Path | None = None) -> QualityModel:
+def get_model(name: str, path: Path | None = None) -> BundledModel:
     if name not in MODELS:
         raise ValueError(f"--model: expected one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](path)
