@@ -152,6 +152,8 @@ class ScalingAttnBackend:
         check = ModelCheck(plan, check_model)  # validates the option
         self.model_check = check if ModelCheck.applies(plan) else None
         self.reports: list[RewriteReport] = []
+        self.attached: list = []  # RegionalTables, one per attached transformer
+        self.current = None  # the attached transformer whose forward is running
         self._tables: dict[tuple, tuple[AttentionTables, list]] = {}
         if verbose:
             log.setLevel(logging.INFO)
@@ -182,6 +184,25 @@ class ScalingAttnBackend:
             per_layer = [(m, lt, per_layer[0][2]) for m, lt, _ in per_layer]
             self._tables[key] = (tables, per_layer)
         return self._tables[key]
+
+    def attach(self, transformer):
+        """Prepare ``transformer`` for regional compilation (``compile_repeated_blocks``): each
+        block's self-attention module holds its layer's tables as buffers, which one compiled
+        block reads as graph inputs, and a forward pre-hook keeps them (and the timestep) current
+        for each call's resolution and step. Call before the first compiled call:
+
+            backend = scaling_attn_backend(plan)
+            backend.attach(transformer)
+            transformer.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=False)
+
+        A whole-model ``torch.compile`` of an attached transformer still works (it binds its own
+        constants). Returns the :class:`~.regional.RegionalTables`; its ``detach()`` undoes this.
+        See :mod:`.regional` for what Dynamo does with the buffers."""
+        from .regional import RegionalTables
+
+        handle = RegionalTables(self, transformer)
+        self.attached.append(handle)
+        return handle
 
     def heads_for(self, plan_heads: int) -> tuple[int, int] | None:
         """The plan's heads this process's graphs run (see ``head_range``/``parallel``)."""
@@ -242,10 +263,10 @@ class ScalingAttnBackend:
             on_dynamic_shapes="error" if self.on_dynamic_shapes == "specialize"
             else self.on_dynamic_shapes,
             energy=self.energy_filter.for_layer if self.energy_filter is not None else None,
-            head_range=self.heads_for)
+            head_range=self.heads_for, attached=self.current)
         self.reports.append(report)
         self._apply_token_order(gm, report, example_inputs)
-        if report.per_layer and torch.is_grad_enabled() and any(
+        if report.num_rewritten and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
             # AOT would trace a backward through the op, which has no autograd formula, and
             # fail with "Trying to backward through scaling_attn.sparse_attention".
@@ -259,6 +280,11 @@ class ScalingAttnBackend:
             log.info("grid %s (S=%d): rewrote %d self-attention calls "
                      "(layer:count %s); left dense %s", report.grid, report.seq_len,
                      report.num_rewritten, counts, report.left_dense or "{}")
+        if report.block_sites:
+            log.info("grid %s (S=%d): rewrote %d self-attention calls of one transformer block "
+                     "(regional compilation; every layer reads its attached tables); left dense "
+                     "%s", report.grid, report.seq_len, report.block_sites,
+                     report.left_dense or "{}")
         if self.compiler == "eager":
             return gm.forward
         if callable(self.compiler):

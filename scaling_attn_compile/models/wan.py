@@ -217,14 +217,34 @@ HOOKED_LAYER_RE = re.compile(
 SELF_ATTENTION = "attn1"
 
 
+# A block compiled on its own (regional compilation, ``compile_repeated_blocks``): the graph's
+# root is the block, so the attention's path is "L['self'].attn1" (torch 2.13) or
+# "L['self']._modules['attn1']", with no layer index.
+BLOCK_ATTENTION_RE = re.compile(r"^L\['self'\]\W+(?:_modules\W+)?(attn\d)\W*$")
+
+
 def attention_site(node: torch.fx.Node) -> tuple[int | None, str | None, str | None]:
-    """(layer index, 'attn1'/'attn2', module path) of the innermost ``blocks.<i>.attn<k>``."""
+    """(layer index, 'attn1'/'attn2', module path) of the innermost ``blocks.<i>.attn<k>``; in
+    a graph of one block (regional compilation) the layer index is None."""
     stack = node.meta.get("nn_module_stack") or {}
-    for path, _cls in reversed(list(stack.values())):
-        m = LAYER_RE.search(str(path)) or HOOKED_LAYER_RE.search(str(path))
+    paths = [str(path) for path, _cls in stack.values()]
+    for path in reversed(paths):
+        m = LAYER_RE.search(path) or HOOKED_LAYER_RE.search(path)
         if m:
-            return int(m.group(1)), m.group(2), str(path)
+            return int(m.group(1)), m.group(2), path
+    m = BLOCK_ATTENTION_RE.match(paths[-1]) if paths else None
+    if m:
+        return None, m.group(1), paths[-1]
     return None, None, None
+
+
+def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """``(hidden_states, timestep)`` of a ``WanTransformer3DModel.forward`` call, as a forward
+    pre-hook sees them (``forward(hidden_states, timestep, encoder_hidden_states, ...)``)."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    timestep = kwargs["timestep"] if "timestep" in kwargs else (
+        args[1] if len(args) > 1 else None)
+    return hidden, timestep
 
 
 def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
