@@ -6,6 +6,10 @@
     # or by name, through the torch_dynamo_backends entry point "scaling_attn":
     transformer = torch.compile(transformer, backend="scaling_attn", options={"plan": plan})
 
+    # or regionally (diffusers' compile_repeated_blocks), tables attached to the blocks first:
+    backend.attach(transformer)
+    transformer.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=False)
+
 For each graph Dynamo hands it, the backend
 
 0. checks that the graph's parameters are the plan's model (config shapes and the attention
@@ -22,6 +26,9 @@ For each graph Dynamo hands it, the backend
    transformer's ``timestep`` input (density is looked up on the device: no recompile per step);
 3. hands the graph to Inductor's ``compile_fx``; the op's lowering (:mod:`.lowering`) makes it a
    Triton template kernel on CUDA and an extern call to the eager op elsewhere.
+
+A graph of one block (regional compilation, :mod:`.regional`) has no layer index and no patch
+embedding: its self-attention is bound to the block's attached buffers instead of constants.
 
 Cross-attention (text, and text + image for I2V) is never touched. The design and the
 reasons are in ``DESIGN.md``.
