@@ -27,10 +27,12 @@ from scaling_attn_compile.testing import assert_close_to_oracle
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
 from test_backend import (  # noqa: E402
+    GPU,
     GRID,
     Oracle,
     _fresh_dynamo,  # noqa: F401  (autouse: a fresh Dynamo per test)
     compiled,
+    device_setup,
     make_inputs,
     make_model,
     sharpen_self_attention,
@@ -154,3 +156,29 @@ def test_regional_limits_are_clear_errors():
     regional(model, two_level_tables(), energy_filter=per_layer)
     with pytest.raises(BackendCompilerFailed, match="energy filter differs per layer"):
         run_steps(model, inputs, steps=(1,))
+
+
+@GPU
+def test_regional_inductor_on_cuda_equals_full_graph():
+    """On the GPU both compiles lower the op to the Triton template (Inductor): regional and
+    full-graph outputs both match the reference processor (float64 golden model) at both
+    timestep buckets, with one block graph."""
+    _, head_dim = device_setup("cuda")
+    dtype = torch.float16  # see test_backend: bf16 rounding hides what the masks change
+    model = sharpen_self_attention(make_model(head_dim=head_dim)).to("cuda", dtype)
+    inputs = make_inputs(device="cuda", dtype=dtype)
+    tables = two_level_tables()
+    oracle = Oracle(model, tables)  # before attach and compile: a deep copy would copy them
+    steps = (900, 100)
+    full = run_steps(compiled(model, scaling_attn_backend(tables)), inputs, steps)
+    torch._dynamo.reset()
+    be = scaling_attn_backend(tables)
+    be.attach(model)
+    model.compile_repeated_blocks(backend=be, fullgraph=True, dynamic=False)
+    outs = run_steps(model, inputs, steps)
+    assert len(be.reports) == 1 and be.reports[0].block_sites == 1
+    for t, out, ref in zip(steps, outs, full, strict=True):
+        same, golden = oracle(torch.tensor([t], device="cuda"), **inputs)
+        assert_close_to_oracle(out, golden, same, k=3.0, what=f"regional t={t}")
+        assert_close_to_oracle(ref, golden, same, k=3.0, what=f"full graph t={t}")
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
