@@ -182,3 +182,24 @@ def test_regional_inductor_on_cuda_equals_full_graph():
         assert_close_to_oracle(out, golden, same, k=3.0, what=f"regional t={t}")
         assert_close_to_oracle(ref, golden, same, k=3.0, what=f"full graph t={t}")
     assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_real_plan_is_checked_at_attach_and_remapped():
+    """plan.Plan: attach checks the model against the plan (no block graph holds every layer's
+    weights, so the backend's graph check cannot); the plan calibrated at (4, 8, 8) runs at the
+    model's grid (4, 8, 10) and equals the reference bound to the same materialised tables."""
+    from scaling_attn_compile.errors import PlanModelMismatch
+    from scaling_attn_compile.plan.plan import Plan
+
+    model, inputs = make_model(), make_inputs()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (2, 2, 2, 2), generator=g, dtype=torch.uint8)
+    plan = Plan.from_codes(codes, model, (4, 8, 8), num_calibration_inputs=1)
+    with pytest.raises(PlanModelMismatch, match="other weights"):
+        scaling_attn_backend(plan).attach(make_model(seed=5))
+    oracle = Oracle(model, plan.materialize(GRID, density=0.5))
+    be = regional(model, plan, materialize_kwargs={"density": 0.5})
+    (out,) = run_steps(model, inputs, steps=(700,))
+    assert be.reports[0].block_sites == 1
+    same, golden = oracle(torch.tensor([700]), **inputs)
+    assert_close_to_oracle(out, golden, same)

@@ -49,7 +49,7 @@ import torch
 from ..contract.tables import AttentionTables
 from ..contract.validate import check_attention_tables
 from ..errors import PlanMismatchError
-from ..models.wan import find_timestep
+from ..models.wan import find_timestep, is_block_graph
 from . import lowering as _lowering  # registers the Inductor lowering of the op
 from .parallel import ulysses_head_range, ulysses_rank
 from .rewrite import RewriteReport, _register_constant, rewrite_self_attention
@@ -253,7 +253,8 @@ class ScalingAttnBackend:
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        if self.model_check is not None:
+        # A block graph's parameter names are the block's; attach() checked the whole model.
+        if self.model_check is not None and not is_block_graph(gm):
             self.model_check(gm, example_inputs)
         if self.on_dynamic_shapes == "specialize" and is_symbolic(gm, example_inputs):
             # Dynamo's automatic-dynamic recompile at a second resolution (or dynamic=True):

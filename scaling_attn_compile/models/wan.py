@@ -238,6 +238,15 @@ def attention_site(node: torch.fx.Node) -> tuple[int | None, str | None, str | N
     return None, None, None
 
 
+def is_block_graph(gm: torch.fx.GraphModule) -> bool:
+    """Is this the graph of one transformer block compiled on its own (regional compilation)?
+    Its attention has no layer index, and its parameter names are the block's, not the model's
+    (a block's ``scale_shift_table`` is not the model's)."""
+    return any(n.op == "call_function" and n.target is F.scaled_dot_product_attention
+               and attention_site(n)[1] is not None and attention_site(n)[0] is None
+               for n in gm.graph.nodes)
+
+
 def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     """``(hidden_states, timestep)`` of a ``WanTransformer3DModel.forward`` call, as a forward
     pre-hook sees them (``forward(hidden_states, timestep, encoder_hidden_states, ...)``)."""
