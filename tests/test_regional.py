@@ -184,22 +184,33 @@ def test_regional_inductor_on_cuda_equals_full_graph():
     assert (outs[0] - outs[1]).abs().max() > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")  # a 2-block calib
 def test_real_plan_is_checked_at_attach_and_remapped():
-    """plan.Plan: attach checks the model against the plan (no block graph holds every layer's
-    weights, so the backend's graph check cannot); the plan calibrated at (4, 8, 8) runs at the
-    model's grid (4, 8, 10) and equals the reference bound to the same materialised tables."""
+    """plan.Plan with a two-bucket FAST schedule (dense warm-up, then sparse): attach checks the
+    model against the plan (no block graph holds every layer's weights, so the backend's graph
+    check cannot); the plan calibrated at (4, 8, 8) runs at the model's grid (4, 8, 10), each
+    step equals the reference bound to the same materialised tables, with one compile."""
     from scaling_attn_compile.errors import PlanModelMismatch
+    from scaling_attn_compile.offline.fast_fit import dense_first_schedule
     from scaling_attn_compile.plan.plan import Plan
 
-    model, inputs = make_model(), make_inputs()
+    model, inputs = sharpen_self_attention(make_model()), make_inputs()
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, (2, 2, 2, 2), generator=g, dtype=torch.uint8)
     plan = Plan.from_codes(codes, model, (4, 8, 8), num_calibration_inputs=1)
+    steps = (999, 750, 500, 250)
+    plan = plan.with_schedule(dense_first_schedule(plan, 0.3, steps, 0.25, match_global=False))
     with pytest.raises(PlanModelMismatch, match="other weights"):
         scaling_attn_backend(plan).attach(make_model(seed=5))
-    oracle = Oracle(model, plan.materialize(GRID, density=0.5))
-    be = regional(model, plan, materialize_kwargs={"density": 0.5})
-    (out,) = run_steps(model, inputs, steps=(700,))
-    assert be.reports[0].block_sites == 1
-    same, golden = oracle(torch.tensor([700]), **inputs)
-    assert_close_to_oracle(out, golden, same)
+    tables = plan.materialize(GRID)
+    assert tables.bucket_bounds.numel() == 1
+    oracle = Oracle(model, tables)
+    be = regional(model, plan)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = run_steps(model, inputs, steps=steps)
+    assert len(be.reports) == 1 and be.reports[0].block_sites == 1
+    for t, out in zip(steps, outs, strict=True):
+        same, golden = oracle(torch.tensor([t]), **inputs)
+        assert_close_to_oracle(out, golden, same, what=f"t={t}")
+    dense_same, _ = Oracle(model)(torch.tensor([250]), **inputs)
+    assert (outs[-1] - dense_same).abs().max() > 1e-3  # the sparse bucket is not dense

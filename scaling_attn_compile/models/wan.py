@@ -4,7 +4,9 @@ module paths (``blocks.<i>.attn1`` self-attention, ``attn2`` cross-attention,
 
 * graph sites, for the FX pass: :func:`attention_site`, :func:`find_timestep`,
   :func:`find_latent_grid`, :func:`whole_model`, :data:`WAN_SITES` (token-order step),
-  :data:`PARAM_HINTS` and :func:`fingerprint_names` (the model check);
+  :data:`PARAM_HINTS` and :func:`fingerprint_names` (the model check); :func:`is_block_graph`
+  and :func:`forward_inputs` (regional compilation: a block's graph, the transformer's inputs
+  as its forward pre-hook sees them);
 * models: :data:`BUILTIN_CONFIGS` (1.3B, 14B, a tiny random one), :func:`load_transformer`,
   :func:`latent_shape_for`, :func:`latent_token_grid`, :func:`encode_prompts` (UMT5);
 * :func:`weights_fingerprint` and :func:`num_layers`, for the plan.
