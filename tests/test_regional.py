@@ -214,3 +214,23 @@ def test_real_plan_is_checked_at_attach_and_remapped():
         assert_close_to_oracle(out, golden, same, what=f"t={t}")
     dense_same, _ = Oracle(model)(torch.tensor([250]), **inputs)
     assert (outs[-1] - dense_same).abs().max() > 1e-3  # the sparse bucket is not dense
+
+
+def test_model_to_after_attach_rebinds_the_tables():
+    """``model.to(...)`` after a call replaces every buffer per module (float ones cast too); the
+    next call's hook binds the tables again, so the op still gets float32 bounds and one shared
+    timestep (here float64: a new dtype, so one more block graph)."""
+    model, inputs = make_model(), make_inputs()
+    tables = two_level_tables()
+    oracle = Oracle(model, tables)
+    be = regional(model, tables)
+    run_steps(model, inputs, steps=(900,))
+    model.double()
+    attn = self_attention_modules(model)
+    assert attn[0].scaling_attn_bucket_bounds.dtype == torch.float64  # what .to() did
+    (out,) = run_steps(model, {k: v.double() for k, v in inputs.items()}, steps=(100,))
+    assert [m.scaling_attn_bucket_bounds.dtype for m in attn] == [torch.float32] * 2
+    assert attn[0].scaling_attn_timestep is attn[1].scaling_attn_timestep
+    assert len(be.reports) == 2 and be.reports[1].block_sites == 1
+    _, golden = oracle(torch.tensor([100]), **inputs)
+    torch.testing.assert_close(out, golden, rtol=1e-6, atol=1e-6)
