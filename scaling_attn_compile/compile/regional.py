@@ -100,6 +100,8 @@ class RegionalTables:
         self._handles = []
         if self in self.backend.attached:
             self.backend.attached.remove(self)
+        if self.backend.current is self:
+            self.backend.current = None
 
     def _tables(self, grid, device):
         """Each layer's ``(masks, level_table, bucket_bounds)``, masks padded to the most levels
