@@ -6,6 +6,10 @@
     # or by name, through the torch_dynamo_backends entry point "scaling_attn":
     transformer = torch.compile(transformer, backend="scaling_attn", options={"plan": plan})
 
+    # or regionally (diffusers' compile_repeated_blocks), tables attached to the blocks first:
+    backend.attach(transformer)
+    transformer.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=False)
+
 For each graph Dynamo hands it, the backend
 
 0. checks that the graph's parameters are the plan's model (config shapes and the attention
@@ -22,6 +26,9 @@ For each graph Dynamo hands it, the backend
    transformer's ``timestep`` input (density is looked up on the device: no recompile per step);
 3. hands the graph to Inductor's ``compile_fx``; the op's lowering (:mod:`.lowering`) makes it a
    Triton template kernel on CUDA and an extern call to the eager op elsewhere.
+
+A graph of one block (regional compilation, :mod:`.regional`) has no layer index and no patch
+embedding: its self-attention is bound to the block's attached buffers instead of constants.
 
 Cross-attention (text, and text + image for I2V) is never touched. The design and the
 reasons are in ``DESIGN.md``.
@@ -42,7 +49,7 @@ import torch
 from ..contract.tables import AttentionTables
 from ..contract.validate import check_attention_tables
 from ..errors import PlanMismatchError
-from ..models.wan import find_timestep
+from ..models.wan import find_timestep, is_block_graph
 from . import lowering as _lowering  # registers the Inductor lowering of the op
 from .parallel import ulysses_head_range, ulysses_rank
 from .rewrite import RewriteReport, _register_constant, rewrite_self_attention
@@ -152,6 +159,8 @@ class ScalingAttnBackend:
         check = ModelCheck(plan, check_model)  # validates the option
         self.model_check = check if ModelCheck.applies(plan) else None
         self.reports: list[RewriteReport] = []
+        self.attached: list = []  # RegionalTables, one per attached transformer
+        self.current = None  # the attached transformer whose forward is running
         self._tables: dict[tuple, tuple[AttentionTables, list]] = {}
         if verbose:
             log.setLevel(logging.INFO)
@@ -182,6 +191,25 @@ class ScalingAttnBackend:
             per_layer = [(m, lt, per_layer[0][2]) for m, lt, _ in per_layer]
             self._tables[key] = (tables, per_layer)
         return self._tables[key]
+
+    def attach(self, transformer):
+        """Prepare ``transformer`` for regional compilation (``compile_repeated_blocks``): each
+        block's self-attention module holds its layer's tables as buffers, which one compiled
+        block reads as graph inputs, and a forward pre-hook keeps them (and the timestep) current
+        for each call's resolution and step. Call before the first compiled call:
+
+            backend = scaling_attn_backend(plan)
+            backend.attach(transformer)
+            transformer.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=False)
+
+        A whole-model ``torch.compile`` of an attached transformer still works (it binds its own
+        constants). Returns the :class:`~.regional.RegionalTables`; its ``detach()`` undoes this.
+        See :mod:`.regional` for what Dynamo does with the buffers."""
+        from .regional import RegionalTables
+
+        handle = RegionalTables(self, transformer)
+        self.attached.append(handle)
+        return handle
 
     def heads_for(self, plan_heads: int) -> tuple[int, int] | None:
         """The plan's heads this process's graphs run (see ``head_range``/``parallel``)."""
@@ -225,7 +253,8 @@ class ScalingAttnBackend:
         return patches
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        if self.model_check is not None:
+        # A block graph's parameter names are the block's; attach() checked the whole model.
+        if self.model_check is not None and not is_block_graph(gm):
             self.model_check(gm, example_inputs)
         if self.on_dynamic_shapes == "specialize" and is_symbolic(gm, example_inputs):
             # Dynamo's automatic-dynamic recompile at a second resolution (or dynamic=True):
@@ -242,10 +271,10 @@ class ScalingAttnBackend:
             on_dynamic_shapes="error" if self.on_dynamic_shapes == "specialize"
             else self.on_dynamic_shapes,
             energy=self.energy_filter.for_layer if self.energy_filter is not None else None,
-            head_range=self.heads_for)
+            head_range=self.heads_for, attached=self.current)
         self.reports.append(report)
         self._apply_token_order(gm, report, example_inputs)
-        if report.per_layer and torch.is_grad_enabled() and any(
+        if report.num_rewritten and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
             # AOT would trace a backward through the op, which has no autograd formula, and
             # fail with "Trying to backward through scaling_attn.sparse_attention".
@@ -259,6 +288,11 @@ class ScalingAttnBackend:
             log.info("grid %s (S=%d): rewrote %d self-attention calls "
                      "(layer:count %s); left dense %s", report.grid, report.seq_len,
                      report.num_rewritten, counts, report.left_dense or "{}")
+        if report.block_sites:
+            log.info("grid %s (S=%d): rewrote %d self-attention calls of one transformer block "
+                     "(regional compilation; every layer reads its attached tables); left dense "
+                     "%s", report.grid, report.seq_len, report.block_sites,
+                     report.left_dense or "{}")
         if self.compiler == "eager":
             return gm.forward
         if callable(self.compiler):

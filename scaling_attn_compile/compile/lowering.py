@@ -9,7 +9,8 @@ Constexprs come from ``kernels/launch.py``'s ``launch_meta`` and ``CONFIGS``.
 
 Cache hygiene: Inductor's FX graph cache key does not cover this project's files, so a kernel
 edit could reuse stale generated code. :class:`KernelSourceHash` is a no-op post-grad pass whose
-``uuid()`` hashes this file, ``backend.py``, ``rewrite.py``, ``template_source.py``, the kernel and
+``uuid()`` hashes this file, ``backend.py``, ``rewrite.py``, ``regional.py``,
+``template_source.py``, the kernel and
 its launcher (``kernels/``) and the template source (taken at
 import); the backend installs it in the config patches it gives ``compile_fx``.
 
@@ -221,6 +222,7 @@ _HASHED_FILES = (
     os.path.abspath(__file__),
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend.py"),
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "rewrite.py"),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "regional.py"),
     os.path.abspath(_template_source.__file__),
     os.path.abspath(_kernel.__file__),
     os.path.abspath(_launch.__file__),

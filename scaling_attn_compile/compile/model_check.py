@@ -53,7 +53,9 @@ def graph_parameters(gm: torch.fx.GraphModule, example_inputs, top_level: set[st
     out: dict[str, torch.Tensor] = {}
 
     def add(tokens: list[str], value) -> None:
-        if not isinstance(value, torch.Tensor) or any(t.startswith("lora_") for t in tokens):
+        # scaling_attn_* buffers: the tables regional compilation attaches (regional.py).
+        if not isinstance(value, torch.Tensor) or any(t.startswith(("lora_", "scaling_attn_"))
+                                                      for t in tokens):
             return
         tokens = [t for t in tokens if t not in _SKIP_TOKENS]
         start = next((i for i, t in enumerate(tokens) if t in top_level), None)
@@ -72,6 +74,13 @@ def graph_parameters(gm: torch.fx.GraphModule, example_inputs, top_level: set[st
         if flat in fqn:
             add(fqn[flat].split("."), value)
     return out
+
+
+def module_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's parameters and buffers by name, LoRA adapters left out (as in a graph)."""
+    return {k.replace(".base_layer", ""): v for k, v in
+            [*model.named_parameters(), *model.named_buffers()]
+            if "lora_" not in k and not k.rsplit(".", 1)[-1].startswith("scaling_attn_")}
 
 
 class ModelCheck:
@@ -128,7 +137,17 @@ class ModelCheck:
             return
         expected = self.expected_shapes()
         top = {k.split(".")[0] for k in expected} if expected else {LAYERS_ROOT}
-        params = graph_parameters(gm, example_inputs, top)
+        self.check_params(graph_parameters(gm, example_inputs, top))
+
+    def check_params(self, params: dict[str, torch.Tensor]) -> None:
+        """The check on ``{name: tensor}`` named as in ``model.named_parameters()``: a graph's
+        (:func:`graph_parameters`), or a whole model's (:func:`module_parameters`, for
+        regional compilation, where no one graph holds every layer)."""
+        if self.mode is False:
+            self._warn_once("off", "scaling_attn_backend: check_model=False: the plan is not "
+                            "checked against the compiled model")
+            return
+        expected = self.expected_shapes()
         if not params:
             return  # not the plan's kind of model at all: the rewrite will say so
         meta = self.plan.meta

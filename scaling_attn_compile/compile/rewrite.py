@@ -40,6 +40,7 @@ from ..models.wan import (
     find_timestep,
     whole_model,
 )
+from .regional import drop_bind_calls, rewrite_block_sites
 
 log = logging.getLogger("scaling_attn_compile")
 
@@ -57,6 +58,8 @@ class RewriteReport:
         head_range: ``(h0, h1)``, the plan's heads bound to this graph's self-attention when the
             model holds a slice of them (Ulysses sequence parallelism), else None.
         token_order: the order the graph's tokens run in (``token_order.py``), when not raster.
+        block_sites: self-attention calls replaced in a graph of one block (regional
+            compilation, :mod:`.regional`): bound to the block's attached tables, any layer.
     """
 
     grid: tuple[int, int, int] | None = None
@@ -66,10 +69,11 @@ class RewriteReport:
     dense_fallback: str | None = None
     head_range: tuple[int, int] | None = None
     token_order: str | None = None
+    block_sites: int = 0
 
     @property
     def num_rewritten(self) -> int:
-        return sum(self.per_layer.values())
+        return sum(self.per_layer.values()) + self.block_sites
 
 
 def _sdpa_args(node: torch.fx.Node) -> dict[str, Any]:
@@ -108,6 +112,7 @@ def rewrite_self_attention(
     on_dynamic_shapes: str = "error",
     energy: Callable[[int, int], tuple[int, float]] | None = None,
     head_range: Sequence[int] | Callable[[int], tuple[int, int] | None] | None = None,
+    attached=None,
 ) -> RewriteReport:
     """Replace self-attention SDPA calls of a Dynamo graph by the block-sparse op, in place.
 
@@ -125,6 +130,8 @@ def rewrite_self_attention(
             graph's self-attention runs (Ulysses sequence parallelism: ``H/N`` heads per rank).
             Each layer is bound to ``masks[h0:h1]`` and ``level_table[:, h0:h1]``. ``None``:
             the model must have the plan's head count (a mismatch is an error, never a guess).
+        attached: the :class:`~.regional.RegionalTables` of the transformer being run, for a
+            graph of one block (regional compilation); its sites bind the block's buffers.
 
     Returns:
         A :class:`RewriteReport`.
@@ -134,7 +141,18 @@ def rewrite_self_attention(
                          f"got {on_dynamic_shapes!r}")
     report = RewriteReport()
     sites, self_layers = collect_sites(gm, report, on_dynamic_shapes)
-    if not sites:  # None: symbolic shapes, left dense; []: no self-attention in this graph
+    block = [site for site in sites or () if site[1] is None]  # no layer index: one block
+    if block and len(block) != len(sites):
+        raise PlanMismatchError(
+            "scaling_attn_backend: a graph holds self-attention with and without a layer index "
+            f"({SELF_ATTENTION_PATH}); compile the whole transformer or its blocks, not a mix")
+    if block:
+        rewrite_block_sites(gm, block, report, attached=attached, head_dim=head_dim,
+                            energy=energy, op=OP)
+    if drop_bind_calls(gm) or block:  # the regional markers go; a whole graph binds constants
+        gm.graph.lint()
+        gm.recompile()
+    if block or not sites:  # None: symbolic shapes, left dense; []: no self-attention here
         return report
     bound = check_against_plan(gm, sites, self_layers, report, tables_for, patch_size=patch_size,
                                grid=grid, head_dim=head_dim,
@@ -211,7 +229,8 @@ def collect_sites(gm: torch.fx.GraphModule, report: RewriteReport, on_dynamic_sh
             f"scaling_attn_backend: no self-attention SDPA ({SELF_ATTENTION_PATH}) found in this "
             f"graph ({n_sdpa} SDPA calls, {dict(left)}); compiling it dense. The model must use "
             "diffusers' 'native' attention backend (transformer.set_attention_backend('native'))"
-            " and be compiled whole (regional compilation hides the layer index)", stacklevel=3)
+            " and be compiled whole, or, for regional compilation, attached first "
+            "(backend.attach(transformer))", stacklevel=3)
         return [], seen_self_layers
 
     return sites, seen_self_layers

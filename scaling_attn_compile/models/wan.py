@@ -4,7 +4,9 @@ module paths (``blocks.<i>.attn1`` self-attention, ``attn2`` cross-attention,
 
 * graph sites, for the FX pass: :func:`attention_site`, :func:`find_timestep`,
   :func:`find_latent_grid`, :func:`whole_model`, :data:`WAN_SITES` (token-order step),
-  :data:`PARAM_HINTS` and :func:`fingerprint_names` (the model check);
+  :data:`PARAM_HINTS` and :func:`fingerprint_names` (the model check); :func:`is_block_graph`
+  and :func:`forward_inputs` (regional compilation: a block's graph, the transformer's inputs
+  as its forward pre-hook sees them);
 * models: :data:`BUILTIN_CONFIGS` (1.3B, 14B, a tiny random one), :func:`load_transformer`,
   :func:`latent_shape_for`, :func:`latent_token_grid`, :func:`encode_prompts` (UMT5);
 * :func:`weights_fingerprint` and :func:`num_layers`, for the plan.
@@ -217,14 +219,43 @@ HOOKED_LAYER_RE = re.compile(
 SELF_ATTENTION = "attn1"
 
 
+# A block compiled on its own (regional compilation, ``compile_repeated_blocks``): the graph's
+# root is the block, so the attention's path is "L['self'].attn1" (torch 2.13) or
+# "L['self']._modules['attn1']", with no layer index.
+BLOCK_ATTENTION_RE = re.compile(r"^L\['self'\]\W+(?:_modules\W+)?(attn\d)\W*$")
+
+
 def attention_site(node: torch.fx.Node) -> tuple[int | None, str | None, str | None]:
-    """(layer index, 'attn1'/'attn2', module path) of the innermost ``blocks.<i>.attn<k>``."""
+    """(layer index, 'attn1'/'attn2', module path) of the innermost ``blocks.<i>.attn<k>``; in
+    a graph of one block (regional compilation) the layer index is None."""
     stack = node.meta.get("nn_module_stack") or {}
-    for path, _cls in reversed(list(stack.values())):
-        m = LAYER_RE.search(str(path)) or HOOKED_LAYER_RE.search(str(path))
+    paths = [str(path) for path, _cls in stack.values()]
+    for path in reversed(paths):
+        m = LAYER_RE.search(path) or HOOKED_LAYER_RE.search(path)
         if m:
-            return int(m.group(1)), m.group(2), str(path)
+            return int(m.group(1)), m.group(2), path
+    m = BLOCK_ATTENTION_RE.match(paths[-1]) if paths else None
+    if m:
+        return None, m.group(1), paths[-1]
     return None, None, None
+
+
+def is_block_graph(gm: torch.fx.GraphModule) -> bool:
+    """Is this the graph of one transformer block compiled on its own (regional compilation)?
+    Its attention has no layer index, and its parameter names are the block's, not the model's
+    (a block's ``scale_shift_table`` is not the model's)."""
+    return any(n.op == "call_function" and n.target is F.scaled_dot_product_attention
+               and attention_site(n)[1] is not None and attention_site(n)[0] is None
+               for n in gm.graph.nodes)
+
+
+def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """``(hidden_states, timestep)`` of a ``WanTransformer3DModel.forward`` call, as a forward
+    pre-hook sees them (``forward(hidden_states, timestep, encoder_hidden_states, ...)``)."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    timestep = kwargs["timestep"] if "timestep" in kwargs else (
+        args[1] if len(args) > 1 else None)
+    return hidden, timestep
 
 
 def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:

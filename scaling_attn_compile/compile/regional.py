@@ -1,0 +1,239 @@
+"""Regional compilation: one compiled transformer block serves every layer with its own tables.
+
+    backend = scaling_attn_backend(plan)
+    backend.attach(pipe.transformer)          # the tables become buffers on each block
+    pipe.transformer.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=False)
+
+diffusers' ``compile_repeated_blocks`` compiles each ``WanTransformerBlock`` on its own; Dynamo
+traces one graph and reuses it for every block, so the graph knows no layer index and cannot
+hold a layer's tables as constants (the full-graph path does, :mod:`.rewrite`). Here the tables
+are **buffers on each block's self-attention module** and the timestep a buffer the
+transformer's forward pre-hook updates in place; the FX pass binds the block's self-attention
+SDPA to those buffers, which Dynamo lifts as graph inputs. One compiled block then runs every
+layer with that layer's masks, and every step with the step's timestep, without a recompile.
+
+What Dynamo does (torch 2.13, diffusers 0.42.1, ``inline_inbuilt_nn_modules=True``; 2-block
+Wan, ``compile_repeated_blocks(fullgraph=True, dynamic=False)``, measured on the CPU):
+
+* buffers that the traced code does not read are **not** lifted: with the four buffers
+  registered but unused, the block graph had 32 placeholders (the block's 27 parameters, temb,
+  hidden_states, the two RoPE tables, the text), none of them ours. So each self-attention
+  module gets a forward pre-hook that passes its buffers to a no-op custom op
+  (``scaling_attn::bind_tables``, :mod:`..ops.bind`); the graph then had 36 placeholders
+  (``L['self']._modules['<attention>']._buffers['scaling_attn_masks']`` and three more), and the
+  op node carries the attention module's path, which is how the pass pairs it with the SDPA;
+* 1 graph, 1 backend call for 2 blocks x 3 timesteps (``unique_graphs`` 1): the guards check
+  the buffers' shape, dtype and device, not their identity or values, so each block's own
+  masks reached the compiled code (values 0, 1, 0, 1, ... per call), and the timestep buffer's
+  in-place update did not recompile;
+* rebinding every block's masks to new tensors of the same shape: no recompile (1 graph);
+  of another shape (another resolution): one new graph (2), shared by all blocks again.
+
+So buffers keep one shape per resolution for every layer (masks are padded to the most levels
+of any layer), and the timestep buffer is written in place, never rebound, while its shape holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+
+from ..contract.masks import num_blocks
+from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
+from ..errors import PlanMismatchError
+from ..models.graph import node_value as _val
+from ..models.wan import forward_inputs, latent_token_grid, self_attention_modules
+from ..ops.bind import BIND_TABLES
+
+log = logging.getLogger("scaling_attn_compile")
+
+# Buffer names on each self-attention module, in the op's argument order.
+BUFFERS = ("scaling_attn_masks", "scaling_attn_level_table", "scaling_attn_bucket_bounds",
+           "scaling_attn_timestep")
+
+
+def _bind_hook(module, args):
+    masks, level_table, bounds, timestep = (getattr(module, n) for n in BUFFERS)
+    if masks is not None:
+        torch.ops.scaling_attn.bind_tables(masks, level_table, bounds, timestep)
+
+
+class RegionalTables:
+    """The per-layer tables of one transformer, kept on its self-attention modules; see the
+    module docstring. Made by :meth:`ScalingAttnBackend.attach`; :meth:`detach` undoes it."""
+
+    def __init__(self, backend, transformer):
+        if backend.parallel is not None or backend.head_range is not None:
+            raise PlanMismatchError(
+                "scaling_attn_backend.attach: regional compilation with parallel=/head_range= "
+                "(Ulysses heads) is not supported yet; compile the whole transformer with "
+                "torch.compile(transformer, backend=backend) instead")
+        if backend.model_check is not None:  # no block graph holds every layer's weights
+            from .model_check import module_parameters
+
+            backend.model_check.check_params(module_parameters(transformer))
+        self.backend, self.transformer = backend, transformer
+        self.modules = self_attention_modules(transformer)
+        self.num_layers = len(self.modules)
+        self.grid: tuple[int, int, int] | None = None
+        self._key = None
+        self._layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._timestep: torch.Tensor | None = None
+        self._handles = []
+        for m in self.modules:
+            for name in BUFFERS:
+                # persistent=False: not in state_dict, so saving the model saves no tables.
+                m.register_buffer(name, None, persistent=False)
+            self._handles.append(m.register_forward_pre_hook(_bind_hook))
+        self._handles.append(transformer.register_forward_pre_hook(self._update, with_kwargs=True))
+
+    def detach(self) -> None:
+        """Remove the hooks and buffers; the model is as before :meth:`attach`."""
+        for h in self._handles:
+            h.remove()
+        for m in self.modules:
+            for name in BUFFERS:
+                m._buffers.pop(name, None)
+        self._handles = []
+        if self in self.backend.attached:
+            self.backend.attached.remove(self)
+        if self.backend.current is self:
+            self.backend.current = None
+
+    def _tables(self, grid, device):
+        """Each layer's ``(masks, level_table, bucket_bounds)``, masks padded to the most levels
+        of any layer (repeating the last level: the level table never points there), so every
+        block's buffers have one shape and the one block graph fits them all."""
+        tables, per_layer = self.backend.tables_for(grid, device)
+        if len(per_layer) != self.num_layers:
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the model has {self.num_layers} self-attention layers, "
+                f"the plan has {len(per_layer)}; use the plan made for this model")
+        order = str(getattr(tables, "token_order", "raster"))
+        if order != "raster":
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the plan's blocks are in {order} order, which regional "
+                "compilation cannot run (the token permutation lives outside the blocks); "
+                "compile the whole transformer, or extract a raster plan (scaling-attn west "
+                "--token-order raster)")
+        levels = max(m.shape[1] for m, _, _ in per_layer)
+        return [(torch.cat([m] + [m[:, -1:]] * (levels - m.shape[1]), 1)
+                 if m.shape[1] < levels else m, lt, b) for m, lt, b in per_layer]
+
+    @torch.no_grad()
+    def _update(self, _module, args, kwargs):
+        """Transformer forward pre-hook: the tables for this call's grid, and its timestep."""
+        if torch.compiler.is_compiling():  # a whole-model compile binds its own constants
+            return
+        hidden, timestep = forward_inputs(args, kwargs)
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 5:
+            raise PlanMismatchError(
+                "scaling_attn_backend: the attached transformer was called without a 5-D "
+                f"hidden_states [B, C, F, H, W] (got {getattr(hidden, 'shape', type(hidden))})")
+        be = self.backend
+        if be.grid is not None:
+            grid = be.grid
+        elif be.patch_size is not None:
+            grid = tuple(s // p for s, p in zip(hidden.shape[2:], be.patch_size, strict=True))
+        else:
+            grid = latent_token_grid(self.transformer, hidden.shape)
+        key = (tuple(grid), str(hidden.device))
+        if key != self._key:
+            self._layers, self._key, self.grid = self._tables(grid, hidden.device), key, tuple(grid)
+        if timestep is None:
+            timestep = torch.zeros((), device=hidden.device)
+        elif not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor(timestep, device=hidden.device)
+        ts = self._timestep
+        if ts is None or ts.shape != timestep.shape or ts.dtype != timestep.dtype or (
+                ts.device != hidden.device):
+            # A new shape recompiles the block once; same-shape steps only copy in place.
+            self._timestep = ts = torch.empty_like(timestep, device=hidden.device)
+        ts.copy_(timestep)
+        for m, tabs in zip(self.modules, self._layers, strict=True):
+            # Rebound only when another resolution, or model.to(...) (which copies buffers per
+            # module), replaced them; an identity check per layer otherwise.
+            for name, t in zip(BUFFERS, (*tabs, ts), strict=True):
+                if m._buffers.get(name) is not t:
+                    m._buffers[name] = t
+        be.current = self
+
+
+def module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
+def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *, attached,
+                        head_dim, energy, op, warn_stacklevel: int = 4) -> None:
+    """The regional FX pass: each self-attention site of a block graph (no layer index) becomes
+    the op bound to the ``bind_tables`` arguments of the same module (graph inputs: the block's
+    buffers). ``attached``: the :class:`RegionalTables` whose forward is running. Sites with no
+    tables attached stay dense with a warning."""
+    g = gm.graph
+    binds = {module_path(n): n for n in g.nodes if n.target in BIND_TABLES}
+    for n, _layer, path, qn, kn, vn, scale in sites:
+        bind = binds.get(path)
+        if bind is None or attached is None:
+            warnings.warn(
+                f"scaling_attn_backend: {path} is a transformer block compiled on its own "
+                "(regional compilation) without the plan's tables; it runs dense. Call "
+                "backend.attach(transformer) before transformer.compile_repeated_blocks("
+                "backend=backend)", stacklevel=warn_stacklevel)
+            report.left_dense["regional block without attached tables"] = (
+                report.left_dense.get("regional block without attached tables", 0) + 1)
+            continue
+        q, masks, ts = _val(qn), _val(bind.args[0]), _val(bind.args[3])
+        b, h, s, d = q.shape
+        grid = attached.grid
+        if math.prod(grid) != s or masks.shape[0] != h or masks.shape[2] != num_blocks(s):
+            raise PlanMismatchError(
+                f"scaling_attn_backend: {path} runs {h} heads over S={s} tokens; the attached "
+                f"tables are for {masks.shape[0]} heads over the grid {grid} "
+                f"(S={math.prod(grid)}); use the plan made for this model")
+        if head_dim is not None and d != head_dim:
+            raise PlanMismatchError(
+                f"scaling_attn_backend: {path} has head_dim {d}, the plan was made for "
+                f"head_dim {head_dim}; use the plan made for this model")
+        if q.device.type == "cuda" and (q.dtype not in KERNEL_DTYPES or d not in HEAD_DIMS):
+            raise PlanMismatchError(
+                f"scaling_attn_backend: {path} runs {q.dtype} with head_dim {d} on CUDA; the "
+                f"kernel supports dtypes {KERNEL_DTYPES} and head_dim in {HEAD_DIMS}; cast the "
+                "transformer, e.g. transformer.to(torch.bfloat16)")
+        if not (ts.dim() == 0 or (ts.dim() == 1 and ts.shape[0] in (1, b))):
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the timestep must be a tensor of shape ({b},) or (), "
+                f"got {tuple(ts.shape)} (a per-token timestep, as in Wan2.2 TI2V, is not "
+                "supported)")
+        args = (qn, kn, vn, *bind.args[:3], bind.args[3], scale)
+        if energy is not None:
+            per_layer = {energy(layer, s) for layer in range(attached.num_layers)}
+            if len(per_layer) != 1:
+                raise PlanMismatchError(
+                    "scaling_attn_backend: the energy filter differs per layer "
+                    f"({sorted(per_layer)}), which one compiled block cannot hold; compile the "
+                    "whole transformer, or use one threshold for every layer")
+            (rule, threshold), = per_layer
+            if rule:
+                args = (*args, rule, threshold)
+        with g.inserting_before(n):
+            new = g.call_function(op, args)
+        new.meta.update(n.meta)
+        new.meta["example_value"] = torch.empty_like(q)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        report.block_sites += 1
+    report.grid = attached.grid if attached is not None and report.block_sites else report.grid
+    report.seq_len = math.prod(report.grid) if report.grid else None
+
+
+def drop_bind_calls(gm: torch.fx.GraphModule) -> int:
+    """Erase the ``bind_tables`` markers (they have no outputs; a whole-model graph binds its
+    own constants). Returns how many there were."""
+    binds = [n for n in gm.graph.nodes if n.target in BIND_TABLES]
+    for n in binds:
+        gm.graph.erase_node(n)
+    return len(binds)
