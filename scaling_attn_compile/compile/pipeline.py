@@ -42,8 +42,13 @@ def _load(plan, what: str) -> Plan:
 def is_offloaded(module) -> bool:
     """True when accelerate (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) or
     diffusers' group offloading hooked ``module`` or one of its children."""
-    return any(hasattr(m, "_hf_hook") or getattr(m, "_diffusers_hook", None) is not None
-               for m in module.modules())
+    # A pipeline call gives every model a diffusers HookRegistry (cache contexts), offloaded
+    # or not: only hooks named for offloading ("group_offloading", ...) count.
+    def offload_hooks(m):
+        return [n for n in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
+                if "offload" in n]
+
+    return any(hasattr(m, "_hf_hook") or offload_hooks(m) for m in module.modules())
 
 
 def describe(plan: Plan, density: float | None) -> str:
@@ -53,7 +58,7 @@ def describe(plan: Plan, density: float | None) -> str:
         achieved = s.info.get("achieved_density")
         target = s.info.get("target_density")
         d = f", density {achieved:.3f} (target {target})" if achieved is not None else ""
-        return (f"FAST schedule ({s.info.get('method', 'fast')}, {s.level_tables.shape[0]} "
+        return (f"FAST schedule ({s.info.get('method', 'fast')}, {s.level_tables.shape[1]} "
                 f"timestep buckets{d})")
     if density is None:
         return (f"WEST density {DEFAULT_DENSITY} (the default; pass density= to choose, or add "
