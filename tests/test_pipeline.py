@@ -252,3 +252,29 @@ def test_plan_files_follow_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode
+
+
+def _readme_pipeline_snippet() -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## With a diffusers pipeline", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_pipeline_snippet_runs(folders, tmp_path, capsys, caplog):
+    """The README's snippet, as written but for its four constants (a 1.3B folder at 81 x 480
+    x 832 for 50 steps is not a CPU test): the default backend, Inductor, compiles the pipeline
+    and the log names what runs."""
+    west, _ = _west_fast(folders, "t2v", tmp_path, capsys)
+    code = _readme_pipeline_snippet()
+    constants = ('MODEL, PLAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan13.fast.plan.safetensors"\n'
+                 'VIDEO, STEPS = dict(num_frames=81, height=480, width=832), 50\n')
+    assert constants in code
+    code = code.replace(constants, f"MODEL, PLAN = {str(folders['t2v'])!r}, "
+                                   f"{str(tmp_path / 'f.plan.safetensors')!r}\n"
+                                   f"VIDEO, STEPS = {VIDEO!r}, 2\n")
+    with caplog.at_level(logging.INFO, logger="scaling_attn_compile"):
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)
+    assert scope["video"].shape == (5, 128, 192, 3)  # frames, height, width, RGB
+    assert "transformer: 2 layers x 2 heads, FAST schedule (fast, 4 timestep buckets" in caplog.text
+    assert "rewrote 2/2 self-attention layers" in caplog.text
