@@ -174,7 +174,9 @@ def test_west_fast_enable_generate_through_the_pipeline(folders, kind, tmp_path,
     assert (sparse - dense).abs().max() > 1e-2  # the schedule dropped blocks: not dense again
 
 
-def test_density_one_equals_dense_and_is_logged(folders, tmp_path, caplog):
+def test_density_one_equals_dense_with_model_cpu_offload(folders, tmp_path, caplog):
+    """A WEST-only plan at density=1.0 equals dense, on a pipeline under
+    enable_model_cpu_offload (accelerate's hooks: fullgraph would fail, the helper drops it)."""
     from scaling_attn_compile.offline.pipeline import calibrate_west_pipeline, pipeline_calls
 
     pipe = _load(folders["t2v"])
@@ -182,13 +184,14 @@ def test_density_one_equals_dense_and_is_logged(folders, tmp_path, caplog):
                            max_sequence_length=TEXT_LEN)
     plan = calibrate_west_pipeline(pipe, calls, progress=False)
     dense = _generate(pipe, False, folders)
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks as on a GPU machine
     with caplog.at_level(logging.INFO, logger="scaling_attn_compile"):
         enable_sparse_attention(pipe, plan, density=1.0, compiler="eager")
         sparse = _generate(pipe, False, folders)
     torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
     text = caplog.text
     assert "transformer: 2 layers x 2 heads, WEST density 1.0; calibrated at grid (2, 8, 12)" \
-        in text and "fullgraph=True" in text
+        in text and "fullgraph=False) (offloaded)" in text
     assert "rewrote 2/2 self-attention layers, grid (2, 8, 12) (the calibration grid)" in text
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\], got 1.5"):
         enable_sparse_attention(_load(folders["t2v"]), plan, density=1.5)
@@ -278,3 +281,4 @@ def test_readme_pipeline_snippet_runs(folders, tmp_path, capsys, caplog):
     assert scope["video"].shape == (5, 128, 192, 3)  # frames, height, width, RGB
     assert "transformer: 2 layers x 2 heads, FAST schedule (fast, 4 timestep buckets" in caplog.text
     assert "rewrote 2/2 self-attention layers" in caplog.text
+    assert "torch.compile(dynamic=False, fullgraph=True)" in caplog.text  # not offloaded
