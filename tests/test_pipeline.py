@@ -184,9 +184,12 @@ def test_density_one_equals_dense_with_model_cpu_offload(folders, tmp_path, capl
                            max_sequence_length=TEXT_LEN)
     plan = calibrate_west_pipeline(pipe, calls, progress=False)
     dense = _generate(pipe, False, folders)
+    # The plan kept next to the model: from_pretrained ignores the folder, the helper finds it.
+    plan.save(folders["t2v"] / "sparse_attention" / "transformer.plan.safetensors")
+    pipe = _load(folders["t2v"])
     pipe.enable_model_cpu_offload(device="cpu")  # the hooks as on a GPU machine
     with caplog.at_level(logging.INFO, logger="scaling_attn_compile"):
-        enable_sparse_attention(pipe, plan, density=1.0, compiler="eager")
+        enable_sparse_attention(pipe, density=1.0, compiler="eager")
         sparse = _generate(pipe, False, folders)
     torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
     text = caplog.text
@@ -195,6 +198,9 @@ def test_density_one_equals_dense_with_model_cpu_offload(folders, tmp_path, capl
     assert "rewrote 2/2 self-attention layers, grid (2, 8, 12) (the calibration grid)" in text
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\], got 1.5"):
         enable_sparse_attention(_load(folders["t2v"]), plan, density=1.5)
+    with pytest.raises(ValueError, match=r"plan=None looks for .*Tiny-Wan-I2V/sparse_attention/"
+                                         r"transformer.plan.safetensors, which is not there"):
+        enable_sparse_attention(_load(folders["i2v"], i2v=True))
 
 
 def test_pipeline_west_needs_the_video_size_and_the_image(folders, tmp_path, capsys):

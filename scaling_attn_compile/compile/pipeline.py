@@ -89,7 +89,29 @@ class _LoggingBackend:
         return out
 
 
-def enable_sparse_attention(pipe, plan, density: float | None = None, *,
+PLAN_FOLDER = "sparse_attention"  # <pipeline folder>/sparse_attention/<component>.plan.safetensors
+
+
+def plans_next_to(pipe) -> dict[str, Path]:
+    """The plans kept with the model: ``<folder>/sparse_attention/<component>.plan.safetensors``
+    (``from_pretrained`` loads only the components ``model_index.json`` names, so the folder
+    rides along untouched)."""
+    folder = getattr(getattr(pipe, "config", None), "_name_or_path", None) or \
+        getattr(pipe, "name_or_path", None)
+    found = {}
+    if folder:
+        for c in COMPONENTS:
+            path = Path(folder) / PLAN_FOLDER / f"{c}.plan.safetensors"
+            if path.is_file():
+                found[c] = path
+    if not found:
+        raise ValueError(f"enable_sparse_attention: plan=None looks for "
+                         f"{Path(folder or '<pipeline folder>') / PLAN_FOLDER / 'transformer.plan.safetensors'}"
+                         f", which is not there; pass plan= (a Plan or a plan file)")
+    return found
+
+
+def enable_sparse_attention(pipe, plan=None, density: float | None = None, *,
                             fullgraph: bool | None = None, **backend_options) -> dict:
     """Compile each transformer of ``pipe`` with block-sparse self-attention, in place.
 
@@ -97,7 +119,8 @@ def enable_sparse_attention(pipe, plan, density: float | None = None, *,
         pipe: a diffusers pipeline (``WanPipeline``, ``WanImageToVideoPipeline``, ...), or a bare
             transformer.
         plan: a :class:`Plan` or a plan file for ``pipe.transformer``, or a mapping
-            ``{"transformer": plan, "transformer_2": plan2}``.
+            ``{"transformer": plan, "transformer_2": plan2}``; ``None``: the plans kept next
+            to the model (:func:`plans_next_to`).
         density: the kept-block fraction of a plan without a FAST schedule (default
             ``DEFAULT_DENSITY`` = 0.5, logged as the default). A FAST plan carries its own
             densities: passing ``density`` with one is an error.
@@ -121,7 +144,10 @@ def enable_sparse_attention(pipe, plan, density: float | None = None, *,
     if not targets:
         raise ValueError(f"enable_sparse_attention: pipe {type(pipe).__name__} has no "
                          f"transformer; pass a diffusers pipeline or a transformer")
-    plans = dict(plan) if isinstance(plan, Mapping) else {"transformer": plan}
+    if plan is None:
+        plans = plans_next_to(pipe)
+    else:
+        plans = dict(plan) if isinstance(plan, Mapping) else {"transformer": plan}
     unknown = sorted(set(plans) - set(targets))
     if unknown:
         raise ValueError(f"enable_sparse_attention: plan names {unknown}, but the pipeline's "
