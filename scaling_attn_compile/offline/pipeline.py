@@ -66,6 +66,10 @@ def capture_through_pipeline(pipe, calls: Sequence[dict], on_layer: Callable[[La
     if transformer is None:
         raise ValueError(f"capture_through_pipeline: component={component!r}: the pipeline "
                          f"{type(pipe).__name__} has no such transformer; pass 'transformer'")
+    taken = sorted({"output_type", "callback_on_step_end"} & {k for c in calls for k in c})
+    if taken:
+        raise ValueError(f"capture_through_pipeline: calls set {taken}, which the capture sets "
+                         f"itself (latents out, a step counter); drop them")
     model = _unwrap(transformer)
     run = PipelineRun()
     wanted = None if capture_steps is None else set(capture_steps)
