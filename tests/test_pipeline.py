@@ -56,7 +56,7 @@ def _tokenizer():
                                    unk_token="<unk>")
 
 
-def build_pipeline_folder(root: Path, i2v: bool = False) -> Path:
+def build_pipeline_folder(root: Path, i2v: bool = False, head_dim: int = 16) -> Path:
     """A Wan T2V or I2V pipeline with random weights, written with save_pretrained."""
     from transformers import (
         CLIPImageProcessor,
@@ -74,7 +74,7 @@ def build_pipeline_folder(root: Path, i2v: bool = False) -> Path:
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
         in_channels=36 if i2v else 16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=48,
         num_layers=2, rope_max_seq_len=64, image_dim=8 if i2v else None)
     # Wan2.1's scheduler: UniPC with flow sigmas (model_index of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
@@ -269,11 +269,23 @@ def _readme_pipeline_snippet() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_pipeline_snippet_runs(folders, tmp_path, capsys, caplog):
+def test_readme_pipeline_snippet_runs(folders, tmp_path, caplog):
     """The README's snippet, as written but for its four constants (a 1.3B folder at 81 x 480
     x 832 for 50 steps is not a CPU test): the default backend, Inductor, compiles the pipeline
     and the log names what runs."""
-    west, _ = _west_fast(folders, "t2v", tmp_path, capsys)
+    from scaling_attn_compile.offline.pipeline import (
+        build_fast_plan_pipeline,
+        calibrate_west_pipeline,
+        pipeline_calls,
+    )
+
+    pipe = _load(folders["t2v"])
+    call = pipeline_calls(["a cat runs"], **VIDEO, num_inference_steps=STEPS,
+                          max_sequence_length=TEXT_LEN)[0]
+    west = calibrate_west_pipeline(pipe, [call], progress=False)
+    call["generator"] = torch.Generator().manual_seed(0)
+    fast, _ = build_fast_plan_pipeline(west, pipe, call, 0.7, rows_per_block=8, progress=False)
+    fast.save(tmp_path / "f.plan.safetensors")
     code = _readme_pipeline_snippet()
     constants = ('MODEL, PLAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan13.fast.plan.safetensors"\n'
                  'VIDEO, STEPS = dict(num_frames=81, height=480, width=832), 50\n')
@@ -288,3 +300,42 @@ def test_readme_pipeline_snippet_runs(folders, tmp_path, capsys, caplog):
     assert "transformer: 2 layers x 2 heads, FAST schedule (fast, 4 timestep buckets" in caplog.text
     assert "rewrote 2/2 self-attention layers" in caplog.text
     assert "torch.compile(dynamic=False, fullgraph=True)" in caplog.text  # not offloaded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_pipeline_on_the_gpu_with_inductor_in_bf16(tmp_path):
+    """The device path: bf16 on CUDA, head_dim 64 (the kernel's), Inductor lowering to the
+    Triton template. 9 x 256 x 384 pixels -> tokens (3, 16, 24): S = 1152, 9 blocks."""
+    from scaling_attn_compile.offline.pipeline import (
+        build_fast_plan_pipeline,
+        calibrate_west_pipeline,
+        pipeline_calls,
+    )
+
+    folder = build_pipeline_folder(tmp_path / "t2v", head_dim=64)
+
+    def load():
+        pipe = WanPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def calls():
+        return pipeline_calls(["a cat runs"], num_frames=9, height=256, width=384,
+                              num_inference_steps=6, negative_prompt="night",
+                              max_sequence_length=TEXT_LEN)
+
+    pipe = load()
+    plan = calibrate_west_pipeline(pipe, calls(), capture_steps=3, progress=False)
+    fast, _ = build_fast_plan_pipeline(plan, pipe, calls()[0], 0.5, progress=False)
+    dense = pipe(**calls()[0], output_type="latent").frames.float()
+    for kwargs, bound in ((dict(plan=plan, density=1.0), 0.02), (dict(plan=fast), None)):
+        torch._dynamo.reset()
+        pipe = load()
+        backends = enable_sparse_attention(pipe, **kwargs)
+        out = pipe(**calls()[0], output_type="latent").frames.float()
+        assert backends["transformer"].reports[-1].per_layer == {0: 1, 1: 1}
+        assert torch.isfinite(out).all()
+        rel = float((out - dense).norm() / dense.norm())
+        if bound is not None:  # density 1.0: dense up to bf16 rounding
+            assert rel < bound, rel
