@@ -265,6 +265,8 @@ def _levels_arg(text: str) -> list[float]:
 def add_fast_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.set_defaults(model=None)  # the plan's recorded model (run_fast says so)
+    model = next(a for a in p._actions if a.dest == "model")
+    model.help = model.help.replace("(default: tiny)", "(default: the plan's recorded --model)")
     add_image_argument(p)
     p.add_argument("--plan", required=True, type=Path, help="WEST plan file (from `west`)")
     p.add_argument("--target-density", required=True, type=float,

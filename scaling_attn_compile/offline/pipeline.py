@@ -37,7 +37,7 @@ class PipelineRun:
     """What one captured pipeline session saw.
 
     ``timesteps``: per pipeline call, the timestep of each denoising step as the transformer
-    received it (the first element of its ``timestep`` argument). ``latent_shape``: the
+    received it (the largest element of its ``timestep`` argument). ``latent_shape``: the
     transformer's ``hidden_states`` ``(C, F, H, W)`` (I2V: the 16 noise + 20 condition channels).
     """
 
@@ -50,7 +50,9 @@ def _timestep_of(args, kwargs) -> float | None:
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if t is None:
         return None
-    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    # max, not the first element: with expand_timesteps (Wan2.2 TI2V) the timestep is per token
+    # (B, S) and the first frame's tokens, the conditioning image, carry 0.
+    return float(t.max()) if isinstance(t, torch.Tensor) else float(t)
 
 
 def capture_through_pipeline(pipe, calls: Sequence[dict], on_layer: Callable[[LayerCapture], None],
