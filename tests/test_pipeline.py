@@ -56,8 +56,10 @@ def _tokenizer():
                                    unk_token="<unk>")
 
 
-def build_pipeline_folder(root: Path, i2v: bool = False, head_dim: int = 16) -> Path:
-    """A Wan T2V or I2V pipeline with random weights, written with save_pretrained."""
+def build_pipeline_folder(root: Path, i2v: bool = False, head_dim: int = 16,
+                          experts: bool = False) -> Path:
+    """A Wan T2V or I2V pipeline with random weights, written with save_pretrained;
+    ``experts``: a second transformer for the low-noise steps (Wan2.2's layout), t < 875."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -73,15 +75,19 @@ def build_pipeline_folder(root: Path, i2v: bool = False, head_dim: int = 16) -> 
         vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-        in_channels=36 if i2v else 16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=48,
-        num_layers=2, rope_max_seq_len=64, image_dim=8 if i2v else None)
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+            in_channels=36 if i2v else 16, out_channels=16, text_dim=16, freq_dim=32,
+            ffn_dim=48, num_layers=2, rope_max_seq_len=64, image_dim=8 if i2v else None)
+
     # Wan2.1's scheduler: UniPC with flow sigmas (model_index of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0)
     parts = dict(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                 transformer=transformer)
+                 transformer=transformer())
+    if experts:
+        parts.update(transformer_2=transformer(), boundary_ratio=0.875)
     if i2v:
         encoder = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=8, projection_dim=8, num_hidden_layers=2, num_attention_heads=2,
@@ -339,3 +345,43 @@ def test_pipeline_on_the_gpu_with_inductor_in_bf16(tmp_path):
         rel = float((out - dense).norm() / dense.norm())
         if bound is not None:  # density 1.0: dense up to bf16 rounding
             assert rel < bound, rel
+
+
+def test_two_experts_each_get_their_steps_and_their_plan(tmp_path):
+    """Wan2.2's layout: transformer for t >= 875, transformer_2 below. Each expert's plan holds
+    the steps it ran, and enable_sparse_attention compiles both with their own plans."""
+    from scaling_attn_compile.offline.pipeline import (
+        build_fast_plan_pipeline,
+        calibrate_west_pipeline,
+        pipeline_calls,
+    )
+
+    folder = build_pipeline_folder(tmp_path / "experts", experts=True)
+    pipe = _load(folder)
+    ran = _scheduler_timesteps(pipe)  # [999, 900, 750, 500]
+
+    def call():
+        return pipeline_calls(["a cat runs"], **VIDEO, num_inference_steps=STEPS,
+                              max_sequence_length=TEXT_LEN, guidance_scale=1.0)[0]
+
+    plans, expected_t = {}, {"transformer": ran[:2], "transformer_2": ran[2:]}
+    for name in ("transformer", "transformer_2"):
+        west = calibrate_west_pipeline(pipe, [call()], component=name, progress=False)
+        assert west.meta.calibration["pipeline_timesteps"] == expected_t[name]
+        plans[name], prof = build_fast_plan_pipeline(west, pipe, call(), 0.7, rows_per_block=8,
+                                                     component=name, progress=False)
+        assert prof.timesteps == expected_t[name]
+    dense = _generate(pipe, False, {"root": tmp_path}, guidance_scale=1.0)
+    reference = _load(folder)
+    for name in plans:
+        clock = {"t": torch.tensor([0.0])}
+        module = getattr(reference, name)
+        module.register_forward_pre_hook(lambda m, a, kw, c=clock: c.update(t=kw["timestep"]),
+                                         with_kwargs=True)
+        with_reference_processors(module, plans[name].materialize(plans[name].calib_grid), clock)
+    expected = _generate(reference, False, {"root": tmp_path}, guidance_scale=1.0)
+    backends = enable_sparse_attention(pipe, plans, compiler="eager")
+    sparse = _generate(pipe, False, {"root": tmp_path}, guidance_scale=1.0)
+    assert all(b.reports[-1].per_layer == {0: 1, 1: 1} for b in backends.values())
+    torch.testing.assert_close(sparse, expected, rtol=1e-4, atol=1e-4)
+    assert (sparse - dense).abs().max() > 1e-2

@@ -36,12 +36,13 @@ from .calibrate import evenly_spaced
 class PipelineRun:
     """What one captured pipeline session saw.
 
-    ``timesteps``: per pipeline call, the timestep of each denoising step as the transformer
-    received it (the largest element of its ``timestep`` argument). ``latent_shape``: the
+    ``timesteps``: per pipeline call, ``{step index: timestep}`` of each denoising step that ran
+    this transformer, as it received it (the largest element of its ``timestep`` argument); a
+    two-expert pipeline (Wan2.2) runs each expert on part of the steps only. ``latent_shape``: the
     transformer's ``hidden_states`` ``(C, F, H, W)`` (I2V: the 16 noise + 20 condition channels).
     """
 
-    timesteps: list[list[float]] = field(default_factory=list)
+    timesteps: list[dict[int, float]] = field(default_factory=list)
     latent_shape: tuple[int, ...] | None = None
     transformer_calls: int = 0
 
@@ -81,7 +82,7 @@ def capture_through_pipeline(pipe, calls: Sequence[dict], on_layer: Callable[[La
         def pre_hook(module, args, kwargs):
             t = _timestep_of(args, kwargs)
             if step["calls"] == 0:
-                run.timesteps[-1].append(t)
+                run.timesteps[-1][step["index"]] = t
             hs = kwargs.get("hidden_states", args[0] if args else None)
             if hs is not None and run.latent_shape is None:
                 run.latent_shape = tuple(int(s) for s in hs.shape[1:])
@@ -98,7 +99,7 @@ def capture_through_pipeline(pipe, calls: Sequence[dict], on_layer: Callable[[La
         handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:
             for n, call in enumerate(calls):
-                run.timesteps.append([])
+                run.timesteps.append({})
                 step["index"], step["calls"] = 0, 0
                 state.input_index = n
                 if not progress:
@@ -179,11 +180,14 @@ def calibrate_west_pipeline(pipe, calls: Sequence[dict], *,
     if "acc" not in acc or any(n == 0 for n in acc["acc"].updates):
         raise RuntimeError("calibrate_west_pipeline: some self-attention layers were never "
                            "captured; does the pipeline call its transformer?")
-    all_t = run.timesteps[0]
+    ran = run.timesteps[0]  # {step: t} of the steps this transformer ran
+    all_t = [ran[j] for j in sorted(ran)]
     grid = acc["grid"]
     calibration = {
-        "timesteps": [all_t[j] for j in chosen if j < len(all_t)], "num_steps": len(all_t),
-        "pipeline_timesteps": all_t, "latent_shape": list(run.latent_shape),
+        "timesteps": [ran[j] for j in chosen if j in ran],
+        "num_steps": int(calls[0]["num_inference_steps"]),
+        "pipeline_timesteps": all_t, "steps_run": sorted(ran),
+        "latent_shape": list(run.latent_shape),
         "maps_per_layer": acc["acc"].updates[0],
         "guidance_scale": calls[0].get("guidance_scale"),
         "cfg": run.transformer_calls > len(calls) * len(all_t),
@@ -226,19 +230,25 @@ def profile_pipeline(plan, pipe, call: dict, *, capture_steps: int | Sequence[in
     run = capture_through_pipeline(pipe, [call], in_token_order(on_layer, plan.token_order),
                                    capture_steps=chosen, component=component, progress=progress)
     acc = state.get("acc")
-    if acc is None or bool((acc.count == 0).any()):
+    ran = set(run.timesteps[0]) if run.timesteps else set()
+    steps_ran = [i for i, j in enumerate(chosen) if j in ran]
+    if acc is None or not steps_ran or bool((acc.count[:, steps_ran] == 0).any()):
         raise RuntimeError("profile_pipeline: some (layer, step) pairs were never captured; "
                            "does the pipeline call its transformer at every step?")
-    mean = acc.sum / acc.count[:, :, None, None]
-    err = acc.err_sum / acc.count[:, :, None, None] if acc.has_v else None
-    all_t = run.timesteps[0]
+    ran = run.timesteps[0]
+    keep = [i for i, j in enumerate(chosen) if j in ran]  # an expert runs part of the steps
+    count = acc.count[:, keep, None, None]
+    mean = acc.sum[:, keep] / count
+    err = acc.err_sum[:, keep] / count if acc.has_v else None
     info = {"grid": list(state["grid"]), "rows_per_block": rows_per_block,
-            "rows": int(state["rows"].numel()), "seed": seed, "num_steps": len(all_t),
-            "capture_steps": chosen, "input": str(call.get("prompt", ""))[:40],
-            "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__}
-    return fast.FastProfile(list(levels), mean, acc.min,
+            "rows": int(state["rows"].numel()), "seed": seed,
+            "num_steps": int(call["num_inference_steps"]),
+            "capture_steps": [chosen[i] for i in keep], "input": str(call.get("prompt", ""))[:40],
+            "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+            "component": component}
+    return fast.FastProfile(list(levels), mean, acc.min[:, keep],
                             fast.level_densities(state["codes"], levels),
-                            [all_t[j] for j in chosen], info, err)
+                            [ran[chosen[i]] for i in keep], info, err)
 
 
 def build_fast_plan_pipeline(plan, pipe, call: dict, target_density: float, *,
