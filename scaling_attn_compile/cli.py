@@ -65,6 +65,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_image_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, default=None,
                    help="image-to-video pipeline: the conditioning first frame (PNG/JPEG)")
+    p.add_argument("--component", default="transformer", choices=["transformer", "transformer_2"],
+                   help="pipeline folder: which transformer the plan is for (transformer_2: "
+                        "Wan2.2's low-noise expert, calibrated on the steps it runs)")
 
 
 def _resolve_model(args) -> Path | None:

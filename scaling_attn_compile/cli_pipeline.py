@@ -114,7 +114,10 @@ def run_west_pipeline(args: argparse.Namespace, folder: Path) -> int:
                            guidance_scale=args.guidance_scale,
                            negative_prompt=args.negative_prompt, image=image, seed=args.seed,
                            **extra)
-    plan = calibrate_west_pipeline(pipe, calls, capture_steps=capture,
+    if getattr(pipe, args.component, None) is None:
+        raise CliError(f"--component {args.component}: {type(pipe).__name__} in {folder} has "
+                       f"no {args.component}; pass --component transformer")
+    plan = calibrate_west_pipeline(pipe, calls, capture_steps=capture, component=args.component,
                                    block_mass_impl=args.block_mass,
                                    source=f"scaling-attn west --model {args.model}",
                                    token_order=args.token_order)
@@ -146,7 +149,9 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
     steps = args.steps or int(calib.get("num_steps", 50))
     capture = None if args.capture_steps is None else evenly_spaced(steps, args.capture_steps)
     try:
-        plan.check_model(pipe.transformer)
+        if getattr(pipe, args.component, None) is None:
+            raise CliError(f"--component {args.component}: the pipeline has none")
+        plan.check_model(getattr(pipe, args.component))
     except PlanModelMismatch as e:
         raise CliError(f"--model {args.model}: {e}. The plan was made by "
                        f"`{calib.get('source') or 'scaling-attn west'}`: pass the same "
@@ -160,7 +165,7 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
                           negative_prompt=args.negative_prompt, image=image, seed=args.seed,
                           **extra)[0]
     fplan, _ = build_fast_plan_pipeline(
-        plan, pipe, call, target, capture_steps=capture,
+        plan, pipe, call, target, capture_steps=capture, component=args.component,
         levels=args.levels or list(fast.DEFAULT_LEVELS), rows_per_block=args.rows_per_block,
         seed=args.seed, allocation=args.allocation, objective=args.objective, gamma=args.gamma,
         omega=args.omega, rho=args.rho, reduce=args.reduce)

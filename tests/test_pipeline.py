@@ -385,3 +385,12 @@ def test_two_experts_each_get_their_steps_and_their_plan(tmp_path):
     assert all(b.reports[-1].per_layer == {0: 1, 1: 1} for b in backends.values())
     torch.testing.assert_close(sparse, expected, rtol=1e-4, atol=1e-4)
     assert (sparse - dense).abs().max() > 1e-2
+    # The command line: --component picks the expert.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat runs\n")
+    out = tmp_path / "t2.plan.safetensors"
+    assert main(["west", "--model", str(folder), "--component", "transformer_2", *VIDEO_ARGS,
+                 "--steps", str(STEPS), "--guidance-scale", "1.0", "--text-len", str(TEXT_LEN),
+                 "--prompts", str(prompts), "--out", str(out)]) == 0
+    calib = load_plan(out).meta.calibration
+    assert calib["component"] == "transformer_2" and calib["pipeline_timesteps"] == ran[2:]
