@@ -355,6 +355,8 @@ def run_fast(args: argparse.Namespace) -> int:
     if shift is None:  # Wan's rule (VAE stride 8): 5.0 at >= 720p, else 3.0
         shift = 5.0 if latent is not None and latent[2] * 8 >= 720 else 3.0
     timesteps = default_timesteps(steps, shift)
+    if calib.get("pipeline_timesteps") and args.steps is None:  # what the pipeline's scheduler ran
+        timesteps = [float(t) for t in calib["pipeline_timesteps"]]
     if args.method == "uniform":
         schedule = fast.uniform_schedule(plan, target)
     elif args.method == "dense-first":
