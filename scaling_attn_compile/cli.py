@@ -177,6 +177,10 @@ def run_west(args: argparse.Namespace) -> int:
     cfg = model.config
     print(f"model: {src.name} ({'random weights' if src.random_weights else src.folder}), "
           f"{cfg.num_layers} layers x {cfg.num_attention_heads} heads, {dtype}, {device}")
+    if cfg.in_channels != cfg.out_channels:  # I2V: 36 in = 16 noise + 20 image condition
+        raise CliError(f"--model {args.model}: an image-to-video transformer ({cfg.in_channels} "
+                       f"input channels, {cfg.out_channels} output) needs its image conditioning;"
+                       f" pass the whole pipeline folder (with model_index.json) and --image")
     stride = args.vae_stride or src.vae_stride
     if args.latent is not None:
         latent = (cfg.in_channels, *args.latent)

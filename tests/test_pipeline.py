@@ -217,6 +217,11 @@ def test_pipeline_west_needs_the_video_size_and_the_image(folders, tmp_path, cap
         in capsys.readouterr().err
     assert main(["west", "--model", str(folders["i2v"]), *VIDEO_ARGS, *prompts, *out]) == 2
     assert "conditions on an image; pass --image" in capsys.readouterr().err
+    # The bare I2V transformer (its transformer/ folder alone): one line, not a shape error.
+    assert main(["west", "--model", str(folders["i2v"] / "transformer"), *VIDEO_ARGS,
+                 *prompts, *out]) == 2
+    assert "an image-to-video transformer (36 input channels, 16 output) needs its image " \
+        "conditioning; pass the whole pipeline folder" in capsys.readouterr().err
 
 
 def _fake_hub_cache(cache: Path, repo: str, folder: Path) -> Path:
