@@ -51,13 +51,32 @@ class Command:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model/--device/--dtype/--seed``, shared by commands that load a transformer."""
     p.add_argument("--model", default="tiny",
-                   help="a local diffusers Wan folder, 'tiny' (the shipped tiny model, else a random "
-                        "tiny config), or a built-in random-weight config: tiny-random, "
-                        "wan2.1-1.3b, wan2.1-14b (default: tiny)")
+                   help="a local diffusers Wan folder (a full pipeline folder with "
+                        "model_index.json runs the pipeline itself), a Hub id in the local Hugging "
+                        "Face cache (Wan-AI/Wan2.1-T2V-1.3B-Diffusers), 'tiny' (the shipped tiny "
+                        "model, else a random tiny config), or a built-in random-weight config: "
+                        "tiny-random, wan2.1-1.3b, wan2.1-14b (default: tiny)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, embeddings, noise")
+
+
+def add_image_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", type=Path, default=None,
+                   help="image-to-video pipeline: the conditioning first frame (PNG/JPEG)")
+    p.add_argument("--component", default="transformer", choices=["transformer", "transformer_2"],
+                   help="pipeline folder: which transformer the plan is for (transformer_2: "
+                        "Wan2.2's low-noise expert, calibrated on the steps it runs)")
+
+
+def _resolve_model(args) -> Path | None:
+    """Resolve a Hub id through the local cache; the pipeline folder, if ``--model`` is one."""
+    from .cli_pipeline import is_pipeline_folder
+    from .models.hub import resolve_model
+
+    path = resolve_model(args.model)
+    return Path(path) if is_pipeline_folder(path) else None
 
 
 # ---- west ----------------------------------------------------------------------------------------
@@ -70,9 +89,14 @@ _DEFAULT_VIDEO = {"tiny-random": (13, 128, 256), "wan2.1-1.3b": (81, 480, 832),
 def add_west_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="plan file to write (.safetensors)")
-    p.add_argument("--height", type=positive_int, help="video height in pixels (default 480 for Wan)")
-    p.add_argument("--width", type=positive_int, help="video width in pixels (default 832 for Wan)")
-    p.add_argument("--frames", type=positive_int, help="video frames (default 81 for Wan)")
+    p.add_argument("--height", type=positive_int,
+                   help="video height in pixels (required for a pipeline folder; default 480 for "
+                        "a bare Wan transformer)")
+    p.add_argument("--width", type=positive_int,
+                   help="video width in pixels (required for a pipeline folder; default 832)")
+    p.add_argument("--frames", type=positive_int,
+                   help="video frames (required for a pipeline folder; default 81)")
+    add_image_argument(p)
     p.add_argument("--latent", type=parse_triple, metavar="F,H,W",
                    help="latent (F, H, W) before patching, instead of height/width/frames")
     p.add_argument("--vae-stride", type=parse_triple, metavar="T,H,W",
@@ -136,14 +160,27 @@ def run_west(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, "--out")  # before minutes of calibration, not after
     check_input_file(args.prompts, "--prompts")
+    check_input_file(args.image, "--image")
     device = args._device = resolve_device(args.device)
     dtype = args._dtype = resolve_dtype(args.dtype, device)
+    folder = _resolve_model(args)
+    if folder is not None:
+        from .cli_pipeline import run_west_pipeline
+
+        return run_west_pipeline(args, folder)
+    if args.image is not None:
+        raise CliError(f"--image {args.image}: only a pipeline folder (model_index.json) "
+                       f"conditions on an image; --model {args.model} is a bare transformer")
     t0 = time.perf_counter()
     src = load_transformer(args.model, dtype=dtype, device=device, seed=args.seed)
     model = src.transformer
     cfg = model.config
     print(f"model: {src.name} ({'random weights' if src.random_weights else src.folder}), "
           f"{cfg.num_layers} layers x {cfg.num_attention_heads} heads, {dtype}, {device}")
+    if cfg.in_channels != cfg.out_channels:  # I2V: 36 in = 16 noise + 20 image condition
+        raise CliError(f"--model {args.model}: an image-to-video transformer ({cfg.in_channels} "
+                       f"input channels, {cfg.out_channels} output) needs its image conditioning;"
+                       f" pass the whole pipeline folder (with model_index.json) and --image")
     stride = args.vae_stride or src.vae_stride
     if args.latent is not None:
         latent = (cfg.in_channels, *args.latent)
@@ -177,6 +214,7 @@ def run_west(args: argparse.Namespace) -> int:
                           guidance_scale=args.guidance_scale, block_mass_impl=args.block_mass,
                           source=f"scaling-attn west --model {args.model}",
                           token_order=args.token_order)
+    plan.meta.calibration["model"] = args.model
     path = plan.save(args.out)
     print(plan.summary())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
@@ -210,7 +248,14 @@ def run_show(args: argparse.Namespace) -> int:
     print(plan.summary())
     path = plot_layer(plan, args.layer, out, density=args.density, grid=args.grid,
                       heads=args.heads)
-    print(f"wrote {path}")
+    print(f"wrote {path} (masks at T <= {args.density:g}: white = kept, black = dropped)")
+    if plan.schedule is not None:  # a FAST plan runs its schedule, not one density cut
+        from .plan.viz import plot_schedule
+
+        sched_png = path.with_name(f"{args.plan.name.split('.')[0]}.schedule.png")
+        check_output_path(sched_png, "schedule picture")
+        print(f"wrote {plot_schedule(plan, sched_png)} (the FAST schedule that runs: density "
+              f"per layer and timestep bucket)")
     return 0
 
 
@@ -226,6 +271,10 @@ def _levels_arg(text: str) -> list[float]:
 
 def add_fast_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    p.set_defaults(model=None)  # the plan's recorded model (run_fast says so)
+    model = next(a for a in p._actions if a.dest == "model")
+    model.help = model.help.replace("(default: tiny)", "(default: the plan's recorded --model)")
+    add_image_argument(p)
     p.add_argument("--plan", required=True, type=Path, help="WEST plan file (from `west`)")
     p.add_argument("--target-density", required=True, type=float,
                    help="global kept-block fraction in (0, 1], e.g. 0.3")
@@ -272,6 +321,18 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                    help="length of a random embedding (default: 512 for Wan, 16 for tiny)")
 
 
+def _plan_model(calib: dict) -> str:
+    """The ``--model`` a plan was calibrated with: recorded since issue 18, else parsed from
+    its source line (``scaling-attn west --model X``)."""
+    if calib.get("model"):
+        return str(calib["model"])
+    source = str(calib.get("source") or "")
+    if source.startswith("scaling-attn west --model "):
+        return source.removeprefix("scaling-attn west --model ")
+    raise CliError(f"--model: the plan records no model (its source is {source or 'empty'!r}); "
+                   f"pass --model, the folder or name the plan was calibrated on")
+
+
 def run_fast(args: argparse.Namespace) -> int:
     from .errors import PlanModelMismatch
     from .models.wan import load_transformer
@@ -287,17 +348,30 @@ def run_fast(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out")
     check_output_path(png, "--png")
     check_input_file(args.prompts, "--prompts")
+    check_input_file(args.image, "--image")
     calib = plan.meta.calibration
+    if args.model is None and args.method == "fast":
+        args.model = _plan_model(calib)
+        print(f"--model not given: profiling the plan's model {args.model}")
     steps = args.steps or int(calib.get("num_steps", 50))
     latent = calib.get("latent_shape")
     shift = args.shift
     if shift is None:  # Wan's rule (VAE stride 8): 5.0 at >= 720p, else 3.0
         shift = 5.0 if latent is not None and latent[2] * 8 >= 720 else 3.0
     timesteps = default_timesteps(steps, shift)
+    if calib.get("pipeline_timesteps") and args.steps is None:  # what the pipeline's scheduler ran
+        timesteps = [float(t) for t in calib["pipeline_timesteps"]]
     if args.method == "uniform":
         schedule = fast.uniform_schedule(plan, target)
     elif args.method == "dense-first":
         schedule = fast.dense_first_schedule(plan, target, timesteps, args.dense_fraction)
+    elif (folder := _resolve_model(args)) is not None:
+        from .cli_pipeline import run_fast_pipeline
+
+        args._device = resolve_device(args.device)
+        args._dtype = resolve_dtype(args.dtype, args._device)
+        plan = run_fast_pipeline(args, folder, plan, target)
+        schedule = plan.schedule
     else:
         if latent is None:
             raise CliError(f"--plan {args.plan} has no calibration latent_shape; re-extract it "
@@ -325,7 +399,8 @@ def run_fast(args: argparse.Namespace) -> int:
             plan, model, inputs[0], target, timesteps=timesteps, latent_shape=latent,
             capture_steps=capture, levels=levels, rows_per_block=args.rows_per_block,
             seed=args.seed, allocation=args.allocation, objective=args.objective,
-            gamma=args.gamma, omega=args.omega, rho=args.rho, reduce=args.reduce)
+            gamma=args.gamma, omega=args.omega, rho=args.rho, reduce=args.reduce,
+            progress="FAST profile")
         schedule = plan.schedule
     plan = plan.with_schedule(schedule)
     path = plan.save(args.out)

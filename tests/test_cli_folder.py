@@ -51,8 +51,15 @@ def _west_fast_show(tmp_path, capsys, model_args, latent=LATENT, target="0.9"):
     png = tmp_path / "layer1.png"
     assert main(["show", str(fast_out), "--layer", "1", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "FAST schedule:" in text and "wrote" in text
+    assert "levels [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0]" in text  # rounded
+    assert "white = kept, black = dropped" in text  # show's legend
+    assert "the FAST schedule that runs" in text and (tmp_path / "f.schedule.png").is_file()
+    assert "FAST profile" in captured.err  # fast's progress bar, not "calibration"
+    if "--model" not in model_args:
+        assert "--model not given: profiling the plan's model tiny" in text
     return plan
 
 

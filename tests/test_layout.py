@@ -26,7 +26,7 @@ FLOORS = {
     "plan": 4,
     "compile": 5, "offline": 5,
     "tiny": 6,
-    "quality": 7,
+    "quality": 7, "cli_pipeline": 7,
     "cli": 8,
     "__init__": 9,
 }

@@ -108,6 +108,9 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
     """
     from diffusers import WanTransformer3DModel
 
+    from .hub import resolve_model
+
+    spec = resolve_model(spec)  # a Hub id -> its snapshot folder in the local cache
     if spec == "tiny":
         shipped = any((TINY_ASSET_DIR / sub / "config.json").is_file() for sub in ("transformer", ""))
         spec = str(TINY_ASSET_DIR) if shipped else "tiny-random"

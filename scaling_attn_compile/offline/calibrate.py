@@ -121,7 +121,7 @@ def capture_self_attention(transformer, inputs: Sequence[CalibrationInput],
                            timesteps: Sequence[float], on_layer: Callable[[LayerCapture], None], *,
                            latent_shape: Sequence[int], capture_steps: Sequence[int] | None = None,
                            guidance_scale: float = 5.0, layers: Sequence[int] | None = None,
-                           progress: bool = True) -> list[torch.Tensor]:
+                           progress: bool | str = True) -> list[torch.Tensor]:
     """Denoise each input along ``timesteps`` and call ``on_layer`` for every self-attention.
 
     Args:
@@ -154,7 +154,9 @@ def capture_self_attention(transformer, inputs: Sequence[CalibrationInput],
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="calibration", unit="step")
+        # progress may be the bar's label (FAST passes "FAST profile" through build_fast_plan)
+        bar = tqdm(total=total, desc=progress if isinstance(progress, str) else "calibration",
+                   unit="step")
     with capture_qk(model, on_layer, layers=layers) as state, torch.no_grad():
         for i, inp in enumerate(inputs):
             g = torch.Generator().manual_seed(inp.seed)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import operator
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -429,6 +430,11 @@ class Plan:
         meta[schema.CHECKSUM_KEY] = schema.meta_checksum(meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+        # safetensors writes through a 0600 temp file: give the plan the umask's permissions,
+        # as open() would, so a shared plan is readable by others (issue 18, item 8).
+        mask = os.umask(0)
+        os.umask(mask)
+        path.chmod(0o666 & ~mask)
         return path
 
     def summary(self, densities=(0.1, 0.2, 0.3, 0.5)) -> str:
@@ -448,7 +454,8 @@ class Plan:
             lines.append(f"  threshold p = {p:.2f}: mean kept-block density {d:.3f}")
         if self.schedule is not None:
             s = self.schedule
-            lines.append(f"FAST schedule: {len(s.levels)} levels {list(s.levels)}, "
+            levels = [round(float(x), 4) for x in s.levels]  # 0.05, not 0.05000000074505806
+            lines.append(f"FAST schedule: {len(s.levels)} levels {levels}, "
                          f"{s.level_tables.shape[1]} timestep buckets")
         else:
             lines.append("FAST schedule: none")

@@ -56,7 +56,7 @@ def plot_layer(plan, layer: int, out, *, density: float = 0.3, grid=None,
     order = getattr(plan, "token_order", "raster")
     fig.suptitle(f"layer {layer}: WEST threshold maps, grid (F, H, W) = {shown}, NB = {nb}\n"
                  f"rows: query blocks, columns: KV blocks, in {order} order "
-                 f"(see plot_block_layout)", fontsize=9)
+                 f"(see plot_block_layout); masks: white = kept, black = dropped", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="T (keep-density threshold)")
     return _save(fig, out, dpi)
