@@ -45,7 +45,7 @@ from ..contract.masks import num_blocks
 from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
 from ..errors import PlanMismatchError
 from ..models.graph import node_value as _val
-from ..models.wan import forward_inputs, latent_token_grid, self_attention_modules
+from ..models.wan import check_supported, forward_inputs, latent_token_grid, self_attention_modules
 from ..ops.bind import BIND_TABLES
 
 log = logging.getLogger("scaling_attn_compile")
@@ -66,6 +66,7 @@ class RegionalTables:
     module docstring. Made by :meth:`ScalingAttnBackend.attach`; :meth:`detach` undoes it."""
 
     def __init__(self, backend, transformer):
+        check_supported(transformer, "scaling_attn_backend.attach")
         if backend.parallel is not None or backend.head_range is not None:
             raise PlanMismatchError(
                 "scaling_attn_backend.attach: regional compilation with parallel=/head_range= "

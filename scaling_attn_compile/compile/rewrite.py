@@ -32,6 +32,7 @@ from ..models.graph import is_static as _is_static
 from ..models.graph import node_value as _val
 from ..models.wan import (
     ATTENTION_PATH,
+    LEFT_DENSE_REASONS,
     PATCH_EMBEDDING,
     SELF_ATTENTION,
     SELF_ATTENTION_PATH,
@@ -181,7 +182,8 @@ def collect_sites(gm: torch.fx.GraphModule, report: RewriteReport, on_dynamic_sh
             continue
         layer, which, path = attention_site(n)
         if which != SELF_ATTENTION:
-            left["cross-attention" if which else f"not under {ATTENTION_PATH}"] += 1
+            left[LEFT_DENSE_REASONS.get(which, "cross-attention") if which
+                 else f"not under {ATTENTION_PATH}"] += 1
             continue
         seen_self_layers.add(layer)
         a = _sdpa_args(n)

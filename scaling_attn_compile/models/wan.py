@@ -153,6 +153,24 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
     return ModelSource(model.eval(), spec, None, True, WAN_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
 
 
+# The diffusers classes this adapter serves: Wan2.1's block structure (``blocks.<i>.attn1``
+# self-attention over the video tokens, ``attn2`` cross-attention, ``patch_embedding``,
+# ``rope``, ``condition_embedder.timesteps_proj``, ``proj_out``) under one module-path table.
+SUPPORTED_CLASSES: dict[str, str] = {
+    "WanTransformer3DModel": "Wan2.1 and Wan2.2 (T2V, I2V, A14B experts, TI2V-5B)",
+    "WanVACETransformer3DModel": "Wan VACE (control blocks vace_blocks.<i> stay dense)",
+    "SkyReelsV2Transformer3DModel": "SkyReels-V2 (diffusion forcing's causal mask: dense)",
+}
+
+
+def check_supported(transformer, who: str) -> None:
+    """One clear error for a transformer whose class this adapter does not know."""
+    name = type(_unwrap(transformer)).__name__
+    if name not in SUPPORTED_CLASSES:
+        raise TypeError(f"{who}: model class {name} is not supported; supported: "
+                        f"{', '.join(SUPPORTED_CLASSES)} (LTX-Video and HunyuanVideo are planned)")
+
+
 def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
                      vae_stride: Sequence[int] = WAN_VAE_STRIDE) -> tuple[int, int, int, int]:
     """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels.
@@ -208,7 +226,18 @@ def encode_prompts(folder, prompts: Sequence[str], *, device="cpu", dtype=torch.
 
 # "L['self'].blocks.0.attn1" (torch 2.11) and
 # "L['self'].__dict__['_modules']['blocks'].0.attn1" (torch 2.13): one regex for both.
-LAYER_RE = re.compile(r"blocks\W+(\d+)\W+(attn\d)")
+# Not preceded by a name character: VACE's "vace_blocks.<i>.attn1" is not a layer (see VACE_RE).
+LAYER_RE = re.compile(r"(?<!\w)blocks\W+(\d+)\W+(attn\d)")
+
+
+# VACE's control blocks (``WanVACETransformer3DModel.vace_blocks``) attend over the control
+# tokens with their own weights: the plan has no topology for them, so they stay dense.
+VACE_RE = re.compile(r"vace_blocks\W+(\d+)\W+(attn\d)")
+VACE_ATTENTION = "vace"
+
+
+# Why an attention call the adapter does not call self-attention stays dense, by its kind.
+LEFT_DENSE_REASONS = {"attn2": "cross-attention", VACE_ATTENTION: "VACE control-block attention"}
 
 
 # A block whose forward a diffusers hook replaced (context parallelism puts its split hook on
@@ -216,7 +245,7 @@ LAYER_RE = re.compile(r"blocks\W+(\d+)\W+(attn\d)")
 # .__closure__[0].cell_contents.forward.__self__.attn1". Only these wrapper tokens may stand
 # between the layer index and the attention, so no other nesting is mistaken for a layer.
 HOOKED_LAYER_RE = re.compile(
-    r"blocks\W+(\d+)(?:\W|\d|forward|func|__closure__|cell_contents|__self__)*?\W(attn\d)$")
+    r"(?<!\w)blocks\W+(\d+)(?:\W|\d|forward|func|__closure__|cell_contents|__self__)*?\W(attn\d)$")
 
 
 SELF_ATTENTION = "attn1"
@@ -237,6 +266,9 @@ def attention_site(node: torch.fx.Node) -> tuple[int | None, str | None, str | N
         m = LAYER_RE.search(path) or HOOKED_LAYER_RE.search(path)
         if m:
             return int(m.group(1)), m.group(2), path
+        m = VACE_RE.search(path)
+        if m:  # its cross-attention is a cross-attention like any other
+            return None, VACE_ATTENTION if m.group(2) == SELF_ATTENTION else m.group(2), path
     m = BLOCK_ATTENTION_RE.match(paths[-1]) if paths else None
     if m:
         return None, m.group(1), paths[-1]
@@ -302,7 +334,7 @@ def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None 
     conv = None
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in (torch.conv3d, F.conv3d) and any(
-                "patch_embedding" in p for p in _module_paths(n)):
+                re.search(r"(?<!\w)patch_embedding", p) for p in _module_paths(n)):
             conv = n
             break
     if patch_size is not None:
@@ -337,8 +369,11 @@ def whole_model(gm: torch.fx.GraphModule) -> bool:
     return any("patch_embedding" in p for p in paths) and any("proj_out" in p for p in paths)
 
 
+# The model's own proj_out, not a VACE control block's ("vace_blocks.<i>.proj_out"). VACE's
+# control tokens (vace_patch_embedding) are permuted with the video tokens.
 WAN_SITES = OrderSites(embedding=r"\Wpatch_embedding\W*$", rope_tables=r"\Wrope\W*$",
-                       output=r"\Wproj_out\W*$")
+                       output=r"^(?!.*blocks\W).*\Wproj_out\W*$",
+                       extra_embeddings=(r"\Wvace_patch_embedding\W*$",))
 
 
 def weights_fingerprint(transformer, samples: int = 1024) -> str | None:

@@ -1,0 +1,185 @@
+"""The Wan family beyond Wan2.1 through the one adapter (models/wan.py): VACE
+(``WanVACETransformer3DModel``) and SkyReels-V2 (``SkyReelsV2Transformer3DModel``), random small
+configs written with ``save_pretrained`` and read back with ``from_pretrained``.
+
+CPU, ``compiler="eager"``: the rewritten graph runs the op's readable reference. Checked per
+family: all-dense tables == eager; sparse two-level tables == eager with the reference
+processor at both timestep buckets; rewrite counts (one self-attention per layer, the
+cross-attention and VACE's control blocks left dense); no recompile over a short loop; VACE in
+tile token order (its control tokens permuted with the video tokens); an unknown class refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import SkyReelsV2Transformer3DModel, WanVACETransformer3DModel
+from diffusers.models.transformers import transformer_skyreels_v2, transformer_wan
+
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.contract import token_order as to
+from scaling_attn_compile.contract.masks import num_blocks
+from scaling_attn_compile.contract.reference import sparse_attention_reference
+from scaling_attn_compile.contract.tables import uniform_tables
+from scaling_attn_compile.models.wan import SUPPORTED_CLASSES, check_supported
+from scaling_attn_compile.plan.plan import Plan
+from scaling_attn_compile.testing import assert_close_to_oracle
+
+sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
+from test_backend import _fresh_dynamo, two_level_tables  # noqa: E402,F401  (autouse fixture)
+
+LATENT = (1, 4, 4, 16, 20)  # [B, C, F, H, W]
+GRID = (4, 8, 10)  # after patch (1, 2, 2)
+LAYERS, HEADS, HEAD_DIM = 2, 2, 16
+COMMON = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+              in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+              num_layers=LAYERS, rope_max_seq_len=64)
+VACE_IN = 8
+FAMILIES = {
+    "vace": (WanVACETransformer3DModel, dict(vace_layers=[0, 1], vace_in_channels=VACE_IN),
+             transformer_wan),
+    "skyreels": (SkyReelsV2Transformer3DModel, {}, transformer_skyreels_v2),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each family saved once with save_pretrained (peaked self-attention: a wrong mask shows)."""
+    out = {}
+    for name, (cls, extra, _mod) in FAMILIES.items():
+        torch.manual_seed(0)
+        model = cls(**COMMON, **extra).eval()
+        with torch.no_grad():
+            for block in model.blocks:
+                for norm in (block.attn1.norm_q, block.attn1.norm_k):
+                    norm.weight.mul_(4.0)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def load(saved, name):
+    cls = FAMILIES[name][0]
+    return cls.from_pretrained(saved[name], torch_dtype=torch.float32).eval()
+
+
+def make_inputs(name, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = dict(hidden_states=torch.randn(*LATENT, generator=g),
+               encoder_hidden_states=torch.randn(1, 24, 32, generator=g))
+    if name == "vace":
+        out["control_hidden_states"] = torch.randn(1, VACE_IN, *LATENT[2:], generator=g)
+    return out
+
+
+def reference_processors(model, module, tables, clock, compute_dtype, order="raster"):
+    """Each block's attn1 with self-attention done by the op's readable reference (in ``order``:
+    q/k/v permuted after RoPE, output un-permuted); VACE's control blocks stay dense."""
+    base = type(model.blocks[0].attn1.processor)
+    perm = to.permutation(tables.grid, order)
+    inv = to.inverse_permutation(tables.grid, order)
+
+    class Reference(base):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     rotary_emb=None):
+            masks, lt, bounds = self.tables_layer
+
+            def sparse(query, key, value, **_):  # (B, S, H, D), as diffusers' dispatch
+                q, k, v = (t[:, perm].transpose(1, 2) for t in (query, key, value))
+                out = sparse_attention_reference(q, k, v, masks, lt, bounds, clock["t"], None,
+                                                 compute_dtype=compute_dtype)
+                return out.transpose(1, 2)[:, inv]
+
+            with mock.patch.object(module, "dispatch_attention_fn", sparse):
+                return super().__call__(attn, hidden_states, encoder_hidden_states,
+                                        attention_mask, rotary_emb)
+
+    for i, block in enumerate(model.blocks):
+        proc = Reference(i)
+        proc.tables_layer = tables.layer(i)
+        block.attn1.set_processor(proc)
+    return model
+
+
+def eager(model, inputs, t, tables=None, module=None, order="raster"):
+    """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference."""
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model).to(dtype)
+        if tables is not None:
+            reference_processors(m, module, tables, {"t": torch.tensor([t])}, dtype, order)
+        with torch.no_grad():
+            outs.append(m(timestep=torch.tensor([t]), return_dict=False,
+                          **{k: v.to(dtype) for k, v in inputs.items()})[0])
+    return outs
+
+
+def compiled_run(model, plan, inputs, steps):
+    be = scaling_attn_backend(plan, compiler="eager")
+    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
+    outs = []
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for t in steps:
+            outs.append(c(timestep=torch.tensor([t]), return_dict=False, **inputs)[0])
+    return outs, be
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_dense_and_sparse_equal_eager_with_counts(saved, name):
+    model, inputs = load(saved, name), make_inputs(name)
+    assert type(model).__name__ in SUPPORTED_CLASSES
+    # All-dense tables: the compiled model is the eager one.
+    (out,), be = compiled_run(model, uniform_tables(LAYERS, HEADS, GRID, 1.0), inputs, [700])
+    same, golden = eager(model, inputs, 700)
+    assert_close_to_oracle(out, golden, same)
+    report = be.reports[0]
+    assert report.per_layer == {0: 1, 1: 1}
+    want_dense = {"cross-attention": LAYERS}
+    if name == "vace":  # two control blocks, each a self- and a cross-attention
+        want_dense = {"cross-attention": LAYERS + 2, "VACE control-block attention": 2}
+    assert report.left_dense == want_dense
+    torch._dynamo.reset()
+    # Sparse, two timestep buckets (t < 500: all sparse; t >= 500: head 0 dense), one graph.
+    tables = two_level_tables(LAYERS, HEADS, GRID)
+    steps = [900, 700, 300, 100]
+    outs, be = compiled_run(model, tables, inputs, steps)
+    assert len(be.reports) == 1  # one compile for the whole loop
+    for t, out in zip(steps, outs, strict=True):
+        same, golden = eager(model, inputs, t, tables, FAMILIES[name][2])
+        assert_close_to_oracle(out, golden, same)
+    dense_out, _ = eager(model, inputs, 100)
+    assert (outs[-1] - dense_out).abs().max() > 1e-3  # the sparse bucket is not dense
+
+
+def test_vace_in_tile_order_permutes_the_control_tokens(saved):
+    model, inputs = load(saved, "vace"), make_inputs("vace")
+    nb = num_blocks(math.prod(GRID))
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(1, 256, (LAYERS, HEADS, nb, nb), generator=g, dtype=torch.uint8)
+    plan = Plan.from_codes(codes, model, GRID, 1, token_order="tile")
+    tables = plan.materialize(GRID)
+    (out,), be = compiled_run(model, plan, inputs, [700])
+    assert be.reports[0].token_order == "tile"
+    same, golden = eager(model, inputs, 700, tables, transformer_wan, order="tile")
+    assert_close_to_oracle(out, golden, same)
+
+
+def test_unknown_model_class_is_refused_naming_the_supported_ones():
+    class LTXVideoTransformer3DModel(torch.nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match="LTXVideoTransformer3DModel is not supported; supported: "
+                       "WanTransformer3DModel, WanVACETransformer3DModel, "
+                       "SkyReelsV2Transformer3DModel"):
+        check_supported(LTXVideoTransformer3DModel(), "enable_sparse_attention")
