@@ -83,7 +83,8 @@ def _resolve_model(args) -> Path | None:
 
 # Pixel sizes per built-in when --height/--width/--frames are not given.
 _DEFAULT_VIDEO = {"tiny-random": (13, 128, 256), "wan2.1-1.3b": (81, 480, 832),
-                  "wan2.1-14b": (81, 480, 832)}
+                  "wan2.1-14b": (81, 480, 832),
+                  "wan2.2-ti2v-5b": (121, 704, 1280)}  # its 720p default: 24 fps, 5 s
 
 
 def add_west_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,9 @@ from unittest import mock
 
 import pytest
 import torch
-from diffusers import SkyReelsV2Transformer3DModel, WanVACETransformer3DModel
+import json
+
+from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel
 from diffusers.models.transformers import transformer_skyreels_v2, transformer_wan
 
 from scaling_attn_compile.compile.backend import scaling_attn_backend
@@ -27,7 +29,13 @@ from scaling_attn_compile.contract import token_order as to
 from scaling_attn_compile.contract.masks import num_blocks
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.contract.tables import uniform_tables
-from scaling_attn_compile.models.wan import SUPPORTED_CLASSES, check_supported
+from scaling_attn_compile.models.wan import (
+    SUPPORTED_CLASSES,
+    check_supported,
+    latent_shape_for,
+    latent_token_grid,
+    load_transformer,
+)
 from scaling_attn_compile.plan.plan import Plan
 from scaling_attn_compile.testing import assert_close_to_oracle
 
@@ -112,26 +120,28 @@ def reference_processors(model, module, tables, clock, compute_dtype, order="ras
     return model
 
 
-def eager(model, inputs, t, tables=None, module=None, order="raster"):
-    """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference."""
+def eager(model, inputs, t, tables=None, module=None, order="raster", timestep=None):
+    """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference at
+    bucket timestep ``t``. ``timestep``: the model's input, default ``[t]``."""
+    timestep = torch.tensor([t]) if timestep is None else timestep
     outs = []
     for dtype in (torch.float32, torch.float64):
         m = copy.deepcopy(model).to(dtype)
         if tables is not None:
             reference_processors(m, module, tables, {"t": torch.tensor([t])}, dtype, order)
         with torch.no_grad():
-            outs.append(m(timestep=torch.tensor([t]), return_dict=False,
+            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
                           **{k: v.to(dtype) for k, v in inputs.items()})[0])
     return outs
 
 
-def compiled_run(model, plan, inputs, steps):
+def compiled_run(model, plan, inputs, steps, timestep_of=lambda t: torch.tensor([t])):
     be = scaling_attn_backend(plan, compiler="eager")
     c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
     outs = []
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for t in steps:
-            outs.append(c(timestep=torch.tensor([t]), return_dict=False, **inputs)[0])
+            outs.append(c(timestep=timestep_of(t), return_dict=False, **inputs)[0])
     return outs, be
 
 
@@ -183,3 +193,43 @@ def test_unknown_model_class_is_refused_naming_the_supported_ones():
                        "WanTransformer3DModel, WanVACETransformer3DModel, "
                        "SkyReelsV2Transformer3DModel"):
         check_supported(LTXVideoTransformer3DModel(), "enable_sparse_attention")
+
+
+def test_ti2v_5b_grid_from_its_vae_and_per_token_timestep_buckets(tmp_path):
+    """Wan2.2 TI2V-5B: a WanTransformer3DModel (in == out channels) behind a VAE of stride
+    (4, 16, 16), run with expand_timesteps: the timestep is per token, 0 on the first frame (the
+    conditioning image), t elsewhere. The grid comes from the folder's VAE config; the bucket is
+    the step's t (the max), so at t=700 head 0 is dense, not the t=0 bucket's sparse."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**COMMON, "in_channels": 8, "out_channels": 8}).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for norm in (block.attn1.norm_q, block.attn1.norm_k):
+                norm.weight.mul_(4.0)
+    model.save_pretrained(tmp_path / "transformer")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(
+        {"_class_name": "AutoencoderKLWan", "scale_factor_temporal": 4,
+         "scale_factor_spatial": 16, "z_dim": 8}))
+    src = load_transformer(str(tmp_path))
+    assert src.vae_stride == (4, 16, 16)
+    latent = latent_shape_for(13, 256, 320, 8, src.vae_stride)  # Wan2.1's VAE: 4x the tokens
+    assert latent == (8, 4, 16, 20) and latent_token_grid(src.transformer, latent) == GRID
+    model = src.transformer
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, *latent, generator=g),
+                  encoder_hidden_states=torch.randn(1, 24, 32, generator=g))
+    first_frame = torch.arange(math.prod(GRID)) < GRID[1] * GRID[2]
+
+    def per_token(t):  # WanPipeline with expand_timesteps: mask[0][0][:, ::2, ::2] * t
+        return torch.where(first_frame, 0.0, float(t))[None]
+
+    tables = two_level_tables(LAYERS, HEADS, GRID)
+    steps = [700, 300]
+    outs, be = compiled_run(model, tables, inputs, steps, timestep_of=per_token)
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+    for t, out in zip(steps, outs, strict=True):
+        same, golden = eager(model, inputs, t, tables, transformer_wan, timestep=per_token(t))
+        assert_close_to_oracle(out, golden, same, what=f"TI2V per-token timestep t={t}")
+    wrong, _ = eager(model, inputs, 0, tables, transformer_wan, timestep=per_token(700))
+    assert (outs[0] - wrong).abs().max() > 1e-3  # the t=0 bucket would differ

@@ -148,6 +148,8 @@ class RegionalTables:
             timestep = torch.zeros((), device=hidden.device)
         elif not isinstance(timestep, torch.Tensor):
             timestep = torch.tensor(timestep, device=hidden.device)
+        if timestep.dim() == 2:  # per token (B, S), Wan2.2 TI2V-5B: the step's is the max
+            timestep = timestep.amax(1)
         ts = self._timestep
         if ts is None or ts.shape != timestep.shape or ts.dtype != timestep.dtype or (
                 ts.device != hidden.device):

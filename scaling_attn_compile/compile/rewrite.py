@@ -335,15 +335,24 @@ def bind_timestep(gm: torch.fx.GraphModule, sites: list[tuple], tables: Attentio
     needs_ts = tables.bucket_bounds.numel() > 0
     if ts is not None:
         tv = _val(ts)
+        seq = _val(sites[0][3]).shape[2]  # q is (B, H, S, D)
+        if isinstance(tv, torch.Tensor) and tv.dim() == 2 and tv.shape[0] in (1, batch) and (
+                tv.shape[1] == seq):
+            # Per-token timestep (B, S) (Wan2.2 TI2V-5B, expand_timesteps): the bucket is the
+            # step's, the max over tokens; the first frame's tokens (the conditioning image)
+            # carry 0. The calibration through the pipeline reads the same max.
+            with g.inserting_before(sites[0][0]):
+                ts = g.call_function(torch.amax, (ts, 1))
+            ts.meta["example_value"] = torch.amax(tv, 1)
+            tv = _val(ts)
         ok = isinstance(tv, torch.Tensor) and (tv.dim() == 0 or (
             tv.dim() == 1 and (tv.shape[0] == 1 or tv.shape[0] == batch)))
         if not ok:
             if needs_ts:
                 raise PlanMismatchError(
                     "scaling_attn_backend: the timestep input must be a tensor of shape "
-                    f"({batch},) or (), got {getattr(tv, 'shape', type(tv))} (a per-token "
-                    "timestep, as in Wan2.2 TI2V, is not supported); use a plan with one "
-                    "timestep bucket")
+                    f"({batch},), () or per token ({batch}, {seq}), got "
+                    f"{getattr(tv, 'shape', type(tv))}; use a plan with one timestep bucket")
             ts = None
     if ts is None:
         if needs_ts:

@@ -54,17 +54,27 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
                        ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    # Wan2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json): 48 latent
+    # channels from a VAE of stride (4, 16, 16), so 4x fewer tokens per frame than Wan2.1's
+    # VAE at the same pixels; its pipeline runs expand_timesteps (a per-token timestep).
+    "wan2.2-ti2v-5b": dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128,
+                           in_channels=48, out_channels=48, text_dim=4096, freq_dim=256,
+                           ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+                           qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
 }
 
 
 # Text sequence length of random embeddings per built-in (Wan's T5 pads to 512 tokens).
-BUILTIN_TEXT_LEN = {"tiny-random": 16, "wan2.1-1.3b": 512, "wan2.1-14b": 512}
+BUILTIN_TEXT_LEN = {"tiny-random": 16, "wan2.1-1.3b": 512, "wan2.1-14b": 512,
+                    "wan2.2-ti2v-5b": 512}
 
 
 TINY_ASSET_DIR = Path(__file__).parent.parent / "assets" / "tiny-wan"
 
 
 WAN_VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: 4x in time (causal: F_lat = (frames-1)/4 + 1), 8x8 in space
+WAN22_VAE_STRIDE = (4, 16, 16)  # Wan2.2 VAE (TI2V-5B): 16x16 in space
+BUILTIN_VAE_STRIDE = {"wan2.2-ti2v-5b": WAN22_VAE_STRIDE}  # others: WAN_VAE_STRIDE
 
 
 @dataclass
@@ -150,7 +160,8 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
             model = WanTransformer3DModel(**cfg)
     finally:
         torch.set_default_dtype(prev)
-    return ModelSource(model.eval(), spec, None, True, WAN_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
+    return ModelSource(model.eval(), spec, None, True,
+                       BUILTIN_VAE_STRIDE.get(spec, WAN_VAE_STRIDE), BUILTIN_TEXT_LEN[spec])
 
 
 # The diffusers classes this adapter serves: Wan2.1's block structure (``blocks.<i>.attn1``
