@@ -12,6 +12,7 @@ tile token order (its control tokens permuted with the video tokens); an unknown
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
@@ -19,8 +20,6 @@ from unittest import mock
 
 import pytest
 import torch
-import json
-
 from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel, WanVACETransformer3DModel
 from diffusers.models.transformers import transformer_skyreels_v2, transformer_wan
 

@@ -26,7 +26,7 @@ from scaling_attn_compile.testing import assert_close_to_oracle
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_backend import _fresh_dynamo  # noqa: E402,F401  (autouse: a fresh Dynamo per test)
-from test_families import COMMON, GRID, HEADS, LAYERS, LATENT, compiled_run, eager  # noqa: E402
+from test_families import COMMON, GRID, HEADS, LATENT, LAYERS, compiled_run, eager  # noqa: E402
 
 PROFILED = default_timesteps(50, 5.0)
 # 8 and 4 steps from the scheduler, and a distilled 4-step list: sigmas 1, .75, .5, .25 after
