@@ -232,3 +232,21 @@ def test_ti2v_5b_grid_from_its_vae_and_per_token_timestep_buckets(tmp_path):
         assert_close_to_oracle(out, golden, same, what=f"TI2V per-token timestep t={t}")
     wrong, _ = eager(model, inputs, 0, tables, transformer_wan, timestep=per_token(700))
     assert (outs[0] - wrong).abs().max() > 1e-3  # the t=0 bucket would differ
+
+
+def test_skyreels_diffusion_forcing_causal_mask_stays_dense():
+    """SkyReels-V2 diffusion forcing (num_frame_per_block > 1): per-frame timesteps and a causal
+    frame-block mask on self-attention, which the plan's block masks do not encode: every
+    self-attention is left dense ("attn_mask given") and the model equals eager."""
+    torch.manual_seed(0)
+    model = SkyReelsV2Transformer3DModel(**COMMON, num_frame_per_block=2).eval()
+    inputs = make_inputs("skyreels")
+    ts = torch.tensor([[900, 900, 500, 500]])  # per latent frame
+    be = scaling_attn_backend(two_level_tables(LAYERS, HEADS, GRID), compiler="eager")
+    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="attn_mask given"):
+        out = c(timestep=ts, enable_diffusion_forcing=True, return_dict=False, **inputs)[0]
+    with torch.no_grad():
+        ref = model(timestep=ts, enable_diffusion_forcing=True, return_dict=False, **inputs)[0]
+    assert be.reports[0].left_dense == {"attn_mask given": LAYERS, "cross-attention": LAYERS}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
