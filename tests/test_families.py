@@ -250,3 +250,27 @@ def test_skyreels_diffusion_forcing_causal_mask_stays_dense():
         ref = model(timestep=ts, enable_diffusion_forcing=True, return_dict=False, **inputs)[0]
     assert be.reports[0].left_dense == {"attn_mask given": LAYERS, "cross-attention": LAYERS}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_regional_compilation_equals_the_reference(saved, name):
+    """compile_repeated_blocks after backend.attach: the main blocks run sparse from their
+    attached tables; VACE's control blocks (their own block class, two graphs: diffusers' first
+    control block has a proj_in the others lack) find no tables and stay dense."""
+    model, inputs = load(saved, name), make_inputs(name)
+    tables = two_level_tables(LAYERS, HEADS, GRID)
+    steps = [900, 300]
+    refs = [eager(model, inputs, t, tables, FAMILIES[name][2]) for t in steps]  # before compiling
+    be = scaling_attn_backend(tables, compiler="eager")
+    be.attach(model)
+    model.compile_repeated_blocks(backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        outs = [model(timestep=torch.tensor([t]), return_dict=False, **inputs)[0] for t in steps]
+    assert sum(r.block_sites for r in be.reports) == 1  # one main-block graph for every layer
+    if name == "vace":
+        assert [r.left_dense.get("regional block without attached tables", 0)
+                for r in be.reports].count(1) == 2
+    for t, out, (same, golden) in zip(steps, outs, refs, strict=True):
+        assert_close_to_oracle(out, golden, same, what=f"{name} regional t={t}")
+    dense, _ = eager(load(saved, name), inputs, 300)
+    assert (outs[1] - dense).abs().max() > 1e-3  # the sparse bucket is not dense
