@@ -252,6 +252,7 @@ def test_skyreels_diffusion_forcing_causal_mask_stays_dense():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*compiled on its own.*without the plan's tables")
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_regional_compilation_equals_the_reference(saved, name):
     """compile_repeated_blocks after backend.attach: the main blocks run sparse from their

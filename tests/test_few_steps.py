@@ -75,7 +75,8 @@ def test_one_graph_runs_8_then_4_steps_sparse_as_the_reference():
     steps = FEW["8 steps"] + FEW["4 steps"]
     outs, be = compiled_run(model, plan, inputs, steps)  # error_on_recompile inside
     assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
-    for t, out in zip(steps, outs, strict=True):
+    # Every third step against the reference (CI time); the buckets of all are checked above.
+    for t, out in list(zip(steps, outs, strict=True))[::3]:
         same, golden = eager(model, inputs, t, tables, transformer_wan)
         assert_close_to_oracle(out, golden, same, what=f"t={t:.1f}")
 
