@@ -275,3 +275,31 @@ def test_family_regional_compilation_equals_the_reference(saved, name):
         assert_close_to_oracle(out, golden, same, what=f"{name} regional t={t}")
     dense, _ = eager(load(saved, name), inputs, 300)
     assert (outs[1] - dense).abs().max() > 1e-3  # the sparse bucket is not dense
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_capture_sees_the_q_k_the_family_feeds_sdpa(saved, name):
+    """The calibration's processor swap (models/wan_capture.py) computes q/k as each family's
+    own processor does (SkyReels-V2 has its own attention class and RoPE): what WEST sees is
+    what the attention uses. VACE's control blocks are not captured (they stay dense)."""
+    from scaling_attn_compile.models.wan_capture import capture_qk
+
+    model, inputs = load(saved, name), make_inputs(name)
+    module = FAMILIES[name][2]
+    fed, seen = [], []
+    real = module.dispatch_attention_fn
+
+    def spy(query, key, value, **kw):  # (B, S, H, D)
+        if query.shape[1] == key.shape[1] == math.prod(GRID):
+            fed.append((query.transpose(1, 2).clone(), key.transpose(1, 2).clone()))
+        return real(query, key, value, **kw)
+
+    with torch.no_grad(), mock.patch.object(module, "dispatch_attention_fn", spy), \
+            capture_qk(model, lambda c: seen.append((c.layer, c.q.clone(), c.k.clone()))):
+        model(timestep=torch.tensor([500]), return_dict=False, **inputs)
+    if name == "vace":
+        fed = fed[2:]  # the two control blocks run first
+    assert [layer for layer, _, _ in seen] == list(range(LAYERS)) and len(fed) == LAYERS
+    for (_, q, k), (fq, fk) in zip(seen, fed, strict=True):
+        torch.testing.assert_close(q, fq, rtol=0, atol=0)
+        torch.testing.assert_close(k, fk, rtol=0, atol=0)
