@@ -184,6 +184,17 @@ def test_vace_in_tile_order_permutes_the_control_tokens(saved):
     assert_close_to_oracle(out, golden, same)
 
 
+def test_load_transformer_builds_the_class_the_folder_names(saved, tmp_path):
+    for name, (cls, _extra, _mod) in FAMILIES.items():
+        assert type(load_transformer(str(saved[name])).transformer) is cls
+    bad = tmp_path / "ltx"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"_class_name": "LTXVideoTransformer3DModel"}))
+    with pytest.raises(TypeError, match="names model class LTXVideoTransformer3DModel, which is "
+                       "not supported; supported: WanTransformer3DModel"):
+        load_transformer(str(bad))
+
+
 def test_unknown_model_class_is_refused_naming_the_supported_ones():
     class LTXVideoTransformer3DModel(torch.nn.Module):
         pass

@@ -103,6 +103,19 @@ def _vae_stride_of(folder: Path) -> tuple[int, int, int]:
             int(c.get("scale_factor_spatial") or 8))
 
 
+def _transformer_class(config_json: Path):
+    """The diffusers class a folder's ``config.json`` names (``_class_name``), if supported: a
+    SkyReels-V2 or VACE folder must not load as a WanTransformer3DModel, which would drop the
+    weights it has no place for."""
+    import diffusers
+
+    name = json.loads(config_json.read_text()).get("_class_name") or "WanTransformer3DModel"
+    if name not in SUPPORTED_CLASSES:
+        raise TypeError(f"load_transformer: {config_json} names model class {name}, which is not "
+                        f"supported; supported: {', '.join(SUPPORTED_CLASSES)}")
+    return getattr(diffusers, name)
+
+
 def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                      seed: int = 0, num_layers: int | None = None) -> ModelSource:
     """Load a ``WanTransformer3DModel``.
@@ -142,7 +155,8 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
             raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
                               f"`accelerate` package (a dependency of scaling-attn-compile); "
                               f"pip install accelerate")
-        model = WanTransformer3DModel.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
+        cls = _transformer_class(path / (sub or "") / "config.json")
+        model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
         model = model.to(device).eval()
         return ModelSource(model, path.name, path, False, _vae_stride_of(path))
     if spec not in BUILTIN_CONFIGS:
