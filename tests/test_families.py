@@ -195,6 +195,40 @@ def test_load_transformer_builds_the_class_the_folder_names(saved, tmp_path):
         load_transformer(str(bad))
 
 
+def test_bare_vace_folder_in_the_cli_asks_for_the_pipeline(saved, tmp_path, capsys):
+    from scaling_attn_compile.cli import main
+
+    rc = main(["west", "--model", str(saved["vace"]), "--latent", "4,16,20",
+               "--out", str(tmp_path / "p.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "WanVACETransformer3DModel needs its control video" in err
+    assert "pass the whole pipeline folder" in err
+
+
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")  # 3 blocks/row
+def test_west_on_a_skyreels_folder_makes_its_plan_and_compiles(saved, tmp_path, capsys):
+    """``scaling-attn west`` on a SkyReels-V2 folder: the plan records that class, and the
+    backend's model check accepts the model it came from; sparse at the plan's levels."""
+    from scaling_attn_compile.cli import main
+    from scaling_attn_compile.plan.io import load_plan
+
+    out = tmp_path / "sky.plan.safetensors"
+    assert main(["west", "--model", str(saved["skyreels"]), "--latent", "4,16,20", "--steps",
+                 "4", "--capture-steps", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    plan = load_plan(out)
+    assert plan.meta.model_class == "SkyReelsV2Transformer3DModel"
+    model, inputs = load(saved, "skyreels"), make_inputs("skyreels")
+    tables = plan.materialize(GRID, density=0.5)
+    be = scaling_attn_backend(plan, compiler="eager", materialize_kwargs={"density": 0.5})
+    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        out_c = c(timestep=torch.tensor([500]), return_dict=False, **inputs)[0]
+    assert be.reports[0].per_layer == {0: 1, 1: 1}
+    same, golden = eager(model, inputs, 500, tables, transformer_skyreels_v2)
+    assert_close_to_oracle(out_c, golden, same)
+
+
 def test_unknown_model_class_is_refused_naming_the_supported_ones():
     class LTXVideoTransformer3DModel(torch.nn.Module):
         pass

@@ -196,6 +196,14 @@ def check_supported(transformer, who: str) -> None:
                         f"{', '.join(SUPPORTED_CLASSES)} (LTX-Video and HunyuanVideo are planned)")
 
 
+def bare_call_needs(transformer) -> str | None:
+    """What a transformer needs beyond latents, timestep and text to run on its own (the bare
+    calibration path calls it with those only), or None: VACE needs its control video."""
+    if "vace_layers" in _unwrap(transformer).config:
+        return "its control video (control_hidden_states, from WanVACEPipeline)"
+    return None
+
+
 def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
                      vae_stride: Sequence[int] = WAN_VAE_STRIDE) -> tuple[int, int, int, int]:
     """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels.
