@@ -233,10 +233,18 @@ def test_unknown_model_class_is_refused_naming_the_supported_ones():
     class LTXVideoTransformer3DModel(torch.nn.Module):
         pass
 
-    with pytest.raises(TypeError, match="LTXVideoTransformer3DModel is not supported; supported: "
-                       "WanTransformer3DModel, WanVACETransformer3DModel, "
-                       "SkyReelsV2Transformer3DModel"):
-        check_supported(LTXVideoTransformer3DModel(), "enable_sparse_attention")
+    from scaling_attn_compile import enable_sparse_attention
+
+    msg = ("LTXVideoTransformer3DModel is not supported; supported: WanTransformer3DModel, "
+           "WanVACETransformer3DModel, SkyReelsV2Transformer3DModel")
+    with pytest.raises(TypeError, match=msg):
+        check_supported(LTXVideoTransformer3DModel(), "anything")
+
+    class LTXPipeline:  # a pipeline of an unknown family: refused before any plan is read
+        transformer = LTXVideoTransformer3DModel()
+
+    with pytest.raises(TypeError, match="enable_sparse_attention: model class " + msg):
+        enable_sparse_attention(LTXPipeline(), "no-such.plan.safetensors")
 
 
 def test_ti2v_5b_grid_from_its_vae_and_per_token_timestep_buckets(tmp_path):
