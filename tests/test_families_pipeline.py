@@ -27,7 +27,6 @@ from scaling_attn_compile.offline.pipeline import calibrate_west_pipeline, pipel
 sys.path.insert(0, os.path.dirname(__file__))
 from test_pipeline import STEPS, TEXT_LEN, VIDEO, _tokenizer  # noqa: E402
 
-
 PIPELINES = {"vace": WanVACEPipeline, "skyreels": SkyReelsV2Pipeline}
 
 
