@@ -285,6 +285,16 @@ def test_ti2v_5b_grid_from_its_vae_and_per_token_timestep_buckets(tmp_path):
         assert_close_to_oracle(out, golden, same, what=f"TI2V per-token timestep t={t}")
     wrong, _ = eager(model, inputs, 0, tables, transformer_wan, timestep=per_token(700))
     assert (outs[0] - wrong).abs().max() > 1e-3  # the t=0 bucket would differ
+    # Regional compilation reads the same per-token timestep (its pre-hook takes the max).
+    torch._dynamo.reset()
+    regional = copy.deepcopy(model)
+    be = scaling_attn_backend(tables, compiler="eager")
+    be.attach(regional)
+    regional.compile_repeated_blocks(backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for t, out in zip(steps, outs, strict=True):
+            got = regional(timestep=per_token(t), return_dict=False, **inputs)[0]
+            torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
 
 
 def test_skyreels_diffusion_forcing_causal_mask_stays_dense():
