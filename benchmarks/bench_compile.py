@@ -71,6 +71,12 @@ MODELS = {
                  config=dict(BUILTIN_CONFIGS["wan2.1-1.3b"])),
     "14b": dict(name="Wan2.1-T2V-14B", video=(720, 1280, 81), text_len=512,
                 config=dict(BUILTIN_CONFIGS["wan2.1-14b"])),
+    # Wan2.2: each A14B expert has the 14B architecture; TI2V-5B's VAE has stride (4, 16, 16),
+    # so 720p (704x1280x121, its default) is a grid of (31, 22, 40), S = 27,280.
+    "a14b": dict(name="Wan2.2-T2V-A14B (one expert)", video=(720, 1280, 81), text_len=512,
+                 config=dict(BUILTIN_CONFIGS["wan2.1-14b"])),
+    "ti2v-5b": dict(name="Wan2.2-TI2V-5B", video=(704, 1280, 121), text_len=512, vae=(4, 16, 16),
+                    config=dict(BUILTIN_CONFIGS["wan2.2-ti2v-5b"])),
     "tiny": dict(name="tiny (CPU smoke test)", video=(128, 160, 13), text_len=24, config=dict(
         COMMON, in_channels=4, out_channels=4, text_dim=32, freq_dim=32, rope_max_seq_len=64,
         num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)),
@@ -110,7 +116,8 @@ def latent_shape(spec) -> tuple[int, int, int, int, int]:
     """``[B, C, F, H, W]`` of the VAE latents for a video ``(height, width, frames)``."""
     h, w, frames = spec["video"]
     c = spec["config"]["in_channels"]
-    return (1, c, (frames - 1) // 4 + 1, h // 8, w // 8)
+    st, sh, sw = spec.get("vae", (4, 8, 8))
+    return (1, c, (frames - 1) // st + 1, h // sh, w // sw)
 
 
 record_file = _common.record_file  # bench_parallel and bench_tile_order use it from here
@@ -287,7 +294,7 @@ def check_bars(records: list[Record]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["1.3b", "14b"], choices=["1.3b", "14b"])
+    ap.add_argument("--models", nargs="+", default=["1.3b", "14b"], choices=["1.3b", "14b", "a14b", "ti2v-5b"])
     ap.add_argument("--layers", type=int, default=None,
                     help="build every model with this many layers (e.g. 14B with 20 of 40)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))

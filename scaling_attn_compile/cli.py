@@ -83,7 +83,8 @@ def _resolve_model(args) -> Path | None:
 
 # Pixel sizes per built-in when --height/--width/--frames are not given.
 _DEFAULT_VIDEO = {"tiny-random": (13, 128, 256), "wan2.1-1.3b": (81, 480, 832),
-                  "wan2.1-14b": (81, 480, 832)}
+                  "wan2.1-14b": (81, 480, 832),
+                  "wan2.2-ti2v-5b": (121, 704, 1280)}  # its 720p default: 24 fps, 5 s
 
 
 def add_west_arguments(p: argparse.ArgumentParser) -> None:
@@ -155,7 +156,7 @@ def _west_inputs(args, src, text_dim: int):
 
 def run_west(args: argparse.Namespace) -> int:
     from .contract.masks import num_blocks
-    from .models.wan import latent_shape_for, latent_token_grid, load_transformer
+    from .models.wan import bare_call_needs, latent_shape_for, latent_token_grid, load_transformer
     from .offline.calibrate import calibrate_west, default_timesteps, evenly_spaced
 
     check_output_path(args.out, "--out")  # before minutes of calibration, not after
@@ -177,6 +178,9 @@ def run_west(args: argparse.Namespace) -> int:
     cfg = model.config
     print(f"model: {src.name} ({'random weights' if src.random_weights else src.folder}), "
           f"{cfg.num_layers} layers x {cfg.num_attention_heads} heads, {dtype}, {device}")
+    if (needs := bare_call_needs(model)) is not None:
+        raise CliError(f"--model {args.model}: a {type(model).__name__} needs {needs}; pass the "
+                       f"whole pipeline folder (with model_index.json)")
     if cfg.in_channels != cfg.out_channels:  # I2V: 36 in = 16 noise + 20 image condition
         raise CliError(f"--model {args.model}: an image-to-video transformer ({cfg.in_channels} "
                        f"input channels, {cfg.out_channels} output) needs its image conditioning;"
@@ -335,7 +339,7 @@ def _plan_model(calib: dict) -> str:
 
 def run_fast(args: argparse.Namespace) -> int:
     from .errors import PlanModelMismatch
-    from .models.wan import load_transformer
+    from .models.wan import bare_call_needs, load_transformer
     from .offline import fast
     from .offline.calibrate import default_timesteps, evenly_spaced
     from .plan.io import load_plan
@@ -380,6 +384,9 @@ def run_fast(args: argparse.Namespace) -> int:
         dtype = args._dtype = resolve_dtype(args.dtype, device)
         src = load_transformer(args.model, dtype=dtype, device=device, seed=args.seed)
         model = src.transformer
+        if (needs := bare_call_needs(model)) is not None:
+            raise CliError(f"--model {args.model}: a {type(model).__name__} needs {needs}; pass "
+                           f"the whole pipeline folder (with model_index.json)")
         args.num_prompts = 1
         inputs = _west_inputs(args, src, model.config.text_dim)[:1]
         if not inputs:

@@ -53,7 +53,7 @@ def _in(n: torch.fx.Node, pattern: str) -> bool:
 
 def _named(pattern: str) -> str:
     """The module name a site regex matches, for messages (``\\Wname\\W*$`` -> ``name``)."""
-    return re.sub(r"\\W|[*$^]", "", pattern)
+    return re.findall(r"\w+", pattern.replace("\\W", " "))[-1]
 
 
 def _shape(n) -> tuple | None:
@@ -101,6 +101,27 @@ def _token_start(gm, sites: OrderSites, S: int) -> torch.fx.Node:
     return cur
 
 
+def _extra_starts(gm, sites: OrderSites, S: int) -> list[torch.fx.Node]:
+    """The [B, S, C] tokens of each extra embedding (VACE's control tokens): after the Conv3d's
+    layout ops and the concatenation that pads them to S tokens."""
+    out = []
+    for pattern in sites.extra_embeddings:
+        for conv in [n for n in gm.graph.nodes if n.op == "call_function"
+                     and n.target in (torch.conv3d, F.conv3d) and _in(n, pattern)]:
+            cur = conv
+            while len(cur.users) == 1:
+                (u,) = cur.users
+                name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+                if name not in _LAYOUT_METHODS | {"cat"}:
+                    break
+                cur = u
+            shape = _shape(cur)
+            if shape is None or len(shape) != 3 or shape[1] != S:
+                raise _fail(f"the {_named(pattern)} tokens are not [B, S={S}, C] (got {shape})")
+            out.append(cur)
+    return out
+
+
 def _rope_tables(gm, sites: OrderSites, S: int) -> list[torch.fx.Node]:
     inside = {n for n in gm.graph.nodes if n.op != "placeholder" and _in(n, sites.rope_tables)}
     outs = [n for n in inside if any(u not in inside for u in n.users)]
@@ -145,7 +166,8 @@ def apply_token_order(gm: torch.fx.GraphModule, grid, order, *, timestep=None,
     start = _token_start(gm, sites, S)
     ropes = _rope_tables(gm, sites, S)
     end = _token_end(gm, sites, S)
-    skip = {start, end, *ropes, timestep}
+    extras = _extra_starts(gm, sites, S)
+    skip = {start, end, *ropes, *extras, timestep}
     for n in gm.graph.nodes:  # unknown per-token graph inputs would stay in raster order
         s = _shape(n)
         if (n.op == "placeholder" and n not in skip and s is not None and len(s) >= 2
@@ -163,6 +185,8 @@ def apply_token_order(gm: torch.fx.GraphModule, grid, order, *, timestep=None,
         p_node = register_constant(gm, BUFFER_PREFIX + "perm", perm, fake_mode)
         i_node = register_constant(gm, BUFFER_PREFIX + "inv", inv, fake_mode)
     _index_after(gm, start, p_node, 1)
+    for x in extras:
+        _index_after(gm, x, p_node, 1)
     for r in ropes:
         _index_after(gm, r, p_node, 1)
     ts = _shape(timestep) if timestep is not None else None

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..models.wan import check_supported
 from ..plan.plan import DEFAULT_DENSITY, Plan
 
 log = logging.getLogger("scaling_attn_compile")
@@ -148,6 +149,8 @@ def enable_sparse_attention(pipe, plan=None, density: float | None = None, *,
     if not targets:
         raise ValueError(f"enable_sparse_attention: pipe {type(pipe).__name__} has no "
                          f"transformer; pass a diffusers pipeline or a transformer")
+    for module in targets.values():
+        check_supported(module, "enable_sparse_attention")
     if plan is None:
         plans = plans_next_to(pipe)
     else:

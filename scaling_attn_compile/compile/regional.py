@@ -45,7 +45,7 @@ from ..contract.masks import num_blocks
 from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
 from ..errors import PlanMismatchError
 from ..models.graph import node_value as _val
-from ..models.wan import forward_inputs, latent_token_grid, self_attention_modules
+from ..models.wan import check_supported, forward_inputs, latent_token_grid, self_attention_modules
 from ..ops.bind import BIND_TABLES
 
 log = logging.getLogger("scaling_attn_compile")
@@ -66,6 +66,7 @@ class RegionalTables:
     module docstring. Made by :meth:`ScalingAttnBackend.attach`; :meth:`detach` undoes it."""
 
     def __init__(self, backend, transformer):
+        check_supported(transformer, "scaling_attn_backend.attach")
         if backend.parallel is not None or backend.head_range is not None:
             raise PlanMismatchError(
                 "scaling_attn_backend.attach: regional compilation with parallel=/head_range= "
@@ -147,6 +148,8 @@ class RegionalTables:
             timestep = torch.zeros((), device=hidden.device)
         elif not isinstance(timestep, torch.Tensor):
             timestep = torch.tensor(timestep, device=hidden.device)
+        if timestep.dim() == 2:  # per token (B, S), Wan2.2 TI2V-5B: the step's is the max
+            timestep = timestep.amax(1)
         ts = self._timestep
         if ts is None or ts.shape != timestep.shape or ts.dtype != timestep.dtype or (
                 ts.device != hidden.device):

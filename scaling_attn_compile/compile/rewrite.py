@@ -32,6 +32,7 @@ from ..models.graph import is_static as _is_static
 from ..models.graph import node_value as _val
 from ..models.wan import (
     ATTENTION_PATH,
+    LEFT_DENSE_REASONS,
     PATCH_EMBEDDING,
     SELF_ATTENTION,
     SELF_ATTENTION_PATH,
@@ -181,7 +182,8 @@ def collect_sites(gm: torch.fx.GraphModule, report: RewriteReport, on_dynamic_sh
             continue
         layer, which, path = attention_site(n)
         if which != SELF_ATTENTION:
-            left["cross-attention" if which else f"not under {ATTENTION_PATH}"] += 1
+            left[LEFT_DENSE_REASONS.get(which, "cross-attention") if which
+                 else f"not under {ATTENTION_PATH}"] += 1
             continue
         seen_self_layers.add(layer)
         a = _sdpa_args(n)
@@ -333,15 +335,24 @@ def bind_timestep(gm: torch.fx.GraphModule, sites: list[tuple], tables: Attentio
     needs_ts = tables.bucket_bounds.numel() > 0
     if ts is not None:
         tv = _val(ts)
+        seq = _val(sites[0][3]).shape[2]  # q is (B, H, S, D)
+        if isinstance(tv, torch.Tensor) and tv.dim() == 2 and tv.shape[0] in (1, batch) and (
+                tv.shape[1] == seq):
+            # Per-token timestep (B, S) (Wan2.2 TI2V-5B, expand_timesteps): the bucket is the
+            # step's, the max over tokens; the first frame's tokens (the conditioning image)
+            # carry 0. The calibration through the pipeline reads the same max.
+            with g.inserting_before(sites[0][0]):
+                ts = g.call_function(torch.amax, (ts, 1))
+            ts.meta["example_value"] = torch.amax(tv, 1)
+            tv = _val(ts)
         ok = isinstance(tv, torch.Tensor) and (tv.dim() == 0 or (
             tv.dim() == 1 and (tv.shape[0] == 1 or tv.shape[0] == batch)))
         if not ok:
             if needs_ts:
                 raise PlanMismatchError(
                     "scaling_attn_backend: the timestep input must be a tensor of shape "
-                    f"({batch},) or (), got {getattr(tv, 'shape', type(tv))} (a per-token "
-                    "timestep, as in Wan2.2 TI2V, is not supported); use a plan with one "
-                    "timestep bucket")
+                    f"({batch},), () or per token ({batch}, {seq}), got "
+                    f"{getattr(tv, 'shape', type(tv))}; use a plan with one timestep bucket")
             ts = None
     if ts is None:
         if needs_ts:

@@ -43,3 +43,6 @@ class OrderSites:
     embedding: str  # the (patch embedding) Conv3d whose output becomes the [B, S, C] tokens
     rope_tables: str  # the module whose outputs are the per-token RoPE tables [1, S, 1, D]
     output: str  # the token-wise output projection [B, S, C_out]
+    # Other Conv3d embeddings whose tokens join the video tokens (VACE's control tokens): each is
+    # permuted like the main one, after its layout ops and any padding concatenation.
+    extra_embeddings: tuple[str, ...] = ()

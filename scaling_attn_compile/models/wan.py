@@ -54,17 +54,27 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
                        ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    # Wan2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json): 48 latent
+    # channels from a VAE of stride (4, 16, 16), so 4x fewer tokens per frame than Wan2.1's
+    # VAE at the same pixels; its pipeline runs expand_timesteps (a per-token timestep).
+    "wan2.2-ti2v-5b": dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128,
+                           in_channels=48, out_channels=48, text_dim=4096, freq_dim=256,
+                           ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+                           qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
 }
 
 
 # Text sequence length of random embeddings per built-in (Wan's T5 pads to 512 tokens).
-BUILTIN_TEXT_LEN = {"tiny-random": 16, "wan2.1-1.3b": 512, "wan2.1-14b": 512}
+BUILTIN_TEXT_LEN = {"tiny-random": 16, "wan2.1-1.3b": 512, "wan2.1-14b": 512,
+                    "wan2.2-ti2v-5b": 512}
 
 
 TINY_ASSET_DIR = Path(__file__).parent.parent / "assets" / "tiny-wan"
 
 
 WAN_VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: 4x in time (causal: F_lat = (frames-1)/4 + 1), 8x8 in space
+WAN22_VAE_STRIDE = (4, 16, 16)  # Wan2.2 VAE (TI2V-5B): 16x16 in space
+BUILTIN_VAE_STRIDE = {"wan2.2-ti2v-5b": WAN22_VAE_STRIDE}  # others: WAN_VAE_STRIDE
 
 
 @dataclass
@@ -91,6 +101,19 @@ def _vae_stride_of(folder: Path) -> tuple[int, int, int]:
     c = json.loads(cfg.read_text())
     return (int(c.get("scale_factor_temporal") or 4), int(c.get("scale_factor_spatial") or 8),
             int(c.get("scale_factor_spatial") or 8))
+
+
+def _transformer_class(config_json: Path):
+    """The diffusers class a folder's ``config.json`` names (``_class_name``), if supported: a
+    SkyReels-V2 or VACE folder must not load as a WanTransformer3DModel, which would drop the
+    weights it has no place for."""
+    import diffusers
+
+    name = json.loads(config_json.read_text()).get("_class_name") or "WanTransformer3DModel"
+    if name not in SUPPORTED_CLASSES:
+        raise TypeError(f"load_transformer: {config_json} names model class {name}, which is not "
+                        f"supported; supported: {', '.join(SUPPORTED_CLASSES)}")
+    return getattr(diffusers, name)
 
 
 def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -132,7 +155,8 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
             raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
                               f"`accelerate` package (a dependency of scaling-attn-compile); "
                               f"pip install accelerate")
-        model = WanTransformer3DModel.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
+        cls = _transformer_class(path / (sub or "") / "config.json")
+        model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
         model = model.to(device).eval()
         return ModelSource(model, path.name, path, False, _vae_stride_of(path))
     if spec not in BUILTIN_CONFIGS:
@@ -150,7 +174,34 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
             model = WanTransformer3DModel(**cfg)
     finally:
         torch.set_default_dtype(prev)
-    return ModelSource(model.eval(), spec, None, True, WAN_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
+    return ModelSource(model.eval(), spec, None, True,
+                       BUILTIN_VAE_STRIDE.get(spec, WAN_VAE_STRIDE), BUILTIN_TEXT_LEN[spec])
+
+
+# The diffusers classes this adapter serves: Wan2.1's block structure (``blocks.<i>.attn1``
+# self-attention over the video tokens, ``attn2`` cross-attention, ``patch_embedding``,
+# ``rope``, ``condition_embedder.timesteps_proj``, ``proj_out``) under one module-path table.
+SUPPORTED_CLASSES: dict[str, str] = {
+    "WanTransformer3DModel": "Wan2.1 and Wan2.2 (T2V, I2V, A14B experts, TI2V-5B)",
+    "WanVACETransformer3DModel": "Wan VACE (control blocks vace_blocks.<i> stay dense)",
+    "SkyReelsV2Transformer3DModel": "SkyReels-V2 (diffusion forcing's causal mask: dense)",
+}
+
+
+def check_supported(transformer, who: str) -> None:
+    """One clear error for a transformer whose class this adapter does not know."""
+    name = type(_unwrap(transformer)).__name__
+    if name not in SUPPORTED_CLASSES:
+        raise TypeError(f"{who}: model class {name} is not supported; supported: "
+                        f"{', '.join(SUPPORTED_CLASSES)} (LTX-Video and HunyuanVideo are planned)")
+
+
+def bare_call_needs(transformer) -> str | None:
+    """What a transformer needs beyond latents, timestep and text to run on its own (the bare
+    calibration path calls it with those only), or None: VACE needs its control video."""
+    if "vace_layers" in _unwrap(transformer).config:
+        return "its control video (control_hidden_states, from WanVACEPipeline)"
+    return None
 
 
 def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
@@ -208,7 +259,18 @@ def encode_prompts(folder, prompts: Sequence[str], *, device="cpu", dtype=torch.
 
 # "L['self'].blocks.0.attn1" (torch 2.11) and
 # "L['self'].__dict__['_modules']['blocks'].0.attn1" (torch 2.13): one regex for both.
-LAYER_RE = re.compile(r"blocks\W+(\d+)\W+(attn\d)")
+# Not preceded by a name character: VACE's "vace_blocks.<i>.attn1" is not a layer (see VACE_RE).
+LAYER_RE = re.compile(r"(?<!\w)blocks\W+(\d+)\W+(attn\d)")
+
+
+# VACE's control blocks (``WanVACETransformer3DModel.vace_blocks``) attend over the control
+# tokens with their own weights: the plan has no topology for them, so they stay dense.
+VACE_RE = re.compile(r"vace_blocks\W+(\d+)\W+(attn\d)")
+VACE_ATTENTION = "vace"
+
+
+# Why an attention call the adapter does not call self-attention stays dense, by its kind.
+LEFT_DENSE_REASONS = {"attn2": "cross-attention", VACE_ATTENTION: "VACE control-block attention"}
 
 
 # A block whose forward a diffusers hook replaced (context parallelism puts its split hook on
@@ -216,7 +278,7 @@ LAYER_RE = re.compile(r"blocks\W+(\d+)\W+(attn\d)")
 # .__closure__[0].cell_contents.forward.__self__.attn1". Only these wrapper tokens may stand
 # between the layer index and the attention, so no other nesting is mistaken for a layer.
 HOOKED_LAYER_RE = re.compile(
-    r"blocks\W+(\d+)(?:\W|\d|forward|func|__closure__|cell_contents|__self__)*?\W(attn\d)$")
+    r"(?<!\w)blocks\W+(\d+)(?:\W|\d|forward|func|__closure__|cell_contents|__self__)*?\W(attn\d)$")
 
 
 SELF_ATTENTION = "attn1"
@@ -237,6 +299,9 @@ def attention_site(node: torch.fx.Node) -> tuple[int | None, str | None, str | N
         m = LAYER_RE.search(path) or HOOKED_LAYER_RE.search(path)
         if m:
             return int(m.group(1)), m.group(2), path
+        m = VACE_RE.search(path)
+        if m:  # its cross-attention is a cross-attention like any other
+            return None, VACE_ATTENTION if m.group(2) == SELF_ATTENTION else m.group(2), path
     m = BLOCK_ATTENTION_RE.match(paths[-1]) if paths else None
     if m:
         return None, m.group(1), paths[-1]
@@ -302,7 +367,7 @@ def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None 
     conv = None
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in (torch.conv3d, F.conv3d) and any(
-                "patch_embedding" in p for p in _module_paths(n)):
+                re.search(r"(?<!\w)patch_embedding", p) for p in _module_paths(n)):
             conv = n
             break
     if patch_size is not None:
@@ -337,8 +402,11 @@ def whole_model(gm: torch.fx.GraphModule) -> bool:
     return any("patch_embedding" in p for p in paths) and any("proj_out" in p for p in paths)
 
 
+# The model's own proj_out, not a VACE control block's ("vace_blocks.<i>.proj_out"). VACE's
+# control tokens (vace_patch_embedding) are permuted with the video tokens.
 WAN_SITES = OrderSites(embedding=r"\Wpatch_embedding\W*$", rope_tables=r"\Wrope\W*$",
-                       output=r"\Wproj_out\W*$")
+                       output=r"^(?!.*blocks\W).*\Wproj_out\W*$",
+                       extra_embeddings=(r"\Wvace_patch_embedding\W*$",))
 
 
 def weights_fingerprint(transformer, samples: int = 1024) -> str | None:

@@ -166,6 +166,7 @@ class Plan:
         """A plan for ``transformer`` from threshold codes extracted at ``calib_grid (F, H, W)``
         with blocks in ``token_order`` (``None``: raster)."""
         model = _unwrap(transformer)
+        wan.check_supported(model, "Plan.from_codes")
         cfg = model_config(model)
         heads = cfg["num_attention_heads"]
         meta = PlanMeta(
