@@ -31,6 +31,7 @@ _LAZY = {
     "scaling_attn_backend": "compile.backend",
     "ScalingAttnBackend": "compile.backend",
     "PlanMismatchError": "errors",
+    "UnsupportedModelError": "errors",
     "DynamicShapeError": "errors",
     "rewrite_self_attention": "compile.rewrite",
     "enable_sparse_attention": "compile.pipeline",

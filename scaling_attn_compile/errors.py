@@ -33,6 +33,13 @@ class SchemaError(ScalingAttnError, ValueError):
     """The metadata breaks the schema; the message names the field."""
 
 
+# -- the model adapters (models/) --------------------------------------------------------------
+
+
+class UnsupportedModelError(ScalingAttnError, TypeError):
+    """The transformer's class is not one an adapter in ``models/`` knows."""
+
+
 # -- the compile pass (compile/) ---------------------------------------------------------------
 
 

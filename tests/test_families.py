@@ -237,8 +237,10 @@ def test_unknown_model_class_is_refused_naming_the_supported_ones():
 
     msg = ("LTXVideoTransformer3DModel is not supported; supported: WanTransformer3DModel, "
            "WanVACETransformer3DModel, SkyReelsV2Transformer3DModel")
-    with pytest.raises(TypeError, match=msg):
+    with pytest.raises(TypeError, match=msg) as err:  # TypeError stays its builtin base
         check_supported(LTXVideoTransformer3DModel(), "anything")
+    from scaling_attn_compile import UnsupportedModelError
+    assert isinstance(err.value, UnsupportedModelError)
 
     class LTXPipeline:  # a pipeline of an unknown family: refused before any plan is read
         transformer = LTXVideoTransformer3DModel()

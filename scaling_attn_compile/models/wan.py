@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import PlanMismatchError
+from ..errors import PlanMismatchError, UnsupportedModelError
 from .fingerprint import _unwrap, fingerprint_tensors
 from .graph import OrderSites
 from .graph import is_param_or_buffer as _is_param_or_buffer
@@ -111,8 +111,9 @@ def _transformer_class(config_json: Path):
 
     name = json.loads(config_json.read_text()).get("_class_name") or "WanTransformer3DModel"
     if name not in SUPPORTED_CLASSES:
-        raise TypeError(f"load_transformer: {config_json} names model class {name}, which is not "
-                        f"supported; supported: {', '.join(SUPPORTED_CLASSES)}")
+        raise UnsupportedModelError(f"load_transformer: {config_json} names model class {name}, "
+                                    f"which is not supported; supported: "
+                                    f"{', '.join(SUPPORTED_CLASSES)}")
     return getattr(diffusers, name)
 
 
@@ -192,7 +193,7 @@ def check_supported(transformer, who: str) -> None:
     """One clear error for a transformer whose class this adapter does not know."""
     name = type(_unwrap(transformer)).__name__
     if name not in SUPPORTED_CLASSES:
-        raise TypeError(f"{who}: model class {name} is not supported; supported: "
+        raise UnsupportedModelError(f"{who}: model class {name} is not supported; supported: "
                         f"{', '.join(SUPPORTED_CLASSES)} (LTX-Video and HunyuanVideo are planned)")
 
 
