@@ -42,7 +42,7 @@ import warnings
 import torch
 
 from ..contract.masks import num_blocks
-from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
+from ..contract.validate import check_site_fits_kernel
 from ..errors import PlanMismatchError
 from ..models.graph import node_value as _val
 from ..models.wan import check_supported, forward_inputs, latent_token_grid, self_attention_modules
@@ -190,22 +190,14 @@ def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *,
                 report.left_dense.get("regional block without attached tables", 0) + 1)
             continue
         q, masks, ts = _val(qn), _val(bind.args[0]), _val(bind.args[3])
-        b, h, s, d = q.shape
+        b, h, s = q.shape[:3]
         grid = attached.grid
         if math.prod(grid) != s or masks.shape[0] != h or masks.shape[2] != num_blocks(s):
             raise PlanMismatchError(
                 f"scaling_attn_backend: {path} runs {h} heads over S={s} tokens; the attached "
                 f"tables are for {masks.shape[0]} heads over the grid {grid} "
                 f"(S={math.prod(grid)}); use the plan made for this model")
-        if head_dim is not None and d != head_dim:
-            raise PlanMismatchError(
-                f"scaling_attn_backend: {path} has head_dim {d}, the plan was made for "
-                f"head_dim {head_dim}; use the plan made for this model")
-        if q.device.type == "cuda" and (q.dtype not in KERNEL_DTYPES or d not in HEAD_DIMS):
-            raise PlanMismatchError(
-                f"scaling_attn_backend: {path} runs {q.dtype} with head_dim {d} on CUDA; the "
-                f"kernel supports dtypes {KERNEL_DTYPES} and head_dim in {HEAD_DIMS}; cast the "
-                "transformer, e.g. transformer.to(torch.bfloat16)")
+        check_site_fits_kernel(path, q, head_dim)
         if not (ts.dim() == 0 or (ts.dim() == 1 and ts.shape[0] in (1, b))):
             raise PlanMismatchError(
                 f"scaling_attn_backend: the timestep must be a tensor of shape ({b},) or (), "

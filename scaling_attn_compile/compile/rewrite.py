@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch._dynamo.source import ConstantSource
 
 from ..contract.tables import AttentionTables
-from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
+from ..contract.validate import check_site_fits_kernel
 from ..errors import DynamicShapeError, PlanMismatchError
 from ..models.graph import is_static as _is_static
 from ..models.graph import node_value as _val
@@ -283,7 +283,7 @@ def check_against_plan(gm: torch.fx.GraphModule, sites: list[tuple], seen_self_l
     head_slices = {}  # layer -> (h0, h1) of the plan's heads, or None for all of them
     for _n, layer, path, qn, *_ in sites:
         q = _val(qn)
-        b, h, _, d = q.shape
+        h = q.shape[1]
         if layer >= n_layers:
             raise PlanMismatchError(
                 f"scaling_attn_backend: {path} is layer {layer} but the plan has {n_layers} "
@@ -308,15 +308,7 @@ def check_against_plan(gm: torch.fx.GraphModule, sites: list[tuple], seen_self_l
                     "enable_parallelism called before compiling, with the same degree?)")
             head_slices[layer] = None if (h0, h1) == (0, plan_h) else (h0, h1)
             report.head_range = (h0, h1)
-        if head_dim is not None and d != head_dim:
-            raise PlanMismatchError(
-                f"scaling_attn_backend: {path} has head_dim {d}, the plan was made for "
-                f"head_dim {head_dim}; use the plan made for this model")
-        if q.device.type == "cuda" and (q.dtype not in KERNEL_DTYPES or d not in HEAD_DIMS):
-            raise PlanMismatchError(
-                f"scaling_attn_backend: {path} runs {q.dtype} with head_dim {d} on CUDA; the "
-                f"kernel supports dtypes {KERNEL_DTYPES} and head_dim in {HEAD_DIMS}; cast the "
-                "transformer, e.g. transformer.to(torch.bfloat16)")
+        check_site_fits_kernel(path, q, head_dim)
 
     return tables, per_layer, head_slices
 

@@ -130,6 +130,23 @@ def validate_kernel_inputs(q, *, interpret: bool = False) -> None:
            f"block-sparse kernel: head_dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
 
 
+def check_site_fits_kernel(path: str, q, head_dim_plan: int | None) -> None:
+    """A self-attention site the pass rewrites (``path``, its example ``q`` ``(B, H, S, D)``):
+    the plan's head_dim, and on CUDA a dtype and head_dim the kernel supports. Raises
+    :class:`PlanMismatchError` at compile time, naming the fix (the full-graph and the regional
+    pass share it)."""
+    d = q.shape[-1]
+    if head_dim_plan is not None and d != head_dim_plan:
+        raise PlanMismatchError(
+            f"scaling_attn_backend: {path} has head_dim {d}, the plan was made for "
+            f"head_dim {head_dim_plan}; use the plan made for this model")
+    if q.device.type == "cuda" and (q.dtype not in KERNEL_DTYPES or d not in HEAD_DIMS):
+        raise PlanMismatchError(
+            f"scaling_attn_backend: {path} runs {q.dtype} with head_dim {d} on CUDA; the "
+            f"kernel supports dtypes {KERNEL_DTYPES} and head_dim in {HEAD_DIMS}; cast the "
+            "transformer, e.g. transformer.to(torch.bfloat16)")
+
+
 def validate_energy(energy_rule: int, energy_threshold: float) -> None:
     _check(energy_rule in ENERGY_RULES.values(), ValueError,
            f"sparse_attention: energy_rule must be one of {ENERGY_RULES}, got {energy_rule}")
