@@ -13,10 +13,8 @@ import sys
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLWan,
     SkyReelsV2Pipeline,
     SkyReelsV2Transformer3DModel,
-    UniPCMultistepScheduler,
     WanVACEPipeline,
     WanVACETransformer3DModel,
 )
@@ -25,24 +23,16 @@ from scaling_attn_compile import enable_sparse_attention
 from scaling_attn_compile.offline.pipeline import calibrate_west_pipeline, pipeline_calls
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_pipeline import STEPS, TEXT_LEN, VIDEO, _tokenizer  # noqa: E402
+from test_pipeline import STEPS, TEXT_LEN, VIDEO, wan_pipeline_parts  # noqa: E402
 
 PIPELINES = {"vace": WanVACEPipeline, "skyreels": SkyReelsV2Pipeline}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from transformers import UMT5Config, UMT5EncoderModel
-
     out = {}
     for name, cls in PIPELINES.items():
-        torch.manual_seed(0)
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
-        text_encoder = UMT5EncoderModel(UMT5Config(
-            vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0))
+        parts = wan_pipeline_parts()
         common = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                       in_channels=16, out_channels=16, text_dim=16, freq_dim=32, ffn_dim=48,
                       num_layers=2, rope_max_seq_len=64)
@@ -51,10 +41,7 @@ def folders(tmp_path_factory):
                                                     vace_in_channels=96)
         else:
             transformer = SkyReelsV2Transformer3DModel(**common)
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction",
-                                            use_flow_sigmas=True, flow_shift=3.0)
-        pipe = cls(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae,
-                   scheduler=scheduler, transformer=transformer)
+        pipe = cls(**parts, transformer=transformer)
         out[name] = tmp_path_factory.mktemp(name)
         pipe.save_pretrained(out[name])
     return out

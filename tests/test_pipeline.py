@@ -56,17 +56,10 @@ def _tokenizer():
                                    unk_token="<unk>")
 
 
-def build_pipeline_folder(root: Path, i2v: bool = False, head_dim: int = 16,
-                          experts: bool = False) -> Path:
-    """A Wan T2V or I2V pipeline with random weights, written with save_pretrained;
-    ``experts``: a second transformer for the low-noise steps (Wan2.2's layout), t < 875."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        UMT5Config,
-        UMT5EncoderModel,
-    )
+def wan_pipeline_parts() -> dict:
+    """Tokenizer, tiny UMT5, tiny VAE (random weights, seed 0) and Wan2.1's scheduler: what
+    every Wan-family pipeline here shares besides its transformer."""
+    from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -75,17 +68,27 @@ def build_pipeline_folder(root: Path, i2v: bool = False, head_dim: int = 16,
         vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
+    # Wan2.1's scheduler: UniPC with flow sigmas (model_index of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0)
+    return dict(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler)
+
+
+def build_pipeline_folder(root: Path, i2v: bool = False, head_dim: int = 16,
+                          experts: bool = False) -> Path:
+    """A Wan T2V or I2V pipeline with random weights, written with save_pretrained;
+    ``experts``: a second transformer for the low-noise steps (Wan2.2's layout), t < 875."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    parts = wan_pipeline_parts()
+
     def transformer():
         return WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
             in_channels=36 if i2v else 16, out_channels=16, text_dim=16, freq_dim=32,
             ffn_dim=48, num_layers=2, rope_max_seq_len=64, image_dim=8 if i2v else None)
 
-    # Wan2.1's scheduler: UniPC with flow sigmas (model_index of Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        flow_shift=3.0)
-    parts = dict(tokenizer=_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                 transformer=transformer())
+    parts["transformer"] = transformer()
     if experts:
         parts.update(transformer_2=transformer(), boundary_ratio=0.875)
     if i2v:
