@@ -137,6 +137,21 @@ def _fit(profile, target, **kw):
     return s, [str(x.message) for x in w]
 
 
+WEIGHTED = ("west_fast_weighted", "west_fast_weighted_half", "west_fast_warmup")
+
+
+def fit_weights(method: str, cal: Calibration) -> torch.Tensor:
+    """The ``(L, T)`` gains a weighted FAST variant fits with (see the module doc)."""
+    if method == "west_fast_warmup":
+        w = torch.ones(cal.num_layers, len(cal.profile.timesteps), dtype=torch.float64)
+        w[:, 0] = WARMUP_WEIGHT
+        return w
+    if cal.response is None:
+        raise ValueError(f"{method}: no measured response; the study measures it when a "
+                         f"weighted method is asked for")
+    return cal.response["weights"] ** (0.5 if method == "west_fast_weighted_half" else 1.0)
+
+
 def build(method: str, target: float, cal: Calibration) -> Setup:
     """The tables and filter ``method`` runs at ``target``; ValueError when unreachable."""
     if method not in METHODS:
@@ -145,23 +160,15 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
     L, H = cal.num_layers, cal.num_heads
     params, rule, sched, tables = {}, 0, None, None
     order = getattr(getattr(plan, "meta", None), "token_order", "raster")  # anchors follow WEST
-    if method in ("west_fast_weighted", "west_fast_weighted_half", "west_fast_warmup"):
-        if method == "west_fast_warmup":
-            w = torch.ones(L, len(cal.profile.timesteps), dtype=torch.float64)
-            w[:, 0] = WARMUP_WEIGHT
-        elif cal.response is None:
-            raise ValueError(f"{method}: no measured response; the study measures it when a "
-                             f"weighted method is asked for")
-        else:
-            w = cal.response["weights"] ** (0.5 if method == "west_fast_weighted_half" else 1.0)
-        sched, warn = _fit(cal.profile, target, weights=w)
-        params = {"fit_density": sched.info["achieved_density"], "fit_warnings": warn,
-                  "allocation": "lagrange", "objective": "output_error", "weighted": True}
-    elif method in FIT_OPTIONS:
-        sched, warn = _fit(cal.profile, target, **FIT_OPTIONS[method])
+    if method in FIT_OPTIONS or method in WEIGHTED:
+        kw = dict(FIT_OPTIONS.get(method, {}))
+        if method in WEIGHTED:
+            kw["weights"] = fit_weights(method, cal)
+        sched, warn = _fit(cal.profile, target, **kw)
         params = {"fit_density": sched.info["achieved_density"], "fit_warnings": warn,
                   "allocation": sched.info["allocation"],
-                  **({"objective": sched.info["objective"]} if "objective" in sched.info else {})}
+                  **({"objective": sched.info["objective"]} if "objective" in sched.info else {}),
+                  **({"weighted": True} if method in WEIGHTED else {})}
     elif method == "west_uniform":
         sched = fast.uniform_schedule(plan, target, grid=tgrid)
         params = {"threshold": sched.info["threshold"]}
