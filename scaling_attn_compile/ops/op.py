@@ -16,7 +16,9 @@
 * ``out``: same shape, dtype and strides as ``q``.
 
 Semantics: :func:`scaling_attn_compile.contract.reference.sparse_attention_reference`. On CUDA the op
-launches the Triton kernel in ``kernels/``; on the CPU it runs the reference.
+launches the Triton kernel in ``kernels/``; on the CPU it runs
+:func:`scaling_attn_compile.kernels.block_gather_cpu.block_sparse_attention_cpu` (the reference's
+semantics, computing only the kept blocks; the energy filter runs its reference).
 
 Table *values* are not checked per call (that would need a host sync in compiled code); every
 value has a defined behaviour instead (``reference.py``): levels are clamped to ``[0, L)``,
@@ -39,7 +41,6 @@ import torch
 from ..contract.reference import (
     block_masks_for,
     energy_filtered_attention_reference,
-    sparse_attention_reference,
 )
 from ..contract.validate import (
     check_tables,
@@ -47,6 +48,7 @@ from ..contract.validate import (
     validate_inputs,
     validate_kernel_inputs,
 )
+from ..kernels.block_gather_cpu import block_sparse_attention_cpu
 
 CHECK_TABLES_ENV = "SCALING_ATTN_CHECK_TABLES"  # "1": every eager op call runs check_tables
 
@@ -74,8 +76,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.copy_(energy_filtered_attention_reference(
             q, k, v, blocks, scale, energy_rule, energy_threshold, compute_dtype=compute))
-    return out.copy_(sparse_attention_reference(q, k, v, masks, level_table, bucket_bounds,
-                                                timestep, scale))
+    blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, q.shape[0], q.shape[2])
+    return out.copy_(block_sparse_attention_cpu(q, k, v, blocks, scale))
 
 
 @sparse_attention.register_fake
