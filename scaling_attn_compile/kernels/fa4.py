@@ -40,7 +40,7 @@ FA4_SPARSE_ARCHS = (9,)  # compute-capability majors where 128-row sparse query 
 FA4_DENSE_ARCHS = (9, 10)  # sm90 (H100/H200) and sm100 (B200) have FA4 forward kernels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fa4_imports() -> bool:
     try:
         import flash_attn.cute  # noqa: F401
@@ -149,25 +149,28 @@ def fa4_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     when q is the ``(B, H, S, D)`` view of ``(B, S, H, D)`` memory that diffusers passes.
     """
     _check(q, k, v)
-    from flash_attn.cute import flash_attn_func
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
     B, H, S, _ = q.shape
-    full_cnt, full_idx, mask_cnt, mask_idx = fa4_block_sparse_tensors(
-        masks[:H], level_table[:, :H], bucket_bounds, timestep, B, S, max_blocks)
-    sparse = BlockSparseTensorsTorch(mask_block_cnt=mask_cnt, mask_block_idx=mask_idx,
-                                     full_block_cnt=full_cnt, full_block_idx=full_idx,
-                                     block_size=(BLOCK, BLOCK))
+    lists = fa4_block_sparse_tensors(masks[:H], level_table[:, :H], bucket_bounds, timestep,
+                                     B, S, max_blocks)
+    return fa4_forward(q, k, v, scale, lists)
+
+
+def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                lists: tuple | None = None) -> torch.Tensor:
+    """FA4's forward on ``(B, H, S, D)`` q/k/v: dense (``lists`` None; sm90 or sm100), or
+    block-sparse from :func:`fa4_block_sparse_tensors`'s ``lists`` (sm90). No input checks:
+    :func:`fa4_block_sparse_attention` is the checked entry; benchmarks call this to time the
+    kernel without the list building."""
+    from flash_attn.cute import flash_attn_func
+
+    sparse = None
+    if lists is not None:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        full_cnt, full_idx, mask_cnt, mask_idx = lists
+        sparse = BlockSparseTensorsTorch(mask_block_cnt=mask_cnt, mask_block_idx=mask_idx,
+                                         full_block_cnt=full_cnt, full_block_idx=full_idx,
+                                         block_size=(BLOCK, BLOCK))
     out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                              softmax_scale=scale, block_sparse_tensors=sparse)
-    return out.transpose(1, 2)
-
-
-def fa4_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """Dense FA4 on ``(B, H, S, D)`` q/k/v (sm90 or sm100): the benchmark's dense anchor."""
-    from flash_attn.cute import flash_attn_func
-
-    out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                             softmax_scale=scale)
     return out.transpose(1, 2)
