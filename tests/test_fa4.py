@@ -122,8 +122,8 @@ def test_conversion_traces_without_a_graph_break():
     masks, lt, bb = raw_tables(H, S, 2, 3, seed=5)
     ts = torch.tensor([700.0, 3.0])
     fn = torch.compile(fa4_block_sparse_tensors, fullgraph=True, backend="eager", dynamic=False)
-    want = fa4_block_sparse_tensors(masks, lt, bb, ts, 2, S)
-    for got, want in zip(fn(masks, lt, bb, ts, 2, S), want, strict=True):
+    eager = fa4_block_sparse_tensors(masks, lt, bb, ts, 2, S)
+    for got, want in zip(fn(masks, lt, bb, ts, 2, S), eager, strict=True):
         assert torch.equal(got, want)
 
 
