@@ -21,6 +21,8 @@
 # benchmarks/device_session.sh says for the other GPU tests.
 set -euo pipefail
 MIB=$((1024 * 1024))
+PARTS=${FA4_PARTS:-/tmp/fa4parts}  # where the device keeps the parts between calls
+SITE=${FA4_SITE:-/tmp/site}  # where install unpacks (device_session.sh's wheels go there too)
 # What FA4 4.0.0b36 needs beyond the image (torch 2.11+cu130, einops, cuda-bindings, protobuf
 # are there): its Requires-Dist, with CuTe DSL's CUDA 13 libraries for torch's cu130.
 CUTE=4.8.1
@@ -68,21 +70,22 @@ prepare() {
 
 keep() {
   local n=${1:?keep NN}
-  mkdir -p /tmp/fa4parts
-  cp ".fa4w/$n/part.$n" ".fa4w/$n/sha256" /tmp/fa4parts/
-  ls -la /tmp/fa4parts
+  mkdir -p "$PARTS"
+  cp ".fa4w/$n/part.$n" ".fa4w/$n/sha256" "$PARTS/"
+  ls -la "$PARTS"
 }
 
 install() {
-  cd /tmp/fa4parts
+  cd "$PARTS"
   cat part.* > fa4.tar.xz
   if ! echo "$(cat sha256)  fa4.tar.xz" | sha256sum -c --quiet; then
-    echo "fa4_wheels: the parts in /tmp/fa4parts do not add up ($(ls part.* | tr '\n' ' ')); the machine may have gone back between calls: send every part again, back to back" >&2
+    echo "fa4_wheels: the parts in $PARTS do not add up ($(ls part.* | tr '\n' ' ')); the machine may have gone back between calls: send every part again, back to back" >&2
     exit 3
   fi
-  mkdir -p /tmp/site
-  python3 -c "import tarfile; tarfile.open('fa4.tar.xz').extractall('/tmp/site')" && rm fa4.tar.xz
-  PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages python3 -c \
+  mkdir -p "$SITE"
+  python3 -c "import sys, tarfile; tarfile.open('fa4.tar.xz').extractall(sys.argv[1])" "$SITE"
+  rm fa4.tar.xz
+  PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages python3 -c \
     "import cutlass, flash_attn.cute; print('flash_attn.cute', flash_attn.cute.__file__)"
 }
 
