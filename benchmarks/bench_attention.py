@@ -18,7 +18,8 @@ opt-in).
 Writes ``benchmarks/results/attention-masks-<gpu>.json``: one record per (shape, mask, density,
 impl) with median ms (``triton.testing.do_bench``), ``tflops_active`` (4 B H S^2 D x achieved
 density / time), ``time_over_d_dense`` (time / (density x the same impl's time at density 1.0),
-the ragged-row bar: at most 1.15), ``rel_l2_vs_triton`` and the speedup over dense cuDNN.
+the ragged-row bar: at most 1.15), ``rel_l2_vs_triton`` and the speedup over dense cuDNN;
+and beside it the same path with ``.png``: that ragged-row figure against density.
 """
 
 from __future__ import annotations
@@ -218,6 +219,37 @@ def versus_fa4(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def plot(records: list[Record], path: str) -> None:
+    """The ragged-row figure: time / (d x dense time) against density, one panel per shape,
+    one line per (impl, mask family), the bar at 1.15 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r.shape for r in records))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        lines: dict[tuple[str, str], list[Record]] = {}
+        for r in records:
+            if r.shape == shape and r.time_over_d_dense is not None and r.mask not in ("all", "none"):
+                lines.setdefault((r.impl, r.mask), []).append(r)
+        for (impl, mask), rs in sorted(lines.items()):
+            rs.sort(key=lambda r: r.density)
+            ax.plot([r.density for r in rs], [r.time_over_d_dense for r in rs], marker="o",
+                    linestyle={"balanced": ":", "bernoulli": "-", "local": "--"}.get(mask, "-"),
+                    label=f"{impl} {mask}")
+        ax.axhline(RAGGED_BAR, color="k", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("density (kept blocks)")
+        ax.set_ylabel("time / (d x dense time)")
+        ax.set_title(shape, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -247,7 +279,8 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump({"env": env, "ragged_bar": RAGGED_BAR, "tuned_configs": tuned,
                    "records": [asdict(r) for r in records]}, f, indent=1)
-    print(f"wrote {path}")
+    plot(records, path.removesuffix(".json") + ".png")
+    print(f"wrote {path} and its .png (the ragged-row figure)")
     return 0
 
 

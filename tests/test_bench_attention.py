@@ -62,3 +62,13 @@ def test_derive_ragged_figure_and_speedup(BA):
     assert "| s | bernoulli | 0.100 | nan | 0.75 | 1.50 |" in text  # fa4 0.9 ms / triton 1.2 ms
     assert "| s | none |" not in text
     assert "| s | bernoulli | ours-triton | 0.100 | 0.10 | 1.200 |" in BA.table(BA.derive(records))
+
+
+def test_plot_writes_the_ragged_figure(BA, tmp_path):
+    records = BA.derive([rec(BA, "ours-triton", "all", 1.0, 8.0),
+                         rec(BA, "ours-triton", "local", 0.1, 1.0),
+                         rec(BA, "ours-triton", "local", 0.25, 2.2),
+                         rec(BA, "fa4", "all", 1.0, 7.0), rec(BA, "fa4", "local", 0.1, 0.8)])
+    path = tmp_path / "fig.png"
+    BA.plot(records, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
