@@ -1,13 +1,25 @@
-"""Question: how fast is our block-sparse kernel against SDPA (cuDNN, flash) and compiled
-FlexAttention given the identical block mask, at Wan2.1 self-attention shapes?
+"""Question: how fast is our block-sparse attention against FlashAttention-4 (dense and
+block-sparse), SDPA (cuDNN) and compiled FlexAttention given the identical block mask, at Wan2.1
+self-attention shapes, on balanced and on ragged rows?
 
-    python benchmarks/bench_attention.py                 # both Wan shapes, bf16, on the GPU
-    python benchmarks/bench_attention.py --shapes 1.3b   # just the 1.3B / 480p shape
+    python benchmarks/bench_attention.py                       # both Wan shapes, every family
+    python benchmarks/bench_attention.py --shapes 1.3b --masks bernoulli --densities 0.1 1.0
 
-Prints a table and writes ``benchmarks/results/attention-<gpu>.json``: one record per
-(impl, shape, density) with median ms (``triton.testing.do_bench``), TFLOP/s on active blocks
-(4 * B * H * S^2 * D * density / time, density = kept blocks / all blocks of the mask actually
-used) and speedup over dense cuDNN, plus GPU, torch, triton and git SHA.
+Mask families (``mask_families.py``): ``balanced`` (every row keeps the same number of blocks),
+``bernoulli`` (independent blocks, ragged rows), ``local`` (3D windows on the latent grid with
+per-head radii, ragged rows); density 1.0 (mask ``all``) is shared by the families.
+
+Impls: ``ours`` (the op, what it picks), ``ours-triton`` (our Triton kernel alone, autotuned),
+``fa4`` (FlashAttention-4: ``mask none`` is its dense kernel, otherwise block-sparse with our
+blocks as full blocks; ``ms`` is the kernel, ``convert_ms`` building its lists from our tables),
+``flex`` (compiled FlexAttention, full blocks), ``sdpa-cudnn`` (dense), ``sdpa-flash`` (dense,
+opt-in).
+
+Writes ``benchmarks/results/attention-masks-<gpu>.json``: one record per (shape, mask, density,
+impl) with median ms (``triton.testing.do_bench``), ``tflops_active`` (4 B H S^2 D x achieved
+density / time), ``time_over_d_dense`` (time / (density x the same impl's time at density 1.0),
+the ragged-row bar: at most 1.15), ``rel_l2_vs_triton`` and the speedup over dense cuDNN;
+and beside it the same path with ``.png``: that ragged-row figure against density.
 """
 
 from __future__ import annotations
@@ -17,48 +29,64 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import _common
+import mask_families as MF
 import torch
 import torch.nn.functional as F
 
 from scaling_attn_compile import sparse_attention
-from scaling_attn_compile.contract.masks import unpack_blocks
-from scaling_attn_compile.contract.tables import uniform_tables
-from scaling_attn_compile.kernels.launch import tuned_configs
+from scaling_attn_compile.kernels.launch import block_sparse_attention_forward, tuned_configs
 from scaling_attn_compile.testing import make_qkv
 
-SHAPES = {  # name: (B, H, S, D)
-    "1.3b": ("wan2.1-1.3B 480x832x81", 1, 12, 32760, 128),
-    "14b": ("wan2.1-14B 720x1280x81", 1, 40, 75600, 128),
+SHAPES = {  # key: (name, B, H, latent grid); S = F * H * W
+    "1.3b": ("wan2.1-1.3B 480x832x81", 1, 12, MF.GRIDS["1.3b"]),
+    "14b": ("wan2.1-14B 720x1280x81", 1, 40, MF.GRIDS["14b"]),
 }
-DENSITIES = (1.0, 0.5, 0.25, 0.1)
+IMPLS = ("ours", "ours-triton", "fa4", "flex", "sdpa-cudnn")
+RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
 @dataclass(frozen=True)
 class Record:
     impl: str
+    mask: str  # a family, "all" (density 1.0, every family) or "none" (a dense kernel)
     shape: str
     B: int
     H: int
     S: int
     D: int
-    density: float
+    target_density: float
+    density: float  # achieved: kept blocks / all blocks
+    raggedness: float  # std / mean of kept blocks per row
     ms: float
     tflops_active: float
+    convert_ms: float | None = None
+    rel_l2_vs_triton: float | None = None
     speedup_vs_cudnn_dense: float | None = None
-    max_abs_err_vs_flex: float | None = None
+    time_over_d_dense: float | None = None
 
 
 def environment() -> dict:
-    return _common.environment(torch.cuda.get_device_name())
+    """The record's env block (bench_energy.py shares it), with FA4's version when installed."""
+    try:
+        from importlib.metadata import version
+
+        fa4 = version("flash-attn-4")
+    except Exception:  # not installed
+        fa4 = None
+    return _common.environment(torch.cuda.get_device_name(), flash_attn_4=fa4)
 
 
 def bench(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def flex_block_mask(block: torch.Tensor, S: int):
@@ -72,54 +100,164 @@ def flex_block_mask(block: torch.Tensor, S: int):
                                     seq_lengths=(S, S))
 
 
-def run_shape(key: str, densities, records: list[Record], impls: set[str]) -> None:
+def mask_plan(families, densities):
+    """(mask, target density) pairs to time: density 1.0 once, as ``all``."""
+    plan = [("all", 1.0)] if 1.0 in densities else []
+    return plan + [(f, d) for f in families for d in densities if d < 1.0]
+
+
+def run_shape(key: str, families, densities, impls: set[str], records: list[Record]) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    name, B, H, S, D = SHAPES[key]
+    from scaling_attn_compile.kernels.fa4 import (
+        fa4_available,
+        fa4_block_sparse_tensors,
+        fa4_forward,
+        max_row_blocks,
+    )
+
+    name, B, H, grid = SHAPES[key]
+    S, D = math.prod(grid), 128
     q, k, v = make_qkv(B, H, S, D, dtype=torch.bfloat16, device="cuda")
     scale = 1 / math.sqrt(D)
-    flops_dense = 4 * B * H * S * S * D
     ts = torch.tensor([500.0], device="cuda")
 
-    def record(impl, density, ms, err=None):
-        records.append(Record(impl, name, B, H, S, D, density, ms,
-                              flops_dense * density / ms / 1e9, None, err))
-        print(f"  {impl:12s} density {density:.3f}: {ms:8.3f} ms  "
-              f"{records[-1].tflops_active:6.1f} TFLOP/s" + (f"  err {err:.2e}" if err else ""),
-              flush=True)
+    def record(impl, mask, target, density, ragged, ms, **extra):
+        r = Record(impl, mask, name, B, H, S, D, target, density, ragged, ms,
+                   4 * B * H * S * S * D * density / ms / 1e9, **extra)
+        records.append(r)
+        print(f"  {impl:12s} {mask:9s} d {density:.3f} (ragged {ragged:.2f}): {ms:8.3f} ms  "
+              f"{r.tflops_active:6.1f} TFLOP/s" +
+              (f"  rel-L2 {r.rel_l2_vs_triton:.1e}" if r.rel_l2_vs_triton is not None else "") +
+              (f"  convert {r.convert_ms:.3f} ms" if r.convert_ms is not None else ""), flush=True)
 
     for backend, impl in ((SDPBackend.CUDNN_ATTENTION, "sdpa-cudnn"),
                           (SDPBackend.FLASH_ATTENTION, "sdpa-flash")):
         if impl in impls:
             with sdpa_kernel(backend):
-                record(impl, 1.0, bench(lambda: F.scaled_dot_product_attention(q, k, v)))
+                record(impl, "none", 1.0, 1.0, 0.0,
+                       bench(lambda: F.scaled_dot_product_attention(q, k, v)))
+    use_fa4 = "fa4" in impls and fa4_available()
+    if "fa4" in impls and not use_fa4:
+        print("  fa4: skipped (flash_attn.cute does not import, or the GPU is not sm90)")
+    if use_fa4:
+        fa4_forward(q, k, v, scale)  # JIT-compiles the dense kernel
+        record("fa4", "none", 1.0, 1.0, 0.0, bench(lambda: fa4_forward(q, k, v, scale)))
     flex = torch.compile(flex_attention, dynamic=False)
-    for target in densities:
-        tables = uniform_tables(1, H, (1, 1, S), target, seed=0, pattern="random").to("cuda")
-        masks, lt, bb = tables.layer(0)
-        block = unpack_blocks(masks[:, 0], masks.shape[2])[None]  # (1, H, NB, NB)
-        density = block.float().mean().item()
-        out = None
+    for mask, target in mask_plan(families, densities):
+        block = MF.block_mask("balanced" if mask == "all" else mask, H, grid, target, seed=0)
+        masks, lt, bb = (t.cuda() for t in MF.mask_tables(block, grid).layer(0))
+        block = block.cuda()[None]  # (1, H, NB, NB)
+        density, ragged = block.float().mean().item(), MF.row_raggedness(block)
+        rec = lambda impl, ms, **kw: record(impl, mask, target, density, ragged, ms, **kw)  # noqa: B023, E731
+        ref = None
+        if "ours-triton" in impls:
+            out = torch.empty_like(q)
+            run = lambda: block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, out, scale)  # noqa: B023, E731
+            ref = run().clone()  # autotunes once per shape
+            rec("ours-triton", bench(run))
         if "ours" in impls:
-            out = sparse_attention(q, k, v, masks, lt, bb, ts, scale)  # autotunes once
-            ms = bench(lambda: sparse_attention(q, k, v, masks, lt, bb, ts, scale))  # noqa: B023
-        err = None
+            run = lambda: sparse_attention(q, k, v, masks, lt, bb, ts, scale)  # noqa: B023, E731
+            o = run()
+            rec("ours", bench(run), rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
+        if use_fa4:
+            K = max_row_blocks(masks, S)  # host sync, once per mask: the bound a backend binds
+            conv = lambda: fa4_block_sparse_tensors(masks, lt, bb, ts, B, S, K)  # noqa: B023, E731
+            lists = conv()
+            o = fa4_forward(q, k, v, scale, lists)  # JIT-compiles the sparse kernel
+            rec("fa4", bench(lambda: fa4_forward(q, k, v, scale, lists)), convert_ms=bench(conv),  # noqa: B023
+                rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         if "flex" in impls:
             bm = flex_block_mask(block, S)
-            ref = flex(q, k, v, block_mask=bm, scale=scale)
-            err = (out.float() - ref.float()).abs().max().item() if out is not None else None
-            record("flex", density, bench(lambda: flex(q, k, v, block_mask=bm, scale=scale)))  # noqa: B023
-        if out is not None:
-            record("ours", density, ms, err)
+            o = flex(q, k, v, block_mask=bm, scale=scale)
+            rec("flex", bench(lambda: flex(q, k, v, block_mask=bm, scale=scale)),  # noqa: B023
+                rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
+
+
+def derive(records: list[Record]) -> list[Record]:
+    """Fill ``speedup_vs_cudnn_dense`` (dense cuDNN of the same shape) and
+    ``time_over_d_dense`` (the impl's own density-1.0 time: ``all`` for sparse impls)."""
+    cudnn = {r.shape: r.ms for r in records if r.impl == "sdpa-cudnn"}
+    dense = {(r.shape, r.impl): r.ms for r in records if r.mask == "all"}
+    out = []
+    for r in records:
+        extra = {}
+        if r.shape in cudnn:
+            extra["speedup_vs_cudnn_dense"] = cudnn[r.shape] / r.ms
+        if r.mask != "none" and (r.shape, r.impl) in dense:
+            extra["time_over_d_dense"] = r.ms / (r.density * dense[r.shape, r.impl])
+        out.append(replace(r, **extra))
+    return out
+
+
+def table(records: list[Record]) -> str:
+    lines = ["| shape | mask | impl | density | ragged | ms | TFLOP/s (active) | vs cuDNN dense "
+             "| t / (d x dense) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        sp = f"{r.speedup_vs_cudnn_dense:.2f}x" if r.speedup_vs_cudnn_dense else ""
+        td = f"{r.time_over_d_dense:.2f}" if r.time_over_d_dense is not None else ""
+        lines.append(f"| {r.shape} | {r.mask} | {r.impl} | {r.density:.3f} | {r.raggedness:.2f} "
+                     f"| {r.ms:.3f} | {r.tflops_active:.0f} | {sp} | {td} |")
+    return "\n".join(lines)
+
+
+def versus_fa4(records: list[Record]) -> str:
+    """The issue's bars per (shape, mask, density): ours / FA4 and ours-triton / FA4 in speed
+    (FA4 time / our time; bars 1.0 and 0.9), and the ragged-row figure (bar 1.15)."""
+    by = {(r.shape, r.mask, r.target_density, r.impl): r for r in records}
+    lines = ["| shape | mask | density | ours / fa4 | ours-triton / fa4 | triton t / (d x dense) |",
+             "|---|---|---|---|---|---|"]
+    for (shape, mask, d, impl), r in by.items():
+        if impl != "fa4" or mask == "none":
+            continue
+        o, t = by.get((shape, mask, d, "ours")), by.get((shape, mask, d, "ours-triton"))
+        lines.append(f"| {shape} | {mask} | {r.density:.3f} | "
+                     f"{r.ms / o.ms if o else float('nan'):.2f} | "
+                     f"{r.ms / t.ms if t else float('nan'):.2f} | "
+                     f"{t.time_over_d_dense if t and t.time_over_d_dense else float('nan'):.2f} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[Record], path: str) -> None:
+    """The ragged-row figure: time / (d x dense time) against density, one panel per shape,
+    one line per (impl, mask family), the bar at 1.15 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r.shape for r in records))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        lines: dict[tuple[str, str], list[Record]] = {}
+        for r in records:
+            if r.shape == shape and r.time_over_d_dense is not None and r.mask not in ("all", "none"):
+                lines.setdefault((r.impl, r.mask), []).append(r)
+        for (impl, mask), rs in sorted(lines.items()):
+            rs.sort(key=lambda r: r.density)
+            ax.plot([r.density for r in rs], [r.time_over_d_dense for r in rs], marker="o",
+                    linestyle={"balanced": ":", "bernoulli": "-", "local": "--"}.get(mask, "-"),
+                    label=f"{impl} {mask}")
+        ax.axhline(RAGGED_BAR, color="k", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("density (kept blocks)")
+        ax.set_ylabel("time / (d x dense time)")
+        ax.set_title(shape, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    ap.add_argument("--impls", nargs="+", default=["ours", "flex", "sdpa-cudnn", "sdpa-flash"])
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-<gpu>.json)")
+    ap.add_argument("--masks", nargs="+", default=list(MF.FAMILIES), choices=list(MF.FAMILIES))
+    ap.add_argument("--densities", nargs="+", type=float, default=list(MF.DENSITIES))
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=[*IMPLS, "sdpa-flash"])
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/attention-masks-<gpu>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU", file=sys.stderr)
@@ -129,25 +267,20 @@ def main(argv=None) -> int:
     records: list[Record] = []
     for key in args.shapes:
         print(f"== {SHAPES[key][0]}", flush=True)
-        run_shape(key, args.densities, records, set(args.impls))
-    # Speedup over dense cuDNN of the same shape.
-    cudnn = {r.shape: r.ms for r in records if r.impl == "sdpa-cudnn"}
-    records = [Record(**{**asdict(r), "speedup_vs_cudnn_dense": cudnn[r.shape] / r.ms})
-               if r.shape in cudnn else r for r in records]
-    print("\n| shape | impl | density | ms | TFLOP/s (active) | speedup vs cuDNN dense |")
-    print("|---|---|---|---|---|---|")
-    for r in records:
-        sp = f"{r.speedup_vs_cudnn_dense:.2f}x" if r.speedup_vs_cudnn_dense else ""
-        print(f"| {r.shape} | {r.impl} | {r.density:.3f} | {r.ms:.3f} | {r.tflops_active:.0f} | {sp} |")
+        run_shape(key, args.masks, args.densities, set(args.impls), records)
+    records = derive(records)
+    print("\n" + table(records) + "\n\n" + versus_fa4(records))
     tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
              for k, (v, times) in tuned_configs().items()}
     gpu = _common.gpu_slug(env["gpu"])
-    path = args.out or os.path.join(os.path.dirname(__file__), "results", f"attention-{gpu}.json")
+    path = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                    f"attention-masks-{gpu}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"env": env, "tuned_configs": tuned,
+        json.dump({"env": env, "ragged_bar": RAGGED_BAR, "tuned_configs": tuned,
                    "records": [asdict(r) for r in records]}, f, indent=1)
-    print(f"wrote {path}")
+    plot(records, path.removesuffix(".json") + ".png")
+    print(f"wrote {path} and its .png (the ragged-row figure)")
     return 0
 
 

@@ -5,8 +5,9 @@
 # the device's copy has no .git, so pass the commit: GIT_SHA=$(git rev-parse --short HEAD) here.
 #
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh tests      # the GPU test suites
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel     # kernel variants, energy, attention
-#   GIT_SHA=<sha> bash benchmarks/device_session.sh attention  # bench_attention at both Wan shapes
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh kernel     # kernel variants, energy
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh attention  # bench_attention, 1.3B (3 mask families x 5 densities)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh attention14  # bench_attention, 14B (a call of its own)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh shapes     # kernel_shapes.py --words-only
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh train      # the tiny model on the GPU (7.5 min)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh compile    # compiled vs eager 1.3B, WEST at 14B (8 layers)
@@ -24,7 +25,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:?pass GIT_SHA=<commit>}
+export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:?pass GIT_SHA=<commit>}
 LOG=$OUT/log.txt
 
 step() {  # step SECONDS COMMAND...: run with a limit, log it, never stop the session
@@ -40,7 +41,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | shapes | train | compile | cold | west40 | demo}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo}"; do
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
@@ -49,10 +50,14 @@ tests)
 kernel)
   step 75 python3 benchmarks/kernel_variants.py --out "$OUT/variants.json"
   step 75 python3 benchmarks/bench_energy.py --out "$OUT/energy.json"
-  ;&  # and the attention stage
+  ;;
+# FA4 rows need flash_attn.cute on PYTHONPATH (benchmarks/fa4_wheels.sh); without it they are
+# skipped. Limits are estimates (not yet run): 13 masks x 4 sparse impls, do_bench 100 ms each.
 attention)
-  step 70 python3 benchmarks/bench_attention.py --shapes 1.3b --out "$OUT/attention-1.3b.json"
-  step 80 python3 benchmarks/bench_attention.py --shapes 14b --out "$OUT/attention-14b.json"
+  step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --out "$OUT/attention-1.3b.json"
+  ;;
+attention14)
+  step 540 python3 benchmarks/bench_attention.py --shapes 14b --out "$OUT/attention-14b.json"
   ;;
 shapes)  # why the kernel's throughput depends on the shape (kernel_shapes.py)
   step 120 python3 benchmarks/kernel_shapes.py --words-only --out "$OUT/words.json"

@@ -1,0 +1,74 @@
+"""``benchmarks/bench_attention.py`` on the CPU: what it times (the mask plan) and the figures it
+derives from timings (speedup over cuDNN, the ragged-row figure, the FA4 comparison). The
+timings themselves need the GPU (``python benchmarks/bench_attention.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def BA():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports _common, mask_families
+    try:
+        spec = importlib.util.spec_from_file_location("bench_attention",
+                                                      ROOT / "benchmarks" / "bench_attention.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault("bench_attention", mod)  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def rec(BA, impl, mask, density, ms):
+    return BA.Record(impl, mask, "s", 1, 2, 32760, 128, density, density, 0.1, ms, 0.0)
+
+
+def test_mask_plan_times_density_one_once(BA):
+    plan = BA.mask_plan(["balanced", "local"], [0.1, 1.0, 0.5])
+    assert plan == [("all", 1.0), ("balanced", 0.1), ("balanced", 0.5), ("local", 0.1),
+                    ("local", 0.5)]
+    assert BA.mask_plan(["bernoulli"], [0.25]) == [("bernoulli", 0.25)]
+
+
+def test_shapes_are_the_wan_grids(BA):
+    import math
+
+    assert {k: (v[2], math.prod(v[3])) for k, v in BA.SHAPES.items()} == \
+        {"1.3b": (12, 32760), "14b": (40, 75600)}
+
+
+def test_derive_ragged_figure_and_speedup(BA):
+    records = [rec(BA, "sdpa-cudnn", "none", 1.0, 10.0),
+               rec(BA, "ours-triton", "all", 1.0, 8.0),
+               rec(BA, "ours-triton", "bernoulli", 0.1, 1.2),
+               rec(BA, "fa4", "none", 1.0, 7.0),
+               rec(BA, "fa4", "all", 1.0, 7.5),
+               rec(BA, "fa4", "bernoulli", 0.1, 0.9)]
+    out = {(r.impl, r.mask): r for r in BA.derive(records)}
+    assert out["ours-triton", "bernoulli"].time_over_d_dense == pytest.approx(1.2 / (0.1 * 8.0))
+    assert out["fa4", "bernoulli"].time_over_d_dense == pytest.approx(0.9 / (0.1 * 7.5))
+    assert out["fa4", "none"].time_over_d_dense is None  # a dense kernel has no sparse figure
+    assert out["ours-triton", "all"].time_over_d_dense == pytest.approx(1.0)
+    assert out["ours-triton", "bernoulli"].speedup_vs_cudnn_dense == pytest.approx(10.0 / 1.2)
+    text = BA.versus_fa4(BA.derive(records))
+    assert "| s | bernoulli | 0.100 | nan | 0.75 | 1.50 |" in text  # fa4 0.9 ms / triton 1.2 ms
+    assert "| s | none |" not in text
+    assert "| s | bernoulli | ours-triton | 0.100 | 0.10 | 1.200 |" in BA.table(BA.derive(records))
+
+
+def test_plot_writes_the_ragged_figure(BA, tmp_path):
+    records = BA.derive([rec(BA, "ours-triton", "all", 1.0, 8.0),
+                         rec(BA, "ours-triton", "local", 0.1, 1.0),
+                         rec(BA, "ours-triton", "local", 0.25, 2.2),
+                         rec(BA, "fa4", "all", 1.0, 7.0), rec(BA, "fa4", "local", 0.1, 0.8)])
+    path = tmp_path / "fig.png"
+    BA.plot(records, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
