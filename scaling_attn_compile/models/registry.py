@@ -1,6 +1,7 @@
 """Which model adapter serves a transformer or a Dynamo graph: the family lookup.
 
-Each family is one adapter module in this folder (``wan``: Wan2.1/2.2, VACE, SkyReels-V2) with
+Each family is one adapter module in this folder (``wan``: Wan2.1/2.2, VACE, SkyReels-V2;
+``ltx``: LTX-Video) with
 the same names (``attention_site``, ``find_timestep``, ``find_latent_grid``, ``is_block_graph``,
 ``forward_inputs``, ``self_attention_modules``, ``latent_token_grid``, ``num_layers``,
 ``compute_dtype``, ``SELF_ATTENTION_PATH``, ...) and a table ``SUPPORTED_CLASSES`` of the
@@ -29,7 +30,7 @@ from .fingerprint import _unwrap
 
 # Family adapter modules, in the order their classes are listed in messages; each has a
 # capture module ("<family>_capture"). The first is the default of a graph of unknown classes.
-FAMILIES = ("wan",)
+FAMILIES = ("wan", "ltx")
 
 
 def _module(name: str) -> ModuleType:
