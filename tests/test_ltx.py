@@ -301,18 +301,27 @@ VIDEO = dict(height=64, width=96, num_frames=9)
 PIPE_GRID = (3, 16, 24)
 
 
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    return build_ltx_pipeline(tmp_path_factory.mktemp("pipelines") / "Tiny-LTX")
+
+
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_west_through_ltx_pipeline_and_enable_sparse_attention(tmp_path):
-    """WEST through a tiny LTXPipeline (CFG: one batched call per step), then
-    enable_sparse_attention on the pipeline: one graph for the whole loop, every self-attention
-    rewritten, cross-attention dense, the latents those of a dense run but not equal to them."""
+def test_west_through_ltx_pipeline_and_enable_sparse_attention(pipeline_folder, tmp_path):
+    """WEST and FAST through a tiny LTXPipeline (CFG: one batched call per step), then
+    enable_sparse_attention on the pipeline: one graph for the whole loop (the schedule's
+    timestep buckets change no guard), every self-attention rewritten, cross-attention dense,
+    the latents close to those of a dense run but not equal to them."""
     from diffusers import LTXPipeline
 
     from scaling_attn_compile import enable_sparse_attention
-    from scaling_attn_compile.offline.pipeline import calibrate_west_pipeline, pipeline_calls
+    from scaling_attn_compile.offline.pipeline import (
+        build_fast_plan_pipeline,
+        calibrate_west_pipeline,
+        pipeline_calls,
+    )
 
-    folder = build_ltx_pipeline(tmp_path / "Tiny-LTX")
-    pipe = LTXPipeline.from_pretrained(folder)
+    pipe = LTXPipeline.from_pretrained(pipeline_folder)
     pipe.set_progress_bar_config(disable=True)
     steps = 3
     calls = pipeline_calls(["a cat runs on the beach", "a red car"], **VIDEO,
@@ -321,6 +330,10 @@ def test_west_through_ltx_pipeline_and_enable_sparse_attention(tmp_path):
     assert plan.meta.model_class == "LTXVideoTransformer3DModel"
     assert tuple(plan.meta.calib_grid) == PIPE_GRID
     assert plan.meta.calibration["latent_shape"] == [CHANNELS, *PIPE_GRID]
+    # FAST through the pipeline: buckets at the timesteps its scheduler ran.
+    plan, prof = build_fast_plan_pipeline(plan, pipe, calls[0], 0.4, progress=False)
+    assert prof.info["pipeline"] == "LTXPipeline" and len(prof.info["capture_steps"]) == steps
+    assert plan.schedule is not None
     path = plan.save(tmp_path / "ltx.plan.safetensors")
 
     def run(p):
@@ -329,7 +342,7 @@ def test_west_through_ltx_pipeline_and_enable_sparse_attention(tmp_path):
                  generator=torch.Generator().manual_seed(7)).frames
 
     dense = run(pipe)
-    backends = enable_sparse_attention(pipe, path, density=0.3, compiler="eager")
+    backends = enable_sparse_attention(pipe, path, compiler="eager")  # the schedule's densities
     with torch._dynamo.config.patch(error_on_recompile=True):
         sparse = run(pipe)
     (be,) = backends.values()
@@ -340,3 +353,21 @@ def test_west_through_ltx_pipeline_and_enable_sparse_attention(tmp_path):
     assert (sparse - dense).abs().max() > 1e-4  # sparse attention changed something
     # ... but the result is still the model's: far closer to the dense run than to noise.
     assert (sparse - dense).norm() < 0.5 * dense.norm()
+
+
+def test_cli_west_on_an_ltx_pipeline_folder(pipeline_folder, tmp_path, capsys):
+    """``scaling-attn west --model <LTX pipeline folder>``: the token grid from LTX's VAE
+    compression (4x here) and patch size, a plan that records LTX."""
+    from scaling_attn_compile.cli import main
+    from scaling_attn_compile.plan.io import load_plan
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat runs on the beach\n")
+    out = tmp_path / "ltx.plan.safetensors"
+    assert main(["west", "--model", str(pipeline_folder), "--frames", "9", "--height", "64",
+                 "--width", "96", "--prompts", str(prompts), "--steps", "2", "--capture-steps",
+                 "1", "--text-len", "16", "--out", str(out)]) == 0
+    assert f"token grid (F, H, W) = {PIPE_GRID}" in capsys.readouterr().out
+    plan = load_plan(out)
+    assert plan.meta.model_class == "LTXVideoTransformer3DModel"
+    assert tuple(plan.meta.calib_grid) == PIPE_GRID
