@@ -91,28 +91,29 @@ def reference_processors(model, tables, clock, compute_dtype):
     return model
 
 
-def eager(model, inputs, t, tables=None):
+def eager(model, inputs, t, tables=None, timestep=None):
     """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference at
-    timestep ``t``."""
+    bucket timestep ``t``. ``timestep``: the model's input, default ``[t]``."""
+    timestep = torch.tensor([t]) if timestep is None else timestep
     outs = []
     for dtype in (torch.float32, torch.float64):
         m = copy.deepcopy(model).to(dtype)
         if tables is not None:
             reference_processors(m, tables, {"t": torch.tensor([t])}, dtype)
         with torch.no_grad():
-            outs.append(m(timestep=torch.tensor([t], dtype=dtype), return_dict=False,
+            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
                           **{k: v.to(dtype) if torch.is_tensor(v) else v
                              for k, v in inputs.items()})[0])
     return outs
 
 
-def compiled_run(model, plan, inputs, steps, **options):
+def compiled_run(model, plan, inputs, steps, timestep_of=lambda t: torch.tensor([t]), **options):
     be = scaling_attn_backend(plan, compiler="eager", **options)
     c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
     outs = []
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for t in steps:
-            outs.append(c(timestep=torch.tensor([t]), return_dict=False, **inputs)[0])
+            outs.append(c(timestep=timestep_of(t), return_dict=False, **inputs)[0])
     return outs, be
 
 
@@ -164,6 +165,26 @@ def test_ltx_dense_and_sparse_equal_eager_with_counts_and_no_recompiles(saved):
         assert_close_to_oracle(out, golden, same, what=f"ltx t={t}")
     dense_out, _ = eager(model, inputs, 100)
     assert (outs[-1] - dense_out).abs().max() > 1e-3  # the sparse bucket is not dense
+
+
+def test_ltx_image_to_video_per_token_timestep_buckets_by_its_max(saved):
+    """LTXImageToVideoPipeline's timestep is per token, (B, S): t * (1 - conditioning mask), so
+    the first frame's tokens (the image) carry 0. The bucket is the step's t, the max."""
+    model, inputs = load(saved), make_inputs()
+    tables = two_level_tables(LAYERS, HEADS, GRID)
+    first_frame = GRID[1] * GRID[2]
+
+    def per_token(t):
+        ts = torch.full((1, math.prod(GRID)), float(t))
+        ts[:, :first_frame] = 0.0
+        return ts
+
+    steps = [900, 300]
+    outs, be = compiled_run(model, tables, inputs, steps, timestep_of=per_token)
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+    for t, out in zip(steps, outs, strict=True):
+        same, golden = eager(model, inputs, t, tables, timestep=per_token(t))
+        assert_close_to_oracle(out, golden, same, what=f"ltx i2v t={t}")
 
 
 @pytest.mark.filterwarnings("ignore:.*compiled on its own.*without the plan's tables")
@@ -323,10 +344,10 @@ def test_west_through_ltx_pipeline_and_enable_sparse_attention(pipeline_folder, 
 
     pipe = LTXPipeline.from_pretrained(pipeline_folder)
     pipe.set_progress_bar_config(disable=True)
-    steps = 3
-    calls = pipeline_calls(["a cat runs on the beach", "a red car"], **VIDEO,
-                           num_inference_steps=steps, guidance_scale=3.0, max_sequence_length=16)
-    plan = calibrate_west_pipeline(pipe, calls, capture_steps=[0, 2], progress=False)
+    steps = 2
+    calls = pipeline_calls(["a cat runs on the beach"], **VIDEO, num_inference_steps=steps,
+                           guidance_scale=3.0, max_sequence_length=16)
+    plan = calibrate_west_pipeline(pipe, calls, progress=False)
     assert plan.meta.model_class == "LTXVideoTransformer3DModel"
     assert tuple(plan.meta.calib_grid) == PIPE_GRID
     assert plan.meta.calibration["latent_shape"] == [CHANNELS, *PIPE_GRID]
