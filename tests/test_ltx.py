@@ -392,3 +392,65 @@ def test_cli_west_on_an_ltx_pipeline_folder(pipeline_folder, tmp_path, capsys):
     plan = load_plan(out)
     assert plan.meta.model_class == "LTXVideoTransformer3DModel"
     assert tuple(plan.meta.calib_grid) == PIPE_GRID
+
+
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+def test_cli_west_on_an_ltx_transformer_folder(saved, tmp_path, capsys):
+    """``scaling-attn west --model <LTX transformer folder> --latent F,H,W``: the registry's
+    loader builds the class the folder names, random embeddings of its caption width."""
+    from scaling_attn_compile.cli import main
+    from scaling_attn_compile.plan.io import load_plan
+
+    out = tmp_path / "bare.plan.safetensors"
+    assert main(["west", "--model", str(saved), "--latent", ",".join(map(str, GRID)),
+                 "--steps", "2", "--capture-steps", "1", "--text-len", str(TEXT_LEN),
+                 "--out", str(out)]) == 0
+    assert f"token grid (F, H, W) = {GRID}" in capsys.readouterr().out
+    plan = load_plan(out)
+    assert plan.meta.model_class == "LTXVideoTransformer3DModel"
+    assert plan.meta.weights_fingerprint == ltx.weights_fingerprint(load(saved))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert main(["west", "--model", str(saved), "--latent", "4,8,10", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "x.plan.safetensors")]) == 2
+    assert "has no text_encoder/ this path reads; pass precomputed" in capsys.readouterr().err
+
+
+def bf16_compiled_equals_reference(device: str, **backend_options) -> None:
+    """bf16 on ``device``, head_dim 64 (the kernel's), two timestep buckets over a loop without
+    recompiles; equal to the reference processors within the oracle's tolerance (float64 and
+    same-dtype references on the CPU)."""
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(**dict(CONFIG, attention_head_dim=64,
+                                              cross_attention_dim=HEADS * 64)).eval()
+    grid = (4, 16, 20)  # S = 1280, 10 blocks
+    inputs = make_inputs(grid=grid)
+    tables = two_level_tables(LAYERS, HEADS, grid)
+    steps = (900, 300, 900)
+    refs = {}
+    for t in set(steps):
+        golden = eager(model, inputs, t, tables)[1]
+        m = reference_processors(copy.deepcopy(model).to(torch.bfloat16), tables,
+                                 {"t": torch.tensor([t])}, torch.bfloat16)
+        with torch.no_grad():
+            same = m(timestep=torch.tensor([t]), return_dict=False,
+                     **{k: v.to(torch.bfloat16) if torch.is_tensor(v) else v
+                        for k, v in inputs.items()})[0]
+        refs[t] = (same, golden)
+    be = scaling_attn_backend(tables, **backend_options)
+    c = torch.compile(model.to(device, torch.bfloat16), backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for t in steps:
+            out = c(timestep=torch.tensor([t], device=device), return_dict=False,
+                    **{k: v.to(device, torch.bfloat16) if torch.is_tensor(v) else v
+                       for k, v in inputs.items()})[0]
+            same, golden = refs[t]
+            assert_close_to_oracle(out.float().cpu(), golden, same, what=f"ltx {device} t={t}")
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_ltx_on_the_gpu_with_inductor_in_bf16():
+    """The device path: Inductor lowering the op to the Triton template."""
+    bf16_compiled_equals_reference("cuda")

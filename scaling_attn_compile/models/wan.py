@@ -454,6 +454,7 @@ PARAM_HINTS = (("ffn.", "ffn_dim"), ("text_embedder", "text_dim"), ("time_embedd
           ("attn", "num_attention_heads x attention_head_dim"))
 
 
+TEXT_DIM = "text_dim"  # the config key of the text embeddings' width
 SELF_ATTENTION_PATH = "blocks.<i>.attn1"  # how messages name a self-attention layer
 ATTENTION_PATH = "blocks.<i>.attn<k>"  # ... and any attention layer
 PATCH_EMBEDDING = "patch_embedding"  # how messages name the patch embedding
