@@ -4,6 +4,7 @@ self-attention shapes, on balanced and on ragged rows?
 
     python benchmarks/bench_attention.py                       # both Wan shapes, every family
     python benchmarks/bench_attention.py --shapes 1.3b --masks bernoulli --densities 0.1 1.0
+    python benchmarks/bench_attention.py --shapes ltx          # LTX-Video 2B's self-attention
 
 Mask families (``mask_families.py``): ``balanced`` (every row keeps the same number of blocks),
 ``bernoulli`` (independent blocks, ragged rows), ``local`` (3D windows on the latent grid with
@@ -40,9 +41,12 @@ from scaling_attn_compile import sparse_attention
 from scaling_attn_compile.kernels.launch import block_sparse_attention_forward, tuned_configs
 from scaling_attn_compile.testing import make_qkv
 
-SHAPES = {  # key: (name, B, H, latent grid); S = F * H * W
-    "1.3b": ("wan2.1-1.3B 480x832x81", 1, 12, MF.GRIDS["1.3b"]),
-    "14b": ("wan2.1-14B 720x1280x81", 1, 40, MF.GRIDS["14b"]),
+SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
+    "1.3b": ("wan2.1-1.3B 480x832x81", 1, 12, MF.GRIDS["1.3b"], 128),
+    "14b": ("wan2.1-14B 720x1280x81", 1, 40, MF.GRIDS["14b"], 128),
+    # LTX-Video 2B at LTXPipeline's default 704x480x161: grid (21, 15, 22); x 28 layers, the
+    # attention share of bench_compile's `--models ltx` eager step.
+    "ltx": ("ltx-video-2B 704x480x161", 1, 32, (21, 15, 22), 64),
 }
 IMPLS = ("ours", "ours-triton", "fa4", "flex", "sdpa-cudnn")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
@@ -117,8 +121,8 @@ def run_shape(key: str, families, densities, impls: set[str], records: list[Reco
         max_row_blocks,
     )
 
-    name, B, H, grid = SHAPES[key]
-    S, D = math.prod(grid), 128
+    name, B, H, grid, D = SHAPES[key]
+    S = math.prod(grid)
     q, k, v = make_qkv(B, H, S, D, dtype=torch.bfloat16, device="cuda")
     scale = 1 / math.sqrt(D)
     ts = torch.tensor([500.0], device="cuda")
@@ -252,7 +256,7 @@ def plot(records: list[Record], path: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["1.3b", "14b"], choices=list(SHAPES))
     ap.add_argument("--masks", nargs="+", default=list(MF.FAMILIES), choices=list(MF.FAMILIES))
     ap.add_argument("--densities", nargs="+", type=float, default=list(MF.DENSITIES))
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=[*IMPLS, "sdpa-flash"])

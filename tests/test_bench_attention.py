@@ -41,8 +41,8 @@ def test_mask_plan_times_density_one_once(BA):
 def test_shapes_are_the_wan_grids(BA):
     import math
 
-    assert {k: (v[2], math.prod(v[3])) for k, v in BA.SHAPES.items()} == \
-        {"1.3b": (12, 32760), "14b": (40, 75600)}
+    assert {k: (v[2], math.prod(v[3]), v[4]) for k, v in BA.SHAPES.items()} == \
+        {"1.3b": (12, 32760, 128), "14b": (40, 75600, 128), "ltx": (32, 6930, 64)}
 
 
 def test_derive_ragged_figure_and_speedup(BA):
