@@ -187,3 +187,59 @@ def test_op_refuses_bad_lengths_in_one_line(lens, match):
     masks, lt, bb = dense_tables(H, S)
     with pytest.raises((TypeError, ValueError), match=match):
         sparse_attention(q, k, v, masks, lt, bb, torch.tensor(1.0), D**-0.5, kv_lens=lens)
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled path: Inductor's lowering (CPU: extern call; the template rendered on the CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def test_compiled_op_on_the_cpu_takes_lengths():
+    B, H, S, D = 2, 2, 200, 16
+    q, k, v = make_qkv(B, H, S, D, dtype=torch.float32)
+    masks, lt, bb = random_tables(H, S, 5, 0.4)
+    ts, lens = torch.tensor([100.0, 900.0]), torch.tensor([131, 64], dtype=torch.int32)
+    op = torch.ops.scaling_attn.sparse_attention
+    f = torch.compile(lambda *a: op(*a[:7], D**-0.5, kv_lens=a[7]), backend="inductor",
+                      fullgraph=True)
+    ref = sparse_attention_reference(q, k, v, masks, lt, bb, ts, D**-0.5, kv_lens=lens)
+    torch.testing.assert_close(f(q, k, v, masks, lt, bb, ts, lens), ref)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs the interpreter")
+def test_rendered_template_with_lengths_runs_in_the_interpreter():
+    """The kv_lens template variant, rendered by Inductor (def_kernel with KV_LENS,
+    HAS_KV_LENS=True), run by the interpreter, equals the reference; the plain variant still
+    renders without a KV_LENS input."""
+    import importlib.util
+    import sys
+
+    import triton
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_lowering import capture_template_choices, lowering
+
+    B, H, S, D = 2, 2, 200, 64
+    q, k, v = make_qkv(B, H, S, D, dtype=torch.float16)
+    masks, lt, bb = random_tables(H, S, 6, 0.5)
+    ts, lens = torch.tensor([100.0, 900.0]), torch.tensor([150, 100], dtype=torch.int32)
+    op = torch.ops.scaling_attn.sparse_attention.default
+    f = lambda *a: op(*a[:7], D**-0.5, 0, 0.0, a[7])
+    with capture_template_choices() as choices:
+        with pytest.raises(Exception, match="choices captured"):
+            torch.compile(f, backend="inductor", fullgraph=True)(q, k, v, masks, lt, bb, ts, lens)
+    assert len(choices) == len(lowering.template_configs())
+    golden = sparse_attention_reference(q, k, v, masks, lt, bb, ts, D**-0.5,
+                                        compute_dtype=torch.float64, kv_lens=lens)
+    same = sparse_attention_reference(q, k, v, masks, lt, bb, ts, D**-0.5, kv_lens=lens)
+    choice = next(c for c in choices if c.bmreq.module_path and "BLOCK_M : tl.constexpr = 64"
+                  in open(c.bmreq.module_path).read())
+    src = open(choice.bmreq.module_path).read()
+    assert "HAS_KV_LENS : tl.constexpr = True" in src
+    spec = importlib.util.spec_from_file_location("tmpl_kv", choice.bmreq.module_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kernel = getattr(mod, choice.bmreq.kernel_name)
+    out = torch.full_like(q, float("nan"))
+    kernel.fn[(triton.cdiv(S, 64), B, H)](q, k, v, masks, lt, bb, ts, lens, out)
+    assert_close_to_oracle(out, golden, same, k=3.0, what="template with kv_lens")
