@@ -181,7 +181,7 @@ def check_attention_tables(tables: AttentionTables, grid) -> None:
             f"the model runs grid {tuple(grid)} (F, H, W after patching); pass a Plan "
             "(with .materialize(grid)) or a callable grid -> AttentionTables so the backend can "
             "materialise the tables for each resolution")
-    s = math.prod(grid)
+    s = math.prod(grid) + getattr(tables, "text_len", 0)  # joint [video | text] tables
     nb, nw = num_blocks(s), num_words(s)
     if len(tables.masks) != len(tables.level_tables):
         raise PlanMismatchError(
