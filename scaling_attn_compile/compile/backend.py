@@ -53,7 +53,7 @@ from ..models.wan import find_timestep, is_block_graph
 from . import lowering as _lowering  # registers the Inductor lowering of the op
 from .parallel import ulysses_head_range, ulysses_rank
 from .joint import is_joint_graph, rewrite_joint_attention
-from .rewrite import RewriteReport, _register_constant, rewrite_self_attention
+from .rewrite import RewriteReport, _pad_bounds, _register_constant, rewrite_self_attention
 from .specialize import PerShape, is_symbolic
 
 log = logging.getLogger("scaling_attn_compile")
@@ -77,14 +77,6 @@ log = logging.getLogger("scaling_attn_compile")
 # --------------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------------
-
-
-def _pad_bounds(level_table: torch.Tensor, bounds: torch.Tensor):
-    """Append a +inf bound and repeat the last level row: the same bucket for every finite t
-    (``#{bounds <= t}`` never counts +inf), and no zero-element graph input for Inductor or the
-    Triton launcher (a single-bucket plan has an empty ``bucket_bounds``)."""
-    inf = torch.full((1,), float("inf"), dtype=bounds.dtype, device=bounds.device)
-    return torch.cat([level_table, level_table[-1:]]), torch.cat([bounds, inf])
 
 
 class ScalingAttnBackend:

@@ -27,7 +27,7 @@ from ..contract.validate import check_site_fits_kernel
 from ..errors import DynamicShapeError, PlanMismatchError
 from ..models import hunyuan
 from ..models.graph import node_value as _val
-from .rewrite import BUFFER_PREFIX, OP, RewriteReport, _register_constant, _sdpa_args
+from .rewrite import BUFFER_PREFIX, OP, RewriteReport, _pad_bounds, _register_constant, _sdpa_args
 
 log = logging.getLogger("scaling_attn_compile")
 
@@ -41,8 +41,6 @@ def is_joint_graph(gm: torch.fx.GraphModule) -> bool:
 def _device_tables(tables: AttentionTables, device) -> list:
     """Per layer ``(masks, level_table, bounds)`` on ``device``, bounds padded with +inf as the
     backend binds them (one shared bounds tensor)."""
-    from .backend import _pad_bounds  # late: backend imports this module
-
     bounds = tables.bucket_bounds.to(device=device, dtype=torch.float32)
     out = []
     for m, lt in zip(tables.masks, tables.level_tables, strict=True):
