@@ -248,3 +248,25 @@ def test_joint_pass_refuses_a_plan_of_another_size(folder):
     with pytest.raises(PlanMismatchError, match="the plan has 3"):
         rewrite_joint_attention(gm, lambda grid: uniform_tables(3, HEADS, grid, 0.5),
                                 example_inputs=ex)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_sparse_equals_reference_bf16():
+    """On CUDA in bf16 (head_dim 64, the kernel's): Inductor + the template with kv_lens."""
+    model = hunyuan.make_transformer("tiny-random", attention_head_dim=64,
+                                     rope_axes_dim=(16, 24, 24))
+    inputs = make_inputs()
+    video = two_level_tables(LAYERS, HEADS, GRID)
+    be = scaling_attn_backend(lambda grid: video, check_model=False)
+    c = torch.compile(copy.deepcopy(model).cuda().to(torch.bfloat16), backend=be,
+                      fullgraph=True, dynamic=False)
+    out = run(c, {k: v.cuda().to(torch.bfloat16) for k, v in inputs.items()}, 100.0)
+    same, golden = [], None
+    for dtype in (torch.bfloat16, torch.float64):
+        m = copy.deepcopy(model).cuda().to(dtype)
+        with_reference_attention(m, video.to("cuda"), 100.0, dtype if dtype == torch.float64
+                                 else torch.float32)
+        r = run(m, {k: v.cuda().to(dtype) for k, v in inputs.items()}, 100.0)
+        same, golden = (r, golden) if dtype == torch.bfloat16 else (same, r)
+    assert_close_to_oracle(out, golden, same, k=3.0, what="bf16 compiled sparse")
+    assert be.reports[0].per_layer == {0: 1, 1: 1}

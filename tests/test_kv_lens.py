@@ -243,3 +243,47 @@ def test_rendered_template_with_lengths_runs_in_the_interpreter():
     out = torch.full_like(q, float("nan"))
     kernel.fn[(triton.cdiv(S, 64), B, H)](q, k, v, masks, lt, bb, ts, lens, out)
     assert_close_to_oracle(out, golden, same, k=3.0, what="template with kv_lens")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (-m gpu, on the device): bf16, every config (TMA too), the Inductor template
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config_index", range(6))
+def test_gpu_every_config_with_lengths(config_index):
+    """HunyuanVideo-like: 4,680 video tokens + 256 text, batch element 1 with padded text; a
+    length inside a block, one on a block edge."""
+    from scaling_attn_compile.kernels.launch import CONFIGS
+
+    B, H, S, D = 2, 3, 4936, 128
+    q, k, v = make_qkv(B, H, S, D, dtype=torch.bfloat16, device="cuda", seed=7)
+    masks, lt, bb = random_tables(H, S, 7, 0.4, "cuda")
+    ts = torch.tensor([100.0, 900.0], device="cuda")
+    lens = torch.tensor([4680 + 77, 4608], dtype=torch.int32, device="cuda")
+    out = run_kernel(q, k, v, masks, lt, bb, ts, D**-0.5, CONFIGS[config_index], lens)
+    golden = sparse_attention_reference(q, k, v, masks, lt, bb, ts, D**-0.5,
+                                        compute_dtype=torch.float64, kv_lens=lens)
+    same = sparse_attention_reference(q, k, v, masks, lt, bb, ts, D**-0.5, kv_lens=lens)
+    assert_close_to_oracle(out, golden, same, k=3.0, what=f"config {CONFIGS[config_index]}")
+
+
+@pytest.mark.gpu
+def test_gpu_template_with_lengths_matches_reference():
+    """torch.compile of the op with kv_lens on CUDA runs the kv_lens template variant."""
+    from torch._inductor.utils import run_and_get_code
+
+    B, H, S, D = 2, 2, 2300, 64
+    q, k, v = make_qkv(B, H, S, D, dtype=torch.bfloat16, device="cuda", seed=3)
+    masks, lt, bb = random_tables(H, S, 8, 0.5, "cuda")
+    ts = torch.tensor([100.0, 900.0], device="cuda")
+    lens = torch.tensor([2000, 1100], dtype=torch.int32, device="cuda")
+    op = torch.ops.scaling_attn.sparse_attention
+    f = torch.compile(lambda *a: op(*a[:7], D**-0.5, kv_lens=a[7]), fullgraph=True)
+    out, code = run_and_get_code(f, q, k, v, masks, lt, bb, ts, lens)
+    assert "HAS_KV_LENS" in "\n".join(code)
+    golden = sparse_attention_reference(q, k, v, masks, lt, bb, ts, D**-0.5,
+                                        compute_dtype=torch.float64, kv_lens=lens)
+    same = sparse_attention_reference(q, k, v, masks, lt, bb, ts, D**-0.5, kv_lens=lens)
+    assert_close_to_oracle(out, golden, same, k=3.0, what="template with kv_lens")
