@@ -6,6 +6,7 @@ diffusers and than ``torch.compile`` with Inductor, with dense and with sparse p
     python benchmarks/bench_compile.py --models 14b --layers 20 # fewer layers (said in the output)
     python benchmarks/bench_compile.py --models 14b --rows eager ours-0.25   # some rows; merged
     python benchmarks/bench_compile.py --tiny                   # CPU smoke run, tiny config
+    python benchmarks/bench_compile.py --models ltx             # LTX-Video 2B @ 480x704x161
     python benchmarks/bench_compile.py --models 1.3b --rows ours-0.25 --regional  # regional compile
 
 Rows, one transformer forward (B=1, CFG off) each, random bf16 weights (speed does not depend on
@@ -60,6 +61,7 @@ import torch  # noqa: E402
 
 from scaling_attn_compile.contract.masks import unpack_blocks  # noqa: E402
 from scaling_attn_compile.contract.tables import uniform_tables  # noqa: E402
+from scaling_attn_compile.models.ltx import BUILTIN_CONFIGS as LTX_CONFIGS  # noqa: E402
 from scaling_attn_compile.models.wan import BUILTIN_CONFIGS  # noqa: E402
 
 # Wan2.1 1.3B/14B are the adapter's BUILTIN_CONFIGS; COMMON is the rest of the tiny smoke model.
@@ -77,6 +79,15 @@ MODELS = {
                  config=dict(BUILTIN_CONFIGS["wan2.1-14b"])),
     "ti2v-5b": dict(name="Wan2.2-TI2V-5B", video=(704, 1280, 121), text_len=512, vae=(4, 16, 16),
                     config=dict(BUILTIN_CONFIGS["wan2.2-ti2v-5b"])),
+    # LTX-Video 2B (family "ltx": packed [B, S, C] latents, grid as forward ints) at
+    # LTXPipeline's default 704x480x161: VAE stride (8, 32, 32), grid (21, 15, 22), S = 6,930.
+    "ltx": dict(name="LTX-Video-2B", family="ltx", video=(480, 704, 161), text_len=128,
+                vae=(8, 32, 32), config=dict(LTX_CONFIGS["ltx-video-2b"])),
+    "ltx-tiny": dict(name="tiny LTX (CPU smoke test)", family="ltx", video=(128, 160, 17),
+                     text_len=12, vae=(8, 32, 32), config=dict(
+                         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                         num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                         num_layers=2, caption_channels=16)),
     "tiny": dict(name="tiny (CPU smoke test)", video=(128, 160, 13), text_len=24, config=dict(
         COMMON, in_channels=4, out_channels=4, text_dim=32, freq_dim=32, rope_max_seq_len=64,
         num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)),
@@ -120,20 +131,30 @@ def latent_shape(spec) -> tuple[int, int, int, int, int]:
     return (1, c, (frames - 1) // st + 1, h // sh, w // sw)
 
 
+def patch_size(spec) -> tuple[int, int, int]:
+    """``(pt, ph, pw)``: Wan's ``patch_size`` triple, or LTX's ``patch_size_t`` and ``patch_size``."""
+    p = spec["config"]["patch_size"]
+    if isinstance(p, int):
+        return (spec["config"].get("patch_size_t", 1), p, p)
+    return tuple(p)
+
+
 record_file = _common.record_file  # bench_parallel and bench_tile_order use it from here
 
 
 def build_model(spec, layers: int, device: str, dtype: torch.dtype):
     """Random weights, built on the device in ``dtype`` (a 14B model never exists in fp32 on the
     host); the modules diffusers keeps in fp32 when loading in bf16 are cast back to fp32."""
-    from diffusers import WanTransformer3DModel
+    import diffusers
 
+    cls = diffusers.LTXVideoTransformer3DModel if spec.get("family") == "ltx" else \
+        diffusers.WanTransformer3DModel
     cfg = dict(spec["config"], num_layers=layers)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = WanTransformer3DModel(**cfg)
+            model = cls(**cfg)
     finally:
         torch.set_default_dtype(previous)
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
@@ -145,6 +166,18 @@ def build_model(spec, layers: int, device: str, dtype: torch.dtype):
 
 def make_inputs(spec, device, dtype, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
+    if spec.get("family") == "ltx":  # packed tokens [B, S, C], the grid as forward ints
+        b, c, f, h, w = latent_shape(spec)
+        pt, ph, pw = patch_size(spec)
+        grid = (f // pt, h // ph, w // pw)
+        hidden = torch.randn(b, c, f, h, w, generator=g)
+        hidden = hidden.reshape(b, c, grid[0], pt, grid[1], ph, grid[2], pw).permute(
+            0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+        text = torch.randn(1, spec["text_len"], spec["config"]["caption_channels"], generator=g)
+        return dict(hidden_states=hidden.to(device, dtype), encoder_hidden_states=text.to(
+            device, dtype), encoder_attention_mask=torch.ones(1, spec["text_len"], device=device),
+            num_frames=grid[0], height=grid[1], width=grid[2],
+            timestep=torch.tensor([500], device=device))
     text_dim = spec["config"]["text_dim"]
     return dict(
         hidden_states=torch.randn(latent_shape(spec), generator=g).to(device, dtype),
@@ -294,7 +327,7 @@ def check_bars(records: list[Record]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["1.3b", "14b"], choices=["1.3b", "14b", "a14b", "ti2v-5b"])
+    ap.add_argument("--models", nargs="+", default=["1.3b", "14b"], choices=["1.3b", "14b", "a14b", "ti2v-5b", "ltx"])
     ap.add_argument("--layers", type=int, default=None,
                     help="build every model with this many layers (e.g. 14B with 20 of 40)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -307,6 +340,7 @@ def main(argv=None) -> int:
                     help="GPU: median of this many CUDA-event-timed steps instead of do_bench "
                     "(for slow steps, e.g. 14B at 720p: ~10 s each)")
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (smoke test)")
+    ap.add_argument("--tiny-ltx", action="store_true", help="tiny LTX config on the CPU (smoke test)")
     ap.add_argument("--regional", action="store_true",
                     help="compile with transformer.compile_repeated_blocks (regional "
                     "compilation); rows are recorded as <row>/regional")
@@ -316,8 +350,11 @@ def main(argv=None) -> int:
                     "benchmarks/results/compile-<gpu>.json; --tiny: $TMPDIR/compile-cpu-tiny.json)")
     args = ap.parse_args(argv)
 
-    if args.tiny:
-        device, dtype, keys = "cpu", torch.float32, ["tiny"]
+    if args.tiny_ltx and not args.out:  # CPU timings are no record (as --tiny)
+        args.out = os.path.join(tempfile.gettempdir(), "compile-cpu-tiny-ltx.json")
+    if args.tiny or args.tiny_ltx:
+        device, dtype = "cpu", torch.float32
+        keys = (["tiny"] if args.tiny else []) + (["ltx-tiny"] if args.tiny_ltx else [])
     else:
         if not torch.cuda.is_available():
             print("bench_compile: needs a CUDA GPU (use --tiny for a CPU smoke run)",
@@ -347,7 +384,7 @@ def main(argv=None) -> int:
         with open(path, "w") as f:
             json.dump({"question": __doc__.split("\n\n")[0], "env": env,
                        "models": {**old_models, **{k: {**v, "config": {**v["config"], "patch_size": list(
-                           v["config"]["patch_size"])}} for k, v in MODELS.items() if k in keys}},
+                           patch_size(v))}} for k, v in MODELS.items() if k in keys}},
                        "records": [asdict(r) for r in records]}, f, indent=1)
         return records
 
@@ -357,7 +394,7 @@ def main(argv=None) -> int:
         layers_of = spec["config"]["num_layers"]
         layers = args.layers or layers_of
         shape = latent_shape(spec)
-        pt, ph, pw = spec["config"]["patch_size"]
+        pt, ph, pw = patch_size(spec)
         grid = (shape[2] // pt, shape[3] // ph, shape[4] // pw)
         s = math.prod(grid)
         note = "" if layers == layers_of else f" ({layers} of {layers_of} layers)"

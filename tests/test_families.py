@@ -230,23 +230,27 @@ def test_west_on_a_skyreels_folder_makes_its_plan_and_compiles(saved, tmp_path, 
 
 
 def test_unknown_model_class_is_refused_naming_the_supported_ones():
-    class LTXVideoTransformer3DModel(torch.nn.Module):
+    class CogVideoXTransformer3DModel(torch.nn.Module):
         pass
 
     from scaling_attn_compile import enable_sparse_attention
 
-    msg = ("LTXVideoTransformer3DModel is not supported; supported: WanTransformer3DModel, "
-           "WanVACETransformer3DModel, SkyReelsV2Transformer3DModel")
+    from scaling_attn_compile.models.registry import supported_classes
+
+    names = ", ".join(supported_classes())  # every family's, Wan's first
+    assert names.startswith("WanTransformer3DModel, WanVACETransformer3DModel, "
+                            "SkyReelsV2Transformer3DModel") and "LTXVideoTransformer3DModel" in names
+    msg = f"CogVideoXTransformer3DModel is not supported; supported: {names}"
     with pytest.raises(TypeError, match=msg) as err:  # TypeError stays its builtin base
-        check_supported(LTXVideoTransformer3DModel(), "anything")
+        check_supported(CogVideoXTransformer3DModel(), "anything")
     from scaling_attn_compile import UnsupportedModelError
     assert isinstance(err.value, UnsupportedModelError)
 
-    class LTXPipeline:  # a pipeline of an unknown family: refused before any plan is read
-        transformer = LTXVideoTransformer3DModel()
+    class CogVideoXPipeline:  # a pipeline of an unknown family: refused before any plan is read
+        transformer = CogVideoXTransformer3DModel()
 
     with pytest.raises(TypeError, match="enable_sparse_attention: model class " + msg):
-        enable_sparse_attention(LTXPipeline(), "no-such.plan.safetensors")
+        enable_sparse_attention(CogVideoXPipeline(), "no-such.plan.safetensors")
 
 
 def test_ti2v_5b_grid_from_its_vae_and_per_token_timestep_buckets(tmp_path):

@@ -250,6 +250,23 @@ def test_joint_pass_refuses_a_plan_of_another_size(folder):
                                 example_inputs=ex)
 
 
+def test_registry_serves_hunyuan_and_refuses_what_is_not_built(folder):
+    from scaling_attn_compile.errors import PlanMismatchError
+    from scaling_attn_compile.models import registry
+
+    model = load(folder)
+    assert registry.adapter_for(model) is hunyuan
+    assert "HunyuanVideoTransformer3DModel" in registry.supported_classes()
+    be = scaling_attn_backend(lambda grid: uniform_tables(LAYERS, HEADS, grid, 0.5),
+                              check_model=False)
+    handle = be.attach(model)
+    with pytest.raises(PlanMismatchError, match="regional compilation of HunyuanVideo"):
+        run(model, make_inputs(), 100.0)
+    handle.detach()
+    with pytest.raises(PlanMismatchError, match="check_model='config' or check_model=False"):
+        hunyuan.fingerprint_names(2)
+
+
 @pytest.mark.gpu
 def test_gpu_compiled_sparse_equals_reference_bf16():
     """On CUDA in bf16 (head_dim 64, the kernel's): Inductor + the template with kv_lens."""

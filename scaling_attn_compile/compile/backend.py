@@ -19,7 +19,7 @@ For each graph Dynamo hands it, the backend
    Conv3d applied to the ``hidden_states`` input ``[B, C, F, H, W]``), materialises the plan for
    it and checks the plan against the model (layers, heads, head_dim, sequence length);
 2. rewrites every ``F.scaled_dot_product_attention`` call of self-attention (the model adapter,
-   :mod:`..models.wan`, reads the layer from ``nn_module_stack``; ``Sq == Sk``, no mask, no
+   :mod:`..models.registry` picks it per graph, reads the layer from ``nn_module_stack``; ``Sq == Sk``, no mask, no
    dropout, not causal)
    into ``torch.ops.scaling_attn.sparse_attention`` bound to layer ``i``'s tables (graph buffers
    with a ``ConstantSource``, so their values stay out of compiled code and caches) and the
@@ -49,10 +49,10 @@ import torch
 from ..contract.tables import AttentionTables
 from ..contract.validate import check_attention_tables
 from ..errors import PlanMismatchError
-from ..models.wan import find_timestep, is_block_graph
+from ..models.registry import adapter_for_graph
 from . import lowering as _lowering  # registers the Inductor lowering of the op
 from .parallel import ulysses_head_range, ulysses_rank
-from .joint import is_joint_graph, rewrite_joint_attention
+from .joint import rewrite_joint_attention
 from .rewrite import RewriteReport, _pad_bounds, _register_constant, rewrite_self_attention
 from .specialize import PerShape, is_symbolic
 
@@ -233,9 +233,16 @@ class ScalingAttnBackend:
 
         from .order_pass import apply_token_order
 
+        ad = adapter_for_graph(gm)
+        if ad.ORDER_SITES is None and str(order) != "raster":
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the plan's blocks are in {order} order, which this model "
+                f"family ({', '.join(ad.SUPPORTED_CLASSES)}) cannot run yet; extract a "
+                "raster-order plan (scaling-attn west --token-order raster)")
         fake_mode = detect_fake_mode(list(example_inputs)) if example_inputs else None
-        if apply_token_order(gm, report.grid, order, timestep=find_timestep(gm),
-                             register_constant=_register_constant, fake_mode=fake_mode):
+        if apply_token_order(gm, report.grid, order, timestep=ad.find_timestep(gm),
+                             register_constant=_register_constant, fake_mode=fake_mode,
+                             sites=ad.ORDER_SITES):
             report.token_order = str(order)
 
     def config_patches(self) -> dict[str, Any]:
@@ -247,7 +254,7 @@ class ScalingAttnBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         # A block graph's parameter names are the block's; attach() checked the whole model.
-        if self.model_check is not None and not is_block_graph(gm):
+        if self.model_check is not None and not adapter_for_graph(gm).is_block_graph(gm):
             self.model_check(gm, example_inputs)
         if self.on_dynamic_shapes == "specialize" and is_symbolic(gm, example_inputs):
             # Dynamo's automatic-dynamic recompile at a second resolution (or dynamic=True):
@@ -259,7 +266,8 @@ class ScalingAttnBackend:
     def compile_static(self, gm: torch.fx.GraphModule, example_inputs):
         """Rewrite and compile one graph (static shapes, or per ``on_dynamic_shapes``)."""
         energy = self.energy_filter.for_layer if self.energy_filter is not None else None
-        if is_joint_graph(gm):  # HunyuanVideo: [video | text] attention, joint tables, kv_lens
+        if getattr(adapter_for_graph(gm), "JOINT_ATTENTION", False):
+            # HunyuanVideo: [video | text] attention, joint tables, kv_lens from its text mask
             report = rewrite_joint_attention(
                 gm, lambda grid: self.tables_for(grid, torch.device("cpu"))[0],
                 example_inputs=example_inputs, patch_size=self.patch_size,

@@ -32,12 +32,6 @@ from .rewrite import BUFFER_PREFIX, OP, RewriteReport, _pad_bounds, _register_co
 log = logging.getLogger("scaling_attn_compile")
 
 
-def is_joint_graph(gm: torch.fx.GraphModule) -> bool:
-    """Does this graph hold HunyuanVideo's joint attention?"""
-    return any(n.op == "call_function" and n.target is F.scaled_dot_product_attention
-               and hunyuan.attention_site(n)[1] == hunyuan.SELF_ATTENTION for n in gm.graph.nodes)
-
-
 def _device_tables(tables: AttentionTables, device) -> list:
     """Per layer ``(masks, level_table, bounds)`` on ``device``, bounds padded with +inf as the
     backend binds them (one shared bounds tensor)."""

@@ -10,7 +10,7 @@ example inputs (or graph attributes, with ``inline_inbuilt_nn_modules=False``). 
   frequency, head and patch sizes apart; heads, head_dim and layers are checked again by the
   rewrite). Names the plan's model lacks are a mismatch too (an I2V image embedder).
 * **weights**: when the graph holds every self-attention q/k weight the adapter names
-  (``wan.fingerprint_names``), their sampled fingerprint
+  (the plan's family's ``fingerprint_names``), their sampled fingerprint
   (:func:`~scaling_attn_compile.models.fingerprint.fingerprint_tensors`) must equal the plan's.
 
 LoRA adapters (peft's ``lora_A``/``lora_B`` and ``base_layer``) are skipped: their base
@@ -31,7 +31,7 @@ import torch
 
 from ..errors import PlanModelMismatch
 from ..models.fingerprint import fingerprint_tensors
-from ..models.wan import LAYERS_ROOT, PARAM_HINTS, fingerprint_names
+from ..models.registry import adapter_for_class
 
 log = logging.getLogger("scaling_attn_compile")
 
@@ -95,6 +95,12 @@ class ModelCheck:
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._warned: set[str] = set()
 
+    @property
+    def adapter(self):
+        """The plan's family: it names the layers and the weights to fingerprint."""
+        name = getattr(getattr(self.plan, "meta", None), "model_class", "")
+        return adapter_for_class(str(name), default=True)
+
     @staticmethod
     def applies(plan) -> bool:
         """Only plans that record their model (a :class:`Plan`) can be checked."""
@@ -136,7 +142,7 @@ class ModelCheck:
                             "checked against the compiled model")
             return
         expected = self.expected_shapes()
-        top = {k.split(".")[0] for k in expected} if expected else {LAYERS_ROOT}
+        top = {k.split(".")[0] for k in expected} if expected else {self.adapter.LAYERS_ROOT}
         self.check_params(graph_parameters(gm, example_inputs, top))
 
     def check_params(self, params: dict[str, torch.Tensor]) -> None:
@@ -161,10 +167,12 @@ class ModelCheck:
                     diffs.append((name, f"{name} is {tuple(t.shape)} in the model, {want} in "
                                         f"the plan's"))
             if diffs:
-                layers = {".".join(k.split(".")[:2]) for k in expected if k.startswith(LAYERS_ROOT + ".")}
-                keys = sorted({"num_layers" if n.startswith(LAYERS_ROOT + ".") and
+                root = self.adapter.LAYERS_ROOT + "."
+                layers = {".".join(k.split(".")[:2]) for k in expected if k.startswith(root)}
+                keys = sorted({"num_layers" if n.startswith(root) and
                                ".".join(n.split(".")[:2]) not in layers else
-                               next((k for p, k in PARAM_HINTS if p in n), "other") for n, _ in diffs})
+                               next((k for p, k in self.adapter.PARAM_HINTS if p in n), "other")
+                               for n, _ in diffs})
                 shown = "; ".join(d for _, d in diffs[:2])
                 more = f"; +{len(diffs) - 2} more" if len(diffs) > 2 else ""
                 raise PlanModelMismatch(
@@ -172,7 +180,7 @@ class ModelCheck:
                     f"(differs in {', '.join(keys)}: {shown}{more}); extract a plan for this "
                     f"model with `scaling-attn west`, or pass check_model=False to use it anyway")
         want_fp = meta.weights_fingerprint
-        names = fingerprint_names(meta.num_layers)
+        names = self.adapter.fingerprint_names(meta.num_layers)
         if want_fp is None or not all(n in params for n in names):
             return  # a graph without every layer (graph breaks): the shapes had to do
         got_fp = fingerprint_tensors([params[n] for n in names])

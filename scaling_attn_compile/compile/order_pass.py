@@ -23,7 +23,7 @@ in bf16, well under a millisecond on an H200 against a 5.4 s step), while a gath
 pays an indirect load for every q/k/v row of every layer (40 layers x 2 CFG passes) and the
 RoPE and output would still need the same order.
 
-The module names are the adapter's (:data:`..models.wan.WAN_SITES`); another family passes its own.
+The module names are the graph's adapter's (its ``ORDER_SITES``, e.g. Wan's ``WAN_SITES``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..contract.token_order import TokenOrder, inverse_permutation, permutation
 from ..errors import TokenOrderError
 from ..models.graph import OrderSites
-from ..models.wan import WAN_SITES
+from ..models.registry import adapter_for_graph
 
 # Layout ops between the patch embedding Conv3d and the [B, S, C] tokens.
 _LAYOUT_METHODS = {"flatten", "transpose", "contiguous", "permute", "reshape", "view"}
@@ -150,7 +150,7 @@ def _token_end(gm, sites: OrderSites, S: int) -> torch.fx.Node:
 
 def apply_token_order(gm: torch.fx.GraphModule, grid, order, *, timestep=None,
                       register_constant=None, fake_mode=None,
-                      sites: OrderSites = WAN_SITES) -> bool:
+                      sites: OrderSites | None = None) -> bool:
     """Make the graph run its tokens in ``order`` at ``grid`` (see the module doc), in place.
 
     ``timestep``: the transformer's timestep placeholder (``backend.find_timestep``);
@@ -158,6 +158,8 @@ def apply_token_order(gm: torch.fx.GraphModule, grid, order, *, timestep=None,
     permutation buffers (``backend._register_constant``). Returns False for raster order
     (nothing done), True otherwise. Raises :class:`TokenOrderError`.
     """
+    if sites is None:  # the graph's family's module names
+        sites = adapter_for_graph(gm).ORDER_SITES
     order = TokenOrder.parse(order)
     if order.is_raster:
         return False

@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..models.wan import check_supported
+from ..models.registry import check_supported
 from ..plan.plan import DEFAULT_DENSITY, Plan
 
 log = logging.getLogger("scaling_attn_compile")

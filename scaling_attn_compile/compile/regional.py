@@ -45,7 +45,7 @@ from ..contract.masks import num_blocks
 from ..contract.validate import check_site_fits_kernel
 from ..errors import PlanMismatchError
 from ..models.graph import node_value as _val
-from ..models.wan import check_supported, forward_inputs, latent_token_grid, self_attention_modules
+from ..models.registry import adapter_for
 from ..ops.bind import BIND_TABLES
 
 log = logging.getLogger("scaling_attn_compile")
@@ -66,7 +66,9 @@ class RegionalTables:
     module docstring. Made by :meth:`ScalingAttnBackend.attach`; :meth:`detach` undoes it."""
 
     def __init__(self, backend, transformer):
-        check_supported(transformer, "scaling_attn_backend.attach")
+        ad = adapter_for(transformer, "scaling_attn_backend.attach")
+        # Its functions, not the module: a model holding this hook may be deep-copied.
+        self._forward_inputs, self._forward_grid = ad.forward_inputs, ad.forward_grid
         if backend.parallel is not None or backend.head_range is not None:
             raise PlanMismatchError(
                 "scaling_attn_backend.attach: regional compilation with parallel=/head_range= "
@@ -77,7 +79,7 @@ class RegionalTables:
 
             backend.model_check.check_params(module_parameters(transformer))
         self.backend, self.transformer = backend, transformer
-        self.modules = self_attention_modules(transformer)
+        self.modules = ad.self_attention_modules(transformer)
         self.num_layers = len(self.modules)
         self.grid: tuple[int, int, int] | None = None
         self._key = None
@@ -129,18 +131,14 @@ class RegionalTables:
         """Transformer forward pre-hook: the tables for this call's grid, and its timestep."""
         if torch.compiler.is_compiling():  # a whole-model compile binds its own constants
             return
-        hidden, timestep = forward_inputs(args, kwargs)
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 5:
-            raise PlanMismatchError(
-                "scaling_attn_backend: the attached transformer was called without a 5-D "
-                f"hidden_states [B, C, F, H, W] (got {getattr(hidden, 'shape', type(hidden))})")
+        hidden, timestep = self._forward_inputs(args, kwargs)
         be = self.backend
         if be.grid is not None:
             grid = be.grid
-        elif be.patch_size is not None:
+        elif be.patch_size is not None and getattr(hidden, "dim", lambda: 0)() == 5:
             grid = tuple(s // p for s, p in zip(hidden.shape[2:], be.patch_size, strict=True))
-        else:
-            grid = latent_token_grid(self.transformer, hidden.shape)
+        else:  # the family's reading of the call (Wan: hidden_states [B, C, F, H, W])
+            grid = self._forward_grid(self.transformer, args, kwargs)
         key = (tuple(grid), str(hidden.device))
         if key != self._key:
             self._layers, self._key, self.grid = self._tables(grid, hidden.device), key, tuple(grid)

@@ -2,7 +2,8 @@
 
 :func:`rewrite_self_attention` runs four steps, each its own function:
 
-1. :func:`collect_sites`: the SDPA calls the model adapter (:mod:`..models.wan`) calls
+1. :func:`collect_sites`: the SDPA calls the graph's model adapter
+   (:func:`..models.registry.adapter_for_graph`) calls
    self-attention, with the reason for each call left dense;
 2. :func:`check_against_plan`: the latent grid, the plan's tables for it, and layers, heads and
    head_dim against the plan;
@@ -30,17 +31,7 @@ from ..contract.validate import check_site_fits_kernel
 from ..errors import DynamicShapeError, PlanMismatchError
 from ..models.graph import is_static as _is_static
 from ..models.graph import node_value as _val
-from ..models.wan import (
-    ATTENTION_PATH,
-    LEFT_DENSE_REASONS,
-    PATCH_EMBEDDING,
-    SELF_ATTENTION,
-    SELF_ATTENTION_PATH,
-    attention_site,
-    find_latent_grid,
-    find_timestep,
-    whole_model,
-)
+from ..models.registry import adapter_for_graph
 from .regional import drop_bind_calls, rewrite_block_sites
 
 log = logging.getLogger("scaling_attn_compile")
@@ -149,12 +140,13 @@ def rewrite_self_attention(
         raise ValueError("scaling_attn_backend: on_dynamic_shapes must be 'error' or 'dense', "
                          f"got {on_dynamic_shapes!r}")
     report = RewriteReport()
+    ad = adapter_for_graph(gm)
     sites, self_layers = collect_sites(gm, report, on_dynamic_shapes)
     block = [site for site in sites or () if site[1] is None]  # no layer index: one block
     if block and len(block) != len(sites):
         raise PlanMismatchError(
             "scaling_attn_backend: a graph holds self-attention with and without a layer index "
-            f"({SELF_ATTENTION_PATH}); compile the whole transformer or its blocks, not a mix")
+            f"({ad.SELF_ATTENTION_PATH}); compile the whole transformer or its blocks, not a mix")
     if block:
         rewrite_block_sites(gm, block, report, attached=attached, head_dim=head_dim,
                             energy=energy, op=OP)
@@ -182,16 +174,17 @@ def collect_sites(gm: torch.fx.GraphModule, report: RewriteReport, on_dynamic_sh
     ``on_dynamic_shapes="dense"`` (``report.dense_fallback`` says why). Also returns the layers
     whose self-attention was seen, rewritable or not."""
     g = gm.graph
+    ad = adapter_for_graph(gm)
     left = Counter()
     sites = []  # (node, layer, module path, q node, k node, v node, scale)
     seen_self_layers = set()
     for n in list(g.nodes):
         if n.op != "call_function" or n.target is not F.scaled_dot_product_attention:
             continue
-        layer, which, path = attention_site(n)
-        if which != SELF_ATTENTION:
-            left[LEFT_DENSE_REASONS.get(which, "cross-attention") if which
-                 else f"not under {ATTENTION_PATH}"] += 1
+        layer, which, path = ad.attention_site(n)
+        if which != ad.SELF_ATTENTION:
+            left[ad.LEFT_DENSE_REASONS.get(which, "cross-attention") if which
+                 else f"not under {ad.ATTENTION_PATH}"] += 1
             continue
         seen_self_layers.add(layer)
         a = _sdpa_args(n)
@@ -236,7 +229,7 @@ def collect_sites(gm: torch.fx.GraphModule, report: RewriteReport, on_dynamic_sh
     if not sites:
         n_sdpa = sum(left.values())
         warnings.warn(
-            f"scaling_attn_backend: no self-attention SDPA ({SELF_ATTENTION_PATH}) found in this "
+            f"scaling_attn_backend: no self-attention SDPA ({ad.SELF_ATTENTION_PATH}) found in this "
             f"graph ({n_sdpa} SDPA calls, {dict(left)}); compiling it dense. The model must use "
             "diffusers' 'native' attention backend (transformer.set_attention_backend('native'))"
             " and be compiled whole, or, for regional compilation, attached first "
@@ -253,14 +246,15 @@ def check_against_plan(gm: torch.fx.GraphModule, sites: list[tuple], seen_self_l
     it, and every site's layer, heads and head_dim against the plan. Returns
     ``(tables, per-layer device tensors, {layer: (h0, h1) | None})``, or ``None`` when the grid is
     symbolic and ``on_dynamic_shapes="dense"``."""
+    ad = adapter_for_graph(gm)
     if grid is not None:
         found, where = tuple(grid), "the grid option"
     else:
-        found, where = find_latent_grid(gm, patch_size)
+        found, where = ad.find_latent_grid(gm, patch_size)
     if found is None:
         raise PlanMismatchError(
             f"scaling_attn_backend: cannot find the latent grid ({where}); the graph must "
-            f"contain the transformer's {PATCH_EMBEDDING} (no graph break before the blocks), or "
+            f"contain the transformer's {ad.PATCH_EMBEDDING} (no graph break before the blocks), or "
             "pass grid=(F, H, W) or patch_size=(pt, ph, pw) to scaling_attn_backend")
     if not all(_is_static(x) for x in found):
         msg = f"latent grid {found} (from {where}) is symbolic"
@@ -284,7 +278,7 @@ def check_against_plan(gm: torch.fx.GraphModule, sites: list[tuple], seen_self_l
     device = _val(sites[0][3]).device
     tables, per_layer = tables_for(found, device)
     n_layers = len(per_layer)
-    if whole_model(gm) and len(seen_self_layers) != n_layers:
+    if ad.whole_model(gm) and len(seen_self_layers) != n_layers:
         raise PlanMismatchError(
             f"scaling_attn_backend: the model has {len(seen_self_layers)} self-attention layers, "
             f"the plan has {n_layers}; use the plan made for this model")
@@ -330,7 +324,7 @@ def bind_timestep(gm: torch.fx.GraphModule, sites: list[tuple], tables: Attentio
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode(list(example_inputs)) if example_inputs else None
-    ts = find_timestep(gm)
+    ts = adapter_for_graph(gm).find_timestep(gm)
     batch = _val(sites[0][3]).shape[0]
     needs_ts = tables.bucket_bounds.numel() > 0
     if ts is not None:

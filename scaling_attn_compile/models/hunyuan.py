@@ -17,7 +17,9 @@ the FX pass hands the op as ``kv_lens``; any other mask is refused (left dense).
 Same function names as :mod:`.wan` where the meaning is the same: :func:`attention_site`,
 :func:`find_timestep`, :func:`find_latent_grid`, :func:`whole_model`, :func:`num_layers`,
 :func:`self_attention_modules`, :func:`weights_fingerprint`, :func:`fingerprint_names`,
-:func:`compute_dtype`, :func:`latent_token_grid`, :func:`check_supported`.
+:func:`compute_dtype`, :func:`latent_token_grid`, :func:`patch_size`, :data:`GRAPH_CLASSES`;
+regional compilation, the weights-fingerprint check and the bare calibration are refused with a
+message naming the way out (not built yet).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import PlanMismatchError, UnsupportedModelError
+from ..errors import PlanMismatchError
 from .fingerprint import _unwrap, fingerprint_tensors
 from .graph import is_param_or_buffer as _is_param_or_buffer
 from .graph import is_static as _is_static
@@ -58,6 +60,22 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                          rope_axes_dim=(16, 56, 56)),
 }
 
+# Module classes whose presence in a graph's nn_module_stack makes it this family's
+# (``registry.adapter_for_graph``).
+GRAPH_CLASSES = ("HunyuanVideoTransformer3DModel", "HunyuanVideoTransformerBlock",
+                 "HunyuanVideoSingleTransformerBlock", "HunyuanVideoTokenReplaceTransformerBlock",
+                 "HunyuanVideoTokenReplaceSingleTransformerBlock")
+
+# The FX pass for this family is the joint one (compile/joint.py): [video | text] sequences,
+# joint tables and kv_lens from the prefix mask.
+JOINT_ATTENTION = True
+ORDER_SITES = None  # raster plans only: the token-order step knows no joint sequence yet
+LAYERS_ROOT = "transformer_blocks"  # double-stream blocks; single-stream: single_transformer_blocks
+PARAM_HINTS = (("context_embedder", "text_embed_dim / num_refiner_layers"),
+               ("x_embedder", "in_channels / patch_size"), ("proj_out", "out_channels"),
+               ("time_text_embed", "pooled_projection_dim / guidance_embeds"),
+               ("ff", "mlp_ratio"), ("attn", "num_attention_heads x attention_head_dim"))
+
 SELF_ATTENTION = "attn"  # the joint attention of both block kinds
 SELF_ATTENTION_PATH = "transformer_blocks.<i>.attn / single_transformer_blocks.<j>.attn"
 ATTENTION_PATH = SELF_ATTENTION_PATH
@@ -71,13 +89,6 @@ LEFT_DENSE_REASONS = {REFINER_ATTENTION: "text refiner attention (text only)"}
 # is not read as "transformer_blocks": a name character may not precede the match.
 LAYER_RE = re.compile(r"(?<!\w)(single_transformer_blocks|transformer_blocks)\W+(\d+)\W+(attn)\W*$")
 REFINER_RE = re.compile(r"(?<!\w)refiner_blocks\W+(\d+)\W+attn\W*$")
-
-
-def check_supported(transformer, who: str) -> None:
-    name = type(_unwrap(transformer)).__name__
-    if name not in SUPPORTED_CLASSES:
-        raise UnsupportedModelError(f"{who}: model class {name} is not supported by the "
-                                    f"HunyuanVideo adapter; supported: {', '.join(SUPPORTED_CLASSES)}")
 
 
 def num_double_layers(transformer) -> int:
@@ -96,7 +107,16 @@ def self_attention_modules(transformer) -> list:
     return [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks]
 
 
-def fingerprint_names(num_double: int, num_single: int) -> list[str]:
+def fingerprint_names(num_layers: int) -> list[str]:
+    """The registry's model check asks for names by the layer count alone, which does not say
+    how many of the layers are double-stream: refused, naming the way out."""
+    raise PlanMismatchError(
+        "scaling_attn_backend: checking a HunyuanVideo plan's weights fingerprint is not "
+        "supported yet (the layer count does not split into double- and single-stream blocks); "
+        "pass check_model='config' or check_model=False")
+
+
+def joint_fingerprint_names(num_double: int, num_single: int) -> list[str]:
     """Parameter names :func:`weights_fingerprint` hashes, in order."""
     return [f"{kind}.{i}.attn.{p}.weight" for kind, n in (("transformer_blocks", num_double),
                                                            ("single_transformer_blocks", num_single))
@@ -107,6 +127,40 @@ def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
     """sha256 (16 hex) of a strided sample of every joint attention's video q/k projections."""
     return fingerprint_tensors([getattr(a, p).weight for a in self_attention_modules(transformer)
                                 for p in ("to_q", "to_k")], samples)
+
+
+def patch_size(transformer) -> tuple[int, int, int]:
+    cfg = _unwrap(transformer).config
+    return (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
+
+
+def is_block_graph(gm: torch.fx.GraphModule) -> bool:
+    """Regional compilation is not supported for this family (see :func:`forward_grid`)."""
+    return False
+
+
+def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """``(hidden_states, timestep)`` of a ``forward(hidden_states, timestep, ...)`` call."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+    return hidden, timestep
+
+
+def forward_grid(transformer, args: tuple, kwargs: dict) -> Grid:
+    """Asked by ``backend.attach`` (regional compilation) at each call: refused for this family,
+    whose block graphs would need the joint tables and kv_lens bound per block."""
+    raise PlanMismatchError(
+        "scaling_attn_backend.attach: regional compilation of HunyuanVideo is not supported "
+        "yet; compile the whole transformer: torch.compile(transformer, backend=backend, "
+        "fullgraph=True, dynamic=False)")
+
+
+def velocity(transformer, latents, timestep, text):
+    """Asked by the bare calibration (latents, timestep, text only): HunyuanVideo also needs
+    ``encoder_attention_mask`` and ``pooled_projections``, so it is refused."""
+    raise PlanMismatchError(
+        "calibration: the bare transformer call is not supported for HunyuanVideo (it needs "
+        "encoder_attention_mask and pooled_projections from its pipeline); not available yet")
 
 
 def compute_dtype(transformer) -> torch.dtype:

@@ -35,6 +35,7 @@ from .graph import is_static as _is_static
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
 from .graph import source_name as _source_name
+from .registry import check_supported  # noqa: F401  (one refusal naming every family's classes)
 
 Grid = tuple[int, int, int]
 
@@ -189,14 +190,6 @@ SUPPORTED_CLASSES: dict[str, str] = {
 }
 
 
-def check_supported(transformer, who: str) -> None:
-    """One clear error for a transformer whose class this adapter does not know."""
-    name = type(_unwrap(transformer)).__name__
-    if name not in SUPPORTED_CLASSES:
-        raise UnsupportedModelError(f"{who}: model class {name} is not supported; supported: "
-                        f"{', '.join(SUPPORTED_CLASSES)} (LTX-Video and HunyuanVideo are planned)")
-
-
 def bare_call_needs(transformer) -> str | None:
     """What a transformer needs beyond latents, timestep and text to run on its own (the bare
     calibration path calls it with those only), or None: VACE needs its control video."""
@@ -228,7 +221,6 @@ def latent_token_grid(transformer, latent_shape: Sequence[int]) -> Grid:
                          f"size {(pt, ph, pw)}; pick height/width that are multiples of "
                          f"{ph * 8}/{pw * 8} pixels")
     return (f // pt, h // ph, w // pw)
-
 
 
 def encode_prompts(folder, prompts: Sequence[str], *, device="cpu", dtype=torch.float32,
@@ -272,6 +264,13 @@ VACE_ATTENTION = "vace"
 
 # Why an attention call the adapter does not call self-attention stays dense, by its kind.
 LEFT_DENSE_REASONS = {"attn2": "cross-attention", VACE_ATTENTION: "VACE control-block attention"}
+
+
+# Module classes whose presence in a graph's nn_module_stack makes it this family's
+# (``registry.adapter_for_graph``): the transformers, their blocks and attention modules.
+GRAPH_CLASSES = ("WanTransformer3DModel", "WanTransformerBlock", "WanAttention",
+                 "WanVACETransformer3DModel", "WanVACETransformerBlock",
+                 "SkyReelsV2Transformer3DModel", "SkyReelsV2TransformerBlock", "SkyReelsV2Attention")
 
 
 # A block whose forward a diffusers hook replaced (context parallelism puts its split hook on
@@ -325,6 +324,24 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     timestep = kwargs["timestep"] if "timestep" in kwargs else (
         args[1] if len(args) > 1 else None)
     return hidden, timestep
+
+
+def forward_grid(transformer, args: tuple, kwargs: dict) -> Grid:
+    """The token grid of a forward call as its pre-hook sees it: ``hidden_states [B, C, F, H, W]``
+    over the patch size."""
+    hidden = forward_inputs(args, kwargs)[0]
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 5:
+        raise PlanMismatchError(
+            "scaling_attn_backend: the attached transformer was called without a 5-D "
+            f"hidden_states [B, C, F, H, W] (got {getattr(hidden, 'shape', type(hidden))})")
+    return latent_token_grid(transformer, hidden.shape)
+
+
+def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor,
+             text: torch.Tensor) -> torch.Tensor:
+    """The model's output for latents ``[B, C, F, H, W]`` (the bare calibration's call)."""
+    return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                       return_dict=False)[0]
 
 
 def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
@@ -410,6 +427,9 @@ WAN_SITES = OrderSites(embedding=r"\Wpatch_embedding\W*$", rope_tables=r"\Wrope\
                        extra_embeddings=(r"\Wvace_patch_embedding\W*$",))
 
 
+ORDER_SITES = WAN_SITES  # what the token-order step permutes (None: raster plans only)
+
+
 def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
     """sha256 (16 hex) of a strided sample of every ``blocks.<i>.attn1`` q/k projection weight.
 
@@ -436,6 +456,11 @@ SELF_ATTENTION_PATH = "blocks.<i>.attn1"  # how messages name a self-attention l
 ATTENTION_PATH = "blocks.<i>.attn<k>"  # ... and any attention layer
 PATCH_EMBEDDING = "patch_embedding"  # how messages name the patch embedding
 LAYERS_ROOT = "blocks"  # the ModuleList of transformer blocks: the first name of a layer's parameters
+
+
+def patch_size(transformer) -> tuple[int, int, int]:
+    """The patch size ``(pt, ph, pw)`` a plan records."""
+    return tuple(int(p) for p in _unwrap(transformer).config.patch_size)
 
 
 def num_layers(transformer) -> int:

@@ -1,7 +1,8 @@
 """Dense calibration runs of a diffusers Wan transformer, capturing self-attention q/k per layer.
 
-The capture itself (a processor swap on every self-attention layer, :func:`capture_qk`,
-:class:`LayerCapture`) is the model adapter's: :mod:`scaling_attn_compile.models.wan_capture`.
+The capture itself (a processor swap on every self-attention layer, ``capture_qk``,
+:class:`LayerCapture`) is the model family's (:func:`..models.registry.capture_for`, e.g.
+:mod:`scaling_attn_compile.models.wan_capture`).
 Here:
 
 * :func:`capture_self_attention`: the driver. For each :class:`CalibrationInput` it denoises from
@@ -14,7 +15,7 @@ returns a :class:`~scaling_attn_compile.plan.plan.Plan`. FAST (issue 5) reuses :
 :func:`capture_self_attention` with its own callback.
 
 Also here: default timesteps and calibration inputs (random or precomputed embeddings). Model
-loading, latent shapes and prompt encoding are the adapter's (:mod:`..models.wan`).
+loading, latent shapes and prompt encoding are the adapter's (:mod:`..models.registry`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 
 from ..contract.masks import num_blocks
 from ..models.fingerprint import _unwrap
-from ..models.wan import SELF_ATTENTION_PATH, compute_dtype, latent_token_grid, num_layers
-from ..models.wan_capture import LayerCapture, capture_qk
+from ..models.registry import adapter_for, capture_for
+from ..models.wan_capture import LayerCapture
 from . import west
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ def capture_self_attention(transformer, inputs: Sequence[CalibrationInput],
         them with an uncaptured run).
     """
     model = _unwrap(transformer)
-    device, dtype = next(model.parameters()).device, compute_dtype(model)
+    ad = adapter_for(model, "capture_self_attention")
+    device, dtype = next(model.parameters()).device, ad.compute_dtype(model)
     steps = list(timesteps)
     if len(latent_shape) != 4:
         raise ValueError(f"capture_self_attention: latent_shape must be (C, F, H, W), got "
@@ -157,7 +159,7 @@ def capture_self_attention(transformer, inputs: Sequence[CalibrationInput],
         # progress may be the bar's label (FAST passes "FAST profile" through build_fast_plan)
         bar = tqdm(total=total, desc=progress if isinstance(progress, str) else "calibration",
                    unit="step")
-    with capture_qk(model, on_layer, layers=layers) as state, torch.no_grad():
+    with capture_for(model).capture_qk(model, on_layer, layers=layers) as state, torch.no_grad():
         for i, inp in enumerate(inputs):
             g = torch.Generator().manual_seed(inp.seed)
             x = torch.randn(1, *latent_shape, generator=g).to(device)  # float32 trajectory
@@ -169,12 +171,10 @@ def capture_self_attention(transformer, inputs: Sequence[CalibrationInput],
                 state.input_index, state.step_index, state.timestep = i, j, float(t)
                 ts = torch.full((1,), float(t), device=device)
                 state.branch = "cond"
-                v = model(hidden_states=x.to(dtype), timestep=ts, encoder_hidden_states=pos,
-                          return_dict=False)[0].float()
+                v = ad.velocity(model, x.to(dtype), ts, pos).float()
                 if neg is not None:
                     state.branch = "uncond"
-                    vu = model(hidden_states=x.to(dtype), timestep=ts, encoder_hidden_states=neg,
-                               return_dict=False)[0].float()
+                    vu = ad.velocity(model, x.to(dtype), ts, neg).float()
                     v = vu + guidance_scale * (v - vu)
                 sigma = t / 1000.0
                 sigma_next = steps[j + 1] / 1000.0 if j + 1 < len(steps) else 0.0
@@ -213,12 +213,13 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
     order = TokenOrder.parse(token_order)
 
     model = _unwrap(transformer)
+    ad = adapter_for(model, "calibrate_west")
     if not inputs:
         raise ValueError("calibrate_west: inputs is empty; pass at least one CalibrationInput")
-    grid = latent_token_grid(model, latent_shape)
+    grid = ad.latent_token_grid(model, latent_shape)
     seq_len = math.prod(grid)
     param = next(model.parameters())
-    acc = west.ThresholdAccumulator(num_layers(model), model.config.num_attention_heads, seq_len,
+    acc = west.ThresholdAccumulator(ad.num_layers(model), model.config.num_attention_heads, seq_len,
                                     device=accumulate_device or param.device)
 
     def on_layer(cap: LayerCapture) -> None:
@@ -230,7 +231,7 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
     missing = [i for i, n in enumerate(acc.updates) if n == 0]
     if missing:
         raise RuntimeError(f"calibrate_west: layers {missing} were never captured; is "
-                           f"{SELF_ATTENTION_PATH} running a processor that bypasses __call__?")
+                           f"{ad.SELF_ATTENTION_PATH} running a processor that bypasses __call__?")
     steps = list(timesteps)
     chosen = list(range(len(steps))) if capture_steps is None else sorted(capture_steps)
     calibration = {

@@ -6,7 +6,7 @@ flow-matching Euler with a shift guessed from the resolution. A pipeline runs it
 ...]), its text encoder, CFG and image conditioning (I2V: 36 input channels). Here the pipeline
 is called as users call it (``pipe(prompt=..., height=..., ..., output_type="latent")``) with
 
-* :func:`..models.wan_capture.capture_qk` on the chosen transformer's self-attention, and
+* the family's ``capture_qk`` (:func:`..models.registry.capture_for`) on the chosen transformer's self-attention, and
 * a forward pre-hook on that transformer recording the timestep it actually receives and which
   call of the step it is (``"cond"`` first, then ``"uncond"`` under CFG), and a
   ``callback_on_step_end`` counting the steps.
@@ -26,8 +26,8 @@ import torch
 from ..contract.masks import num_blocks
 from ..contract.token_order import TokenOrder, in_token_order
 from ..models.fingerprint import _unwrap
-from ..models.wan import num_layers
-from ..models.wan_capture import LayerCapture, capture_qk
+from ..models.registry import adapter_for, capture_for
+from ..models.wan_capture import LayerCapture
 from . import west
 from .calibrate import evenly_spaced
 
@@ -47,8 +47,7 @@ class PipelineRun:
     transformer_calls: int = 0
 
 
-def _timestep_of(args, kwargs) -> float | None:
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+def _timestep_of(t) -> float | None:
     if t is None:
         return None
     # max, not the first element: with expand_timesteps (Wan2.2 TI2V) the timestep is per token
@@ -78,14 +77,17 @@ def capture_through_pipeline(pipe, calls: Sequence[dict], on_layer: Callable[[La
     wanted = None if capture_steps is None else set(capture_steps)
     step = {"index": 0, "calls": 0}
 
-    with capture_qk(model, on_layer) as state:
+    ad = adapter_for(model, "capture_through_pipeline")
+    with capture_for(model).capture_qk(model, on_layer) as state:
         def pre_hook(module, args, kwargs):
-            t = _timestep_of(args, kwargs)
+            hs, t = ad.forward_inputs(args, kwargs)
+            t = _timestep_of(t)
             if step["calls"] == 0:
                 run.timesteps[-1][step["index"]] = t
-            hs = kwargs.get("hidden_states", args[0] if args else None)
             if hs is not None and run.latent_shape is None:
                 run.latent_shape = tuple(int(s) for s in hs.shape[1:])
+                if hs.dim() == 3:  # packed tokens [B, S, C] (LTX): (C, F, H, W) of its grid
+                    run.latent_shape = (run.latent_shape[1], *ad.forward_grid(model, args, kwargs))
             state.enabled = wanted is None or step["index"] in wanted
             state.step_index, state.timestep = step["index"], t
             state.branch = "cond" if step["calls"] == 0 else "uncond"
@@ -168,7 +170,7 @@ def calibrate_west_pipeline(pipe, calls: Sequence[dict], *,
         if "acc" not in acc:
             acc["grid"] = cap.grid
             acc["acc"] = west.ThresholdAccumulator(
-                num_layers(model), model.config.num_attention_heads, math.prod(cap.grid),
+                adapter_for(model).num_layers(model), model.config.num_attention_heads, math.prod(cap.grid),
                 device=cap.q.device)
         if cap.grid != acc["grid"]:
             raise ValueError(f"calibrate_west_pipeline: calls ran token grids {acc['grid']} and "

@@ -39,7 +39,7 @@ from ..contract.tables import AttentionTables
 from ..contract.token_order import TokenOrder
 from ..contract.token_order import describe as describe_order
 from ..errors import PlanError, PlanModelMismatch
-from ..models import wan
+from ..models.registry import adapter_for
 from ..models.fingerprint import _unwrap, config_fingerprint, model_config
 from . import schema, topology
 
@@ -166,15 +166,15 @@ class Plan:
         """A plan for ``transformer`` from threshold codes extracted at ``calib_grid (F, H, W)``
         with blocks in ``token_order`` (``None``: raster)."""
         model = _unwrap(transformer)
-        wan.check_supported(model, "Plan.from_codes")
+        ad = adapter_for(model, "Plan.from_codes")
         cfg = model_config(model)
         heads = cfg["num_attention_heads"]
         meta = PlanMeta(
             model_class=type(model).__name__, model_config=cfg,
             config_fingerprint=config_fingerprint(cfg),
-            weights_fingerprint=wan.weights_fingerprint(model),
-            num_layers=wan.num_layers(model), num_heads=heads, head_dim=cfg["attention_head_dim"],
-            patch_size=list(cfg["patch_size"]), calib_grid=list(calib_grid),
+            weights_fingerprint=ad.weights_fingerprint(model),
+            num_layers=ad.num_layers(model), num_heads=heads, head_dim=cfg["attention_head_dim"],
+            patch_size=list(ad.patch_size(model)), calib_grid=list(calib_grid),
             num_calibration_inputs=num_calibration_inputs, calibration=dict(calibration or {}),
             token_order=str(TokenOrder.parse(token_order)))
         return cls(codes.to("cpu", torch.uint8).contiguous(), meta)
@@ -398,7 +398,7 @@ class Plan:
                                     "`scaling-attn west`")
         if weights == "ignore" or self.meta.weights_fingerprint is None:
             return
-        got = wan.weights_fingerprint(model)
+        got = adapter_for(model, "check_model").weights_fingerprint(model)
         if got is not None and got != self.meta.weights_fingerprint:
             msg = (f"check_model: same architecture but other weights (fingerprint "
                    f"{got} != plan's {self.meta.weights_fingerprint}); WEST topology is "
