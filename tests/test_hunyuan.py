@@ -188,6 +188,8 @@ def test_compiled_sparse_equals_reference_and_binds_dense_text(folder):
         assert_close_to_oracle(out, golden, same, k=3.0, what=f"sparse, t={t}")
         dense_same, _ = eager_pair(model, inputs, t)
         assert not torch.allclose(out, dense_same, atol=1e-3), "sparsity must change the output"
+    for t in (500.0, 20.0, 999.0):  # the rest of a short denoising loop
+        run(c, inputs, t)
     assert len(be.reports) == 1 and len(graphs) == 1, "a new timestep must not recompile"
     s, pure = 576 + TEXT, 576 // BLOCK
     for layer in range(LAYERS):
