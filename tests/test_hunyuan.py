@@ -250,6 +250,11 @@ def test_joint_pass_refuses_a_plan_of_another_size(folder):
     with pytest.raises(PlanMismatchError, match="the plan has 3"):
         rewrite_joint_attention(gm, lambda grid: uniform_tables(3, HEADS, grid, 0.5),
                                 example_inputs=ex)
+    # A graph without the whole model (a graph break) cannot number single-stream blocks.
+    with mock.patch.object(hunyuan, "whole_model", lambda gm: False), \
+            pytest.raises(PlanMismatchError, match="single-stream block in a graph without"):
+        rewrite_joint_attention(gm, lambda grid: uniform_tables(LAYERS, HEADS, grid, 0.5),
+                                example_inputs=ex)
 
 
 def test_registry_serves_hunyuan_and_refuses_what_is_not_built(folder):

@@ -64,6 +64,9 @@ def rewrite_joint_attention(
     """
     report = RewriteReport()
     g = gm.graph
+    whole = hunyuan.whole_model(gm)
+    # Single-stream block j is layer num_double + j: the double count is read off the graph,
+    # which is right only when the graph holds every double-stream block.
     num_double = hunyuan.count_double_blocks(gm)
     left, sites, seen = Counter(), [], set()
     for n in list(g.nodes):
@@ -73,6 +76,11 @@ def rewrite_joint_attention(
         if kind != hunyuan.SELF_ATTENTION:
             left[hunyuan.LEFT_DENSE_REASONS.get(kind, f"not under {hunyuan.ATTENTION_PATH}")] += 1
             continue
+        if block[0] != "transformer_blocks" and not whole:
+            raise PlanMismatchError(
+                f"scaling_attn_backend: {path} is a single-stream block in a graph without the "
+                "whole transformer (a graph break), so its layer number is unknown; compile the "
+                "whole transformer with fullgraph=True")
         layer = hunyuan.layer_index(block, num_double)
         seen.add(layer)
         a = _sdpa_args(n)
@@ -122,7 +130,7 @@ def rewrite_joint_attention(
     tables = joint_tables(video, text_len)
     device = _val(sites[0][3]).device
     per_layer = _device_tables(tables, device)
-    if hunyuan.whole_model(gm) and len(seen) != len(per_layer):
+    if whole and len(seen) != len(per_layer):
         raise PlanMismatchError(
             f"scaling_attn_backend: the model has {len(seen)} joint-attention layers, the plan "
             f"has {len(per_layer)}; use the plan made for this model")
