@@ -3,6 +3,7 @@ FlexAttention given the identical block mask, at Wan2.1 self-attention shapes?
 
     python benchmarks/bench_attention.py                 # both Wan shapes, bf16, on the GPU
     python benchmarks/bench_attention.py --shapes 1.3b   # just the 1.3B / 480p shape
+    python benchmarks/bench_attention.py --shapes ltx    # LTX-Video 2B's self-attention
 
 Prints a table and writes ``benchmarks/results/attention-<gpu>.json``: one record per
 (impl, shape, density) with median ms (``triton.testing.do_bench``), TFLOP/s on active blocks
@@ -32,6 +33,9 @@ from scaling_attn_compile.testing import make_qkv
 SHAPES = {  # name: (B, H, S, D)
     "1.3b": ("wan2.1-1.3B 480x832x81", 1, 12, 32760, 128),
     "14b": ("wan2.1-14B 720x1280x81", 1, 40, 75600, 128),
+    # LTX-Video 2B at LTXPipeline's default 704x480x161: grid (21, 15, 22); x 28 layers, the
+    # attention share of bench_compile's `--models ltx` eager step.
+    "ltx": ("ltx-video-2B 704x480x161", 1, 32, 6930, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 
@@ -116,7 +120,7 @@ def run_shape(key: str, densities, records: list[Record], impls: set[str]) -> No
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["1.3b", "14b"], choices=list(SHAPES))
     ap.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     ap.add_argument("--impls", nargs="+", default=["ours", "flex", "sdpa-cudnn", "sdpa-flash"])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-<gpu>.json)")

@@ -83,7 +83,7 @@ MODELS = {
     # LTXPipeline's default 704x480x161: VAE stride (8, 32, 32), grid (21, 15, 22), S = 6,930.
     "ltx": dict(name="LTX-Video-2B", family="ltx", video=(480, 704, 161), text_len=128,
                 vae=(8, 32, 32), config=dict(LTX_CONFIGS["ltx-video-2b"])),
-    "ltx-tiny": dict(name="tiny LTX (CPU smoke test)", family="ltx", video=(128, 160, 17),
+    "ltx-tiny": dict(name="tiny LTX (CPU smoke test)", family="ltx", video=(256, 320, 17),
                      text_len=12, vae=(8, 32, 32), config=dict(
                          in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                          num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.tiny:
         device, dtype, video = "cpu", torch.float32, (96, 96, 13)
-        cfg = dict(BUILTIN_CONFIGS["tiny-random"], num_layers=args.double,
+        cfg = dict(BUILTIN_CONFIGS["hunyuan-tiny-random"], num_layers=args.double,
                    num_single_layers=args.single)
         args.out = args.out or os.path.join(tempfile.gettempdir(), "hunyuan-cpu-tiny.json")
     elif not torch.cuda.is_available():

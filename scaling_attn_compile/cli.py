@@ -83,7 +83,7 @@ def _resolve_model(args) -> Path | None:
 
 # Pixel sizes per built-in when --height/--width/--frames are not given.
 _DEFAULT_VIDEO = {"tiny-random": (13, 128, 256), "wan2.1-1.3b": (81, 480, 832),
-                  "wan2.1-14b": (81, 480, 832),
+                  "wan2.1-14b": (81, 480, 832), "ltx-video-2b": (161, 480, 704),  # LTXPipeline's
                   "wan2.2-ti2v-5b": (121, 704, 1280)}  # its 720p default: 24 fps, 5 s
 
 
@@ -126,28 +126,28 @@ def add_west_arguments(p: argparse.ArgumentParser) -> None:
     add_token_order_argument(p)
 
 
-def _west_inputs(args, src, text_dim: int):
-    from .models.wan import encode_prompts
+def _west_inputs(args, src, ad):
     from .offline.calibrate import load_embeddings, random_inputs
 
     if args.prompts is None:
         if not src.random_weights:
             print("warning: random embeddings on a trained model are off its distribution; pass "
                   "--prompts for a meaningful topology", file=sys.stderr)
-        return random_inputs(args.num_prompts, args.text_len or src.text_len, text_dim,
-                             seed=args.seed)
+        return random_inputs(args.num_prompts, args.text_len or src.text_len,
+                             src.transformer.config[ad.TEXT_DIM], seed=args.seed)
     if args.prompts.suffix == ".txt":
-        if src.folder is None or not (src.folder / "text_encoder").is_dir():
-            raise CliError(f"--prompts {args.prompts} is text, but the model "
-                             f"{args.model!r} has no text_encoder/; pass precomputed embeddings "
-                             f"(.safetensors with prompt_embeds) instead")
+        enc = getattr(ad, "encode_prompts", None)  # Wan's (UMT5); others: the pipeline folder
+        if enc is None or src.folder is None or not (src.folder / "text_encoder").is_dir():
+            raise CliError(f"--prompts {args.prompts} is text, but the model {args.model!r} has "
+                           f"no text_encoder/ this path reads; pass precomputed embeddings "
+                           f"(.safetensors with prompt_embeds) or the pipeline folder instead")
         from .offline.calibrate import CalibrationInput
 
         prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
-        emb = encode_prompts(src.folder, prompts, device=args._device, dtype=args._dtype)
+        emb = enc(src.folder, prompts, device=args._device, dtype=args._dtype)
         neg = None
         if args.negative_prompt is not None:
-            neg = encode_prompts(src.folder, [args.negative_prompt], device=args._device,
+            neg = enc(src.folder, [args.negative_prompt], device=args._device,
                                  dtype=args._dtype)
         return [CalibrationInput(emb[i:i + 1], seed=args.seed + i, negative_prompt_embeds=neg,
                                  name=prompts[i][:40]) for i in range(len(prompts))]
@@ -156,7 +156,7 @@ def _west_inputs(args, src, text_dim: int):
 
 def run_west(args: argparse.Namespace) -> int:
     from .contract.masks import num_blocks
-    from .models.wan import bare_call_needs, latent_shape_for, latent_token_grid, load_transformer
+    from .models.registry import adapter_for, load_transformer
     from .offline.calibrate import calibrate_west, default_timesteps, evenly_spaced
 
     check_output_path(args.out, "--out")  # before minutes of calibration, not after
@@ -174,11 +174,11 @@ def run_west(args: argparse.Namespace) -> int:
                        f"conditions on an image; --model {args.model} is a bare transformer")
     t0 = time.perf_counter()
     src = load_transformer(args.model, dtype=dtype, device=device, seed=args.seed)
-    model = src.transformer
+    ad = adapter_for(model := src.transformer, "--model")
     cfg = model.config
     print(f"model: {src.name} ({'random weights' if src.random_weights else src.folder}), "
           f"{cfg.num_layers} layers x {cfg.num_attention_heads} heads, {dtype}, {device}")
-    if (needs := bare_call_needs(model)) is not None:
+    if (needs := ad.bare_call_needs(model)) is not None:
         raise CliError(f"--model {args.model}: a {type(model).__name__} needs {needs}; pass the "
                        f"whole pipeline folder (with model_index.json)")
     if cfg.in_channels != cfg.out_channels:  # I2V: 36 in = 16 noise + 20 image condition
@@ -198,14 +198,14 @@ def run_west(args: argparse.Namespace) -> int:
         if None in (frames, height, width):
             raise CliError("pass --frames, --height and --width (or --latent F,H,W) for "
                            f"model {args.model!r}")
-        latent = latent_shape_for(frames, height, width, cfg.in_channels, stride)
-    grid = latent_token_grid(model, latent)
+        latent = ad.latent_shape_for(frames, height, width, cfg.in_channels, stride)
+    grid = ad.latent_token_grid(model, latent)
     s = grid[0] * grid[1] * grid[2]
     if num_blocks(s) < 2:
         print(f"warning: token grid {grid} is S = {s} tokens, one block of 128: every mask of "
               f"this plan keeps everything, here and remapped to larger grids; pass a larger "
               f"--latent or video size", file=sys.stderr)
-    inputs = _west_inputs(args, src, cfg.text_dim)
+    inputs = _west_inputs(args, src, ad)
     if not inputs:
         raise CliError(f"--prompts {args.prompts}: no calibration inputs (empty prompt file?)")
     # Wan's flow shift: 5.0 at 720p, 3.0 below (diffusers docs).
@@ -339,7 +339,7 @@ def _plan_model(calib: dict) -> str:
 
 def run_fast(args: argparse.Namespace) -> int:
     from .errors import PlanModelMismatch
-    from .models.wan import bare_call_needs, load_transformer
+    from .models.registry import adapter_for, load_transformer
     from .offline import fast
     from .offline.calibrate import default_timesteps, evenly_spaced
     from .plan.io import load_plan
@@ -383,12 +383,12 @@ def run_fast(args: argparse.Namespace) -> int:
         device = args._device = resolve_device(args.device)
         dtype = args._dtype = resolve_dtype(args.dtype, device)
         src = load_transformer(args.model, dtype=dtype, device=device, seed=args.seed)
-        model = src.transformer
-        if (needs := bare_call_needs(model)) is not None:
+        ad = adapter_for(model := src.transformer, "--model")
+        if (needs := ad.bare_call_needs(model)) is not None:
             raise CliError(f"--model {args.model}: a {type(model).__name__} needs {needs}; pass "
                            f"the whole pipeline folder (with model_index.json)")
         args.num_prompts = 1
-        inputs = _west_inputs(args, src, model.config.text_dim)[:1]
+        inputs = _west_inputs(args, src, ad)[:1]
         if not inputs:
             raise CliError(f"--prompts {args.prompts}: no calibration input (empty prompt "
                            f"file?)")

@@ -65,9 +65,14 @@ def _image(args, pipe):
 
 def token_grid(pipe, frames: int, height: int, width: int) -> tuple[int, int, int]:
     """Self-attention token grid of a ``frames x height x width`` video in this pipeline."""
-    st = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-    ss = int(getattr(pipe, "vae_scale_factor_spatial", 8))
-    pt, ph, pw = pipe.transformer.config.patch_size
+    from .models.registry import adapter_for
+
+    # Wan's pipelines name the VAE strides vae_scale_factor_*, LTX's vae_*_compression_ratio.
+    st = int(getattr(pipe, "vae_scale_factor_temporal", None)
+             or getattr(pipe, "vae_temporal_compression_ratio", None) or 4)
+    ss = int(getattr(pipe, "vae_scale_factor_spatial", None)
+             or getattr(pipe, "vae_spatial_compression_ratio", None) or 8)
+    pt, ph, pw = adapter_for(pipe.transformer, "scaling-attn west").patch_size(pipe.transformer)
     lat = ((frames - 1) // st + 1, height // ss, width // ss)
     if lat[0] % pt or lat[1] % ph or lat[2] % pw or height % ss or width % ss:
         raise CliError(f"--height {height} --width {width}: must be multiples of {ss * ph} "

@@ -43,7 +43,7 @@ TEXT, LAYERS, HEADS = 20, 2, 2
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """The tiny config saved once (peaked attention: q/k norms x4, so a wrong mask shows)."""
-    model = hunyuan.make_transformer("tiny-random")
+    model = hunyuan.make_transformer("hunyuan-tiny-random")
     with torch.no_grad():
         for attn in hunyuan.self_attention_modules(model):
             for norm in (attn.norm_q, attn.norm_k):
@@ -196,7 +196,8 @@ def test_compiled_sparse_equals_reference_and_binds_dense_text(folder):
         blocks = unpack_blocks(getattr(graphs[0], f"scaling_attn_masks_{layer}"), num_blocks(s))
         assert blocks[..., pure:, :].all() and blocks[..., :, pure:].all()  # text rows/columns
         assert not blocks[..., :pure, :pure].all()  # the video part is the plan's, sparse
-    ops = [n for n in graphs[0].graph.nodes if n.target is torch.ops.scaling_attn.sparse_attention.default]
+    op = torch.ops.scaling_attn.sparse_attention.default
+    ops = [n for n in graphs[0].graph.nodes if n.target is op]
     assert len(ops) == 2 and all(len(n.args) == 11 for n in ops)  # kv_lens bound
 
 
@@ -263,6 +264,10 @@ def test_registry_serves_hunyuan_and_refuses_what_is_not_built(folder):
 
     model = load(folder)
     assert registry.adapter_for(model) is hunyuan
+    loaded = registry.load_transformer(str(folder))  # a folder by the class it names
+    assert type(loaded.transformer).__name__ == "HunyuanVideoTransformer3DModel"
+    assert type(registry.load_transformer("tiny-random").transformer).__name__ == \
+        "WanTransformer3DModel"  # the built-in names of the families do not collide
     assert "HunyuanVideoTransformer3DModel" in registry.supported_classes()
     be = scaling_attn_backend(lambda grid: uniform_tables(LAYERS, HEADS, grid, 0.5),
                               check_model=False)
@@ -277,7 +282,7 @@ def test_registry_serves_hunyuan_and_refuses_what_is_not_built(folder):
 @pytest.mark.gpu
 def test_gpu_compiled_sparse_equals_reference_bf16():
     """On CUDA in bf16 (head_dim 64, the kernel's): Inductor + the template with kv_lens."""
-    model = hunyuan.make_transformer("tiny-random", attention_head_dim=64,
+    model = hunyuan.make_transformer("hunyuan-tiny-random", attention_head_dim=64,
                                      rope_axes_dim=(16, 24, 24))
     inputs = make_inputs()
     video = two_level_tables(LAYERS, HEADS, GRID)

@@ -91,28 +91,29 @@ def reference_processors(model, tables, clock, compute_dtype):
     return model
 
 
-def eager(model, inputs, t, tables=None):
+def eager(model, inputs, t, tables=None, timestep=None):
     """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference at
-    timestep ``t``."""
+    bucket timestep ``t``. ``timestep``: the model's input, default ``[t]``."""
+    timestep = torch.tensor([t]) if timestep is None else timestep
     outs = []
     for dtype in (torch.float32, torch.float64):
         m = copy.deepcopy(model).to(dtype)
         if tables is not None:
             reference_processors(m, tables, {"t": torch.tensor([t])}, dtype)
         with torch.no_grad():
-            outs.append(m(timestep=torch.tensor([t], dtype=dtype), return_dict=False,
+            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
                           **{k: v.to(dtype) if torch.is_tensor(v) else v
                              for k, v in inputs.items()})[0])
     return outs
 
 
-def compiled_run(model, plan, inputs, steps, **options):
+def compiled_run(model, plan, inputs, steps, timestep_of=lambda t: torch.tensor([t]), **options):
     be = scaling_attn_backend(plan, compiler="eager", **options)
     c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
     outs = []
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for t in steps:
-            outs.append(c(timestep=torch.tensor([t]), return_dict=False, **inputs)[0])
+            outs.append(c(timestep=timestep_of(t), return_dict=False, **inputs)[0])
     return outs, be
 
 
@@ -164,6 +165,26 @@ def test_ltx_dense_and_sparse_equal_eager_with_counts_and_no_recompiles(saved):
         assert_close_to_oracle(out, golden, same, what=f"ltx t={t}")
     dense_out, _ = eager(model, inputs, 100)
     assert (outs[-1] - dense_out).abs().max() > 1e-3  # the sparse bucket is not dense
+
+
+def test_ltx_image_to_video_per_token_timestep_buckets_by_its_max(saved):
+    """LTXImageToVideoPipeline's timestep is per token, (B, S): t * (1 - conditioning mask), so
+    the first frame's tokens (the image) carry 0. The bucket is the step's t, the max."""
+    model, inputs = load(saved), make_inputs()
+    tables = two_level_tables(LAYERS, HEADS, GRID)
+    first_frame = GRID[1] * GRID[2]
+
+    def per_token(t):
+        ts = torch.full((1, math.prod(GRID)), float(t))
+        ts[:, :first_frame] = 0.0
+        return ts
+
+    steps = [900, 300]
+    outs, be = compiled_run(model, tables, inputs, steps, timestep_of=per_token)
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+    for t, out in zip(steps, outs, strict=True):
+        same, golden = eager(model, inputs, t, tables, timestep=per_token(t))
+        assert_close_to_oracle(out, golden, same, what=f"ltx i2v t={t}")
 
 
 @pytest.mark.filterwarnings("ignore:.*compiled on its own.*without the plan's tables")
@@ -301,26 +322,39 @@ VIDEO = dict(height=64, width=96, num_frames=9)
 PIPE_GRID = (3, 16, 24)
 
 
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    return build_ltx_pipeline(tmp_path_factory.mktemp("pipelines") / "Tiny-LTX")
+
+
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_west_through_ltx_pipeline_and_enable_sparse_attention(tmp_path):
-    """WEST through a tiny LTXPipeline (CFG: one batched call per step), then
-    enable_sparse_attention on the pipeline: one graph for the whole loop, every self-attention
-    rewritten, cross-attention dense, the latents those of a dense run but not equal to them."""
+def test_west_through_ltx_pipeline_and_enable_sparse_attention(pipeline_folder, tmp_path):
+    """WEST and FAST through a tiny LTXPipeline (CFG: one batched call per step), then
+    enable_sparse_attention on the pipeline: one graph for the whole loop (the schedule's
+    timestep buckets change no guard), every self-attention rewritten, cross-attention dense,
+    the latents close to those of a dense run but not equal to them."""
     from diffusers import LTXPipeline
 
     from scaling_attn_compile import enable_sparse_attention
-    from scaling_attn_compile.offline.pipeline import calibrate_west_pipeline, pipeline_calls
+    from scaling_attn_compile.offline.pipeline import (
+        build_fast_plan_pipeline,
+        calibrate_west_pipeline,
+        pipeline_calls,
+    )
 
-    folder = build_ltx_pipeline(tmp_path / "Tiny-LTX")
-    pipe = LTXPipeline.from_pretrained(folder)
+    pipe = LTXPipeline.from_pretrained(pipeline_folder)
     pipe.set_progress_bar_config(disable=True)
-    steps = 3
-    calls = pipeline_calls(["a cat runs on the beach", "a red car"], **VIDEO,
-                           num_inference_steps=steps, guidance_scale=3.0, max_sequence_length=16)
-    plan = calibrate_west_pipeline(pipe, calls, capture_steps=[0, 2], progress=False)
+    steps = 2
+    calls = pipeline_calls(["a cat runs on the beach"], **VIDEO, num_inference_steps=steps,
+                           guidance_scale=3.0, max_sequence_length=16)
+    plan = calibrate_west_pipeline(pipe, calls, progress=False)
     assert plan.meta.model_class == "LTXVideoTransformer3DModel"
     assert tuple(plan.meta.calib_grid) == PIPE_GRID
     assert plan.meta.calibration["latent_shape"] == [CHANNELS, *PIPE_GRID]
+    # FAST through the pipeline: buckets at the timesteps its scheduler ran.
+    plan, prof = build_fast_plan_pipeline(plan, pipe, calls[0], 0.4, progress=False)
+    assert prof.info["pipeline"] == "LTXPipeline" and len(prof.info["capture_steps"]) == steps
+    assert plan.schedule is not None
     path = plan.save(tmp_path / "ltx.plan.safetensors")
 
     def run(p):
@@ -329,7 +363,7 @@ def test_west_through_ltx_pipeline_and_enable_sparse_attention(tmp_path):
                  generator=torch.Generator().manual_seed(7)).frames
 
     dense = run(pipe)
-    backends = enable_sparse_attention(pipe, path, density=0.3, compiler="eager")
+    backends = enable_sparse_attention(pipe, path, compiler="eager")  # the schedule's densities
     with torch._dynamo.config.patch(error_on_recompile=True):
         sparse = run(pipe)
     (be,) = backends.values()
@@ -340,3 +374,83 @@ def test_west_through_ltx_pipeline_and_enable_sparse_attention(tmp_path):
     assert (sparse - dense).abs().max() > 1e-4  # sparse attention changed something
     # ... but the result is still the model's: far closer to the dense run than to noise.
     assert (sparse - dense).norm() < 0.5 * dense.norm()
+
+
+def test_cli_west_on_an_ltx_pipeline_folder(pipeline_folder, tmp_path, capsys):
+    """``scaling-attn west --model <LTX pipeline folder>``: the token grid from LTX's VAE
+    compression (4x here) and patch size, a plan that records LTX."""
+    from scaling_attn_compile.cli import main
+    from scaling_attn_compile.plan.io import load_plan
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat runs on the beach\n")
+    out = tmp_path / "ltx.plan.safetensors"
+    assert main(["west", "--model", str(pipeline_folder), "--frames", "9", "--height", "64",
+                 "--width", "96", "--prompts", str(prompts), "--steps", "2", "--capture-steps",
+                 "1", "--text-len", "16", "--out", str(out)]) == 0
+    assert f"token grid (F, H, W) = {PIPE_GRID}" in capsys.readouterr().out
+    plan = load_plan(out)
+    assert plan.meta.model_class == "LTXVideoTransformer3DModel"
+    assert tuple(plan.meta.calib_grid) == PIPE_GRID
+
+
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+def test_cli_west_on_an_ltx_transformer_folder(saved, tmp_path, capsys):
+    """``scaling-attn west --model <LTX transformer folder> --latent F,H,W``: the registry's
+    loader builds the class the folder names, random embeddings of its caption width."""
+    from scaling_attn_compile.cli import main
+    from scaling_attn_compile.plan.io import load_plan
+
+    out = tmp_path / "bare.plan.safetensors"
+    assert main(["west", "--model", str(saved), "--latent", ",".join(map(str, GRID)),
+                 "--steps", "2", "--capture-steps", "1", "--text-len", str(TEXT_LEN),
+                 "--out", str(out)]) == 0
+    assert f"token grid (F, H, W) = {GRID}" in capsys.readouterr().out
+    plan = load_plan(out)
+    assert plan.meta.model_class == "LTXVideoTransformer3DModel"
+    assert plan.meta.weights_fingerprint == ltx.weights_fingerprint(load(saved))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert main(["west", "--model", str(saved), "--latent", "4,8,10", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "x.plan.safetensors")]) == 2
+    assert "has no text_encoder/ this path reads; pass precomputed" in capsys.readouterr().err
+
+
+def bf16_compiled_equals_reference(device: str, **backend_options) -> None:
+    """bf16 on ``device``, head_dim 64 (the kernel's), two timestep buckets over a loop without
+    recompiles; equal to the reference processors within the oracle's tolerance (float64 and
+    same-dtype references on the CPU)."""
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(**dict(CONFIG, attention_head_dim=64,
+                                              cross_attention_dim=HEADS * 64)).eval()
+    grid = (4, 16, 20)  # S = 1280, 10 blocks
+    inputs = make_inputs(grid=grid)
+    tables = two_level_tables(LAYERS, HEADS, grid)
+    steps = (900, 300, 900)
+    refs = {}
+    for t in set(steps):
+        golden = eager(model, inputs, t, tables)[1]
+        m = reference_processors(copy.deepcopy(model).to(torch.bfloat16), tables,
+                                 {"t": torch.tensor([t])}, torch.bfloat16)
+        with torch.no_grad():
+            same = m(timestep=torch.tensor([t]), return_dict=False,
+                     **{k: v.to(torch.bfloat16) if torch.is_tensor(v) else v
+                        for k, v in inputs.items()})[0]
+        refs[t] = (same, golden)
+    be = scaling_attn_backend(tables, **backend_options)
+    c = torch.compile(model.to(device, torch.bfloat16), backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for t in steps:
+            out = c(timestep=torch.tensor([t], device=device), return_dict=False,
+                    **{k: v.to(device, torch.bfloat16) if torch.is_tensor(v) else v
+                       for k, v in inputs.items()})[0]
+            same, golden = refs[t]
+            assert_close_to_oracle(out.float().cpu(), golden, same, what=f"ltx {device} t={t}")
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_ltx_on_the_gpu_with_inductor_in_bf16():
+    """The device path: Inductor lowering the op to the Triton template."""
+    bf16_compiled_equals_reference("cuda")

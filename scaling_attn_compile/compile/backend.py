@@ -51,8 +51,8 @@ from ..contract.validate import check_attention_tables
 from ..errors import PlanMismatchError
 from ..models.registry import adapter_for_graph
 from . import lowering as _lowering  # registers the Inductor lowering of the op
-from .parallel import ulysses_head_range, ulysses_rank
 from .joint import rewrite_joint_attention
+from .parallel import ulysses_head_range, ulysses_rank
 from .rewrite import RewriteReport, _pad_bounds, _register_constant, rewrite_self_attention
 from .specialize import PerShape, is_symbolic
 

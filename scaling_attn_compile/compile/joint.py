@@ -161,7 +161,7 @@ def rewrite_joint_attention(
                                     torch.zeros((), device=device), fake_mode)
 
     kv_nodes = {}  # one int32 cast per length node
-    for n, layer, path, qn, kn, vn, scale, lens in sites:
+    for n, layer, _path, qn, kn, vn, scale, lens in sites:
         masks, level_table, bounds = per_layer[layer]
         with g.inserting_before(n):
             if lens is not None and lens not in kv_nodes:

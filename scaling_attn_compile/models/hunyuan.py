@@ -47,9 +47,10 @@ SUPPORTED_CLASSES: dict[str, str] = {
 }
 
 # Random-weight architectures. "hunyuanvideo" is hunyuanvideo-community/HunyuanVideo's
-# transformer config (20 double + 40 single blocks, 24 heads x 128); "tiny-random" is for tests.
+# transformer config (20 double + 40 single blocks, 24 heads x 128); "hunyuan-tiny-random" is for
+# tests. Names unlike other families' built-ins: registry.load_transformer looks them up by name.
 BUILTIN_CONFIGS: dict[str, dict] = {
-    "tiny-random": dict(in_channels=4, out_channels=4, num_attention_heads=2,
+    "hunyuan-tiny-random": dict(in_channels=4, out_channels=4, num_attention_heads=2,
                         attention_head_dim=32, num_layers=1, num_single_layers=1,
                         num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
                         text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(8, 12, 12)),
@@ -178,8 +179,37 @@ def latent_token_grid(transformer, latent_shape: Sequence[int]) -> Grid:
     return (f // pt, h // p, w // p)
 
 
-def make_transformer(name: str = "tiny-random", *, dtype=torch.float32, device="cpu", seed=0,
-                     **overrides):
+TEXT_DIM = "text_embed_dim"  # the config key of the text embeddings' width
+VAE_STRIDE = (4, 8, 8)  # HunyuanVideo's causal 3D VAE: 4x in time, 8x8 in space
+
+
+def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                     seed: int = 0, num_layers: int | None = None):
+    """Load a ``HunyuanVideoTransformer3DModel``: a diffusers folder (``transformer/`` or a bare
+    transformer folder) or a key of :data:`BUILTIN_CONFIGS` (random weights; ``num_layers``
+    sets the double-stream count). Returns Wan's :class:`~.wan.ModelSource`."""
+    from pathlib import Path
+
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from .wan import ModelSource
+
+    path = Path(spec)
+    if path.is_dir():
+        if num_layers is not None:
+            raise ValueError(f"load_transformer: num_layers applies to built-in configs only, "
+                             f"got num_layers={num_layers} with folder {path}")
+        sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
+        model = HunyuanVideoTransformer3DModel.from_pretrained(str(path), subfolder=sub,
+                                                               torch_dtype=dtype)
+        return ModelSource(model.to(device).eval(), path.name, path, False, VAE_STRIDE, 256)
+    extra = {} if num_layers is None else {"num_layers": num_layers}
+    model = make_transformer(spec, dtype=dtype, device=device, seed=seed, **extra)
+    return ModelSource(model, spec, None, True, VAE_STRIDE, 256)
+
+
+def make_transformer(name: str = "hunyuan-tiny-random", *, dtype=torch.float32, device="cpu",
+                     seed=0, **overrides):
     """A random-weight ``HunyuanVideoTransformer3DModel`` of a :data:`BUILTIN_CONFIGS` entry."""
     from diffusers import HunyuanVideoTransformer3DModel
 

@@ -72,6 +72,45 @@ PARAM_HINTS = (("ff.", "attention_head_dim x num_attention_heads"),
                ("attn", "num_attention_heads x attention_head_dim"))
 
 
+def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                     seed: int = 0, num_layers: int | None = None):
+    """Load an ``LTXVideoTransformer3DModel``: a diffusers folder (``transformer/`` subfolder or
+    a bare transformer folder) or a key of :data:`BUILTIN_CONFIGS` (random weights, seeded;
+    ``num_layers`` truncates it). Returns Wan's :class:`~.wan.ModelSource`."""
+    from pathlib import Path
+
+    from diffusers import LTXVideoTransformer3DModel
+
+    from .wan import ModelSource
+
+    path = Path(spec)
+    if path.is_dir():
+        if num_layers is not None:
+            raise ValueError(f"load_transformer: num_layers applies to built-in configs only, "
+                             f"got num_layers={num_layers} with folder {path}")
+        sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
+        model = LTXVideoTransformer3DModel.from_pretrained(str(path), subfolder=sub,
+                                                           torch_dtype=dtype)
+        return ModelSource(model.to(device).eval(), path.name, path, False, LTX_VAE_STRIDE,
+                           BUILTIN_TEXT_LEN["ltx-video-2b"])
+    if spec not in BUILTIN_CONFIGS:
+        raise ValueError(f"load_transformer: an LTX model must be a diffusers folder or one of "
+                         f"{sorted(BUILTIN_CONFIGS)}, got {spec!r}")
+    cfg = dict(BUILTIN_CONFIGS[spec], **({} if num_layers is None else {"num_layers": num_layers}))
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LTXVideoTransformer3DModel(**cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return ModelSource(model.eval(), spec, None, True, LTX_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
+
+
+TEXT_DIM = "caption_channels"  # the config key of the text embeddings' width
+
+
 def attention_site(node: torch.fx.Node) -> tuple[int | None, str | None, str | None]:
     """(layer index, 'attn1'/'attn2', module path) of the innermost
     ``transformer_blocks.<i>.attn<k>``; in a graph of one block the layer index is None."""
@@ -177,7 +216,8 @@ def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None 
                 re.search(r"\Wrope\W*$", p) for p in _module_paths(n)):
             vals = [_val(a) for a in n.args]
             if len(vals) == 3 and all(getattr(v, "dim", lambda: 0)() == 1 for v in vals):
-                return tuple(v.shape[0] for v in vals), "rope's position grid (num_frames, height, width)"
+                where = "rope's position grid (num_frames, height, width)"
+                return tuple(v.shape[0] for v in vals), where
     return None, "no rope position grid in the graph (called with video_coords?)"
 
 

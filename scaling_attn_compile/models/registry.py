@@ -12,7 +12,8 @@ module directly:
 * :func:`adapter_for_class` (a class name, e.g. a plan's ``model_class``);
 * :func:`adapter_for_graph` (a Dynamo graph: by the module classes in its ``nn_module_stack``;
   a graph of no known family's classes is Wan's, whose module paths the pass has always read);
-* :func:`capture_for` (the family's q/k capture by processor swap, for the calibration).
+* :func:`capture_for` (the family's q/k capture by processor swap, for the calibration);
+* :func:`load_transformer` (a folder by the class its config names, a built-in by name).
 
 A class no adapter knows gets one :class:`~..errors.UnsupportedModelError` naming every
 supported class (:func:`check_supported`).
@@ -100,6 +101,27 @@ def adapter_for_graph(gm: torch.fx.GraphModule) -> ModuleType:
         if names & set(getattr(ad, "GRAPH_CLASSES", ())):
             return ad
     return adapters()[0]
+
+
+def load_transformer(spec: str, **kwargs):
+    """Load a transformer of any family (``dtype``, ``device``, ``seed``, ``num_layers`` as
+    ``wan.load_transformer``): a folder by the class its ``config.json`` names, a built-in by
+    its family's name; anything else (``"tiny"``, a Hub id, errors) goes to Wan's loader."""
+    import json
+    from pathlib import Path
+
+    from .hub import resolve_model
+
+    path = Path(resolve_model(spec))
+    name = None
+    for cfg in (path / "transformer" / "config.json", path / "config.json"):
+        if cfg.is_file():
+            name = json.loads(cfg.read_text()).get("_class_name")
+            break
+    for ad in adapters()[1:]:
+        if name in ad.SUPPORTED_CLASSES or (name is None and spec in ad.BUILTIN_CONFIGS):
+            return ad.load_transformer(str(path) if path.is_dir() else spec, **kwargs)
+    return adapters()[0].load_transformer(spec, **kwargs)
 
 
 def capture_for(transformer, who: str = "capture_qk") -> ModuleType:

@@ -35,7 +35,7 @@ from .graph import is_static as _is_static
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
 from .graph import source_name as _source_name
-from .registry import check_supported  # noqa: F401  (one refusal naming every family's classes)
+from .registry import check_supported, supported_classes  # noqa: F401  (every family's refusal)
 
 Grid = tuple[int, int, int]
 
@@ -112,9 +112,11 @@ def _transformer_class(config_json: Path):
 
     name = json.loads(config_json.read_text()).get("_class_name") or "WanTransformer3DModel"
     if name not in SUPPORTED_CLASSES:
+        other = (" by this Wan loader (another family's: pass its pipeline folder, with "
+                 "model_index.json, or use the Python API)") if name in supported_classes() else ""
         raise UnsupportedModelError(f"load_transformer: {config_json} names model class {name}, "
                                     f"which is not supported; supported: "
-                                    f"{', '.join(SUPPORTED_CLASSES)}")
+                                    f"{', '.join(SUPPORTED_CLASSES)}{other}")
     return getattr(diffusers, name)
 
 
@@ -452,6 +454,7 @@ PARAM_HINTS = (("ffn.", "ffn_dim"), ("text_embedder", "text_dim"), ("time_embedd
           ("attn", "num_attention_heads x attention_head_dim"))
 
 
+TEXT_DIM = "text_dim"  # the config key of the text embeddings' width
 SELF_ATTENTION_PATH = "blocks.<i>.attn1"  # how messages name a self-attention layer
 ATTENTION_PATH = "blocks.<i>.attn<k>"  # ... and any attention layer
 PATCH_EMBEDDING = "patch_embedding"  # how messages name the patch embedding
