@@ -69,7 +69,8 @@ def make_inputs(seed=1):
 
 def run(model, inputs, t):
     with torch.no_grad():
-        return model(timestep=torch.tensor([t, t], dtype=inputs["hidden_states"].dtype),
+        x = inputs["hidden_states"]
+        return model(timestep=torch.tensor([t, t], dtype=x.dtype, device=x.device),
                      return_dict=False, **inputs)[0]
 
 

@@ -274,6 +274,8 @@ def test_gpu_template_with_lengths_matches_reference():
     """torch.compile of the op with kv_lens on CUDA runs the kv_lens template variant."""
     from torch._inductor.utils import run_and_get_code
 
+    import scaling_attn_compile.compile.lowering  # noqa: F401  (registers the template lowering)
+
     B, H, S, D = 2, 2, 2300, 64
     q, k, v = make_qkv(B, H, S, D, dtype=torch.bfloat16, device="cuda", seed=3)
     masks, lt, bb = random_tables(H, S, 8, 0.5, "cuda")
