@@ -173,10 +173,12 @@ def test_kernel_rejects_cpu_tensors_without_interpreter():
         validate_kernel_inputs(torch.zeros(1, 1, 128, 64, dtype=torch.float64), interpret=True)
 
 
-@given(seed=st.integers(0, 2**16), S=st.integers(1, 700), chunk=st.sampled_from([2**14, 2**25]))
-def test_cpu_gather_path_equals_reference(seed, S, chunk):
+@given(seed=st.integers(0, 2**16), S=st.integers(1, 700), chunk=st.sampled_from([2**14, 2**25]),
+       lens=st.none() | st.tuples(st.integers(-5, 800), st.integers(-5, 800)))
+def test_cpu_gather_path_equals_reference(seed, S, chunk, lens):
     """The op's CPU path computes only kept blocks (kernels/block_gather_cpu.py); in float64 it
-    must give the reference's numbers, for any tables, partial last blocks and chunkings."""
+    must give the reference's numbers, for any tables, partial last blocks, key lengths (zeros
+    for rows left without keys) and chunkings."""
     from scaling_attn_compile.contract.reference import block_masks_for
     from scaling_attn_compile.kernels.block_gather_cpu import block_sparse_attention_cpu
 
@@ -185,6 +187,8 @@ def test_cpu_gather_path_equals_reference(seed, S, chunk):
     masks, lt, bb = random_tables(H, S, 3, 3, seed)
     ts = torch.tensor([100, 900])
     blocks = block_masks_for(masks, lt, bb, ts, B, S)
-    out = block_sparse_attention_cpu(q, k, v, blocks, 0.3, max_chunk_elements=chunk)
-    ref = sparse_attention_reference(q, k, v, masks, lt, bb, ts, 0.3)
+    kv_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    out = block_sparse_attention_cpu(q, k, v, blocks, 0.3, max_chunk_elements=chunk,
+                                     kv_lens=kv_lens)
+    ref = sparse_attention_reference(q, k, v, masks, lt, bb, ts, 0.3, kv_lens=kv_lens)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

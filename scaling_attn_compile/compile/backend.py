@@ -51,8 +51,9 @@ from ..contract.validate import check_attention_tables
 from ..errors import PlanMismatchError
 from ..models.registry import adapter_for_graph
 from . import lowering as _lowering  # registers the Inductor lowering of the op
+from .joint import rewrite_joint_attention
 from .parallel import ulysses_head_range, ulysses_rank
-from .rewrite import RewriteReport, _register_constant, rewrite_self_attention
+from .rewrite import RewriteReport, _pad_bounds, _register_constant, rewrite_self_attention
 from .specialize import PerShape, is_symbolic
 
 log = logging.getLogger("scaling_attn_compile")
@@ -76,14 +77,6 @@ log = logging.getLogger("scaling_attn_compile")
 # --------------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------------
-
-
-def _pad_bounds(level_table: torch.Tensor, bounds: torch.Tensor):
-    """Append a +inf bound and repeat the last level row: the same bucket for every finite t
-    (``#{bounds <= t}`` never counts +inf), and no zero-element graph input for Inductor or the
-    Triton launcher (a single-bucket plan has an empty ``bucket_bounds``)."""
-    inf = torch.full((1,), float("inf"), dtype=bounds.dtype, device=bounds.device)
-    return torch.cat([level_table, level_table[-1:]]), torch.cat([bounds, inf])
 
 
 class ScalingAttnBackend:
@@ -272,15 +265,36 @@ class ScalingAttnBackend:
 
     def compile_static(self, gm: torch.fx.GraphModule, example_inputs):
         """Rewrite and compile one graph (static shapes, or per ``on_dynamic_shapes``)."""
+        energy = self.energy_filter.for_layer if self.energy_filter is not None else None
+        if getattr(adapter_for_graph(gm), "JOINT_ATTENTION", False):
+            # HunyuanVideo: [video | text] attention, joint tables, kv_lens from its text mask
+            report = rewrite_joint_attention(
+                gm, lambda grid: self.tables_for(grid, torch.device("cpu"))[0],
+                example_inputs=example_inputs, patch_size=self.patch_size,
+                head_dim=self.head_dim, energy=energy)
+        else:
+            report = self._rewrite(gm, example_inputs, energy)
+        self._finish(gm, report, example_inputs)
+        if self.compiler == "eager":
+            return gm.forward
+        if callable(self.compiler):
+            return self.compiler(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=self.config_patches())
+
+    def _rewrite(self, gm, example_inputs, energy) -> RewriteReport:
         report = rewrite_self_attention(
             gm, self.tables_for, example_inputs=example_inputs, patch_size=self.patch_size,
             grid=self.grid, head_dim=self.head_dim,
             on_dynamic_shapes="error" if self.on_dynamic_shapes == "specialize"
             else self.on_dynamic_shapes,
-            energy=self.energy_filter.for_layer if self.energy_filter is not None else None,
-            head_range=self.heads_for, attached=self.current)
-        self.reports.append(report)
+            energy=energy, head_range=self.heads_for, attached=self.current)
         self._apply_token_order(gm, report, example_inputs)
+        return report
+
+    def _finish(self, gm, report: RewriteReport, example_inputs) -> None:
+        self.reports.append(report)
         if report.num_rewritten and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
             # AOT would trace a backward through the op, which has no autograd formula, and
@@ -300,13 +314,6 @@ class ScalingAttnBackend:
                      "(regional compilation; every layer reads its attached tables); left dense "
                      "%s", report.grid, report.seq_len, report.block_sites,
                      report.left_dense or "{}")
-        if self.compiler == "eager":
-            return gm.forward
-        if callable(self.compiler):
-            return self.compiler(gm, example_inputs)
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs, config_patches=self.config_patches())
 
 
 def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:

@@ -63,17 +63,23 @@ def _grid(b, h, m, d, meta, *, cdiv):
     return (cdiv(m, meta["BLOCK_M"]), b, h)
 
 
-# Created once, at import: torch <= 2.13 asserts on a second TritonTemplate with this name.
-_TEMPLATE_SOURCE = template_source()
-if TEMPLATE_NAME in TritonTemplate.all_templates:  # importlib.reload: keep the registered one
-    _TEMPLATE = TritonTemplate.all_templates[TEMPLATE_NAME]
-else:
+def _make_template(name: str, source: str) -> TritonTemplate:
+    """Created once, at import: torch <= 2.13 asserts on a second TritonTemplate with a name."""
+    if name in TritonTemplate.all_templates:  # importlib.reload: keep the registered one
+        return TritonTemplate.all_templates[name]
     # always_freeze_layout (torch >= 2.12, as flex uses it): fix an input's layout when the
     # template reads its strides, instead of a speculative constraint that the scheduler may
     # resolve by falling back to aten; this op has no aten fallback inside the choices.
-    _extra = ({"always_freeze_layout": True} if "always_freeze_layout"
-              in inspect.signature(TritonTemplate.__init__).parameters else {})
-    _TEMPLATE = TritonTemplate(name=TEMPLATE_NAME, grid=_grid, source=_TEMPLATE_SOURCE, **_extra)
+    extra = ({"always_freeze_layout": True} if "always_freeze_layout"
+             in inspect.signature(TritonTemplate.__init__).parameters else {})
+    return TritonTemplate(name=name, grid=_grid, source=source, **extra)
+
+
+_TEMPLATE_SOURCE = template_source()
+_TEMPLATE = _make_template(TEMPLATE_NAME, _TEMPLATE_SOURCE)
+# The variant with a per-batch key length (kv_lens): one more input, HAS_KV_LENS=True.
+_TEMPLATE_KV_SOURCE = template_source(kv_lens=True)
+_TEMPLATE_KV = _make_template(TEMPLATE_NAME + "_kv", _TEMPLATE_KV_SOURCE)
 
 
 def _select(name, choices, input_nodes, layout, **kwargs):
@@ -126,7 +132,10 @@ def _input_gen_fns(seq_len: int):
     def timestep(node):
         return _like(node, torch.full(_shape(node), 500.0))
 
-    return {3: masks, 4: level_table, 5: bounds, 6: timestep}
+    def kv_lens(node):  # every key valid: the slowest case, as the masks above
+        return _like(node, torch.full(_shape(node), seq_len, dtype=torch.int32))
+
+    return {3: masks, 4: level_table, 5: bounds, 6: timestep, 7: kv_lens}
 
 
 def template_configs() -> list[dict]:
@@ -157,7 +166,8 @@ def _tile_constexprs(meta: dict, config: dict) -> dict:
         if key.upper() not in out and key not in ("num_warps", "num_stages"):
             out[key.upper()] = value
     for name, p in inspect.signature(raw).parameters.items():
-        if name not in out and p.default is not inspect.Parameter.empty:
+        # A None default is a pointer (KV_LENS): the stub binds it, it is no constexpr.
+        if name not in out and p.default is not inspect.Parameter.empty and p.default is not None:
             out[name] = p.default
     params = inspect.signature(raw).parameters
     return {k: v for k, v in out.items() if k in params}
@@ -170,10 +180,11 @@ def _template_supported(q) -> bool:
 
 @register_lowering(OP, type_promotion_kind=None)
 def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale,
-                            energy_rule=0, energy_threshold=0.0):
+                            energy_rule=0, energy_threshold=0.0, kv_lens=None):
     device = q.get_device()
     eager_args = (q, k, v, masks, level_table, bucket_bounds, timestep, scale) + (
-        (energy_rule, energy_threshold) if energy_rule else ())
+        (energy_rule, energy_threshold) if energy_rule or kv_lens is not None else ()) + (
+        (kv_lens,) if kv_lens is not None else ())
     if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q) \
             or (energy_rule and not math.isfinite(energy_threshold)):
         # CPU (and unsupported dtypes / head dims on CUDA, which the eager op rejects with a
@@ -182,6 +193,9 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
         return fallback_handler(OP, add_to_fallback_set=False)(*eager_args)
 
     inputs = [realize_inputs(x) for x in (q, k, v, masks, level_table, bucket_bounds, timestep)]
+    if kv_lens is not None:  # the kernel reads KV_LENS + b: stride 1
+        inputs.append(ir.ExternKernel.require_contiguous(realize_inputs(kv_lens)))
+    template = _TEMPLATE if kv_lens is None else _TEMPLATE_KV
     q = inputs[0]
     size = list(q.get_size())
     b, h, s, d = (_static(x) for x in size)
@@ -200,11 +214,13 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     meta = _launch.launch_meta(s, _shape(inputs[3])[-1], _shape(inputs[5])[0], d)
     if energy_rule:  # the filter is the tile's constexpr rule and threshold (log2 units)
         meta.update(ENERGY_RULE=int(energy_rule), energy_thr=float(energy_threshold) * _kernel.LOG2E)
+    if kv_lens is not None:
+        meta.update(HAS_KV_LENS=True)
     choices: list = []
     for config in template_configs():
         if energy_rule and config["block_m"] != _kernel.MASK_BLOCK:
             continue  # the filter votes per 128-row query tile, as in the eager launcher
-        err = _TEMPLATE.maybe_append_choice(
+        err = template.maybe_append_choice(
             choices, input_nodes=inputs, layout=layout, num_stages=config["num_stages"],
             num_warps=config["num_warps"], call_sizes=size,
             QK_SCALE=float(scale) * _kernel.LOG2E, STRIDE_TS=stride_ts,
@@ -214,8 +230,8 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     if not choices:
         log.warning("sparse_attention: no template choice for q %s %s; using the eager op",
                     (b, h, s, d), q.get_dtype())
-        return fallback_handler(OP, add_to_fallback_set=False)(*inputs, *eager_args[7:])
-    return _select(TEMPLATE_NAME, choices, inputs, layout, input_gen_fns=_input_gen_fns(s))
+        return fallback_handler(OP, add_to_fallback_set=False)(*inputs[:7], *eager_args[7:])
+    return _select(template.name, choices, inputs, layout, input_gen_fns=_input_gen_fns(s))
 
 
 _HASHED_FILES = (
@@ -236,7 +252,8 @@ def source_hash(paths=_HASHED_FILES) -> bytes:
     from the files as they were then, and a file edited later in a running process must not
     file this process's (old) generated code under the new file's key.
     """
-    return get_hash_for_files(tuple(p for p in paths if os.path.exists(p)), _TEMPLATE_SOURCE)
+    return get_hash_for_files(tuple(p for p in paths if os.path.exists(p)),
+                              _TEMPLATE_SOURCE + _TEMPLATE_KV_SOURCE)
 
 
 _SOURCE_HASH = source_hash()

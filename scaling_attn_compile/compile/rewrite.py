@@ -78,6 +78,14 @@ def _sdpa_args(node: torch.fx.Node) -> dict[str, Any]:
     return out
 
 
+def _pad_bounds(level_table: torch.Tensor, bounds: torch.Tensor):
+    """Append a +inf bound and repeat the last level row: the same bucket for every finite t
+    (``#{bounds <= t}`` never counts +inf), and no zero-element graph input for Inductor or the
+    Triton launcher (a single-bucket plan has an empty ``bucket_bounds``)."""
+    inf = torch.full((1,), float("inf"), dtype=bounds.dtype, device=bounds.device)
+    return torch.cat([level_table, level_table[-1:]]), torch.cat([bounds, inf])
+
+
 def _register_constant(gm: torch.fx.GraphModule, name: str, value: torch.Tensor,
                        fake_mode) -> torch.fx.Node:
     """A graph buffer AOT lifts as an input. Without the ConstantSource, AOT asserts

@@ -128,7 +128,7 @@ def _store_output_call() -> str:
 # defines, made from the lowering's kwargs: BLOCK_M from the config, the rest from the kernel
 # module's launch_meta, the same function the eager launcher uses.
 _STUB = r'''
-{{def_kernel("Q", "K", "V", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS")}}
+DEF_KERNEL
     stride_qb, stride_qh, stride_qs, stride_qd = {{stride("Q")}}
     stride_kb, stride_kh, stride_ks, stride_kd = {{stride("K")}}
     stride_vb, stride_vh, stride_vs, stride_vd = {{stride("V")}}
@@ -138,6 +138,7 @@ _STUB = r'''
     qk_scale = QK_SCALE
     SEQ_LEN = {{size("Q", 2)}}
     num_levels = {{size("MASKS", 1)}}
+    BIND_KV_LENS
     pid_m = tl.program_id(0)
     off_b = tl.program_id(1)
     off_h = tl.program_id(2)
@@ -151,10 +152,20 @@ _STUB = r'''
 '''
 
 
-def template_source() -> str:
+_INPUTS = '"Q", "K", "V", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS"'
+
+
+def template_source(kv_lens: bool = False) -> str:
     """The full Jinja source: stub, then the kernel module's jit functions (verbatim, in a raw
     block so that no ``{{``/``{#`` in them is ever read as Jinja). Helpers come after the kernel,
     as in Inductor's flex template: ``def_kernel`` emits the imports at the top of the module.
+
+    ``kv_lens``: the variant with a per-batch key-length input ``KV_LENS`` (the lowering passes
+    ``HAS_KV_LENS=True``); without it the tile's ``KV_LENS`` is bound to ``TS``, never read
+    (``HAS_KV_LENS`` is a constexpr False, so the load is not even generated).
     """
-    stub = _STUB.replace("STORE_OUTPUT", _store_output_call()).replace("TILE_CALL", _tile_call())
+    inputs = _INPUTS + (', "KV_LENS"' if kv_lens else "")
+    stub = (_STUB.replace("DEF_KERNEL", f"{{{{def_kernel({inputs})}}}}")
+            .replace("BIND_KV_LENS", "" if kv_lens else "KV_LENS = TS  # unused: HAS_KV_LENS is False")
+            .replace("STORE_OUTPUT", _store_output_call()).replace("TILE_CALL", _tile_call()))
     return stub + "\n\n{% raw %}\n" + _helpers_source() + "\n{% endraw %}\n"

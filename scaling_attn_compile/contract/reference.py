@@ -20,6 +20,13 @@ agree on it, and none of them reads out of bounds; ``tests/test_bad_tables.py`` 
   NaN timestep is in bucket 0 (every comparison with NaN is false), ``+inf`` in the last bucket,
   and a NaN bound is never counted. Raising instead would need a host sync in compiled code;
   :func:`scaling_attn_compile.ops.op.check_tables` (opt-in) raises on NaN timesteps and bad tables.
+* **Key lengths** (``kv_lens``, optional int32 ``(B,)``): keys at index ``>= kv_lens[b]`` are
+  dropped for every query row of batch element ``b`` (a key-padding prefix mask, as
+  HunyuanVideo's text padding); query rows are still computed. Values are clamped to ``[0, S]``.
+  A row left with no kept key (its kept blocks all lie past ``kv_lens[b]``) outputs **zeros**,
+  not NaN: SDPA with an all-False boolean row gives NaN, and no model we support produces such
+  a row (HunyuanVideo's mask always keeps the video tokens), so zeros cost nothing and keep a
+  padded row from poisoning a later reduction.
 * **Float64** q/k/v are computed in float64 (the default ``compute_dtype`` follows them), so the
   op's CPU path returns float64 computed in float64; the kernel refuses float64 (fp16/bf16).
 
@@ -49,12 +56,28 @@ def block_masks_for(masks: torch.Tensor, level_table: torch.Tensor, bucket_bound
     return add_diagonal(unpack_blocks(words, nb))
 
 
+def clamped_kv_lens(kv_lens: torch.Tensor | None, batch: int, seq_len: int,
+                    device) -> torch.Tensor:
+    """``kv_lens`` as int64 ``(B,)`` clamped to ``[0, S]``; ``None`` means ``S`` for all."""
+    if kv_lens is None:
+        return torch.full((batch,), seq_len, dtype=torch.int64, device=device)
+    return kv_lens.reshape(-1).to(device=device, dtype=torch.int64).expand(batch).clamp(0, seq_len)
+
+
+def kv_block_mask(kv_lens: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
+    """Boolean ``(B, 1, 1, NB)``: KV block ``j`` holds at least one key ``< kv_lens[b]``."""
+    lens = clamped_kv_lens(kv_lens, batch, seq_len, device)
+    starts = torch.arange(num_blocks(seq_len), device=device) * BLOCK
+    return (starts[None, :] < lens[:, None])[:, None, None, :]
+
+
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                masks: torch.Tensor, level_table: torch.Tensor,
                                bucket_bounds: torch.Tensor, timestep: torch.Tensor,
                                scale: float | None = None, *,
                                compute_dtype: torch.dtype | None = None,
-                               max_chunk_elements: int = 2**26) -> torch.Tensor:
+                               max_chunk_elements: int = 2**26,
+                               kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse attention, written for clarity.
 
     Args:
@@ -66,6 +89,8 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         scale: softmax scale; ``None`` means ``1 / sqrt(D)``.
         compute_dtype: float32 or float64 (an oracle); ``None``: float64 for float64 inputs,
             else float32.
+        kv_lens: optional int32 ``(B,)``: keys ``>= kv_lens[b]`` are dropped for batch element
+            ``b`` (clamped to ``[0, S]``; a row with no kept key outputs zeros). ``None``: all.
 
     Returns:
         ``(B, H, S, D)`` in ``q.dtype``.
@@ -75,6 +100,8 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, B, S)  # (B,H,NB,NB)
+    key_ok = (torch.arange(S, device=q.device)[None, :]
+              < clamped_kv_lens(kv_lens, B, S, q.device)[:, None])[:, None, None, :]  # (B,1,1,S)
     kc, vc = k.to(compute_dtype), v.to(compute_dtype)
     out = torch.empty(B, H, S, D, dtype=compute_dtype, device=q.device)
     # Query rows per chunk: whole 128-blocks, bounded by the score-chunk size.
@@ -85,19 +112,25 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         scores = torch.einsum("bhqd,bhkd->bhqk", qc, kc) * scale
         qblk = torch.arange(start, stop, device=q.device) // BLOCK
         kblk = torch.arange(S, device=q.device) // BLOCK
-        keep = blocks[:, :, qblk][..., kblk]  # (B, H, rows, S)
+        keep = blocks[:, :, qblk][..., kblk] & key_ok  # (B, H, rows, S)
         scores = scores.masked_fill(~keep, float("-inf"))
-        out[:, :, start:stop] = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), vc)
+        # A row with no kept key (only possible with kv_lens) is defined as zeros, not NaN.
+        probs = scores.softmax(-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)
+        out[:, :, start:stop] = torch.einsum("bhqk,bhkd->bhqd", probs, vc)
     return out.to(q.dtype)
 
 
-def visit_order(blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def visit_order(blocks: torch.Tensor, seq_len: int,
+                kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The order in which the kernel visits each query tile's kept KV blocks when the energy
     filter is on: the diagonal block, then its left and right neighbours (where kept), then the
-    rest ascending, with the partial last block (``S % 128 != 0``) moved to the end.
+    rest ascending, with the partial last block (``S % 128 != 0``) moved to the end. With
+    ``kv_lens`` the last block holding a valid key (``ceil(kv_lens[b] / 128) - 1``, partial or
+    not) is the one moved to the end: the kernel masks that one block, whatever its fill.
 
     Args:
-        blocks: boolean ``(B, H, NB, NB)`` block mask (diagonal on).
+        blocks: boolean ``(B, H, NB, NB)`` block mask (diagonal on; blocks past ``kv_lens``
+            already dropped).
     Returns:
         ``order`` int64 ``(B, H, NB, NB)`` KV block indices in visit order (padding past the
         kept count is arbitrary), and ``count`` int64 ``(B, H, NB)`` kept blocks per tile.
@@ -106,7 +139,11 @@ def visit_order(blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch
     u = torch.arange(nb, device=blocks.device)[:, None]
     j = torch.arange(nb, device=blocks.device)[None, :]
     key = (3 + j).expand(nb, nb).clone()
-    if seq_len % BLOCK:
+    if kv_lens is not None:
+        lens = clamped_kv_lens(kv_lens, blocks.shape[0], seq_len, blocks.device)
+        last = (lens + BLOCK - 1) // BLOCK - 1  # (B,); -1 when nothing is valid
+        key = torch.where(j == last[:, None, None, None], 3 * nb, key)  # (B, 1, NB, NB)
+    elif seq_len % BLOCK:
         key[:, nb - 1] = 3 * nb  # the partial last block after the walk
     key = torch.where(j == u, 0, torch.where(j == u - 1, 1, torch.where(j == u + 1, 2, key)))
     key = torch.where(blocks, key, 4 * nb)  # dropped blocks sort last
@@ -117,7 +154,8 @@ def energy_filtered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: tor
                                         blocks: torch.Tensor, scale: float, rule: int,
                                         threshold: float, *,
                                         compute_dtype: torch.dtype = torch.float64,
-                                        return_skipped: bool = False):
+                                        return_skipped: bool = False,
+                                        kv_lens: torch.Tensor | None = None):
     """Block-sparse attention with the online energy filter, the spec of the kernel's option.
 
     A FlashAttention loop over each 128-row query tile's kept KV blocks, in :func:`visit_order`.
@@ -128,6 +166,8 @@ def energy_filtered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: tor
     * ``rule=2`` (BLASST): ``m_blk - m < threshold`` (``threshold = ln(lambda_B)``)
 
     ``rule=0`` never skips. The first block visited is never skipped (``l = 0`` there).
+    ``kv_lens`` drops keys as in :func:`sparse_attention_reference` (and blocks with no valid
+    key); a row with no kept key outputs zeros.
 
     Args:
         q, k, v: ``(B, H, S, D)``. blocks: boolean ``(B, H, NB, NB)``, diagonal on.
@@ -144,7 +184,10 @@ def energy_filtered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: tor
 
     qt, kt, vt = tiles(q), tiles(k), tiles(v)
     row_ok = (torch.arange(nb * BLOCK, device=q.device) < S).view(nb, BLOCK)
-    order, count = visit_order(blocks, S)
+    lens = clamped_kv_lens(kv_lens, B, S, q.device)
+    if kv_lens is not None:
+        blocks = blocks & kv_block_mask(kv_lens, B, S, q.device)
+    order, count = visit_order(blocks, S, kv_lens)
     m = torch.full((B, H, nb, BLOCK), float("-inf"), dtype=compute_dtype, device=q.device)
     l_ = torch.zeros_like(m)
     acc = torch.zeros(B, H, nb, BLOCK, D, dtype=compute_dtype, device=q.device)
@@ -155,7 +198,8 @@ def energy_filtered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: tor
         kb = torch.gather(kt, 2, blk[..., None, None].expand(B, H, nb, BLOCK, D))
         vb = torch.gather(vt, 2, blk[..., None, None].expand(B, H, nb, BLOCK, D))
         s = torch.einsum("bhumd,bhund->bhumn", qt, kb) * scale
-        key_ok = (blk[..., None] * BLOCK + torch.arange(BLOCK, device=q.device)) < S
+        key_ok = ((blk[..., None] * BLOCK + torch.arange(BLOCK, device=q.device))
+                  < lens[:, None, None, None])
         s = s.masked_fill(~key_ok[..., None, :], float("-inf"))
         m_blk = s.amax(-1)
         if rule == 0:
@@ -172,5 +216,6 @@ def energy_filtered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: tor
         l_ = l_ * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.einsum("bhumn,bhund->bhumd", p, vb)
         m = m_new
+    l_ = torch.where(l_ > 0, l_, 1.0)  # a row with no kept key (kv_lens): zeros, not 0 / 0
     out = (acc / l_[..., None]).view(B, H, nb * BLOCK, D)[:, :, :S].to(q.dtype)
     return (out, skipped) if return_skipped else out

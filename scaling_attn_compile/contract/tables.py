@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import add_diagonal, num_blocks, pack_blocks
+from .masks import BLOCK, add_diagonal, num_blocks, pack_blocks, unpack_blocks
 
 
 @dataclass
@@ -27,6 +27,8 @@ class AttentionTables:
         level_densities: per layer, float ``(H, L)`` kept-block fraction of each level (for logs).
         token_order: which tokens share a 128-token block (``token_order.py`` spec: ``"raster"``,
             ``"tile"``, ``"tile:FxHxW"``); the backend permutes the model's tokens to match.
+        text_len: text tokens after the video tokens in a joint sequence ``[video | text]``
+            (HunyuanVideo; :func:`joint_tables`); 0 for video-only self-attention.
     """
 
     grid: tuple[int, int, int]
@@ -35,6 +37,7 @@ class AttentionTables:
     bucket_bounds: torch.Tensor
     level_densities: list[torch.Tensor] | None = None
     token_order: str = "raster"
+    text_len: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -46,7 +49,7 @@ class AttentionTables:
 
     @property
     def seq_len(self) -> int:
-        return math.prod(self.grid)
+        return math.prod(self.grid) + self.text_len
 
     def to(self, device) -> AttentionTables:
         return AttentionTables(
@@ -56,6 +59,7 @@ class AttentionTables:
             self.bucket_bounds.to(device),
             self.level_densities,
             self.token_order,
+            self.text_len,
         )
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,3 +103,49 @@ def uniform_tables(num_layers: int, num_heads: int, grid: tuple[int, int, int], 
         level_tables=[torch.zeros(1, num_heads, dtype=torch.int32) for _ in range(num_layers)],
         bucket_bounds=torch.zeros(0, dtype=torch.float32),
     )
+
+
+def joint_block_mask(video_blocks: torch.Tensor, video_len: int, text_len: int) -> torch.Tensor:
+    """Block mask of a joint sequence ``[video (video_len) | text (text_len)]`` from the video's.
+
+    ``video_blocks`` is boolean ``(..., NBv, NBv)`` over the video tokens alone
+    (``NBv = ceil(video_len / 128)``). A 128-token block is *video* when all its tokens are
+    video (``u < video_len // 128``); every other block holds text tokens (all text, or the one
+    block that straddles the boundary when ``video_len % 128 != 0``). Video x video blocks are
+    the video mask's; a block pair with a text-holding block on either side is kept, so text
+    rows and text columns stay dense. Returns ``(..., NB, NB)``, ``NB = ceil(S / 128)``.
+    """
+    nbv = num_blocks(video_len)
+    if video_blocks.shape[-2:] != (nbv, nbv):
+        raise ValueError(f"joint_block_mask: video_blocks must be (..., {nbv}, {nbv}) for "
+                         f"video_len={video_len}, got {tuple(video_blocks.shape)}")
+    if text_len < 0:
+        raise ValueError(f"joint_block_mask: text_len must be >= 0, got {text_len}")
+    nb = num_blocks(video_len + text_len)
+    pure = video_len // BLOCK  # blocks of video tokens only
+    out = torch.ones(*video_blocks.shape[:-2], nb, nb, dtype=torch.bool,
+                     device=video_blocks.device)
+    out[..., :pure, :pure] = video_blocks[..., :pure, :pure]
+    return out
+
+
+def joint_tables(video: AttentionTables, text_len: int) -> AttentionTables:
+    """Tables for the joint sequence ``[video | text]`` (HunyuanVideo's attention) from the
+    video tables of a plan (``plan.materialize(grid)``): every level's mask through
+    :func:`joint_block_mask`; level tables and bucket bounds unchanged; densities recounted.
+
+    The video tokens must sit at ``[0, prod(grid))`` in the plan's token order and the text
+    after them; the straddling block is dense, so ``prod(grid)`` need not be a multiple of 128.
+    """
+    if video.text_len:
+        raise ValueError(f"joint_tables: video tables already hold {video.text_len} text tokens; "
+                         "pass the plan's video tables (plan.materialize(grid))")
+    s_v = math.prod(video.grid)
+    nbv = num_blocks(s_v)
+    masks, dens = [], []
+    for m in video.masks:
+        blocks = joint_block_mask(add_diagonal(unpack_blocks(m, nbv)), s_v, text_len)
+        masks.append(pack_blocks(blocks))
+        dens.append(blocks.float().mean((-2, -1)))
+    return AttentionTables(tuple(video.grid), masks, [t.clone() for t in video.level_tables],
+                           video.bucket_bounds.clone(), dens, video.token_order, int(text_len))

@@ -65,6 +65,22 @@ def validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep) -> Non
                f"sparse_attention: {name} must be on q's device {q.device}, got {t.device}")
 
 
+def validate_kv_lens(kv_lens, q) -> None:
+    """``kv_lens`` (optional): int32 ``(B,)`` on q's device. Values are not checked (a host
+    sync); out-of-range ones are clamped to ``[0, S]`` (``reference.py``)."""
+    if kv_lens is None:
+        return
+    B = q.shape[0]
+    _check(kv_lens.dtype == torch.int32, TypeError,
+           f"sparse_attention: kv_lens must be int32, got {kv_lens.dtype}; pass "
+           "lengths.to(torch.int32)")
+    _check(kv_lens.dim() == 1 and kv_lens.shape[0] == B, ValueError,
+           f"sparse_attention: kv_lens must have shape ({B},) (one key length per batch "
+           f"element), got {tuple(kv_lens.shape)}")
+    _check(kv_lens.device == q.device, ValueError,
+           f"sparse_attention: kv_lens must be on q's device {q.device}, got {kv_lens.device}")
+
+
 def check_tables(masks: torch.Tensor, level_table: torch.Tensor, bucket_bounds: torch.Tensor,
                  seq_len: int, timestep: torch.Tensor | None = None) -> None:
     """Opt-in value checks of one layer's tables (and a timestep) for ``seq_len`` tokens.
@@ -165,7 +181,7 @@ def check_attention_tables(tables: AttentionTables, grid) -> None:
             f"the model runs grid {tuple(grid)} (F, H, W after patching); pass a Plan "
             "(with .materialize(grid)) or a callable grid -> AttentionTables so the backend can "
             "materialise the tables for each resolution")
-    s = math.prod(grid)
+    s = math.prod(grid) + getattr(tables, "text_len", 0)  # joint [video | text] tables
     nb, nw = num_blocks(s), num_words(s)
     if len(tables.masks) != len(tables.level_tables):
         raise PlanMismatchError(

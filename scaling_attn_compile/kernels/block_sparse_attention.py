@@ -66,12 +66,20 @@ def bsa_row_words(MASKS, stride_mh, stride_ml, stride_mu, stride_mw, off_h, leve
     words = tl.load(row + offs_w * stride_mw, mask=offs_w < NUM_WORDS, other=0)
     words = words.to(tl.uint32, bitcast=True)
     one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
-    n_valid = tl.minimum(tl.maximum(tl.cdiv(SEQ_LEN, 128) - offs_w * 32, 0), 32)
+    words = bsa_keep_blocks_below(words, offs_w, tl.cdiv(SEQ_LEN, 128), NUM_WORDS_P2)
+    # The diagonal block is always kept, so no query row is ever empty (without key lengths).
+    return words | tl.where(offs_w == qblock // 32, one << (qblock % 32).to(tl.uint32), 0)
+
+
+@triton.jit
+def bsa_keep_blocks_below(words, offs_w, n_blocks, NUM_WORDS_P2: tl.constexpr):
+    """``words`` with the bits of KV blocks ``>= n_blocks`` cleared: word ``w`` keeps its low
+    ``clamp(n_blocks - 32 w, 0, 32)`` bits (the shift stays <= 31; a shift by 32 is undefined)."""
+    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
+    n_valid = tl.minimum(tl.maximum(n_blocks - offs_w * 32, 0), 32)
     valid = tl.where(n_valid >= 32, tl.full([NUM_WORDS_P2], 0xFFFFFFFF, tl.uint32),
                      (one << tl.minimum(n_valid, 31).to(tl.uint32)) - 1)
-    words = words & valid
-    # The diagonal block is always kept, so no query row is ever empty.
-    return words | tl.where(offs_w == qblock // 32, one << (qblock % 32).to(tl.uint32), 0)
+    return words & valid
 
 
 @triton.jit
@@ -92,7 +100,8 @@ def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, 
                      energy_thr, row_ok, PARTIAL: tl.constexpr, USE_TMA: tl.constexpr,
                      ENERGY_RULE: tl.constexpr):
     """One online-softmax step over the 128 keys starting at ``start_n``. ``PARTIAL`` masks keys
-    past ``SEQ_LEN``; only the last block needs it, so the hot loop runs without it.
+    past ``SEQ_LEN`` (the caller passes the batch element's key length when it has one); only
+    the last block needs it, so the hot loop runs without it.
 
     ``ENERGY_RULE`` (0 off, 1 cumulative energy, 2 BLASST) skips the exp and P*V work of the
     block when every row of the tile agrees it is negligible: ``m_blk - LSE < energy_thr``
@@ -161,7 +170,7 @@ def bsa_forward_tile(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
-    ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0,
+    ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0, KV_LENS=None, HAS_KV_LENS: tl.constexpr = False,
 ):
     """One (BLOCK_M, HEAD_DIM) output tile, normalised, in float32, and the number of visited
     blocks the energy filter skipped.
@@ -170,6 +179,11 @@ def bsa_forward_tile(
     ``SEQ_LEN % 128 == 0`` (no partial last block). With the energy filter on (``ENERGY_RULE``
     1 or 2, threshold ``energy_thr`` in log2 units) the diagonal block and its two neighbours are
     visited first, so the running log-sum-exp is large early; then the rest in ascending order.
+
+    ``HAS_KV_LENS``: ``KV_LENS[off_b]`` (int32, clamped to ``[0, SEQ_LEN]``) is the batch
+    element's key length. Blocks past it are cleared from the row (the diagonal too), and the
+    last block holding a valid key is taken out of the walk and done last with the key mask,
+    like the partial last block of an uneven ``SEQ_LEN``. A row left with no block outputs zeros.
     """
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
@@ -186,6 +200,10 @@ def bsa_forward_tile(
     one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
     words = bsa_row_words(MASKS, stride_mh, stride_ml, stride_mu, stride_mw, off_h, level,
                           qblock, SEQ_LEN, NUM_WORDS, NUM_WORDS_P2)
+    kv_len = SEQ_LEN  # keys at index >= kv_len are masked
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(KV_LENS + off_b).to(tl.int32), 0), SEQ_LEN)
+        words = bsa_keep_blocks_below(words, offs_w, tl.cdiv(kv_len, BLOCK_N), NUM_WORDS_P2)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
                 + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_LEN, other=0.0)
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -214,11 +232,13 @@ def bsa_forward_tile(
                 words = words & ~word_bit
                 acc, l_i, m_i, n_skipped = bsa_attend_block(
                     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, blk * BLOCK_N, offs_n0,
-                    offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
-                    n_skipped, energy_thr, row_ok, not EVEN_S, USE_TMA, ENERGY_RULE)
-    if not EVEN_S:
+                    offs_d, kv_len, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,
+                    n_skipped, energy_thr, row_ok, (not EVEN_S) or HAS_KV_LENS, USE_TMA,
+                    ENERGY_RULE)
+    if (not EVEN_S) or HAS_KV_LENS:
         # The partial last block is taken out of the walk and done after it, with masking.
-        last = tl.cdiv(SEQ_LEN, BLOCK_N) - 1
+        # kv_len = 0 gives last = -1: clamped to 0 for the bit, whose block is cleared anyway.
+        last = tl.maximum(tl.cdiv(kv_len, BLOCK_N) - 1, 0)
         last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
         has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
         words = words & ~last_bit
@@ -228,14 +248,16 @@ def bsa_forward_tile(
         kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
         acc, l_i, m_i, n_skipped = bsa_attend_block(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_block * BLOCK_N, offs_n0, offs_d,
-            SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped, energy_thr,
+            kv_len, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped, energy_thr,
             row_ok, False, USE_TMA, ENERGY_RULE)
-    if not EVEN_S:
+    if (not EVEN_S) or HAS_KV_LENS:
         if has_last:
             acc, l_i, m_i, n_skipped = bsa_attend_block(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, last * BLOCK_N, offs_n0,
-                offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped,
+                offs_d, kv_len, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped,
                 energy_thr, row_ok, True, USE_TMA, ENERGY_RULE)
+    if HAS_KV_LENS:  # a row with no kept key: l_i = 0 and acc = 0, defined as zeros
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     return acc / l_i[:, None], offs_m, offs_d, n_skipped
 
 
@@ -254,6 +276,7 @@ def _bsa_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
     ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0, SKIPPED=None, WRITE_SKIPPED: tl.constexpr = False,
+    KV_LENS=None, HAS_KV_LENS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -268,7 +291,7 @@ def _bsa_forward_kernel(
         stride_lt_t, stride_lt_h, stride_ts,
         off_b, off_h, pid_m, SEQ_LEN, qk_scale, num_levels,
         NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
-        USE_TMA, WARP_SPECIALIZE, ENERGY_RULE, energy_thr,
+        USE_TMA, WARP_SPECIALIZE, ENERGY_RULE, energy_thr, KV_LENS, HAS_KV_LENS,
     )
     if WRITE_SKIPPED:  # blocks the energy filter skipped, per program (for measurements)
         tl.store(SKIPPED + off_bh * tl.num_programs(0) + pid_m, n_skipped)

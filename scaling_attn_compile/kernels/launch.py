@@ -63,22 +63,23 @@ def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) ->
 def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
                                    scale: float, config: tuple | None = None, *,
                                    energy_rule: int = 0, energy_threshold: float = float("-inf"),
-                                   skipped=None):
+                                   skipped=None, kv_lens=None):
     """Launch the kernel, writing into ``out`` (same shape as ``q``). Inputs are validated by the op.
 
     ``config`` pins a :class:`KernelConfig` (or a tuple of its fields); ``None`` autotunes.
     ``energy_rule`` (0 off, 1 cumulative energy, 2 BLASST) with ``energy_threshold`` in natural-log
     units turns on the online filter; it decides per 128-row query tile, so it needs BLOCK_M 128.
     ``skipped``, an int32 tensor of ``B * H * ceil(S / BLOCK_M)`` elements, receives the number
-    of blocks each program skipped.
+    of blocks each program skipped. ``kv_lens`` (int32 ``(B,)``, optional): keys at index
+    ``>= kv_lens[b]`` are masked for batch element ``b`` (see ``contract/reference.py``).
     """
-    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out)
+    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out, kv_lens)
     B, H, S, D = q.shape
     ts = timestep.reshape(-1)
     stride_ts = 0 if ts.numel() == 1 else ts.stride(0)
     meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
     cfg = KernelConfig(*(config or pick_config(q, k, v, masks, level_table, bucket_bounds, ts,
-                                               out, scale, energy_rule)))
+                                               out, scale, energy_rule, kv_lens)))
     if energy_rule not in ENERGY_RULES.values():
         raise ValueError(f"block-sparse kernel: energy_rule must be one of {ENERGY_RULES}, "
                          f"got {energy_rule}")
@@ -103,12 +104,14 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
         ENERGY_RULE=energy_rule, energy_thr=energy_threshold * LOG2E,
-        SKIPPED=skipped, WRITE_SKIPPED=skipped is not None, **meta,
+        SKIPPED=skipped, WRITE_SKIPPED=skipped is not None,
+        KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None, **meta,
     )
     return out
 
 
-def check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out) -> None:
+def check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out,
+                 kv_lens=None) -> None:
     """Host-side checks of what the kernel indexes with (shapes, dtypes, devices; no values, so
     no device sync): with these, no table *value* can make the kernel read out of bounds (levels
     are clamped, bits past the last block ignored, the bucket is at most ``NT - 1``)."""
@@ -137,9 +140,14 @@ def check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out) -> N
          f"{tuple(level_table.shape)}; one row per timestep bucket, one column per head")
     need(timestep.numel() in (1, B), f"timestep must hold 1 or B={B} values, got "
                                      f"{timestep.numel()}; pass shape ({B},) or ()")
+    if kv_lens is not None:  # read at KV_LENS + b: one int32 per batch element, contiguous
+        need(kv_lens.dtype == torch.int32 and kv_lens.dim() == 1 and kv_lens.shape[0] == B
+             and kv_lens.stride(0) == 1,
+             f"kv_lens must be a contiguous int32 ({B},) tensor, got {kv_lens.dtype} "
+             f"{tuple(kv_lens.shape)}; pass lengths.to(torch.int32).contiguous()")
     for name, t in (("k", k), ("v", v), ("out", out), ("masks", masks),
                     ("level_table", level_table), ("bucket_bounds", bucket_bounds),
-                    ("timestep", timestep)):
+                    ("timestep", timestep), ("kv_lens", kv_lens if kv_lens is not None else q)):
         need(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
 
 
@@ -155,10 +163,12 @@ _TUNED: dict[tuple, KernelConfig] = {}
 TUNING_TIMES: dict[tuple, dict] = {}  # key -> {config: median ms}, kept for benchmark records
 
 
-def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale, energy_rule=0):
-    """Benchmark CONFIGS once per (shape, dtype, table shape, filter) key and cache the winner."""
+def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale, energy_rule=0,
+                kv_lens=None):
+    """Benchmark CONFIGS once per (shape, dtype, table shape, filter, key lengths) key and cache
+    the winner."""
     key = (tuple(q.shape), q.dtype, tuple(masks.shape), bucket_bounds.numel(), str(q.device),
-           energy_rule)
+           energy_rule) + (("kv_lens",) if kv_lens is not None else ())
     if key in _TUNED:
         return _TUNED[key]
     if q.device.type != "cuda":  # the interpreter: nothing to tune
@@ -171,7 +181,8 @@ def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale, ener
             continue
         fn = lambda c=cfg: block_sparse_attention_forward(q, k, v, masks, level_table,
                                                            bucket_bounds, ts, out, scale, c,
-                                                           energy_rule=energy_rule)
+                                                           energy_rule=energy_rule,
+                                                           kv_lens=kv_lens)
         try:
             times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
         except Exception:  # a config that does not fit (shared memory, registers) is skipped

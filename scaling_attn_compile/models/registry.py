@@ -31,7 +31,7 @@ from .fingerprint import _unwrap
 
 # Family adapter modules, in the order their classes are listed in messages; each has a
 # capture module ("<family>_capture"). The first is the default of a graph of unknown classes.
-FAMILIES = ("wan", "ltx")
+FAMILIES = ("wan", "ltx", "hunyuan")
 
 
 def _module(name: str) -> ModuleType:

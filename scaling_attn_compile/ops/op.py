@@ -13,6 +13,9 @@
 * ``energy_rule``, ``energy_threshold``: the online filter inside the kernel, off by default
   (0 off, 1 cumulative energy / DynSparse, 2 BLASST; threshold in natural-log units, see
   :func:`scaling_attn_compile.contract.reference.energy_filtered_attention_reference`).
+* ``kv_lens``: optional int32 ``(B,)``: keys at index ``>= kv_lens[b]`` are dropped for every
+  query row of batch element ``b`` (a key-padding prefix mask, e.g. HunyuanVideo's padded text;
+  clamped to ``[0, S]``; a row with no kept key gives zeros). ``None``: every key.
 * ``out``: same shape, dtype and strides as ``q``.
 
 Semantics: :func:`scaling_attn_compile.contract.reference.sparse_attention_reference`. On CUDA the op
@@ -47,6 +50,7 @@ from ..contract.validate import (
     validate_energy,
     validate_inputs,
     validate_kernel_inputs,
+    validate_kv_lens,
 )
 from ..kernels.block_gather_cpu import block_sparse_attention_cpu
 
@@ -57,9 +61,11 @@ CHECK_TABLES_ENV = "SCALING_ATTN_CHECK_TABLES"  # "1": every eager op call runs 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
                      level_table: torch.Tensor, bucket_bounds: torch.Tensor,
                      timestep: torch.Tensor, scale: float, energy_rule: int = 0,
-                     energy_threshold: float = 0.0) -> torch.Tensor:
+                     energy_threshold: float = 0.0,
+                     kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
     validate_energy(energy_rule, energy_threshold)
+    validate_kv_lens(kv_lens, q)
     if os.environ.get(CHECK_TABLES_ENV) == "1":
         check_tables(masks, level_table, bucket_bounds, q.shape[2], timestep)
     out = torch.empty_like(q)  # same strides as q, as the fake promises
@@ -69,22 +75,25 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
 
         return block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds,
                                               timestep, out, scale, energy_rule=energy_rule,
-                                              energy_threshold=energy_threshold)
+                                              energy_threshold=energy_threshold,
+                                              kv_lens=kv_lens)
     if energy_rule:
         blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, q.shape[0],
                                  q.shape[2])
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.copy_(energy_filtered_attention_reference(
-            q, k, v, blocks, scale, energy_rule, energy_threshold, compute_dtype=compute))
+            q, k, v, blocks, scale, energy_rule, energy_threshold, compute_dtype=compute,
+            kv_lens=kv_lens))
     blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, q.shape[0], q.shape[2])
-    return out.copy_(block_sparse_attention_cpu(q, k, v, blocks, scale))
+    return out.copy_(block_sparse_attention_cpu(q, k, v, blocks, scale, kv_lens=kv_lens))
 
 
 @sparse_attention.register_fake
 def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule=0,
-      energy_threshold=0.0):
+      energy_threshold=0.0, kv_lens=None):
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
     validate_energy(energy_rule, energy_threshold)
+    validate_kv_lens(kv_lens, q)
     return torch.empty_like(q)
 
 
