@@ -135,3 +135,17 @@ def test_gpu_demo_runs(grid, tmp_path):
         # Sparse near dense, not garbage: rel L2 0.40 at density 0.35 on the CPU (16 steps, README
         # quality table); an unrelated video of the same norm is ~1.4.
         assert math.isfinite(r["psnr_db"]) and r["rel_l2"] < 1.0, r
+
+
+def test_auto_model_picks_by_folder_patch_size(model_dir, tmp_path):
+    """``--model auto``: small-wan by default (CPU and CUDA); a ``--model-path`` folder picks the
+    bundled model with its config's patch size; a missing folder is tiny-wan's (its trainer)."""
+    from scaling_attn_compile.tiny import small_wan as sw
+    from scaling_attn_compile.tiny.demo import SMALL_WAN_CPU, _auto_model
+
+    assert _auto_model("cpu", None) == _auto_model("cuda", None) == "small-wan"
+    assert _auto_model("cpu", model_dir) == "tiny-wan"  # patch (1, 2, 2)
+    assert _auto_model("cpu", sw.ASSET_DIR) == "small-wan"  # patch (1, 4, 4)
+    assert _auto_model("cpu", tmp_path / "nope") == "tiny-wan"
+    grid, steps = SMALL_WAN_CPU
+    assert math.prod(sw.token_grid(grid)) // 128 >= 32 and steps == 16

@@ -1,12 +1,13 @@
 """``scaling-attn demo``: the whole pipeline on a bundled Wan, end to end, in minutes on a CPU.
 
-    scaling-attn demo                      # CPU: tiny-wan at 8x32x32; CUDA: small-wan at 16x128x128
+    scaling-attn demo                      # small-wan: CPU 4x128x128, 16 steps; CUDA 16x128x128, 50
     scaling-attn demo --model tiny-wan --model-path /tmp/tw --target-density 0.25 --out demo_out
 
-Which model (``--model``, ``tiny.registry``): on the CPU the tiny Wan (16 blocks per video: a
-mask block is half a frame, so minutes suffice but sparse frames show block seams); on CUDA
-small-wan at its native grid (16,384 tokens = 128 blocks per video, the granularity the quality
-study measures).
+Which model (``--model``, ``tiny.registry``): small-wan, the photo-trained Wan. On the CPU it runs
+4 frames (4x32x32 tokens = 32 blocks per video: a block is 4 token rows of one frame) for 16
+steps, in minutes; on CUDA its native grid (16,384 tokens = 128 blocks per video, the
+granularity the quality study measures). The tiny Wan (``--model tiny-wan``, 16 blocks at
+8x32x32: a block is half a frame) is faster but its sparse frames show block seams.
 
 Stages (each timed):
 
@@ -42,14 +43,19 @@ from .metrics import video_metrics
 COLUMNS = ("prompt", "density", "psnr_db", "ssim", "rel_l2")
 CPU_GRID = (8, 32, 32)  # tiny-wan on the CPU: 16 blocks, ~3 min on 2 cores
 CUDA_GRID = (12, 64, 64)  # tiny-wan on CUDA (small-wan runs its native grid)
-DEFAULT_MODEL = {"cpu": "tiny-wan", "cuda": "small-wan"}
+# small-wan on the CPU: 4 of its 16 frames at full size, 4x32x32 tokens = 32 blocks, 16 steps.
+# tiny-wan's 16 blocks (a block is half a frame) showed seams at 0.35 (22.7 dB); here a block is
+# 4 token rows of one frame and the sparse video measured 25.8 dB with no visible seams.
+SMALL_WAN_CPU = ((4, 128, 128), 16)
+DEFAULT_MODEL = {"cpu": "small-wan", "cuda": "small-wan"}
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     from ..args import add_token_order_argument, parse_triple, positive_int
 
     p.add_argument("--model", default="auto", choices=["auto", "tiny-wan", "small-wan"],
-                   help="bundled model (default auto: tiny-wan on CPU, small-wan on CUDA)")
+                   help="bundled model (default auto: small-wan; with --model-path, the one "
+                        "whose patch size the folder's config has)")
     p.add_argument("--model-path", type=Path, default=None,
                    help="the model's folder (config.json, diffusion_pytorch_model.safetensors, "
                         "caption_encoder.safetensors); default: its bundled assets/<model>/")
@@ -57,12 +63,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-density", type=float, default=0.35,
                    help="FAST global kept-block fraction (default 0.35)")
     p.add_argument("--grid", type=parse_triple, default=None, metavar="F,H,W",
-                   help=f"video size in pixels (= latents): default for tiny-wan (patch 1x2x2) "
-                        f"{'x'.join(map(str, CPU_GRID))} on CPU, {'x'.join(map(str, CUDA_GRID))} "
-                        f"on CUDA; for small-wan (patch 1x4x4) its native 16x128x128")
+                   help=f"video size in pixels (= latents): default for small-wan (patch 1x4x4) "
+                        f"{'x'.join(map(str, SMALL_WAN_CPU[0]))} on CPU, its native 16x128x128 "
+                        f"on CUDA; for tiny-wan (patch 1x2x2) {'x'.join(map(str, CPU_GRID))} on "
+                        f"CPU, {'x'.join(map(str, CUDA_GRID))} on CUDA")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="Euler steps of every run (default: the model's, 16 tiny-wan, 50 "
-                        "small-wan)")
+                   help="Euler steps of every run (default: 16 tiny-wan; small-wan 16 on CPU, "
+                        "50 on CUDA)")
     p.add_argument("--shift", type=float, default=1.0, help="flow shift of the sigma schedule (default 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance (default 1.0 = off, as the model card samples)")
@@ -176,6 +183,18 @@ class _Timer:
         return _Ctx()
 
 
+def _auto_model(device_type: str, model_path: Path | None) -> str:
+    """``--model auto``: small-wan, or for a ``--model-path`` folder the bundled model whose
+    patch size its config has (tiny-wan 1x2x2, small-wan 1x4x4; a folder written by
+    ``train_tiny`` is a tiny-wan)."""
+    if model_path is not None and (Path(model_path) / "config.json").exists():
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        return "small-wan" if list(config.get("patch_size", [])) == [1, 4, 4] else "tiny-wan"
+    if model_path is not None:
+        return "tiny-wan"  # no folder yet: the missing-weights error names tiny-wan's trainer
+    return DEFAULT_MODEL.get(device_type, "small-wan")
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo; returns what ``results.json`` holds (rows, timings, meta, files)."""
     import torch
@@ -192,7 +211,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     target = fast.check_target(args.target_density, "--target-density")
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
-    name = DEFAULT_MODEL.get(device.type, "tiny-wan") if args.model == "auto" else args.model
+    name = _auto_model(device.type, args.model_path) if args.model == "auto" else args.model
     spec = get_model(name, args.model_path)
     model_path = spec.path
     if not (model_path / spec.weights_name).exists():
@@ -201,13 +220,14 @@ def run_demo(args: argparse.Namespace) -> dict:
             f"model ships in scaling_attn_compile/assets/{name}/; if it is not there yet, pass "
             f"--model-path to a folder written by its trainer (e.g. `python -m "
             f"scaling_attn_compile.tiny.train_tiny --out DIR`)")
-    steps = args.steps or spec.steps
+    cpu_small = name == "small-wan" and device.type != "cuda"
+    steps = args.steps or (SMALL_WAN_CPU[1] if cpu_small else spec.steps)
     if args.grid:
         grid = tuple(args.grid)
     elif name == "tiny-wan":
         grid = CUDA_GRID if device.type == "cuda" else CPU_GRID
     else:
-        grid = spec.native_grid
+        grid = SMALL_WAN_CPU[0] if cpu_small else spec.native_grid
     tgrid = spec.token_grid(grid)
     S = math.prod(tgrid)
     out = Path(args.out)
