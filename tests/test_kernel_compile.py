@@ -24,7 +24,8 @@ from scaling_attn_compile.kernels import block_sparse_attention as K
 from scaling_attn_compile.kernels import launch as L
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "MASKS": "*i32",
-            "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32"}
+            "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32",
+            "KV_LENS": "*i32"}
 FLOATS = {"qk_scale", "energy_thr"}
 # (B, H, S, D) views of (B, S, H, D) memory at S = 32760, H = 12, D = 128: unit strides are
 # specialised to 1 at launch, the others are multiples of 16, as are the pointers.
@@ -33,7 +34,8 @@ DIV16 = {"Q", "K", "V", "OUT", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS", "SKIPPED"
          "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
          "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os"}
 constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, USE_TMA=False,
-                  WARP_SPECIALIZE=False, ENERGY_RULE=0, WRITE_SKIPPED=False, **UNIT)
+                  WARP_SPECIALIZE=False, ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False,
+                  **UNIT)
 constexprs.update(json.loads(sys.argv[1]))
 fn = K._bsa_forward_kernel
 params = list(inspect.signature(fn.fn).parameters)
@@ -54,8 +56,8 @@ print(json.dumps({"wgmma": "wgmma" in ptx, "cubin": bool(kernel.asm.get("cubin")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [{}, {"ENERGY_RULE": 1, "WRITE_SKIPPED": True},
-                                     {"ENERGY_RULE": 2, "EVEN_S": True}],
-                         ids=["dense-path", "cumulative-energy", "blasst-even-S"])
+                                     {"ENERGY_RULE": 2, "EVEN_S": True}, {"HAS_KV_LENS": True}],
+                         ids=["dense-path", "cumulative-energy", "blasst-even-S", "kv-lens"])
 def test_kernel_compiles_for_sm90_with_wgmma(variant):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(variant)], env=env,
