@@ -57,7 +57,10 @@ INT8_MAX = 127.0  # symmetric range: -128 is never produced
 P_SCALE = FP8_MAX  # p in [0, 1] is stored as p * 448 in e4m3
 Q_BLOCK = BLOCK  # query rows per scale: the kernel's 128-row tile
 K_BLOCK = BLOCK  # key rows per scale: the mask block, one scalar per visited KV block
-QUANT_ERROR_BOUND = 0.06  # rel-L2 vs the float64 unquantized output (see the module doc)
+# rel-L2 vs the float64 unquantized output, per Q.K^T format (numbers in the module doc). FP8's
+# holds only where the scores are moderate (Gaussian, outlier-channel inputs), not for sharp
+# attention: on make_local_qkv (scores ~36 in logits) FP8 Q.K^T measured 13-15%, INT8 3.7-4.1%.
+QUANT_ERROR_BOUND = {"int8": 0.06, "fp8": 0.08}
 
 
 def check_precision(precision: str, where: str = "precision") -> str:
