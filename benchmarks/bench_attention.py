@@ -1,5 +1,8 @@
 """Question: how fast is our block-sparse kernel against SDPA (cuDNN, flash) and compiled
-FlexAttention given the identical block mask, at Wan2.1 self-attention shapes?
+FlexAttention given the identical block mask, at Wan2.1 self-attention shapes? And the 8-bit
+kernel (issue 15): ``ours-int8`` / ``ours-fp8`` time the kernel on pre-quantized inputs,
+``ours-int8-op`` / ``ours-fp8-op`` the op with its quantize pre-pass; their
+``rel_l2_vs_ours_bf16`` is the output's rel-L2 against the bf16 kernel's (bar: 0.03).
 
     python benchmarks/bench_attention.py                 # both Wan shapes, bf16, on the GPU
     python benchmarks/bench_attention.py --shapes 1.3b   # just the 1.3B / 480p shape
@@ -49,6 +52,7 @@ class Record:
     tflops_active: float
     speedup_vs_cudnn_dense: float | None = None
     max_abs_err_vs_flex: float | None = None
+    rel_l2_vs_ours_bf16: float | None = None
 
 
 def environment() -> dict:
@@ -82,9 +86,9 @@ def run_shape(key: str, densities, records: list[Record], impls: set[str]) -> No
     flops_dense = 4 * B * H * S * S * D
     ts = torch.tensor([500.0], device="cuda")
 
-    def record(impl, density, ms, err=None):
+    def record(impl, density, ms, err=None, rel=None):
         records.append(Record(impl, name, B, H, S, D, density, ms,
-                              flops_dense * density / ms / 1e9, None, err))
+                              flops_dense * density / ms / 1e9, None, err, rel))
         print(f"  {impl:12s} density {density:.3f}: {ms:8.3f} ms  "
               f"{records[-1].tflops_active:6.1f} TFLOP/s" + (f"  err {err:.2e}" if err else ""),
               flush=True)
@@ -112,13 +116,40 @@ def run_shape(key: str, densities, records: list[Record], impls: set[str]) -> No
             record("flex", density, bench(lambda: flex(q, k, v, block_mask=bm, scale=scale)))  # noqa: B023
         if out is not None:
             record("ours", density, ms, err)
+        for prec in ("int8", "fp8"):
+            if f"ours-{prec}" in impls or f"ours-{prec}-op" in impls:
+                run_q8(prec, q, k, v, masks, lt, bb, ts, scale, density, out, impls, record)
+
+
+def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, density, out_bf16, impls, record):
+    """The 8-bit kernel alone (inputs quantized once) and the op (pre-pass + kernel)."""
+    from scaling_attn_compile.contract.quant import rel_l2
+    from scaling_attn_compile.kernels.launch_q8 import (
+        launch_quantized,
+        pick_config_q8,
+        quantize_for_kernel,
+    )
+
+    quant = quantize_for_kernel(q, k, v, prec)
+    o8 = torch.empty_like(q)
+    cfg = pick_config_q8(quant, q, masks, lt, bb, ts, o8, scale, prec)
+    launch_quantized(quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg)
+    rel = rel_l2(o8, out_bf16) if out_bf16 is not None else None
+    op = torch.ops.scaling_attn.sparse_attention_q8
+    if f"ours-{prec}" in impls:
+        record(f"ours-{prec}", density, bench(lambda: launch_quantized(
+            quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg)), None, rel)
+    if f"ours-{prec}-op" in impls:
+        record(f"ours-{prec}-op", density,
+               bench(lambda: op(q, k, v, masks, lt, bb, ts, scale, prec)), None, rel)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    ap.add_argument("--impls", nargs="+", default=["ours", "flex", "sdpa-cudnn", "sdpa-flash"])
+    ap.add_argument("--impls", nargs="+", default=["ours", "flex", "sdpa-cudnn", "sdpa-flash",
+                                                   "ours-int8", "ours-fp8", "ours-int8-op"])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-<gpu>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

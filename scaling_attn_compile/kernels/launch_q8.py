@@ -42,17 +42,19 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
     if check_precision(precision, "block-sparse 8-bit kernel: precision") == "bf16":
         raise ValueError("block-sparse 8-bit kernel: precision must be 'int8' or 'fp8', got "
                          "'bf16'; the bf16 kernel is launch.block_sparse_attention_forward")
-    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out)
+    checklaunch_quantized(q, k, v, masks, level_table, bucket_bounds, timestep, out)
     quant = quantize_for_kernel(q, k, v, precision, smooth=smooth)
     if config is None:
         config = pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale,
                                 precision)
-    return _launch(quant, q.shape, masks, level_table, bucket_bounds, timestep, out, scale,
+    return launch_quantized(quant, q.shape, masks, level_table, bucket_bounds, timestep, out, scale,
                    precision, KernelConfig(*config))
 
 
-def _launch(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale, precision,
-            cfg: KernelConfig):
+def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
+                     precision, cfg: KernelConfig):
+    """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
+    the kernel alone, as benchmarks time it."""
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
     ts = timestep.reshape(-1)
@@ -83,7 +85,7 @@ def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, s
 
         times = {}
         for cfg in CONFIGS_Q8:
-            fn = lambda c=cfg: _launch(quant, q.shape, masks, level_table, bucket_bounds,
+            fn = lambda c=cfg: launch_quantized(quant, q.shape, masks, level_table, bucket_bounds,
                                        timestep, out, scale, precision, c)
             try:
                 times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
