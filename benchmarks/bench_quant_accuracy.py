@@ -13,7 +13,8 @@ Inputs (``B=1``, head dim 64):
                        case for FP8 P.V, whose output averages many zero-mean values);
 ``outlier``            ``testing.make_outlier_qkv`` (4 outlier channels, offsets matched to
                        small-wan's), S = 1,024, 4 heads, 3 seeds;
-``outlier-stress``     the same with ``stress=3`` (offsets 9-12, past anything small-wan shows).
+``outlier-stress``     the same with ``stress=3`` (offsets 9-12, past anything small-wan shows);
+``local``              ``testing.make_local_qkv``: sharp attention (logits ~36), 3 seeds.
 
 Each input runs with dense tables and with random block masks of density 0.35 (diagonal on;
 one level, so the block mask is applied as the reference applies it). Variants (``VARIANTS``):
@@ -38,7 +39,7 @@ from _common import RESULTS, environment  # noqa: E402
 from scaling_attn_compile.contract.masks import add_diagonal, dense_tables, num_blocks, pack_blocks
 from scaling_attn_compile.contract.quant import quantized_attention_reference, rel_l2
 from scaling_attn_compile.contract.reference import sparse_attention_reference
-from scaling_attn_compile.testing import make_outlier_qkv
+from scaling_attn_compile.testing import make_local_qkv, make_outlier_qkv
 
 VARIANTS = {  # name -> quantized_attention_reference keywords
     "int8+smooth": dict(precision="int8", smooth=True),
@@ -127,6 +128,7 @@ def main(argv=None):
     for seed in range(1 if args.tiny else 3):
         inputs[("outlier", f"seed {seed}")] = make_outlier_qkv(1, H, S, D, seed)
         inputs[("outlier-stress", f"seed {seed}")] = make_outlier_qkv(1, H, S, D, seed, stress=3.0)
+        inputs[("local", f"seed {seed}")] = make_local_qkv(1, H, S, D, seed)
     cases = []
     for (family, what), (q, k, v) in inputs.items():
         for density in (1.0, 0.35):
