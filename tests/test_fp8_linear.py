@@ -75,3 +75,35 @@ def test_fp8_linears_and_our_op_share_one_graph_across_timesteps(precision):
     # Every block Linear (q, k, v, out of both attentions, two FFN layers: 10 per layer).
     assert ops["aten._scaled_mm.default"] == 20
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_a_plan_with_fp8_linears_needs_check_model_config():
+    # The weights fingerprint reads the dequantized FP8 weights, which are not the calibrated
+    # ones: "weights" refuses with the usual one-line mismatch, "config" (a deliberate reuse)
+    # compiles. Before, torchao's Float8Tensor failed inside the fingerprint's reshape.
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from scaling_attn_compile.contract.masks import num_blocks
+    from scaling_attn_compile.plan.plan import Plan
+    from test_backend import GRID, HEADS, LAYERS
+
+    model = make_model()
+    nb = num_blocks(GRID[0] * GRID[1] * GRID[2])
+    codes = torch.randint(0, 256, (LAYERS, HEADS, nb, nb), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    plan = Plan.from_codes(codes, model, GRID, num_calibration_inputs=1)
+    model = fp8_linears(model.to(torch.bfloat16))
+    inputs = make_inputs(dtype=torch.bfloat16)
+
+    def run(check_model):
+        torch._dynamo.reset()
+        backend = scaling_attn_backend(plan, compiler="eager", precision="int8",
+                                       check_model=check_model,
+                                       materialize_kwargs={"density": 0.5})
+        with torch.no_grad():
+            return torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(
+                **inputs, timestep=torch.tensor([500]), return_dict=False)[0]
+
+    with pytest.raises(BackendCompilerFailed, match="other weights than the plan's"):
+        run("weights")
+    assert torch.isfinite(run("config")).all()
