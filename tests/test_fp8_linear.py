@@ -81,11 +81,11 @@ def test_a_plan_with_fp8_linears_needs_check_model_config():
     # The weights fingerprint reads the dequantized FP8 weights, which are not the calibrated
     # ones: "weights" refuses with the usual one-line mismatch, "config" (a deliberate reuse)
     # compiles. Before, torchao's Float8Tensor failed inside the fingerprint's reshape.
+    from test_backend import GRID, HEADS, LAYERS
     from torch._dynamo.exc import BackendCompilerFailed
 
     from scaling_attn_compile.contract.masks import num_blocks
     from scaling_attn_compile.plan.plan import Plan
-    from test_backend import GRID, HEADS, LAYERS
 
     model = make_model()
     nb = num_blocks(GRID[0] * GRID[1] * GRID[2])

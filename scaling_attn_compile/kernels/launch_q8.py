@@ -5,7 +5,6 @@ launcher. The math is :mod:`.block_sparse_attention_q8`; the spec
 
 from __future__ import annotations
 
-import torch
 import triton
 
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
@@ -42,13 +41,13 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
     if check_precision(precision, "block-sparse 8-bit kernel: precision") == "bf16":
         raise ValueError("block-sparse 8-bit kernel: precision must be 'int8' or 'fp8', got "
                          "'bf16'; the bf16 kernel is launch.block_sparse_attention_forward")
-    checklaunch_quantized(q, k, v, masks, level_table, bucket_bounds, timestep, out)
+    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out)
     quant = quantize_for_kernel(q, k, v, precision, smooth=smooth)
     if config is None:
         config = pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale,
                                 precision)
-    return launch_quantized(quant, q.shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                   precision, KernelConfig(*config))
+    return launch_quantized(quant, q.shape, masks, level_table, bucket_bounds, timestep, out,
+                            scale, precision, KernelConfig(*config))
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
@@ -85,8 +84,8 @@ def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, s
 
         times = {}
         for cfg in CONFIGS_Q8:
-            fn = lambda c=cfg: launch_quantized(quant, q.shape, masks, level_table, bucket_bounds,
-                                       timestep, out, scale, precision, c)
+            fn = lambda c=cfg: launch_quantized(quant, q.shape, masks, level_table,
+                                                bucket_bounds, timestep, out, scale, precision, c)
             try:
                 times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
             except Exception:  # a config that does not fit (shared memory, registers)
