@@ -1,6 +1,9 @@
 """Question: how fast is our block-sparse attention against FlashAttention-4 (dense and
 block-sparse), SDPA (cuDNN) and compiled FlexAttention given the identical block mask, at Wan2.1
-self-attention shapes, on balanced and on ragged rows?
+self-attention shapes, on balanced and on ragged rows? And the 8-bit kernel
+(issue 15): ``ours-int8`` / ``ours-fp8`` time the kernel on pre-quantized inputs,
+``ours-int8-op`` / ``ours-fp8-op`` the op with its quantize pre-pass; their
+``rel_l2_vs_ours_bf16`` is the output's rel-L2 against the bf16 kernel's (bar: 0.03).
 
     python benchmarks/bench_attention.py                       # both Wan shapes, every family
     python benchmarks/bench_attention.py --shapes 1.3b --masks bernoulli --densities 0.1 1.0
@@ -49,6 +52,7 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
     "ltx": ("ltx-video-2B 704x480x161", 1, 32, (21, 15, 22), 64),
 }
 IMPLS = ("ours", "ours-triton", "fa4", "flex", "sdpa-cudnn")
+Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
@@ -70,6 +74,7 @@ class Record:
     rel_l2_vs_triton: float | None = None
     speedup_vs_cudnn_dense: float | None = None
     time_over_d_dense: float | None = None
+    rel_l2_vs_ours_bf16: float | None = None
 
 
 def environment() -> dict:
@@ -177,6 +182,9 @@ def run_shape(key: str, families, densities, impls: set[str], records: list[Reco
             o = flex(q, k, v, block_mask=bm, scale=scale)
             rec("flex", bench(lambda: flex(q, k, v, block_mask=bm, scale=scale)),  # noqa: B023
                 rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
+        for prec in ("int8", "fp8"):
+            if f"ours-{prec}" in impls or f"ours-{prec}-op" in impls:
+                run_q8(prec, q, k, v, masks, lt, bb, ts, scale, ref, impls, rec)
 
 
 def derive(records: list[Record]) -> list[Record]:
@@ -254,12 +262,37 @@ def plot(records: list[Record], path: str) -> None:
     plt.close(fig)
 
 
+def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
+    """The 8-bit kernel alone (inputs quantized once) and the op (pre-pass + kernel)."""
+    from scaling_attn_compile.contract.quant import rel_l2 as q_rel_l2
+    from scaling_attn_compile.kernels.launch_q8 import (
+        launch_quantized,
+        pick_config_q8,
+        quantize_for_kernel,
+    )
+
+    quant = quantize_for_kernel(q, k, v, prec)
+    o8 = torch.empty_like(q)
+    cfg = pick_config_q8(quant, q, masks, lt, bb, ts, o8, scale, prec)
+    launch_quantized(quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg)
+    rel = q_rel_l2(o8, out_bf16) if out_bf16 is not None else None
+    op = torch.ops.scaling_attn.sparse_attention_q8
+    if f"ours-{prec}" in impls:
+        rec(f"ours-{prec}", bench(lambda: launch_quantized(
+            quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg)), rel_l2_vs_ours_bf16=rel)
+    if f"ours-{prec}-op" in impls:
+        rec(f"ours-{prec}-op", bench(lambda: op(q, k, v, masks, lt, bb, ts, scale, prec)),
+            rel_l2_vs_ours_bf16=rel)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["1.3b", "14b"], choices=list(SHAPES))
     ap.add_argument("--masks", nargs="+", default=list(MF.FAMILIES), choices=list(MF.FAMILIES))
     ap.add_argument("--densities", nargs="+", type=float, default=list(MF.DENSITIES))
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=[*IMPLS, "sdpa-flash"])
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=[*IMPLS, "sdpa-flash", *Q8_IMPLS],
+                    help=f"default {' '.join(IMPLS)}; also sdpa-flash and the 8-bit rows "
+                         f"{' '.join(Q8_IMPLS)} (ours-triton gives their bf16 reference)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/attention-masks-<gpu>.json)")
     args = ap.parse_args(argv)

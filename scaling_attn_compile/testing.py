@@ -50,3 +50,22 @@ def assert_close_to_oracle(out: torch.Tensor, golden: torch.Tensor, same_dtype_r
             f"{what}: max error vs float64 {ours:.3e} exceeds {k} x (same-dtype reference error "
             f"{theirs:.3e} + rounding {rounding_step(golden, out.dtype):.3e}) = {budget:.3e}"
         )
+
+
+def make_outlier_qkv(B, H, S, D, seed, dtype=torch.float32, device="cpu", n_outliers=4,
+                     q_bias=3.0, k_bias=4.0, stress=1.0):
+    """q, k, v with the outlier channels of a trained DiT: ``n_outliers`` channels per head carry
+    a large offset shared by every token (k: ``k_bias``, q: ``q_bias``, random signs) over noise
+    of std 0.5-0.6; v has std 0.7 plus a per-channel offset of std 0.3. The defaults match q/k/v
+    captured from the bundled small-wan (per-channel token mean up to 3-4 where the median is
+    0.1-0.2, amax 5-8, token std 0.3-0.8). ``stress`` multiplies the outlier channels' noise and
+    offsets (e.g. 5 for a stress test far past what small-wan shows)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    ch = torch.randperm(D, generator=g)[:n_outliers]
+    sign = lambda: torch.where(rand(B, H, 1, n_outliers) > 0, 1.0, -1.0)
+    q, k = 0.6 * rand(B, H, S, D), 0.5 * rand(B, H, S, D)
+    q[..., ch] = stress * (q[..., ch] + q_bias * sign())
+    k[..., ch] = stress * (k[..., ch] + k_bias * sign())
+    v = 0.7 * rand(B, H, S, D) + 0.3 * rand(B, H, 1, D)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))

@@ -91,7 +91,8 @@ class ScalingAttnBackend:
                  on_dynamic_shapes: str = "specialize", compiler: str | Callable = "inductor",
                  hash_kernel_sources: bool = True, materialize_kwargs: Mapping | None = None,
                  energy_filter=None, head_range: Sequence[int] | None = None,
-                 parallel=None, check_model: str | bool = "weights", verbose: bool = False):
+                 parallel=None, check_model: str | bool = "weights", precision: str | None = None,
+                 verbose: bool = False):
         if not (isinstance(plan, AttentionTables) or hasattr(plan, "materialize")
                 or callable(plan)):
             raise TypeError(
@@ -140,6 +141,15 @@ class ScalingAttnBackend:
             raise TypeError("scaling_attn_backend: energy_filter must be an EnergyFilter, a dict "
                             f"of its fields, or None; got {type(energy_filter).__name__}")
         self.energy_filter = energy_filter
+        from ..contract.quant import check_precision
+
+        if precision is None:  # the plan may carry one (Plan.with_precision)
+            precision = getattr(getattr(plan, "meta", None), "precision", None) or "bf16"
+        self.precision = check_precision(precision, "scaling_attn_backend: precision")
+        if self.precision != "bf16" and energy_filter is not None:
+            raise ValueError(f"scaling_attn_backend: precision={self.precision!r} has no energy "
+                             "filter yet, got an energy_filter; pass energy_filter=None (or a "
+                             "plan without one) or precision='bf16'")
         if self.materialize_kwargs and not hasattr(plan, "materialize"):
             raise ValueError("scaling_attn_backend: materialize_kwargs needs a plan with "
                              f".materialize(grid, **kwargs), got {type(plan).__name__}")
@@ -268,6 +278,9 @@ class ScalingAttnBackend:
         energy = self.energy_filter.for_layer if self.energy_filter is not None else None
         if getattr(adapter_for_graph(gm), "JOINT_ATTENTION", False):
             # HunyuanVideo: [video | text] attention, joint tables, kv_lens from its text mask
+            if self.precision != "bf16":
+                raise ValueError(f"scaling_attn_backend: precision={self.precision!r} has no "
+                                 "kv_lens (joint text-video attention) path yet; use bf16")
             report = rewrite_joint_attention(
                 gm, lambda grid: self.tables_for(grid, torch.device("cpu"))[0],
                 example_inputs=example_inputs, patch_size=self.patch_size,
@@ -289,7 +302,8 @@ class ScalingAttnBackend:
             grid=self.grid, head_dim=self.head_dim,
             on_dynamic_shapes="error" if self.on_dynamic_shapes == "specialize"
             else self.on_dynamic_shapes,
-            energy=energy, head_range=self.heads_for, attached=self.current)
+            energy=energy, head_range=self.heads_for, attached=self.current,
+            precision=self.precision)
         self._apply_token_order(gm, report, example_inputs)
         return report
 
@@ -359,6 +373,11 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
         head_range: ``(h0, h1)``, the plan's heads this process runs, for other head splits.
             Without ``parallel``/``head_range`` a model with fewer heads than the plan is an
             error.
+        precision: ``"bf16"`` (default: the op in the input dtype, lowered to the Triton
+            template), or ``"int8"`` / ``"fp8"``: 8-bit attention (Q.K^T in that format, P.V in
+            FP8; ``contract/quant.py``), run as the eager 8-bit op (no template yet; no energy
+            filter or regional compilation with it). ``None`` uses the plan's
+            (``Plan.with_precision``), else bf16.
         verbose: log each compiled graph's rewrite counts to stderr.
     """
     return ScalingAttnBackend(plan, **options)

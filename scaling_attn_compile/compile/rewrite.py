@@ -113,6 +113,7 @@ def rewrite_self_attention(
     energy: Callable[[int, int], tuple[int, float]] | None = None,
     head_range: Sequence[int] | Callable[[int], tuple[int, int] | None] | None = None,
     attached=None,
+    precision: str = "bf16",
 ) -> RewriteReport:
     """Replace self-attention SDPA calls of a Dynamo graph by the block-sparse op, in place.
 
@@ -132,6 +133,8 @@ def rewrite_self_attention(
             the model must have the plan's head count (a mismatch is an error, never a guess).
         attached: the :class:`~.regional.RegionalTables` of the transformer being run, for a
             graph of one block (regional compilation); its sites bind the block's buffers.
+        precision: ``"bf16"`` (the op Inductor lowers to the template) or ``"int8"``/``"fp8"``:
+            ``torch.ops.scaling_attn.sparse_attention_q8``, an extern call of the eager op.
 
     Returns:
         A :class:`RewriteReport`.
@@ -147,6 +150,11 @@ def rewrite_self_attention(
         raise PlanMismatchError(
             "scaling_attn_backend: a graph holds self-attention with and without a layer index "
             f"({ad.SELF_ATTENTION_PATH}); compile the whole transformer or its blocks, not a mix")
+    if precision != "bf16" and (block or energy is not None):
+        raise ValueError(
+            f"scaling_attn_backend: precision={precision!r} runs the whole-graph rewrite without "
+            "the energy filter only, got " + ("regional compilation" if block else
+                                              "an energy_filter") + "; drop it or use bf16")
     if block:
         rewrite_block_sites(gm, block, report, attached=attached, head_dim=head_dim,
                             energy=energy, op=OP)
@@ -162,7 +170,7 @@ def rewrite_self_attention(
         return report
     tables, per_layer, head_slices = bound
     ts, fake_mode = bind_timestep(gm, sites, tables, example_inputs)
-    rewrite_sites(gm, sites, per_layer, head_slices, ts, fake_mode, energy, report)
+    rewrite_sites(gm, sites, per_layer, head_slices, ts, fake_mode, energy, report, precision)
     return report
 
 
@@ -362,7 +370,8 @@ def bind_timestep(gm: torch.fx.GraphModule, sites: list[tuple], tables: Attentio
 
 
 def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list, head_slices: dict,
-                  ts: torch.fx.Node, fake_mode, energy, report: RewriteReport) -> None:
+                  ts: torch.fx.Node, fake_mode, energy, report: RewriteReport,
+                  precision: str = "bf16") -> None:
     """Step 4: each site becomes ``torch.ops.scaling_attn.sparse_attention`` bound to its layer's
     tables (graph buffers with a ``ConstantSource``) and the timestep; the graph is recompiled."""
     g = gm.graph
@@ -382,7 +391,10 @@ def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list,
             rule, threshold = energy(layer, s) if energy is not None else (0, 0.0)
             if rule:  # the 8-argument form stays the default: it is what the template lowers
                 args = (*args, rule, threshold)
-            new = g.call_function(OP, args)
+            if precision != "bf16":  # the 8-bit op: no lowering, Inductor calls it eagerly
+                new = g.call_function(OP_Q8, (*args, precision))
+            else:
+                new = g.call_function(OP, args)
         new.meta.update(n.meta)
         q = _val(qn)
         if isinstance(q, torch.Tensor):
@@ -397,6 +409,7 @@ def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list,
 
 
 OP = torch.ops.scaling_attn.sparse_attention.default
+OP_Q8 = torch.ops.scaling_attn.sparse_attention_q8.default
 
 
 BUFFER_PREFIX = "scaling_attn_"

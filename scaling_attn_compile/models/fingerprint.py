@@ -38,6 +38,8 @@ def fingerprint_tensors(tensors, samples: int = 1024) -> str | None:
     for w in tensors:
         if w.is_meta:
             return None
+        if hasattr(w, "dequantize") and type(w) not in (torch.Tensor, torch.nn.Parameter):
+            w = w.dequantize()  # a quantized subclass (torchao's Float8Tensor cannot reshape)
         flat = w.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // samples)][:samples]
         h.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())

@@ -41,6 +41,7 @@ import os
 
 import torch
 
+from ..contract.quant import check_precision, quantized_attention_reference
 from ..contract.reference import (
     block_masks_for,
     energy_filtered_attention_reference,
@@ -95,6 +96,39 @@ def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule=0
     validate_energy(energy_rule, energy_threshold)
     validate_kv_lens(kv_lens, q)
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("scaling_attn::sparse_attention_q8", mutates_args=())
+def sparse_attention_q8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
+                        level_table: torch.Tensor, bucket_bounds: torch.Tensor,
+                        timestep: torch.Tensor, scale: float, precision: str) -> torch.Tensor:
+    """8-bit block-sparse attention (``precision`` ``"int8"`` or ``"fp8"``: the Q.K^T format;
+    P.V in FP8), spec :func:`scaling_attn_compile.contract.quant.quantized_attention_reference`.
+    CUDA launches the 8-bit kernel, the CPU runs the reference. No Inductor lowering: compiled
+    graphs call this eager op (an extern kernel), quantize pre-pass included."""
+    _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision)
+    out = torch.empty_like(q)
+    if q.is_cuda:
+        validate_kernel_inputs(q)
+        from ..kernels.launch_q8 import block_sparse_attention_q8_forward
+
+        return block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds,
+                                                 timestep, out, scale, precision)
+    return out.copy_(quantized_attention_reference(q, k, v, masks, level_table, bucket_bounds,
+                                                   timestep, scale, precision=precision))
+
+
+@sparse_attention_q8.register_fake
+def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, precision):
+    _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision)
+    return torch.empty_like(q)
+
+
+def _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision):
+    validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    if check_precision(precision, "sparse_attention_q8: precision") == "bf16":
+        raise ValueError("sparse_attention_q8: precision must be 'int8' or 'fp8', got 'bf16'; "
+                         "bf16 is torch.ops.scaling_attn.sparse_attention")
 
 
 def lambda_from_recall(recall_budget: float, seq_len: int, block: int = 128) -> float:

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..contract.masks import BLOCK, num_blocks, num_words, pack_blocks
+from ..contract.quant import check_precision
 from ..contract.tables import AttentionTables
 from ..contract.token_order import TokenOrder
 from ..contract.token_order import describe as describe_order
@@ -122,6 +123,7 @@ class PlanMeta:
     num_calibration_inputs: int
     calibration: dict = field(default_factory=dict)  # timesteps, steps, source, ...
     energy_filter: dict | None = None  # EnergyFilter.to_dict(), applied by the backend
+    precision: str = "bf16"  # attention math the backend runs: "bf16", "int8", "fp8" (quant.py)
     # Which tokens share a 128-token block (token_order.py). A file without the key was written
     # before tile order existed, and its blocks are raster strips: the default must stay raster.
     token_order: str = "raster"
@@ -186,6 +188,14 @@ class Plan:
 
         d = None if energy_filter is None else energy_filter.to_dict()
         return Plan(self.codes, replace(self.meta, energy_filter=d), self.schedule)
+
+    def with_precision(self, precision: str) -> Plan:
+        """A copy whose metadata asks the backend for ``precision`` attention ("bf16", "int8",
+        "fp8"; ``contract/quant.py``), unless the backend is given one explicitly."""
+        from dataclasses import replace
+
+        meta = replace(self.meta, precision=check_precision(precision, "with_precision"))
+        return Plan(self.codes, meta, self.schedule)
 
     @property
     def energy_filter(self):

@@ -104,6 +104,7 @@ FIELDS: dict[str, tuple[bool, Callable[[Any], str | None]]] = {
     "num_calibration_inputs": (True, _int(lo=0)),
     "calibration": (False, _obj),
     "energy_filter": (False, _or_null(_obj)),
+    "precision": (False, _str(r"bf16|fp8|int8")),  # contract/quant.py PRECISIONS
     "block_size": (False, _int(eq=BLOCK_SIZE)),
     "code_max": (False, _int(eq=CODE_MAX)),
     "schedule": (False, _or_null(_obj)),

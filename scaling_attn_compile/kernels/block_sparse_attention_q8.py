@@ -1,0 +1,131 @@
+"""8-bit bit-wise block-sparse FlashAttention forward (Triton): Q.K^T in INT8 or FP8 e4m3,
+P.V in FP8 e4m3, fp32 softmax state and accumulation. The spec is
+:func:`scaling_attn_compile.contract.quant.quantized_attention_reference`.
+
+Same walk as :mod:`.block_sparse_attention` (its helpers are imported, not copied): one program
+per (query tile, batch x head), the level picked on the device from the timestep, the mask row's
+set bits walked with a known trip count, the partial last block done last with masking. What
+differs is one KV block's step, :func:`bsa_q8_attend_block`:
+
+* ``qk = dot(q8, k8)`` exact in int32 (INT8) or fp32 (FP8), then one multiply by
+  ``sq * sk[block] * scale * log2(e)``: the Q scale is per 128-row block (a scalar per tile), the
+  K scale per 128-key block (a scalar per visited block; ``contract/quant.py`` says why 128);
+* ``p = exp2(qk - m)`` in [0, 1] is stored as ``p * 448`` in e4m3 (the static P scale), and
+  ``dot(p8, v8)`` goes into a fresh fp32 accumulator that is then added to the running one:
+  Hopper's FP8 wgmma accumulates in reduced precision (SageAttention2's "FP22" finding), so a
+  128-key partial sum is the most it accumulates before an fp32 add (two-level accumulation);
+* the epilogue multiplies by the per-channel V scale and ``1 / (448 * l)``.
+
+The 448 is ``contract/quant.py``'s ``P_SCALE``. The quantize pre-pass is torch code
+(:func:`.launch_q8.quantize_for_kernel`): per-block amax,
+K smoothed first; V is written transposed (``(B, H, D, S)`` memory), because Hopper's FP8 and
+INT8 wgmma need both operands K-major, and the reduction dim of P.V is the key index.
+
+Not here yet: the energy filter, TMA and warp specialisation variants, the Inductor template.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .block_sparse_attention import bsa_next_block, bsa_popcount, bsa_row_words, bsa_select_level
+
+
+@triton.jit
+def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, KS, start_n, offs_n0, offs_d,
+                        SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd,
+                        PARTIAL: tl.constexpr, QK_INT8: tl.constexpr):
+    """One online-softmax step over the 128 keys at ``start_n``, 8-bit operands. ``qk_mult`` is
+    ``sq * scale * log2(e)`` for this tile; ``KS`` points at this (batch, head)'s K scales."""
+    offs_n = start_n + offs_n0
+    if PARTIAL:
+        in_seq = offs_n < SEQ_LEN
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=in_seq[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+    if QK_INT8:
+        qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
+    else:
+        qk = tl.dot(q, k)
+    qk = qk * (qk_mult * tl.load(KS + start_n // 128))  # scores in log2 units
+    if PARTIAL:
+        qk = tl.where(in_seq[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)  # the row sum from the unrounded p
+    pv = tl.dot((p * 448.0).to(v.dtype), v)  # fresh fp32 accumulator: two-level accumulation
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _bsa_q8_forward_kernel(
+    Q, K, V, QS, KS, VS, MASKS, LEVEL_TABLE, BOUNDS, TS, OUT,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_mh, stride_ml, stride_mu, stride_mw,
+    stride_lt_t, stride_lt_h, stride_ts,
+    NUM_HEADS, SEQ_LEN, qk_scale, num_levels, NQB, NKB,
+    NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
+    NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_S: tl.constexpr, QK_INT8: tl.constexpr,
+):
+    """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
+    ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e)."""
+    tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
+    tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // NUM_HEADS
+    off_h = off_bh % NUM_HEADS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n0 = tl.arange(0, BLOCK_N)
+
+    level = bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h,
+                             off_b, off_h, num_levels, NUM_BOUNDS, BOUNDS_P2)
+    qblock = (pid_m * BLOCK_M) // 128
+    offs_w = tl.arange(0, NUM_WORDS_P2)
+    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
+    words = bsa_row_words(MASKS, stride_mh, stride_ml, stride_mu, stride_mw, off_h, level,
+                          qblock, SEQ_LEN, NUM_WORDS, NUM_WORDS_P2)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
+                + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_LEN, other=0.0)
+    qk_mult = tl.load(QS + off_bh * NQB + qblock) * qk_scale
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    ks = KS + off_bh * NKB
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if not EVEN_S:
+        last = tl.cdiv(SEQ_LEN, BLOCK_N) - 1
+        last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
+        has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
+        words = words & ~last_bit
+    n_kept = tl.sum(bsa_popcount(words), axis=0)
+    for _ in tl.range(0, n_kept):
+        kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
+        acc, l_i, m_i = bsa_q8_attend_block(
+            acc, l_i, m_i, q, qk_mult, k_base, v_base, ks, kv_block * BLOCK_N, offs_n0, offs_d,
+            SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, False, QK_INT8)
+    if not EVEN_S:
+        if has_last:
+            acc, l_i, m_i = bsa_q8_attend_block(
+                acc, l_i, m_i, q, qk_mult, k_base, v_base, ks, last * BLOCK_N, offs_n0, offs_d,
+                SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, True, QK_INT8)
+    v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)
+    out_tile = acc * (v_scale[None, :] / 448.0) / l_i[:, None]
+    out = OUT + off_b * stride_ob + off_h * stride_oh
+    tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             out_tile.to(OUT.dtype.element_ty), mask=offs_m[:, None] < SEQ_LEN)

@@ -1,0 +1,97 @@
+"""Launching the 8-bit block-sparse kernel: the quantize pre-pass (torch), configurations and the
+launcher. The math is :mod:`.block_sparse_attention_q8`; the spec
+:func:`scaling_attn_compile.contract.quant.quantized_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import triton
+
+from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
+from .block_sparse_attention import LOG2E, MASK_BLOCK
+from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
+from .launch import KernelConfig, check_launch, launch_meta
+
+# Candidates: the bf16 kernel's plain configs (no TMA / warp specialisation variant exists for
+# the 8-bit kernel yet). Not measured on a GPU for this kernel: the autotuner picks per shape.
+CONFIGS_Q8 = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4, 2),
+              KernelConfig(64, 4, 2), KernelConfig(64, 4, 3)]
+DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
+
+
+def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True):
+    """The pre-pass: ``(q8, qs, k8, ks, v8, vs)`` as the kernel reads them. Scales float32,
+    contiguous ``(B * H, nblocks)`` / ``(B * H, D)``; ``v8`` is a ``(B, H, S, D)`` view of
+    ``(B, H, D, S)`` memory (K-major for the P.V wgmma). Quantization is
+    :func:`..contract.quant.quantize_qkv`'s, so kernel and reference see the same codes."""
+    B, H, S, D = q.shape
+    q8, qs, k8, ks, v8, vs = quantize_qkv(q, k, v, precision, smooth=smooth, k_block=K_BLOCK)
+    v8 = v8.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return (q8, qs.reshape(B * H, -1).contiguous(), k8, ks.reshape(B * H, -1).contiguous(),
+            v8, vs.reshape(B * H, D).contiguous())
+
+
+def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
+                                      scale: float, precision: str = "int8",
+                                      config: tuple | None = None, *, smooth: bool = True):
+    """8-bit attention into ``out`` (q's shape and dtype). ``precision``: ``"int8"`` or
+    ``"fp8"`` (the Q.K^T format; P.V is FP8 either way). ``config`` pins a
+    :class:`.launch.KernelConfig`; ``None`` autotunes on CUDA (the interpreter takes the default).
+    """
+    if check_precision(precision, "block-sparse 8-bit kernel: precision") == "bf16":
+        raise ValueError("block-sparse 8-bit kernel: precision must be 'int8' or 'fp8', got "
+                         "'bf16'; the bf16 kernel is launch.block_sparse_attention_forward")
+    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out)
+    quant = quantize_for_kernel(q, k, v, precision, smooth=smooth)
+    if config is None:
+        config = pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale,
+                                precision)
+    return launch_quantized(quant, q.shape, masks, level_table, bucket_bounds, timestep, out,
+                            scale, precision, KernelConfig(*config))
+
+
+def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
+                     precision, cfg: KernelConfig):
+    """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
+    the kernel alone, as benchmarks time it."""
+    q8, qs, k8, ks, v8, vs = quant
+    B, H, S, D = shape
+    ts = timestep.reshape(-1)
+    meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
+    grid = (triton.cdiv(S, cfg.block_m), B * H)
+    assert Q_BLOCK == MASK_BLOCK == K_BLOCK  # the kernel indexes scales by 128-token block
+    _bsa_q8_forward_kernel[grid](
+        q8, k8, v8, qs, ks, vs, masks, level_table, bucket_bounds, ts, out,
+        *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *masks.stride(),
+        *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
+        H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
+        BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        QK_INT8=precision == "int8", **meta,
+    )
+    return out
+
+
+_TUNED_Q8: dict[tuple, KernelConfig] = {}
+
+
+def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale, precision):
+    """Time :data:`CONFIGS_Q8` once per (shape, table shape, precision) on CUDA, keep the best."""
+    key = (tuple(q.shape), tuple(masks.shape), bucket_bounds.numel(), str(q.device), precision)
+    if q.device.type != "cuda":
+        return DEFAULT_CONFIG_Q8
+    if key not in _TUNED_Q8:
+        from triton.testing import do_bench
+
+        times = {}
+        for cfg in CONFIGS_Q8:
+            fn = lambda c=cfg: launch_quantized(quant, q.shape, masks, level_table,
+                                                bucket_bounds, timestep, out, scale, precision, c)
+            try:
+                times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
+            except Exception:  # a config that does not fit (shared memory, registers)
+                continue
+        if not times:
+            raise RuntimeError("block-sparse 8-bit kernel: no configuration compiled for shape "
+                               f"{tuple(q.shape)} precision {precision}")
+        _TUNED_Q8[key] = min(times, key=times.get)
+    return _TUNED_Q8[key]
