@@ -15,7 +15,7 @@ Stages (each timed):
 2. WEST: dense calibration runs on a few *training* captions -> threshold codes (``calibrate_west``);
 3. FAST: one profiling run (a training caption not used in 2) -> head-wise schedule fitted to
    ``--target-density`` (``build_fast_plan``);
-4. compile the transformer with ``scaling_attn_backend(plan)`` (CPU: the op's reference path);
+4. compile the transformer with ``scaling_attn_backend(plan)`` (CPU: the op's kept-blocks path, kernels/block_gather_cpu.py);
 5. generate the *held-out* captions dense (eager model) and sparse (compiled), same seeds;
 6. write to ``--out``: ``side_by_side.gif`` (dense | sparse per prompt), ``masks_layer<i>.png``,
    ``schedule.png``, ``blocks.png`` (which tokens each mask block holds, ``--token-order``), ``plan.safetensors``, ``results.md``, ``results.json``.
