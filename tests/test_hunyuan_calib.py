@@ -1,0 +1,134 @@
+"""HunyuanVideo calibration: the video q/k capture (models/hunyuan_capture.py), WEST and FAST
+through the transformer-only path (``hunyuan.velocity``), the plan compiling the model sparse
+through the joint pass, and the weights fingerprint check.
+
+CPU, the tiny config and helpers of test_hunyuan.py (grid (4, 12, 12) = 576 video tokens,
+20 text tokens, one double- and one single-stream block).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from diffusers.models.transformers import transformer_hunyuan_video as hv
+
+from scaling_attn_compile.compile.backend import scaling_attn_backend
+from scaling_attn_compile.contract.masks import num_blocks, unpack_blocks
+from scaling_attn_compile.errors import PlanMismatchError, PlanModelMismatch
+from scaling_attn_compile.models import hunyuan, registry
+from scaling_attn_compile.testing import assert_close_to_oracle
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_backend import _fresh_dynamo  # noqa: E402,F401  (autouse fixture)
+from test_hunyuan import (  # noqa: E402,F401  (folder: module fixture)
+    GRID,
+    HEADS,
+    LATENT,
+    LAYERS,
+    TEXT,
+    eager_pair,
+    folder,
+    load,
+    make_inputs,
+    run,
+)
+
+VIDEO = 576  # F*H*W of GRID
+
+
+def test_capture_sees_the_video_q_k_hunyuan_feeds_sdpa(folder):
+    """Both block kinds: the captured q/k are the video rows of what the processor hands
+    attention (after norm and RoPE), one layer numbering, the forward's grid."""
+    model, inputs = load(folder), make_inputs()
+    fed, seen = [], []
+    real = hv.dispatch_attention_fn
+
+    def spy(query, key, value, **kw):  # (B, S, H, D), S = video + text
+        if query.shape[1] == VIDEO + TEXT:  # the joint attentions, not the text refiner
+            fed.append((query[:, :VIDEO].transpose(1, 2).clone(),
+                        key[:, :VIDEO].transpose(1, 2).clone()))
+        return real(query, key, value, **kw)
+
+    capture_qk = registry.capture_for(model).capture_qk
+    with torch.no_grad(), mock.patch.object(hv, "dispatch_attention_fn", spy), \
+            capture_qk(model, lambda c: seen.append((c.layer, c.grid, c.q.clone(), c.k.clone()))):
+        run(model, inputs, 500.0)
+    assert [(layer, grid) for layer, grid, _, _ in seen] == [(i, GRID) for i in range(LAYERS)]
+    assert len(fed) == LAYERS
+    for (_, _, q, k), (fq, fk) in zip(seen, fed, strict=True):
+        assert q.shape == (LATENT[0], HEADS, VIDEO, 32)
+        torch.testing.assert_close(q, fq, rtol=0, atol=0)
+        torch.testing.assert_close(k, fk, rtol=0, atol=0)
+    # The processors are restored: a second run is not captured.
+    run(model, inputs, 500.0)
+    assert len(seen) == LAYERS
+    assert all(type(a.processor).__name__ == "HunyuanVideoAttnProcessor2_0"
+               for a in hunyuan.self_attention_modules(model))
+
+
+def test_velocity_is_the_model_with_real_text_and_default_guidance(folder):
+    """The bare call: latents in and out as 5-D, every text token real, zero pooled embedding,
+    embedded guidance 6.0 x 1000."""
+    model = load(folder)
+    g = torch.Generator().manual_seed(3)
+    lat = torch.randn(1, *LATENT[1:], generator=g)
+    text = torch.randn(1, TEXT, 16, generator=g)
+    with torch.no_grad():
+        got = hunyuan.velocity(model, lat, torch.tensor([400.0]), text)
+        want = model(hidden_states=lat, timestep=torch.tensor([400.0]),
+                     encoder_hidden_states=text, encoder_attention_mask=torch.ones(1, TEXT),
+                     pooled_projections=torch.zeros(1, 8), guidance=torch.tensor([6000.0]),
+                     return_dict=False)[0]
+    assert got.shape == lat.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder):
+    """WEST through the transformer-only path: the plan records HunyuanVideo (class, patch
+    size, fingerprint of both block kinds' to_q/to_k); the default check_model="weights"
+    accepts the model it came from and refuses other weights; the compiled model (joint tables
+    from the plan's video tables, kv_lens from the padded text) equals the reference."""
+    from scaling_attn_compile.offline.calibrate import calibrate_west, random_inputs
+
+    model = load(folder)
+    plan = calibrate_west(model, random_inputs(2, TEXT, 16), [900.0, 600.0, 300.0],
+                          latent_shape=LATENT[1:], capture_steps=[0, 2], progress=False)
+    assert plan.meta.model_class == "HunyuanVideoTransformer3DModel"
+    assert plan.meta.patch_size == [1, 2, 2] and plan.num_layers == LAYERS
+    assert tuple(plan.meta.calib_grid) == GRID
+    assert plan.meta.weights_fingerprint == hunyuan.weights_fingerprint(model)
+    assert plan.meta.calibration["maps_per_layer"] == 4  # 2 inputs x 2 captured steps
+    video = plan.materialize(GRID, density=0.5)
+    assert not unpack_blocks(video.masks[0], num_blocks(VIDEO)).all(), "0.5 must drop blocks"
+    inputs = make_inputs()
+    be = scaling_attn_backend(plan, compiler="eager", materialize_kwargs={"density": 0.5})
+    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = run(c, inputs, 500.0)
+    assert be.reports[0].per_layer == {0: 1, 1: 1}
+    same, golden = eager_pair(model, inputs, 500.0, video)
+    assert_close_to_oracle(out, golden, same, k=3.0, what="WEST plan, sparse")
+
+    other = hunyuan.make_transformer("hunyuan-tiny-random", seed=1)  # other weights
+    torch._dynamo.reset()
+    be = scaling_attn_backend(plan, compiler="eager", materialize_kwargs={"density": 0.5})
+    with pytest.raises(Exception, match="other weights than the plan's") as err:
+        run(torch.compile(other, backend=be, fullgraph=True, dynamic=False), inputs, 500.0)
+    assert isinstance(err.value, PlanModelMismatch) or "PlanModelMismatch" in str(err.value)
+
+
+def test_fingerprint_names_split_by_the_plans_config():
+    cfg = hunyuan.BUILTIN_CONFIGS["hunyuan-tiny-random"]
+    assert hunyuan.fingerprint_names(2, cfg) == [
+        "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_k.weight",
+        "single_transformer_blocks.0.attn.to_q.weight",
+        "single_transformer_blocks.0.attn.to_k.weight"]
+    with pytest.raises(PlanMismatchError, match="model_config"):
+        hunyuan.fingerprint_names(2)
+    with pytest.raises(PlanMismatchError, match="more than the plan's 1 layers"):
+        hunyuan.fingerprint_names(1, cfg)
