@@ -87,17 +87,25 @@ def test_velocity_is_the_model_with_real_text_and_default_guidance(folder):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+STEPS = [900.0, 600.0, 300.0]
+
+
+@pytest.fixture(scope="module")
+def west_plan(folder):
+    """WEST through the transformer-only path: 2 random-text inputs, 2 of 3 steps captured."""
+    from scaling_attn_compile.offline.calibrate import calibrate_west, random_inputs
+
+    return calibrate_west(load(folder), random_inputs(2, TEXT, 16), STEPS,
+                          latent_shape=LATENT[1:], capture_steps=[0, 2], progress=False)
+
+
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder):
+def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder, west_plan):
     """WEST through the transformer-only path: the plan records HunyuanVideo (class, patch
     size, fingerprint of both block kinds' to_q/to_k); the default check_model="weights"
     accepts the model it came from and refuses other weights; the compiled model (joint tables
     from the plan's video tables, kv_lens from the padded text) equals the reference."""
-    from scaling_attn_compile.offline.calibrate import calibrate_west, random_inputs
-
-    model = load(folder)
-    plan = calibrate_west(model, random_inputs(2, TEXT, 16), [900.0, 600.0, 300.0],
-                          latent_shape=LATENT[1:], capture_steps=[0, 2], progress=False)
+    model, plan = load(folder), west_plan
     assert plan.meta.model_class == "HunyuanVideoTransformer3DModel"
     assert plan.meta.patch_size == [1, 2, 2] and plan.num_layers == LAYERS
     assert tuple(plan.meta.calib_grid) == GRID
@@ -122,6 +130,34 @@ def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder):
     assert isinstance(err.value, PlanModelMismatch) or "PlanModelMismatch" in str(err.value)
 
 
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+@pytest.mark.filterwarnings("ignore:fit_schedule. nearest achievable")  # 4 cells per layer/step
+def test_fast_schedule_on_the_hunyuan_transformer_compiles(folder, west_plan):
+    """FAST through the same bare call: a schedule at 0.4 density, and the scheduled plan
+    compiles sparse (its bucketed tables) and equals the reference at two timesteps."""
+    from scaling_attn_compile.offline.calibrate import random_inputs
+    from scaling_attn_compile.offline.fast import build_fast_plan
+
+    model = load(folder)
+    plan, prof = build_fast_plan(west_plan, model, random_inputs(1, TEXT, 16, seed=5)[0], 0.4,
+                                 timesteps=STEPS, latent_shape=LATENT[1:], capture_steps=[0, 2],
+                                 progress=False)
+    assert plan.schedule is not None and plan.meta.weights_fingerprint == \
+        hunyuan.weights_fingerprint(model)
+    video = plan.materialize(GRID)
+    inputs = make_inputs()
+    be = scaling_attn_backend(plan, compiler="eager")
+    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in (900.0, 300.0):
+            out = run(c, inputs, t)
+            same, golden = eager_pair(model, inputs, t, video)
+            assert_close_to_oracle(out, golden, same, k=3.0, what=f"FAST plan, t={t}")
+            dense, _ = eager_pair(model, inputs, t)
+            assert not torch.allclose(out, dense, atol=1e-3), "the schedule must be sparse"
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+
+
 def test_fingerprint_names_split_by_the_plans_config():
     cfg = hunyuan.BUILTIN_CONFIGS["hunyuan-tiny-random"]
     assert hunyuan.fingerprint_names(2, cfg) == [
@@ -130,5 +166,5 @@ def test_fingerprint_names_split_by_the_plans_config():
         "single_transformer_blocks.0.attn.to_k.weight"]
     with pytest.raises(PlanMismatchError, match="model_config"):
         hunyuan.fingerprint_names(2)
-    with pytest.raises(PlanMismatchError, match="more than the plan's 1 layers"):
-        hunyuan.fingerprint_names(1, cfg)
+    with pytest.raises(PlanMismatchError, match="more than the plan's 0 layers"):
+        hunyuan.fingerprint_names(0, cfg)
