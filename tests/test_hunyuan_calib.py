@@ -100,12 +100,16 @@ def west_plan(folder):
 
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder, west_plan):
+def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder, west_plan,
+                                                                   tmp_path):
     """WEST through the transformer-only path: the plan records HunyuanVideo (class, patch
     size, fingerprint of both block kinds' to_q/to_k); the default check_model="weights"
     accepts the model it came from and refuses other weights; the compiled model (joint tables
     from the plan's video tables, kv_lens from the padded text) equals the reference."""
-    model, plan = load(folder), west_plan
+    from scaling_attn_compile.plan.io import load_plan
+
+    # Through the file: its schema counts single-stream blocks as layers (1 + 1 here).
+    model, plan = load(folder), load_plan(west_plan.save(tmp_path / "h.plan.safetensors"))
     assert plan.meta.model_class == "HunyuanVideoTransformer3DModel"
     assert plan.meta.patch_size == [1, 2, 2] and plan.num_layers == LAYERS
     assert tuple(plan.meta.calib_grid) == GRID
@@ -156,6 +160,23 @@ def test_fast_schedule_on_the_hunyuan_transformer_compiles(folder, west_plan):
             dense, _ = eager_pair(model, inputs, t)
             assert not torch.allclose(out, dense, atol=1e-3), "the schedule must be sparse"
     assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+
+
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+def test_cli_west_on_a_hunyuan_transformer_folder(folder, tmp_path, capsys):
+    """``scaling-attn west --model <HunyuanVideo transformer folder> --latent F,H,W``: random
+    embeddings of its text width through the bare call, a plan that records HunyuanVideo."""
+    from scaling_attn_compile.cli import main
+    from scaling_attn_compile.plan.io import load_plan
+
+    out = tmp_path / "cli.plan.safetensors"
+    assert main(["west", "--model", str(folder), "--latent", ",".join(map(str, LATENT[2:])),
+                 "--steps", "2", "--capture-steps", "1", "--text-len", str(TEXT),
+                 "--out", str(out)]) == 0
+    assert f"token grid (F, H, W) = {GRID}" in capsys.readouterr().out
+    plan = load_plan(out)
+    assert plan.meta.model_class == "HunyuanVideoTransformer3DModel" and plan.num_layers == 2
+    assert plan.meta.weights_fingerprint == hunyuan.weights_fingerprint(load(folder))
 
 
 def test_fingerprint_names_split_by_the_plans_config():
