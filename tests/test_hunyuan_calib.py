@@ -157,8 +157,9 @@ def test_fast_schedule_on_the_hunyuan_transformer_compiles(folder, west_plan):
             out = run(c, inputs, t)
             same, golden = eager_pair(model, inputs, t, video)
             assert_close_to_oracle(out, golden, same, k=3.0, what=f"FAST plan, t={t}")
-            dense, _ = eager_pair(model, inputs, t)
-            assert not torch.allclose(out, dense, atol=1e-3), "the schedule must be sparse"
+            if t == 900.0:
+                dense, _ = eager_pair(model, inputs, t)
+                assert not torch.allclose(out, dense, atol=1e-3), "the schedule must be sparse"
     assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
 
 
@@ -189,3 +190,90 @@ def test_fingerprint_names_split_by_the_plans_config():
         hunyuan.fingerprint_names(2)
     with pytest.raises(PlanMismatchError, match="more than the plan's 0 layers"):
         hunyuan.fingerprint_names(0, cfg)
+
+
+def build_hunyuan_pipeline():
+    """A tiny HunyuanVideoPipeline (random weights, seed 0; built in 0.1 s): the word-level
+    tokenizer of test_pipeline.py for both encoders, a 3-layer LLaMA (the pipeline reads the
+    hidden states 2 layers before the last), a 1-layer CLIP text model (pooled width 8), a small
+    HunyuanVideo VAE (8x space, 4x time) and the peaked tiny transformer."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+    )
+    from test_pipeline import _tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8,) * 4,
+        layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=False)
+    llama = LlamaModel(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=3, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=64))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=0))
+    transformer = hunyuan.make_transformer("hunyuan-tiny-random")
+    with torch.no_grad():
+        for attn in hunyuan.self_attention_modules(transformer):
+            for norm in (attn.norm_q, attn.norm_k):
+                norm.weight.mul_(4.0)
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=_tokenizer(),
+                                transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                text_encoder_2=clip, tokenizer_2=_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# 9 frames x 128 x 192 pixels -> latents (3, 16, 24) -> grid (3, 8, 12): S = 288 + 16 text.
+# The prompt template is the identity: HunyuanVideo's crops 95 LLaMA tokens of its own words.
+PIPE_VIDEO = dict(height=128, width=192, num_frames=9, max_sequence_length=16,
+                  prompt_template={"template": "{}", "crop_start": 0})
+PIPE_GRID = (3, 8, 12)
+
+
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+def test_west_and_fast_through_hunyuan_pipeline_and_enable_sparse_attention(tmp_path):
+    """WEST and FAST through HunyuanVideoPipeline (its text encoders, pooled CLIP embedding,
+    embedded guidance and scheduler), then enable_sparse_attention on the pipeline: one graph
+    for the loop, both joint layers rewritten, the refiner dense, latents close to a dense run
+    but not equal to it."""
+    from scaling_attn_compile import enable_sparse_attention
+    from scaling_attn_compile.offline.pipeline import (
+        build_fast_plan_pipeline,
+        calibrate_west_pipeline,
+        pipeline_calls,
+    )
+
+    pipe, steps = build_hunyuan_pipeline(), 2
+    calls = pipeline_calls(["a cat runs on the beach"], num_inference_steps=steps, **PIPE_VIDEO)
+    plan = calibrate_west_pipeline(pipe, calls, progress=False)
+    assert plan.meta.model_class == "HunyuanVideoTransformer3DModel"
+    assert tuple(plan.meta.calib_grid) == PIPE_GRID
+    assert plan.meta.calibration["latent_shape"] == [4, 3, 16, 24]
+    plan, prof = build_fast_plan_pipeline(plan, pipe, calls[0], 0.5, progress=False)
+    assert prof.info["pipeline"] == "HunyuanVideoPipeline" and plan.schedule is not None
+    path = plan.save(tmp_path / "hunyuan.plan.safetensors")
+
+    def go(p):
+        return p(prompt="a dog runs", num_inference_steps=steps, output_type="latent",
+                 generator=torch.Generator().manual_seed(7), **PIPE_VIDEO).frames
+
+    dense = go(pipe)
+    backends = enable_sparse_attention(pipe, path, compiler="eager")  # check_model="weights"
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        sparse = go(pipe)
+    (be,) = backends.values()
+    assert len(be.reports) == 1 and be.reports[0].per_layer == {0: 1, 1: 1}
+    assert be.reports[0].left_dense == {"text refiner attention (text only)": 1}
+    assert be.reports[0].grid == PIPE_GRID
+    assert torch.isfinite(sparse).all() and sparse.shape == dense.shape
+    assert (sparse - dense).abs().max() > 1e-4  # sparse attention changed something
+    assert (sparse - dense).norm() < 0.5 * dense.norm()  # ... but it is still the model's
