@@ -24,14 +24,13 @@ from scaling_attn_compile.testing import assert_close_to_oracle
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_backend import _fresh_dynamo  # noqa: E402,F401  (autouse fixture)
-from test_hunyuan import (  # noqa: E402,F401  (folder: module fixture)
+from test_hunyuan import (  # noqa: E402
     GRID,
     HEADS,
     LATENT,
     LAYERS,
     TEXT,
     eager_pair,
-    folder,
     load,
     make_inputs,
     run,
@@ -40,10 +39,23 @@ from test_hunyuan import (  # noqa: E402,F401  (folder: module fixture)
 VIDEO = 576  # F*H*W of GRID
 
 
-def test_capture_sees_the_video_q_k_hunyuan_feeds_sdpa(folder):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """test_hunyuan's tiny config, peaked (q/k norms x4), saved once."""
+    model = hunyuan.make_transformer("hunyuan-tiny-random")
+    with torch.no_grad():
+        for attn in hunyuan.self_attention_modules(model):
+            for norm in (attn.norm_q, attn.norm_k):
+                norm.weight.mul_(4.0)
+    out = tmp_path_factory.mktemp("hunyuan-calib")
+    model.save_pretrained(out)
+    return out
+
+
+def test_capture_sees_the_video_q_k_hunyuan_feeds_sdpa(saved):
     """Both block kinds: the captured q/k are the video rows of what the processor hands
     attention (after norm and RoPE), one layer numbering, the forward's grid."""
-    model, inputs = load(folder), make_inputs()
+    model, inputs = load(saved), make_inputs()
     fed, seen = [], []
     real = hv.dispatch_attention_fn
 
@@ -70,10 +82,10 @@ def test_capture_sees_the_video_q_k_hunyuan_feeds_sdpa(folder):
                for a in hunyuan.self_attention_modules(model))
 
 
-def test_velocity_is_the_model_with_real_text_and_default_guidance(folder):
+def test_velocity_is_the_model_with_real_text_and_default_guidance(saved):
     """The bare call: latents in and out as 5-D, every text token real, zero pooled embedding,
     embedded guidance 6.0 x 1000."""
-    model = load(folder)
+    model = load(saved)
     g = torch.Generator().manual_seed(3)
     lat = torch.randn(1, *LATENT[1:], generator=g)
     text = torch.randn(1, TEXT, 16, generator=g)
@@ -91,16 +103,16 @@ STEPS = [900.0, 600.0, 300.0]
 
 
 @pytest.fixture(scope="module")
-def west_plan(folder):
+def west_plan(saved):
     """WEST through the transformer-only path: 2 random-text inputs, 2 of 3 steps captured."""
     from scaling_attn_compile.offline.calibrate import calibrate_west, random_inputs
 
-    return calibrate_west(load(folder), random_inputs(2, TEXT, 16), STEPS,
+    return calibrate_west(load(saved), random_inputs(2, TEXT, 16), STEPS,
                           latent_shape=LATENT[1:], capture_steps=[0, 2], progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder, west_plan,
+def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(saved, west_plan,
                                                                    tmp_path):
     """WEST through the transformer-only path: the plan records HunyuanVideo (class, patch
     size, fingerprint of both block kinds' to_q/to_k); the default check_model="weights"
@@ -109,7 +121,7 @@ def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder, west
     from scaling_attn_compile.plan.io import load_plan
 
     # Through the file: its schema counts single-stream blocks as layers (1 + 1 here).
-    model, plan = load(folder), load_plan(west_plan.save(tmp_path / "h.plan.safetensors"))
+    model, plan = load(saved), load_plan(west_plan.save(tmp_path / "h.plan.safetensors"))
     assert plan.meta.model_class == "HunyuanVideoTransformer3DModel"
     assert plan.meta.patch_size == [1, 2, 2] and plan.num_layers == LAYERS
     assert tuple(plan.meta.calib_grid) == GRID
@@ -136,13 +148,13 @@ def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(folder, west
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
 @pytest.mark.filterwarnings("ignore:fit_schedule. nearest achievable")  # 4 cells per layer/step
-def test_fast_schedule_on_the_hunyuan_transformer_compiles(folder, west_plan):
+def test_fast_schedule_on_the_hunyuan_transformer_compiles(saved, west_plan):
     """FAST through the same bare call: a schedule at 0.4 density, and the scheduled plan
     compiles sparse (its bucketed tables) and equals the reference at two timesteps."""
     from scaling_attn_compile.offline.calibrate import random_inputs
     from scaling_attn_compile.offline.fast import build_fast_plan
 
-    model = load(folder)
+    model = load(saved)
     plan, prof = build_fast_plan(west_plan, model, random_inputs(1, TEXT, 16, seed=5)[0], 0.4,
                                  timesteps=STEPS, latent_shape=LATENT[1:], capture_steps=[0, 2],
                                  progress=False)
@@ -164,20 +176,20 @@ def test_fast_schedule_on_the_hunyuan_transformer_compiles(folder, west_plan):
 
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_cli_west_on_a_hunyuan_transformer_folder(folder, tmp_path, capsys):
+def test_cli_west_on_a_hunyuan_transformer_folder(saved, tmp_path, capsys):
     """``scaling-attn west --model <HunyuanVideo transformer folder> --latent F,H,W``: random
     embeddings of its text width through the bare call, a plan that records HunyuanVideo."""
     from scaling_attn_compile.cli import main
     from scaling_attn_compile.plan.io import load_plan
 
     out = tmp_path / "cli.plan.safetensors"
-    assert main(["west", "--model", str(folder), "--latent", ",".join(map(str, LATENT[2:])),
+    assert main(["west", "--model", str(saved), "--latent", ",".join(map(str, LATENT[2:])),
                  "--steps", "2", "--capture-steps", "1", "--text-len", str(TEXT),
                  "--out", str(out)]) == 0
     assert f"token grid (F, H, W) = {GRID}" in capsys.readouterr().out
     plan = load_plan(out)
     assert plan.meta.model_class == "HunyuanVideoTransformer3DModel" and plan.num_layers == 2
-    assert plan.meta.weights_fingerprint == hunyuan.weights_fingerprint(load(folder))
+    assert plan.meta.weights_fingerprint == hunyuan.weights_fingerprint(load(saved))
 
 
 def test_fingerprint_names_split_by_the_plans_config():
