@@ -8,6 +8,7 @@ CPU, the tiny config and helpers of test_hunyuan.py (grid (4, 12, 12) = 576 vide
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from unittest import mock
@@ -34,6 +35,7 @@ from test_hunyuan import (  # noqa: E402
     load,
     make_inputs,
     run,
+    with_reference_attention,
 )
 
 VIDEO = 576  # F*H*W of GRID
@@ -289,3 +291,34 @@ def test_west_and_fast_through_hunyuan_pipeline_and_enable_sparse_attention(tmp_
     assert torch.isfinite(sparse).all() and sparse.shape == dense.shape
     assert (sparse - dense).abs().max() > 1e-4  # sparse attention changed something
     assert (sparse - dense).norm() < 0.5 * dense.norm()  # ... but it is still the model's
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+def test_gpu_west_plan_compiles_sparse_bf16():
+    """On CUDA in bf16 (head_dim 64, the kernel's): WEST with the Triton block mass on the
+    captured video q/k keeps the codes of the torch block mass (at most 5% of code cells may
+    move by rounding), and the plan compiles through Inductor + the template with kv_lens to
+    the reference."""
+    from scaling_attn_compile.offline.calibrate import calibrate_west, random_inputs
+
+    model = hunyuan.make_transformer("hunyuan-tiny-random", attention_head_dim=64,
+                                     rope_axes_dim=(16, 24, 24)).cuda().to(torch.bfloat16)
+    plans = [calibrate_west(model, random_inputs(2, TEXT, 16), STEPS, latent_shape=LATENT[1:],
+                            capture_steps=[0, 2], block_mass_impl=impl, progress=False)
+             for impl in ("triton", "torch")]
+    moved = (plans[0].codes.int() - plans[1].codes.int()).abs().gt(1).float().mean()
+    assert moved <= 0.05, f"{moved:.3f} of the codes differ between Triton and torch"
+    plan, inputs = plans[0], make_inputs()
+    video = plan.materialize(GRID, density=0.5)
+    be = scaling_attn_backend(plan, materialize_kwargs={"density": 0.5})
+    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
+    out = run(c, {k: v.cuda().to(torch.bfloat16) for k, v in inputs.items()}, 500.0)
+    assert be.reports[0].per_layer == {0: 1, 1: 1}
+    refs = {}  # as test_hunyuan's GPU test: bf16 model with float32 math, and float64
+    for dtype, math_dtype in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        m = copy.deepcopy(model).to(dtype)
+        with_reference_attention(m, video.to("cuda"), 500.0, math_dtype)
+        refs[dtype] = run(m, {k: v.cuda().to(dtype) for k, v in inputs.items()}, 500.0)
+    assert_close_to_oracle(out, refs[torch.float64], refs[torch.bfloat16], k=3.0,
+                           what="bf16 compiled WEST plan")
