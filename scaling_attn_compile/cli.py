@@ -177,7 +177,7 @@ def run_west(args: argparse.Namespace) -> int:
     ad = adapter_for(model := src.transformer, "--model")
     cfg = model.config
     print(f"model: {src.name} ({'random weights' if src.random_weights else src.folder}), "
-          f"{cfg.num_layers} layers x {cfg.num_attention_heads} heads, {dtype}, {device}")
+          f"{ad.num_layers(model)} layers x {cfg.num_attention_heads} heads, {dtype}, {device}")
     if (needs := ad.bare_call_needs(model)) is not None:
         raise CliError(f"--model {args.model}: a {type(model).__name__} needs {needs}; pass the "
                        f"whole pipeline folder (with model_index.json)")

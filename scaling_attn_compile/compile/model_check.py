@@ -180,7 +180,7 @@ class ModelCheck:
                     f"(differs in {', '.join(keys)}: {shown}{more}); extract a plan for this "
                     f"model with `scaling-attn west`, or pass check_model=False to use it anyway")
         want_fp = meta.weights_fingerprint
-        names = self.adapter.fingerprint_names(meta.num_layers)
+        names = self.adapter.fingerprint_names(meta.num_layers, meta.model_config)
         if want_fp is None or not all(n in params for n in names):
             return  # a graph without every layer (graph breaks): the shapes had to do
         got_fp = fingerprint_tensors([params[n] for n in names])

@@ -18,8 +18,9 @@ Same function names as :mod:`.wan` where the meaning is the same: :func:`attenti
 :func:`find_timestep`, :func:`find_latent_grid`, :func:`whole_model`, :func:`num_layers`,
 :func:`self_attention_modules`, :func:`weights_fingerprint`, :func:`fingerprint_names`,
 :func:`compute_dtype`, :func:`latent_token_grid`, :func:`patch_size`, :data:`GRAPH_CLASSES`;
-regional compilation, the weights-fingerprint check and the bare calibration are refused with a
-message naming the way out (not built yet).
+regional compilation is refused with a message naming the way out (not built yet). The
+calibration's q/k capture is :mod:`.hunyuan_capture` (video rows only); the bare calibration
+call is :func:`velocity`.
 """
 
 from __future__ import annotations
@@ -108,13 +109,21 @@ def self_attention_modules(transformer) -> list:
     return [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks]
 
 
-def fingerprint_names(num_layers: int) -> list[str]:
-    """The registry's model check asks for names by the layer count alone, which does not say
-    how many of the layers are double-stream: refused, naming the way out."""
-    raise PlanMismatchError(
-        "scaling_attn_backend: checking a HunyuanVideo plan's weights fingerprint is not "
-        "supported yet (the layer count does not split into double- and single-stream blocks); "
-        "pass check_model='config' or check_model=False")
+def fingerprint_names(num_layers: int, model_config: dict | None = None) -> list[str]:
+    """Parameter names :func:`weights_fingerprint` hashes, in order, as a graph names them. The
+    layer count does not say how many layers are double-stream: the plan's ``model_config``
+    (``num_layers`` double-stream, ``num_single_layers`` single-stream) does."""
+    if not model_config or "num_layers" not in model_config:
+        raise PlanMismatchError(
+            "fingerprint_names: a HunyuanVideo plan's weights are named by its model_config "
+            "(num_layers double-stream + num_single_layers single-stream blocks), got "
+            f"model_config={model_config!r}; re-extract the plan with `scaling-attn west`")
+    num_double = int(model_config["num_layers"])
+    if num_double > num_layers:
+        raise PlanMismatchError(
+            f"fingerprint_names: model_config has {num_double} double-stream blocks, more than "
+            f"the plan's {num_layers} layers; the plan's metadata is inconsistent, re-extract it")
+    return joint_fingerprint_names(num_double, num_layers - num_double)
 
 
 def joint_fingerprint_names(num_double: int, num_single: int) -> list[str]:
@@ -156,12 +165,34 @@ def forward_grid(transformer, args: tuple, kwargs: dict) -> Grid:
         "fullgraph=True, dynamic=False)")
 
 
-def velocity(transformer, latents, timestep, text):
-    """Asked by the bare calibration (latents, timestep, text only): HunyuanVideo also needs
-    ``encoder_attention_mask`` and ``pooled_projections``, so it is refused."""
-    raise PlanMismatchError(
-        "calibration: the bare transformer call is not supported for HunyuanVideo (it needs "
-        "encoder_attention_mask and pooled_projections from its pipeline); not available yet")
+# HunyuanVideoPipeline's default guidance_scale (6.0), embedded as guidance * 1000.
+DEFAULT_GUIDANCE = 6.0
+
+
+def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor,
+             text: torch.Tensor) -> torch.Tensor:
+    """The bare calibration's call: latents ``[B, C, F, H, W]`` in and out (the model patches
+    them itself), every text token real (``encoder_attention_mask`` ones, as LTX's
+    :func:`.ltx.velocity`), the pipeline's default embedded guidance (6.0 x 1000) if the model
+    has ``guidance_embeds``. The CLIP pooled embedding is not part of the bare inputs: zeros.
+    It enters only the per-block modulation, so the video q/k of a trained model move; calibrate
+    through ``HunyuanVideoPipeline`` (offline/pipeline.py) to have the real one."""
+    model = _unwrap(transformer)
+    cfg = model.config
+    b = latents.shape[0]
+    mask = torch.ones(text.shape[:2], device=text.device, dtype=text.dtype)
+    pooled = torch.zeros(b, cfg.pooled_projection_dim, device=text.device, dtype=text.dtype)
+    guidance = (torch.full((b,), DEFAULT_GUIDANCE * 1000.0, device=text.device, dtype=text.dtype)
+                if cfg.guidance_embeds else None)
+    return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                       encoder_attention_mask=mask, pooled_projections=pooled, guidance=guidance,
+                       return_dict=False)[0]
+
+
+def bare_call_needs(transformer) -> str | None:
+    """What the transformer needs beyond latents, timestep and text: nothing :func:`velocity`
+    cannot fill (an image-to-video model's condition is refused by the CLI's channel check)."""
+    return None
 
 
 def compute_dtype(transformer) -> torch.dtype:

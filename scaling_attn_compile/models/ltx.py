@@ -236,8 +236,9 @@ def weights_fingerprint(transformer, samples: int = 1024) -> str | None:
                                 for name in ("to_q", "to_k")], samples)
 
 
-def fingerprint_names(num_layers: int) -> list[str]:
-    """Parameter names :func:`weights_fingerprint` hashes, in order, as a graph names them."""
+def fingerprint_names(num_layers: int, model_config: dict | None = None) -> list[str]:
+    """Parameter names :func:`weights_fingerprint` hashes, in order, as a graph names them
+    (``model_config``, the plan's, is not needed: the layer count names every layer)."""
     return [f"transformer_blocks.{i}.attn1.{p}.weight" for i in range(num_layers)
             for p in ("to_q", "to_k")]
 

@@ -1,7 +1,7 @@
 """Which model adapter serves a transformer or a Dynamo graph: the family lookup.
 
 Each family is one adapter module in this folder (``wan``: Wan2.1/2.2, VACE, SkyReels-V2;
-``ltx``: LTX-Video) with
+``ltx``: LTX-Video; ``hunyuan``: HunyuanVideo) with
 the same names (``attention_site``, ``find_timestep``, ``find_latent_grid``, ``is_block_graph``,
 ``forward_inputs``, ``self_attention_modules``, ``latent_token_grid``, ``num_layers``,
 ``compute_dtype``, ``SELF_ATTENTION_PATH``, ...) and a table ``SUPPORTED_CLASSES`` of the

@@ -163,8 +163,13 @@ def check_meta(meta: Any) -> None:
     for key in ("num_layers", "num_attention_heads", "attention_head_dim"):
         mine = {"num_layers": "num_layers", "num_attention_heads": "num_heads",
                 "attention_head_dim": "head_dim"}[key]
-        if key in cfg and cfg[key] != meta[mine]:
-            _fail(mine, f"model_config.{key} = {_describe(cfg[key])}", meta[mine])
+        want, what = cfg.get(key), f"model_config.{key}"
+        if key == "num_layers" and want is not None and "num_single_layers" in cfg:
+            # HunyuanVideo: its single-stream blocks are layers too (after the double-stream)
+            want, what = want + cfg["num_single_layers"], \
+                "model_config.num_layers + num_single_layers"
+        if want is not None and want != meta[mine]:
+            _fail(mine, f"{what} = {_describe(want)}", meta[mine])
 
 
 def canonical(meta: dict) -> bytes:
