@@ -496,6 +496,5 @@ def self_attention_modules(transformer) -> list:
 
 
 def fingerprint_names(num_layers: int, model_config: dict | None = None) -> list[str]:
-    """Parameter names :func:`weights_fingerprint` hashes, in order, as a graph names them
-    (``model_config``, the plan's, is not needed: the layer count names every layer)."""
+    """Parameter names :func:`weights_fingerprint` hashes, in order (``model_config`` unused)."""
     return [f"blocks.{i}.attn1.{p}.weight" for i in range(num_layers) for p in ("to_q", "to_k")]
