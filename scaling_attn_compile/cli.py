@@ -112,7 +112,7 @@ def add_west_arguments(p: argparse.ArgumentParser) -> None:
                           "these); default 4")
     p.add_argument("--negative-prompt", default=None,
                    help="with a .txt --prompts: negative prompt, enables CFG (both passes captured)")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default 5.0)")
+    p.add_argument("--guidance-scale", type=float, help="default: the pipeline's; bare: CFG 5.0")
     p.add_argument("--text-len", type=positive_int, default=None,
                    help="length of random embeddings (default: 512 for Wan, 16 for tiny)")
     p.add_argument("--steps", type=positive_int, default=50,
@@ -215,7 +215,7 @@ def run_west(args: argparse.Namespace) -> int:
     print(f"latents (C, F, H, W) = {latent}, token grid (F, H, W) = {grid}, S = {s}; "
           f"{len(inputs)} inputs x {len(capture)}/{len(timesteps)} captured steps")
     plan = calibrate_west(model, inputs, timesteps, latent_shape=latent, capture_steps=capture,
-                          guidance_scale=args.guidance_scale, block_mass_impl=args.block_mass,
+                          guidance_scale=args.guidance_scale or 5.0, block_mass_impl=args.block_mass,
                           source=f"scaling-attn west --model {args.model}",
                           token_order=args.token_order)
     plan.meta.calibration["model"] = args.model
@@ -320,7 +320,7 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration prompt: .txt (first line) or .safetensors/.pt embeddings "
                         "(first row); default a random embedding")
     p.add_argument("--negative-prompt", default=None, help="with a .txt --prompts: enables CFG")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default 5.0)")
+    p.add_argument("--guidance-scale", type=float, help="default: the pipeline's; bare: CFG 5.0")
     p.add_argument("--text-len", type=positive_int, default=None,
                    help="length of a random embedding (default: 512 for Wan, 16 for tiny)")
 

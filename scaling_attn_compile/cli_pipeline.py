@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import CliError
+from .models.registry import adapter_for
 
 
 def is_pipeline_folder(path) -> bool:
@@ -103,13 +104,17 @@ def run_west_pipeline(args: argparse.Namespace, folder: Path) -> int:
     s = math.prod(grid)
     capture = evenly_spaced(args.steps, args.capture_steps)
     cfg = pipe.transformer.config
+    args.guidance_scale = _guidance(args, pipe)
+    layers = adapter_for(pipe.transformer).num_layers(pipe.transformer)  # HunyuanVideo: 2 kinds
     print(f"pipeline: {type(pipe).__name__} ({folder}), scheduler "
-          f"{type(pipe.scheduler).__name__}, {cfg.num_layers} layers x "
+          f"{type(pipe.scheduler).__name__}, {layers} layers x "
           f"{cfg.num_attention_heads} heads, {args._dtype}, {args._device}")
     print(f"video {args.frames}x{args.height}x{args.width} -> token grid (F, H, W) = {grid}, "
           f"S = {s} tokens, {num_blocks(s)} blocks of 128; {len(prompts)} prompts x "
-          f"{len(capture)}/{args.steps} captured steps, CFG "
-          f"{'on' if args.guidance_scale > 1 else 'off'} (scale {args.guidance_scale})")
+          f"{len(capture)}/{args.steps} captured steps, "
+          + (f"guidance {args.guidance_scale} embedded in the model (no CFG pass)"
+             if cfg.get("guidance_embeds") else
+             f"CFG {'on' if args.guidance_scale > 1 else 'off'} (scale {args.guidance_scale})"))
     if num_blocks(s) < 2:
         print(f"warning: S = {s} tokens is one block of 128: every mask of this plan keeps "
               f"everything; pass a larger video size", file=sys.stderr)
@@ -166,7 +171,7 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
           f"density {target}")
     extra = {} if args.text_len is None else {"max_sequence_length": args.text_len}
     call = pipeline_calls([prompt], height=height, width=width, num_frames=frames,
-                          num_inference_steps=steps, guidance_scale=args.guidance_scale,
+                          num_inference_steps=steps, guidance_scale=_guidance(args, pipe),
                           negative_prompt=args.negative_prompt, image=image, seed=args.seed,
                           **extra)[0]
     fplan, _ = build_fast_plan_pipeline(
@@ -175,3 +180,12 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
         seed=args.seed, allocation=args.allocation, objective=args.objective, gamma=args.gamma,
         omega=args.omega, rho=args.rho, reduce=args.reduce)
     return fplan
+
+
+def _guidance(args, pipe) -> float:
+    """``--guidance-scale``, or the pipeline's own default (``__call__``'s): CFG for Wan (5.0),
+    the guidance *embedded* in the model for HunyuanVideo (6.0), where 5.0 would be wrong."""
+    if args.guidance_scale is not None:
+        return args.guidance_scale
+    default = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    return 5.0 if default is None or default.default is inspect.Parameter.empty else default.default

@@ -322,3 +322,25 @@ def test_gpu_west_plan_compiles_sparse_bf16():
         refs[dtype] = run(m, {k: v.cuda().to(dtype) for k, v in inputs.items()}, 500.0)
     assert_close_to_oracle(out, refs[torch.float64], refs[torch.bfloat16], k=3.0,
                            what="bf16 compiled WEST plan")
+
+
+@pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
+def test_cli_west_on_a_saved_hunyuan_pipeline_folder(tmp_path, capsys):
+    """``scaling-attn west --model <saved HunyuanVideoPipeline folder>`` as a user runs it: the
+    folder loads through from_pretrained, the layer count covers both kinds of block, and the
+    guidance is the pipeline's own embedded 6.0 (not Wan's CFG 5.0)."""
+    from scaling_attn_compile.cli import main
+    from scaling_attn_compile.plan.io import load_plan
+
+    build_hunyuan_pipeline().save_pretrained(tmp_path / "pipe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat runs on the beach\n")
+    out = tmp_path / "hy.plan.safetensors"
+    assert main(["west", "--model", str(tmp_path / "pipe"), "--frames", "9", "--height", "128",
+                 "--width", "192", "--prompts", str(prompts), "--steps", "2", "--capture-steps",
+                 "1", "--text-len", "16", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "2 layers x 2 heads" in log and "guidance 6.0 embedded in the model" in log
+    plan = load_plan(out)
+    assert plan.meta.model_class == "HunyuanVideoTransformer3DModel"
+    assert tuple(plan.meta.calib_grid) == PIPE_GRID and plan.num_layers == 2
