@@ -234,7 +234,6 @@ def test_unknown_model_class_is_refused_naming_the_supported_ones():
         pass
 
     from scaling_attn_compile import enable_sparse_attention
-
     from scaling_attn_compile.models.registry import supported_classes
 
     names = ", ".join(supported_classes())  # every family's, Wan's first

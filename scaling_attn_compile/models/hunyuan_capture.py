@@ -14,14 +14,13 @@ the video rows of q/k, so they are the first ``F*H*W`` rows of what SDPA is fed.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .fingerprint import _unwrap
+from . import capture
+from .capture import CaptureState, LayerCapture
 from .hunyuan import forward_inputs, latent_token_grid, self_attention_modules
-from .wan_capture import CaptureState, LayerCapture
 
 __all__ = ["CaptureState", "LayerCapture", "capture_qk", "video_qkv"]
 
@@ -43,50 +42,17 @@ def video_qkv(attn, hidden_states: torch.Tensor, image_rotary_emb) -> tuple[torc
     return tuple(x.transpose(1, 2) for x in (q, k, v))
 
 
-class _CaptureProcessor:
-    """Wraps a layer's original processor: computes the video q/k/v, calls back, then runs the
-    original unchanged (the model's output is bit-identical)."""
-
-    def __init__(self, original, layer: int, state: CaptureState, on_layer: Callable):
-        self.original, self.layer, self.state, self.on_layer = original, layer, state, on_layer
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None, **kwargs):
-        s = self.state
-        if s.enabled:
-            with torch.no_grad():
-                q, k, v = video_qkv(attn, hidden_states, image_rotary_emb)
-            s.calls += 1
-            self.on_layer(LayerCapture(self.layer, q, k, s.grid, s.input_index, s.step_index,
-                                       s.timestep, s.branch, v))
-            del q, k, v
-        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
-                             image_rotary_emb, **kwargs)
+def _grid(module, args, kwargs):
+    hidden, _ = forward_inputs(args, kwargs)
+    return latent_token_grid(module, hidden.shape)
 
 
-@contextlib.contextmanager
 def capture_qk(transformer, on_layer: Callable[[LayerCapture], None], *,
-               layers: Sequence[int] | None = None) -> Iterator[CaptureState]:
+               layers: Sequence[int] | None = None):
     """Capture the video q/k of every joint attention (or of ``layers``, in the one numbering)
-    during the ``with`` block (see :func:`.wan_capture.capture_qk`). The grid is each forward's
-    video token grid, from its ``hidden_states [B, C, F, H, W]``."""
-    model = _unwrap(transformer)
-    state = CaptureState()
-    modules = self_attention_modules(model)
-    chosen = range(len(modules)) if layers is None else list(layers)
-    originals = {}
-
-    def grid_hook(module, args, kwargs):
-        hidden, _ = forward_inputs(args, kwargs)
-        state.grid = latent_token_grid(module, hidden.shape)
-
-    handle = model.register_forward_pre_hook(grid_hook, with_kwargs=True)
-    try:
-        for i in chosen:
-            originals[i] = modules[i].processor
-            modules[i].processor = _CaptureProcessor(modules[i].processor, i, state, on_layer)
-        yield state
-    finally:
-        handle.remove()
-        for i, proc in originals.items():
-            modules[i].processor = proc
+    during the ``with`` block (see :func:`.capture.capture_qk`). The grid is each forward's
+    video token grid, from its ``hidden_states [B, C, F, H, W]``. Every call is captured: the
+    joint attention always has text, so the Wan/LTX self-attention test does not apply."""
+    return capture.capture_qk(transformer, on_layer, layers=layers,
+                              modules=self_attention_modules, grid_of=_grid, qkv=video_qkv,
+                              rotary_name="image_rotary_emb", self_only=False)

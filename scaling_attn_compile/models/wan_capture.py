@@ -1,59 +1,24 @@
-"""Capture of self-attention q/k in a diffusers Wan transformer, by swapping the attention
-processor of every self-attention layer (the adapter's processor swap).
+"""Capture of self-attention q/k in a diffusers Wan transformer (``blocks.<i>.attn1``), through
+the shared processor swap of :mod:`.capture`.
 
-:func:`capture_qk` (context manager): installs a capturing processor on every self-attention
-layer (``blocks.<i>.attn1``). Each forward call of the transformer then hands your callback a
-:class:`LayerCapture` per layer: ``q, k`` ``(B, H, S, D)`` exactly as diffusers'
+:func:`capture_qk` (context manager): each forward call of the transformer then hands your
+callback a :class:`LayerCapture` per layer: ``q, k`` ``(B, H, S, D)`` exactly as diffusers'
 ``WanAttnProcessor`` feeds them to SDPA (projection, RMS norm, RoPE), plus the latent grid and
 whatever step info the driver put in the state. The original processor then runs unchanged,
 so the model's output is bit-identical. Cost: the q/k projections, norms and RoPE run twice.
-The driver that denoises and captures is :func:`..offline.calibrate.capture_self_attention`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .fingerprint import _unwrap
-from .wan import Grid, latent_token_grid
+from . import capture
+from .capture import CaptureState, LayerCapture
+from .wan import latent_token_grid
 
-
-@dataclass
-class LayerCapture:
-    """What a capture callback receives for one self-attention call.
-
-    ``q, k``: ``(B, H, S, D)`` views (of ``(B, S, H, D)`` memory) in the model's dtype, as SDPA
-    receives them. ``grid``: token grid ``(F, H, W)``, ``S = F * H * W``. The rest is the
-    driver's state (``None`` when you run the model yourself without setting it).
-    """
-
-    layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    grid: Grid | None
-    input_index: int | None = None
-    step_index: int | None = None
-    timestep: float | None = None
-    branch: str = ""
-    v: torch.Tensor | None = None  # (B, H, S, D) like q/k; FAST's output-error profile reads it
-
-
-@dataclass
-class CaptureState:
-    """Mutable state of a :func:`capture_qk` session; the driver sets the step fields."""
-
-    enabled: bool = True
-    grid: Grid | None = None
-    input_index: int | None = None
-    step_index: int | None = None
-    timestep: float | None = None
-    branch: str = ""
-    calls: int = 0
-    extra: dict = field(default_factory=dict)
+__all__ = ["CaptureState", "LayerCapture", "capture_qk", "self_attention_qk", "self_attention_qkv"]
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
@@ -89,54 +54,15 @@ def self_attention_qk(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[to
     return self_attention_qkv(attn, hidden_states, rotary_emb)[:2]
 
 
-class _CaptureProcessor:
-    """Wraps a layer's original processor: computes q/k/v, calls back, then runs the original."""
-
-    def __init__(self, original, layer: int, state: CaptureState, on_layer: Callable):
-        self.original, self.layer, self.state, self.on_layer = original, layer, state, on_layer
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None, **kwargs):
-        s = self.state
-        if s.enabled and encoder_hidden_states is None:  # self-attention only
-            with torch.no_grad():
-                q, k, v = self_attention_qkv(attn, hidden_states, rotary_emb)
-            s.calls += 1
-            self.on_layer(LayerCapture(self.layer, q, k, s.grid, s.input_index, s.step_index,
-                                       s.timestep, s.branch, v))
-            del q, k, v
-        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
-                             rotary_emb, **kwargs)
+def _grid(module, args, kwargs):
+    hs = args[0] if args else kwargs.get("hidden_states")
+    return latent_token_grid(module, hs.shape) if hs is not None and hs.dim() == 5 else None
 
 
-@contextlib.contextmanager
 def capture_qk(transformer, on_layer: Callable[[LayerCapture], None], *,
-               layers: Sequence[int] | None = None) -> Iterator[CaptureState]:
-    """Capture self-attention q/k of ``blocks.<i>.attn1`` during the ``with`` block.
-
-    ``on_layer(LayerCapture)`` runs synchronously inside the forward, once per (call, layer), so
-    q/k of one layer at a time are alive (14B at 720p: 2 x 774 MB in bf16). Set
-    ``state.enabled = False`` to run forwards without capturing. The original processors are
-    restored on exit, even on error. The grid is read from each forward's ``hidden_states``.
-    """
-    model = _unwrap(transformer)
-    state = CaptureState()
-    chosen = range(len(model.blocks)) if layers is None else list(layers)
-    originals = {}
-
-    def grid_hook(module, args, kwargs):
-        hs = args[0] if args else kwargs.get("hidden_states")
-        if hs is not None and hs.dim() == 5:
-            state.grid = latent_token_grid(module, hs.shape)
-
-    handle = model.register_forward_pre_hook(grid_hook, with_kwargs=True)
-    try:
-        for i in chosen:
-            attn = model.blocks[i].attn1
-            originals[i] = attn.processor
-            attn.processor = _CaptureProcessor(attn.processor, i, state, on_layer)
-        yield state
-    finally:
-        handle.remove()
-        for i, proc in originals.items():
-            model.blocks[i].attn1.processor = proc
+               layers: Sequence[int] | None = None):
+    """Capture self-attention q/k of ``blocks.<i>.attn1`` during the ``with`` block (see
+    :func:`.capture.capture_qk`). The grid is read from each forward's ``hidden_states``."""
+    return capture.capture_qk(transformer, on_layer, layers=layers,
+                              modules=lambda m: [b.attn1 for b in m.blocks], grid_of=_grid,
+                              qkv=self_attention_qkv, rotary_name="rotary_emb", self_only=True)

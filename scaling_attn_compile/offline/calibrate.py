@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from ..contract.masks import num_blocks
+from ..models.capture import LayerCapture
 from ..models.fingerprint import _unwrap
 from ..models.registry import adapter_for, capture_for
-from ..models.wan_capture import LayerCapture
 from . import west
 
 # --------------------------------------------------------------------------------------------

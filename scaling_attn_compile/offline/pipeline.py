@@ -25,9 +25,9 @@ import torch
 
 from ..contract.masks import num_blocks
 from ..contract.token_order import TokenOrder, in_token_order
+from ..models.capture import LayerCapture
 from ..models.fingerprint import _unwrap
 from ..models.registry import adapter_for, capture_for
-from ..models.wan_capture import LayerCapture
 from . import west
 from .calibrate import evenly_spaced
 

@@ -40,8 +40,8 @@ from ..contract.tables import AttentionTables
 from ..contract.token_order import TokenOrder
 from ..contract.token_order import describe as describe_order
 from ..errors import PlanError, PlanModelMismatch
-from ..models.registry import adapter_for
 from ..models.fingerprint import _unwrap, config_fingerprint, model_config
+from ..models.registry import adapter_for
 from . import schema, topology
 
 FORMAT = "scaling-attn-plan"
