@@ -4,6 +4,7 @@ the sites the token-order step needs. Family-agnostic: no module path of any mod
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,34 @@ def source_name(node: torch.fx.Node) -> str:
 def is_param_or_buffer(node: torch.fx.Node) -> bool:
     name = source_name(node)
     return "_parameters" in name or "_buffers" in name
+
+
+def timestep_placeholder(gm: torch.fx.GraphModule, embed_module: str | None,
+                         exclude: tuple[str, ...] = ("encoder",)) -> torch.fx.Node | None:
+    """The transformer's ``timestep`` placeholder: by its source (``L['kwargs']['timestep']``) or
+    a placeholder name containing ``timestep`` and none of ``exclude``; failing that (a
+    positional call), the first non-parameter placeholder reached walking back from the nodes
+    of ``embed_module`` (the family's sinusoidal timestep embedding; ``None``: by name only)."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder" or is_param_or_buffer(n):
+            continue
+        if re.search(r"\[['\"]timestep['\"]\]$", source_name(n)) or (
+                "timestep" in n.name and not any(x in n.name for x in exclude)):
+            return n
+    if embed_module is None:
+        return None
+    seen = set()
+    todo = [x for n in gm.graph.nodes if any(embed_module in p for p in module_paths(n))
+            for x in n.all_input_nodes]
+    while todo:
+        x = todo.pop(0)
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "placeholder" and not is_param_or_buffer(x):
+            return x
+        todo.extend(x.all_input_nodes)
+    return None
 
 
 @dataclass(frozen=True)

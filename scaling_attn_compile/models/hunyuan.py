@@ -35,11 +35,10 @@ import torch.nn.functional as F
 
 from ..errors import PlanMismatchError
 from .fingerprint import _unwrap, fingerprint_tensors
-from .graph import is_param_or_buffer as _is_param_or_buffer
 from .graph import is_static as _is_static
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
-from .graph import source_name as _source_name
+from .graph import timestep_placeholder
 
 Grid = tuple[int, int, int]
 
@@ -295,14 +294,8 @@ def count_double_blocks(gm: torch.fx.GraphModule) -> int:
 
 def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     """The ``timestep`` placeholder (by name; ``guidance`` and ``encoder_*`` never match)."""
-    for n in gm.graph.nodes:
-        if n.op != "placeholder" or _is_param_or_buffer(n):
-            continue
-        src = _source_name(n)
-        if re.search(r"\[['\"]timestep['\"]\]$", src) or (
-                "timestep" in n.name and "encoder" not in n.name and "guidance" not in n.name):
-            return n
-    return None
+    return timestep_placeholder(gm, None, exclude=("encoder", "guidance"))
+
 
 
 def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None = None

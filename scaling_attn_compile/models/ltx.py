@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .fingerprint import _unwrap, fingerprint_tensors
-from .graph import is_param_or_buffer as _is_param_or_buffer
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
-from .graph import source_name as _source_name
+from .graph import timestep_placeholder
 
 Grid = tuple[int, int, int]
 
@@ -183,26 +182,8 @@ def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor,
 def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     """The transformer's ``timestep`` placeholder: by name, or (a positional call) the
     non-parameter placeholder feeding ``time_embed``."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for n in placeholders:
-        if _is_param_or_buffer(n):
-            continue
-        src = _source_name(n)
-        if re.search(r"\[['\"]timestep['\"]\]$", src) or (
-                "timestep" in n.name and "encoder" not in n.name):
-            return n
-    seen = set()
-    todo = [x for n in gm.graph.nodes if any("time_embed" in p for p in _module_paths(n))
-            for x in n.all_input_nodes]
-    while todo:
-        x = todo.pop(0)
-        if x in seen:
-            continue
-        seen.add(x)
-        if x.op == "placeholder" and not _is_param_or_buffer(x):
-            return x
-        todo.extend(x.all_input_nodes)
-    return None
+    return timestep_placeholder(gm, "time_embed")
+
 
 
 def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None = None

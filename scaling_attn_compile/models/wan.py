@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import PlanMismatchError, UnsupportedModelError
 from .fingerprint import _unwrap, fingerprint_tensors
-from .graph import OrderSites
+from .graph import OrderSites, timestep_placeholder
 from .graph import is_param_or_buffer as _is_param_or_buffer
 from .graph import is_static as _is_static
 from .graph import module_paths as _module_paths
@@ -347,32 +347,10 @@ def velocity(transformer, latents: torch.Tensor, timestep: torch.Tensor,
 
 
 def find_timestep(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
-    """The transformer's ``timestep`` placeholder.
+    """The transformer's ``timestep`` placeholder: by name, or (a positional call) the
+    non-parameter placeholder feeding Wan's ``timesteps_proj``."""
+    return timestep_placeholder(gm, "timesteps_proj")
 
-    By name (``L['kwargs']['timestep']`` or a placeholder called ``*timestep*``); failing that
-    (a positional call), the non-parameter placeholder feeding Wan's ``timesteps_proj``.
-    """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for n in placeholders:
-        if _is_param_or_buffer(n):
-            continue
-        src = _source_name(n)
-        if re.search(r"\[['\"]timestep['\"]\]$", src) or (
-                "timestep" in n.name and "encoder" not in n.name):
-            return n
-    # A positional call: walk back from the nodes of the sinusoidal timestep embedding.
-    seen = set()
-    todo = [x for n in gm.graph.nodes if any("timesteps_proj" in p for p in _module_paths(n))
-            for x in n.all_input_nodes]
-    while todo:
-        x = todo.pop(0)
-        if x in seen:
-            continue
-        seen.add(x)
-        if x.op == "placeholder" and not _is_param_or_buffer(x):
-            return x
-        todo.extend(x.all_input_nodes)
-    return None
 
 
 def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None = None
