@@ -53,11 +53,11 @@ if __name__ == "__main__" and "--warm-cache" not in sys.argv:
     os.environ["TRITON_CACHE_DIR"] = os.path.join(_cold, "triton")
 
 import gc  # noqa: E402
-from collections import Counter  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
 import _common  # noqa: E402

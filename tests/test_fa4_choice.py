@@ -10,35 +10,71 @@ output equals the reference with FA4 among the choices, and the pick is recorded
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-import sys
 from unittest import mock
 
 import pytest
 import torch
 
 from scaling_attn_compile.compile import lowering
+from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_blocks
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.kernels.fa4 import fa4_available
 from scaling_attn_compile.ops import fa4_op
 from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_backend import OP, _fresh_dynamo, two_level_tables  # noqa: E402,F401 (autouse)
-from test_lowering import capture_template_choices  # noqa: E402
-
+# Self-contained (no diffusers, unlike test_lowering.py's helpers): the device call that
+# installs FA4 has no room left to carry diffusers' wheels too.
+OP = torch.ops.scaling_attn.sparse_attention.default
 B, H, S, D = 2, 2, 200, 64
 SCALE = 0.1  # not 1/sqrt(D): the op's scale must reach the extern call
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def two_level_tables(h=H, s=S):
+    """Level 0 a checkerboard of blocks (per head), level 1 dense; bucket 0 (t < 500) every head
+    at level 0, bucket 1 head 0 dense; the last bound is +inf, as the backend binds it."""
+    nb = num_blocks(s)
+    u = torch.arange(nb)
+    sparse = torch.stack([(u[:, None] + u[None, :] + i) % 2 == 0 for i in range(h)])
+    levels = torch.stack([add_diagonal(sparse), torch.ones(h, nb, nb, dtype=torch.bool)], 1)
+    lt = torch.zeros(3, h, dtype=torch.int32)
+    lt[1:, 0] = 1
+    return pack_blocks(levels), lt, torch.tensor([500.0, float("inf")])
 
 
 def inputs(dtype=torch.float16, k_layout=None):
     q, k, v = make_qkv(B, H, S, D, dtype=dtype)
     if k_layout == "d-strided":  # last dim not contiguous: neither TMA nor FA4 can read it
         k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
-    masks, lt, _ = two_level_tables(1, H, (1, 1, S)).layer(0)
-    lt, bb = torch.cat([lt, lt[-1:]]), torch.tensor([500.0, float("inf")])
-    return q, k, v, masks, lt, bb, torch.tensor([900, 100])
+    return (q, k, v, *two_level_tables(), torch.tensor([900, 100]))
+
+
+@contextlib.contextmanager
+def capture_template_choices():
+    """Render the template on the CPU (Inductor's triton cpu backend) and capture the choices
+    instead of benchmarking them (as test_lowering.py does)."""
+    import torch.utils._triton as triton_utils
+
+    captured = []
+
+    def select(name, choices, inputs, layout, **kwargs):
+        captured.extend(choices)
+        raise RuntimeError("choices captured")
+
+    with mock.patch.object(lowering, "_select", select), \
+            mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
+            mock.patch.object(triton_utils, "triton_hash_with_backend", lambda: "cpu-test"), \
+            torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
+        yield captured
 
 
 def offered(args, *, fa4=True, tma=False, extra=()):
@@ -152,7 +188,7 @@ def test_generated_code_calls_the_fa4_op_when_it_wins():
         return sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale)
 
     for style in ("node+choice", "node"):  # torch >= 2.12, torch 2.11
-        def pick_fa4(name, choices, input_nodes, layout, **kwargs):
+        def pick_fa4(name, choices, input_nodes, layout, style=style, **kwargs):
             choice = next(c for c in choices if c.name == lowering.FA4_CHOICE_NAME)
             node = choice.output_node()
             return (node, choice) if style == "node+choice" else node
@@ -259,7 +295,7 @@ def test_gpu_compiled_op_with_fa4_choice_matches_reference(density):
     ts = torch.tensor([500.0], device="cuda")
     torch._dynamo.reset()
     del lowering.PICKS[:]
-    f = torch.compile(lambda *a: OP(*a, d**-0.5), fullgraph=True)
+    f = torch.compile(lambda *a: OP(*a, d**-0.5), fullgraph=True, dynamic=False)
     out, codes = run_and_get_code(f, q, k, v, masks, lt, bb, ts)
     pick = lowering.PICKS[-1]
     assert pick["fa4"] is None and lowering.FA4_CHOICE_NAME in pick["choices"], pick
@@ -280,8 +316,8 @@ def test_gpu_compiled_op_with_fa4_choice_matches_reference(density):
 @pytest.mark.gpu
 @needs_fa4
 def test_gpu_fa4_choice_and_template_agree_and_switch_works(monkeypatch):
-    """Both choices forced in turn (FA4 alone by making it the autotuner's only timing winner;
-    the template alone with SCALING_ATTN_FA4=0) give outputs within the oracle tolerance."""
+    """Both choices forced in turn (FA4 alone by handing the autotuner only the FA4 choice; the
+    template alone with SCALING_ATTN_FA4=0) give outputs within the oracle tolerance."""
     from scaling_attn_compile.contract.tables import uniform_tables
 
     b, h, s, d = 1, 2, 128 * 16, 128
@@ -292,19 +328,58 @@ def test_gpu_fa4_choice_and_template_agree_and_switch_works(monkeypatch):
                                         compute_dtype=torch.float64)
     same = sparse_attention_reference(q, k, v, masks, lt, bb, ts, d**-0.5)
     outs = {}
+    select = lowering.autotune_select_algorithm
     for name in ("fa4", "template"):
         torch._dynamo.reset()
         del lowering.PICKS[:]
         if name == "template":
             monkeypatch.setenv(lowering.FA4_ENV, "0")
-            choose = lowering.autotune_select_algorithm
+            choose = select
         else:
             def choose(n, choices, *a, **kw):
-                return lowering.autotune_select_algorithm(
-                    n, [c for c in choices if c.name == lowering.FA4_CHOICE_NAME], *a, **kw)
+                return select(n, [c for c in choices if c.name == lowering.FA4_CHOICE_NAME],
+                              *a, **kw)
         with mock.patch.object(lowering, "autotune_select_algorithm", choose):
-            outs[name] = torch.compile(lambda *a: OP(*a, d**-0.5), fullgraph=True)(
-                q, k, v, masks, lt, bb, ts)
+            outs[name] = torch.compile(lambda *a: OP(*a, d**-0.5), fullgraph=True,
+                                       dynamic=False)(q, k, v, masks, lt, bb, ts)
         expect_fa4 = name == "fa4"
         assert (lowering.FA4_CHOICE_NAME in lowering.PICKS[-1]["choices"]) == expect_fa4
+        assert lowering.PICKS[-1]["picked"] in (name, None), lowering.PICKS[-1]
         assert_close_to_oracle(outs[name], golden, same, k=3.0, what=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs an sm90+ GPU")
+@pytest.mark.parametrize("s", [128 * 24, 128 * 24 + 37])
+def test_gpu_compiled_tma_template_matches_reference(monkeypatch, s):
+    """The template's TMA config alone, run by Inductor's generated code (its launcher sets the
+    Triton allocator the tensor descriptors need), equals the reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    from scaling_attn_compile.contract.tables import uniform_tables
+
+    monkeypatch.setenv(lowering.FA4_ENV, "0")
+    b, h, d = 2, 3, 128
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2)
+               for t in make_qkv(b, h, s, d, dtype=torch.bfloat16, device="cuda", seed=s))
+    masks, lt, bb = uniform_tables(1, h, (1, 1, s), 0.3, seed=4).to("cuda").layer(0)
+    ts = torch.tensor([500.0, 20.0], device="cuda")
+
+    select = lowering.autotune_select_algorithm
+
+    def only_tma(name, choices, *a, **kw):
+        tma = [c for c in choices
+               if "USE_TMA : tl.constexpr = True" in open(c.bmreq.module_path).read()]
+        assert tma, "no TMA config offered on an sm90+ GPU for (B, S, H, D) memory"
+        return select(name, tma, *a, **kw)
+
+    with mock.patch.object(lowering, "autotune_select_algorithm", only_tma):
+        out, codes = run_and_get_code(
+            torch.compile(lambda *a: OP(*a, d**-0.5), fullgraph=True, dynamic=False),
+            q, k, v, masks, lt, bb, ts)
+    assert "USE_TMA : tl.constexpr = True" in "\n".join(codes)
+    golden = sparse_attention_reference(q, k, v, masks, lt, bb, ts, d**-0.5,
+                                        compute_dtype=torch.float64)
+    same = sparse_attention_reference(q, k, v, masks, lt, bb, ts, d**-0.5)
+    assert_close_to_oracle(out, golden, same, k=3.0, what="compiled template, TMA")

@@ -113,8 +113,7 @@ def test_template_tma_variant_compiles_for_sm90():
     import torch
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_backend import OP
-    from test_lowering import capture_template_choices
+    from test_fa4_choice import OP, capture_template_choices
 
     from scaling_attn_compile.compile import lowering
     from scaling_attn_compile.contract.tables import uniform_tables
