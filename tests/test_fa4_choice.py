@@ -113,6 +113,23 @@ def test_env_switch_leaves_fa4_out(monkeypatch, off):
     assert lowering.fa4_enabled()
 
 
+def test_fa4_choice_context_leaves_fa4_out_for_the_compiles_inside():
+    """The hook a backend option ``fa4=False`` uses: off inside, on again after, and the cache
+    key follows it."""
+    from scaling_attn_compile.kernels import fa4 as fa4_kernels
+
+    with lowering.fa4_choice(False):
+        assert not lowering.fa4_enabled()
+        assert lowering.FA4_CHOICE_NAME not in names(offered(inputs(), fa4=True))
+        with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+                mock.patch.object(fa4_kernels, "_fa4_imports", lambda: True):
+            off = lowering.KernelSourceHash().uuid()
+            with lowering.fa4_choice(True):
+                assert lowering.KernelSourceHash().uuid() != off
+    assert lowering.fa4_enabled()
+    assert lowering.FA4_CHOICE_NAME in names(offered(inputs(), fa4=True))
+
+
 @pytest.mark.parametrize("case", ["energy-filter", "kv-lens", "float32", "d-strided"])
 def test_fa4_not_offered_for_what_it_cannot_express(case):
     """Energy filter and kv_lens are no fixed full-block lists; FA4 takes fp16/bf16 only and

@@ -29,6 +29,8 @@ signature has it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -206,9 +208,28 @@ FA4_ENV = "SCALING_ATTN_FA4"
 FA4_CHOICE_NAME = "scaling_attn_fa4"
 
 
+# Set by fa4_choice(False) for the compiles under it (a backend option's hook).
+_FA4_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("scaling_attn_fa4_off",
+                                                                default=False)
+
+
 def fa4_enabled() -> bool:
-    """The user's switch: on unless ``SCALING_ATTN_FA4`` is 0/false/off/no."""
-    return os.environ.get(FA4_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    """The user's switch: on unless ``SCALING_ATTN_FA4`` is 0/false/off/no or the compile runs
+    under ``fa4_choice(False)``."""
+    return not _FA4_OFF.get() and os.environ.get(FA4_ENV, "1").strip().lower() not in (
+        "0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def fa4_choice(enabled: bool):
+    """Offer FA4 (``True``: where it can run) or not, for the compiles inside: a backend option
+    ``fa4=False`` is ``with fa4_choice(self.fa4): compile_fx(...)`` (the lowering and the
+    cache key are computed in that call, in this thread)."""
+    token = _FA4_OFF.set(not enabled)
+    try:
+        yield
+    finally:
+        _FA4_OFF.reset(token)
 
 
 def _fa4_device(device) -> bool:
@@ -221,7 +242,7 @@ def fa4_refusal(device, q, k, v, energy_rule=0, kv_lens=None) -> str | None:
     the switch, what FA4's full blocks cannot express, dtype and head dim, layout, then the
     device (which imports ``flash_attn.cute``)."""
     if not fa4_enabled():
-        return f"{FA4_ENV}={os.environ.get(FA4_ENV)}"
+        return "fa4_choice(False)" if _FA4_OFF.get() else f"{FA4_ENV}={os.environ.get(FA4_ENV)}"
     if energy_rule:
         return "energy filter"  # an online, per-tile skip decision: not a fixed block list
     if kv_lens is not None:
