@@ -12,7 +12,10 @@ diffusers and than ``torch.compile`` with Inductor, with dense and with sparse p
 Rows, one transformer forward (B=1, CFG off) each, random bf16 weights (speed does not depend on
 the weights): ``eager`` (diffusers' default SDPA), ``inductor`` (``torch.compile``, dense
 attention), ``ours-dense`` (our backend, all-dense plan), ``ours-0.5`` and ``ours-0.25`` (plans of
-that global block density, ``uniform_tables(..., pattern)``). Median ms per step from
+that global block density, ``uniform_tables(..., pattern)``); where ``flash_attn.cute`` imports
+on an sm90 GPU their lowering also offers FlashAttention-4 (the record's ``picks`` says which
+kernel the autotuner kept), and ``ours-dense-nofa4`` / ``ours-0.25-nofa4`` are the same rows with
+``SCALING_ATTN_FA4=0`` (the template alone). Median ms per step from
 ``triton.testing.do_bench`` on the GPU (``time.perf_counter`` medians on the CPU), speedup over
 eager, first-call (compile) seconds, peak memory.
 
@@ -54,11 +57,13 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
 import _common  # noqa: E402
 import torch  # noqa: E402
 
+from scaling_attn_compile.compile import lowering  # noqa: E402
 from scaling_attn_compile.contract.masks import unpack_blocks  # noqa: E402
 from scaling_attn_compile.contract.tables import uniform_tables  # noqa: E402
 from scaling_attn_compile.models.ltx import BUILTIN_CONFIGS as LTX_CONFIGS  # noqa: E402
@@ -92,8 +97,12 @@ MODELS = {
         COMMON, in_channels=4, out_channels=4, text_dim=32, freq_dim=32, rope_max_seq_len=64,
         num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)),
 }
-ROWS = ("eager", "inductor", "ours-dense", "ours-0.5", "ours-0.25")
+ROWS = ("eager", "inductor", "ours-dense", "ours-0.5", "ours-0.25", "ours-dense-nofa4",
+        "ours-0.25-nofa4")
 DENSITY = {"ours-dense": 1.0, "ours-0.5": 0.5, "ours-0.25": 0.25}
+# "-nofa4": the same row compiled with SCALING_ATTN_FA4=0 (the template alone), for A/B against
+# the row without the suffix, whose lowering also offers FlashAttention-4 where it imports.
+NOFA4 = "-nofa4"
 
 
 @dataclass
@@ -112,6 +121,7 @@ class Record:
     density: float | None = None  # kept blocks / all blocks of the bound tables
     rewritten_layers: int | None = None
     error: str | None = None
+    picks: dict | None = None  # what the lowering's autotuner kept: {"fa4" | "template": calls}
 
 
 def environment(device: str) -> dict:
@@ -240,7 +250,8 @@ def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_co
         fn_model = torch.compile(model, backend="inductor", options=dict(inductor_config) or None,
                                  **options)
     elif row != "eager":
-        tables = uniform_tables(layers, heads, grid, DENSITY[row], seed=0, pattern=pattern)
+        tables = uniform_tables(layers, heads, grid, DENSITY[row.removesuffix(NOFA4)], seed=0,
+                                pattern=pattern)
         nb = tables.masks[0].shape[2]
         density = statistics.fmean(unpack_blocks(m[:, 0], nb).float().mean().item()
                                    for m in tables.masks)
@@ -412,6 +423,10 @@ def main(argv=None) -> int:
             name = f"{row}/regional" if args.regional and row != "eager" else row
             rec = Record(spec["name"], layers, layers_of, spec["video"], grid, s, name,
                          None, None, None, None)
+            del lowering.PICKS[:]
+            fa4_env = os.environ.get(lowering.FA4_ENV)
+            if row.endswith(NOFA4):
+                os.environ[lowering.FA4_ENV] = "0"
             try:
                 ms, first, peak, density, rewritten = run_row(
                     row, model, inputs, spec, layers, grid, device, args.pattern,
@@ -423,10 +438,17 @@ def main(argv=None) -> int:
                 rec.speedup_vs_eager = eager_ms / ms if eager_ms else None
             except torch.cuda.OutOfMemoryError as e:  # a row that does not fit is a result too
                 rec.error = f"OOM: {str(e).splitlines()[0][:120]}"
+            finally:
+                if fa4_env is None:
+                    os.environ.pop(lowering.FA4_ENV, None)
+                else:
+                    os.environ[lowering.FA4_ENV] = fa4_env
+            rec.picks = dict(Counter(str(p["picked"]) for p in lowering.PICKS)) or None
             print(f"  {name:10s} " + (rec.error or f"{rec.ms:9.1f} ms/step"
                   + (f"  first call {rec.first_call_s:6.1f} s" if rec.first_call_s else "")
                   + (f"  density {rec.density:.3f}" if rec.density is not None else "")
-                  + (f"  peak {rec.peak_mem_gib:.1f} GiB" if rec.peak_mem_gib else "")),
+                  + (f"  peak {rec.peak_mem_gib:.1f} GiB" if rec.peak_mem_gib else "")
+                  + (f"  picked {rec.picks}" if rec.picks else "")),
                   flush=True)
             new.append(rec)
             save(new)

@@ -6,6 +6,9 @@ The compile runs in a subprocess: in this process TRITON_INTERPRET=1 may have tu
 functions into interpreted ones. It gives the compiler what a real launch at the Wan shapes gives
 it: unit strides specialised to 1 and 16-divisible pointers and strides marked so. Without those
 hints no vector loads are provable and the K/V loop is not pipelined (seen: no cp.async, spills).
+
+The Inductor template's TMA variant is compiled as Inductor renders it (through its triton cpu
+backend, as ``tests/test_lowering.py`` renders the template), from the rendered module's file.
 """
 
 import json
@@ -71,3 +74,72 @@ def test_kernel_compiles_for_sm90_with_wgmma(variant):
     # and nothing spills to local memory: 48 copies / 229 KB / 0 spills with Triton 3.9 here.
     assert result["async_copies"] > 0, "the KV loop is not pipelined (no cp.async)"
     assert result["spills"] == 0, f"{result['spills']} local-memory spill instructions"
+
+
+COMPILE_RENDERED = r'''
+import importlib.util, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+path, name, num_warps, num_stages = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+spec = importlib.util.spec_from_file_location("tmpl", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+kernel = getattr(mod, name)
+sig = kernel.triton_meta["signature"]
+params = list(sig)
+# Inductor marks 16-byte aligned pointers so on the GPU (fresh allocations always are).
+attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*")}
+src = ASTSource(fn=kernel.fn, signature=sig, attrs=attrs, constexprs={})
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+ptx = compiled.asm["ptx"]
+print(json.dumps({"wgmma": "wgmma" in ptx, "cubin": bool(compiled.asm.get("cubin")),
+                  "tma_loads": ptx.count("cp.async.bulk.tensor"),
+                  "global_scratch": getattr(compiled.metadata, "global_scratch_size", None),
+                  "shared": compiled.metadata.shared,
+                  "spills": ptx.count("ld.local") + ptx.count("st.local")}))
+'''
+
+
+@pytest.mark.slow
+def test_template_tma_variant_compiles_for_sm90():
+    """The Inductor template's TMA config (K/V through device-side tensor descriptors), rendered
+    at the Wan 1.3B shape (S = 32,760, H = 12, D = 128, (B, S, H, D) memory) and compiled for
+    sm_90: TMA loads, wgmma, and a global scratch buffer, which Inductor's launcher allocates
+    (``triton.set_allocator`` in ``CachingAutotuner.run``)."""
+    from unittest import mock
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_fa4_choice import OP, capture_template_choices
+
+    from scaling_attn_compile.compile import lowering
+    from scaling_attn_compile.contract.tables import uniform_tables
+
+    B, H, S, D = 1, 12, 32760, 128
+    q, k, v = (torch.empty(B, S, H, D, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    masks, lt, bb = uniform_tables(1, H, (1, 1, S), 0.25).layer(0)
+    torch._dynamo.reset()
+    with mock.patch.object(lowering, "_tma_device", lambda device: True), \
+            mock.patch.object(lowering, "_fa4_device", lambda device: False), \
+            capture_template_choices() as choices:
+        with pytest.raises(Exception, match="choices captured"):
+            torch.compile(lambda *a: OP(*a, D**-0.5), backend="inductor", fullgraph=True,
+                          dynamic=False)(q, k, v, masks, lt, bb, torch.tensor([500.0]))
+    torch._dynamo.reset()
+    tma = [c for c in choices if "USE_TMA : tl.constexpr = True" in open(c.bmreq.module_path).read()]
+    assert len(tma) == sum(bool(c.get("use_tma")) for c in lowering.template_configs(tma=True))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE_RENDERED, tma[0].bmreq.module_path,
+                          tma[0].bmreq.kernel_name, str(tma[0].bmreq.num_warps),
+                          str(tma[0].bmreq.num_stages)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["cubin"] and result["wgmma"], result
+    assert result["tma_loads"] > 0, f"no TMA loads (cp.async.bulk.tensor) in the PTX: {result}"
+    assert result["global_scratch"], f"descriptors need global scratch: {result}"
+    assert result["shared"] <= 232448 and result["spills"] == 0, result
+    print(result)

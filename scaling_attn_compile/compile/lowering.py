@@ -1,6 +1,12 @@
 """Inductor lowering of ``torch.ops.scaling_attn.sparse_attention``: a Triton template on CUDA,
 the eager op (an extern call) everywhere else.
 
+Choices on CUDA, autotuned on the same inputs: the template's tile configs (``CONFIGS``; the TMA
+ones where K/V suit TMA on sm90+, :func:`_tma_ok`) and, where :func:`fa4_refusal` finds no
+reason against it, FlashAttention-4 block-sparse as an extern choice
+(``torch.ops.scaling_attn.sparse_attention_fa4``). ``SCALING_ATTN_FA4=0`` leaves FA4 out.
+:data:`PICKS` records what each lowered call was offered and what won.
+
 Importing this module registers the lowering; :mod:`scaling_attn_compile.compile.backend` imports it.
 
 One source of kernel math: the template's source (:mod:`.template_source`) is a stub plus the
@@ -10,9 +16,9 @@ Constexprs come from ``kernels/launch.py``'s ``launch_meta`` and ``CONFIGS``.
 Cache hygiene: Inductor's FX graph cache key does not cover this project's files, so a kernel
 edit could reuse stale generated code. :class:`KernelSourceHash` is a no-op post-grad pass whose
 ``uuid()`` hashes this file, ``backend.py``, ``rewrite.py``, ``regional.py``,
-``template_source.py``, the kernel and
-its launcher (``kernels/``) and the template source (taken at
-import); the backend installs it in the config patches it gives ``compile_fx``.
+``template_source.py``, the kernel, its launcher, ``fa4.py`` and ``ops/fa4_op.py`` and the
+template source (taken at import), plus whether FA4 may be offered; the backend installs it
+in the config patches it gives ``compile_fx``.
 
 Version notes (torch 2.11 to 2.14): the template is created
 once at import (a duplicate ``TritonTemplate`` name asserts up to 2.13);
@@ -23,6 +29,8 @@ signature has it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -33,9 +41,11 @@ from torch._inductor import ir
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import (
+    ExternKernelChoice,
     SymbolicGridFn,
     TritonTemplate,
     autotune_select_algorithm,
+    extern_kernels,
     realize_inputs,
 )
 from torch._inductor.virtualized import V
@@ -43,8 +53,10 @@ from torch._inductor.virtualized import V
 from ..contract.masks import num_blocks, pack_blocks
 from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
 from ..kernels import block_sparse_attention as _kernel
+from ..kernels import fa4 as _fa4
 from ..kernels import launch as _launch
 from ..ops import op as _op  # noqa: F401  (registers torch.ops.scaling_attn.sparse_attention)
+from ..ops.fa4_op import FA4_OP
 from . import template_source as _template_source
 from .template_source import _TILE_FN, template_source
 
@@ -83,8 +95,10 @@ _TEMPLATE_KV = _make_template(TEMPLATE_NAME + "_kv", _TEMPLATE_KV_SOURCE)
 
 
 def _select(name, choices, input_nodes, layout, **kwargs):
+    """``(node, "fa4" | "template" | None)``; torch 2.11 returns the node, >= 2.12
+    ``(node, choice)``."""
     result = autotune_select_algorithm(name, choices, input_nodes, layout, **kwargs)
-    return result[0] if isinstance(result, tuple) else result  # 2.11: node; >= 2.12: (node, choice)
+    return (result[0] if isinstance(result, tuple) else result), _picked(result)
 
 
 def _static(x) -> int:
@@ -138,22 +152,151 @@ def _input_gen_fns(seq_len: int):
     return {3: masks, 4: level_table, 5: bounds, 6: timestep, 7: kv_lens}
 
 
-def template_configs() -> list[dict]:
+def template_configs(tma: bool = False) -> list[dict]:
     """The kernel module's tile configurations, as dicts of their fields.
 
     ``CONFIGS`` holds ``KernelConfig`` named tuples (block_m, num_warps, num_stages, use_tma,
-    warp_specialize) or plain ``(block_m, num_warps, num_stages)`` tuples. Configs with TMA or
-    warp specialisation are left to the eager launcher: device-side tensor descriptors need a
-    Triton allocator that Inductor's generated code does not set.
+    warp_specialize) or plain ``(block_m, num_warps, num_stages)`` tuples. ``tma``: include the
+    TMA configs (the lowering passes it where :func:`_tma_ok` holds). Their device-side tensor
+    descriptors need a global scratch allocator, which Inductor's launcher sets before every
+    launch (``CachingAutotuner.run`` calls ``triton.set_allocator``, torch 2.11 to 2.13; flex
+    attention's ``USE_TMA`` relies on the same), and its static CUDA launcher, which has no
+    scratch, declines such kernels and leaves them to Triton's. Warp-specialised configs stay
+    with the eager launcher: none is in ``CONFIGS`` and the template has never run one.
     """
     out = []
     for c in _launch.CONFIGS:
         fields = getattr(c, "_fields", ("block_m", "num_warps", "num_stages"))
         d = dict(zip(fields, c, strict=False))
-        if d.get("use_tma") or d.get("warp_specialize"):
+        if (d.get("use_tma") and not tma) or d.get("warp_specialize"):
             continue
         out.append(d)
     return out
+
+
+def _tma_device(device) -> bool:
+    """Hopper or newer: TMA (device-side tensor descriptors) exists from sm90."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+# TMA's rules (cuTensorMapEncodeTiled): base address and every outer stride 16-byte aligned,
+# inner stride 1. The tile makes descriptors on K and V only (Q is one load per program).
+TMA_ALIGN = 16
+
+
+def _tma_ok(device, k, v) -> bool:
+    """Whether the template's TMA configs can read ``k`` and ``v`` as they are laid out."""
+    if not _tma_device(device):
+        return False
+    for node in (k, v):
+        size = node.get_size()
+        item = node.get_dtype().itemsize
+        stride = [_static(x) for x in node.get_stride()]
+        offset = _static(node.get_layout().offset)
+        if stride[-1] != 1 or (offset * item) % TMA_ALIGN:
+            return False
+        if any((st * item) % TMA_ALIGN for st, n in zip(stride[:-1], size[:-1], strict=True)
+               if _static(n) > 1):
+            return False
+    return True
+
+
+# -- FlashAttention-4 as an extern choice -------------------------------------------------------
+
+# "0" / "false" / "off" / "no" turn the FA4 choice off (A/B timing, or to rule FA4 out).
+FA4_ENV = "SCALING_ATTN_FA4"
+FA4_CHOICE_NAME = "scaling_attn_fa4"
+
+
+# Set by fa4_choice(False) for the compiles under it (a backend option's hook).
+_FA4_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("scaling_attn_fa4_off",
+                                                                default=False)
+
+
+def fa4_enabled() -> bool:
+    """The user's switch: on unless ``SCALING_ATTN_FA4`` is 0/false/off/no or the compile runs
+    under ``fa4_choice(False)``."""
+    return not _FA4_OFF.get() and os.environ.get(FA4_ENV, "1").strip().lower() not in (
+        "0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def fa4_choice(enabled: bool):
+    """Offer FA4 (``True``: where it can run) or not, for the compiles inside: a backend option
+    ``fa4=False`` is ``with fa4_choice(self.fa4): compile_fx(...)`` (the lowering and the
+    cache key are computed in that call, in this thread)."""
+    token = _FA4_OFF.set(not enabled)
+    try:
+        yield
+    finally:
+        _FA4_OFF.reset(token)
+
+
+def _fa4_device(device) -> bool:
+    """``flash_attn.cute`` imports and ``device`` is sm90 (FA4's 128-row sparse blocks)."""
+    return _fa4.fa4_available(device)
+
+
+def fa4_refusal(device, q, k, v, energy_rule=0, kv_lens=None) -> str | None:
+    """Why FA4 is not offered for this call (``None``: it is). Checked in the order of cost:
+    the switch, what FA4's full blocks cannot express, dtype and head dim, layout, then the
+    device (which imports ``flash_attn.cute``)."""
+    if not fa4_enabled():
+        return "fa4_choice(False)" if _FA4_OFF.get() else f"{FA4_ENV}={os.environ.get(FA4_ENV)}"
+    if energy_rule:
+        return "energy filter"  # an online, per-tile skip decision: not a fixed block list
+    if kv_lens is not None:
+        return "kv_lens"  # per-batch key lengths: FA4's lists are per (b, h), no key mask
+    if q.get_dtype() not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.get_dtype()}"
+    head_dim = _static(q.get_size()[-1])
+    if head_dim > 128 or head_dim % 8:  # sm90 keeps 128-wide KV tiles only up to D = 128
+        return f"head_dim {head_dim}"
+    if any(_static(x.get_stride()[-1]) != 1 for x in (q, k, v)):
+        return "q/k/v last dim not contiguous"
+    if device is None or not _fa4_device(device):
+        return "flash_attn.cute not importable or not an sm90 GPU"
+    return None
+
+
+def _fa4_extern_choice() -> ExternKernelChoice:
+    """Created once, at import (Inductor asserts on a second extern kernel of one name). The
+    generated code calls the op (``use_fallback_kernel``), so a cached graph loads back anywhere
+    this package imports; the benchmark calls it with ``scale`` as a keyword."""
+    if hasattr(extern_kernels, FA4_CHOICE_NAME):  # importlib.reload: register it again
+        delattr(extern_kernels, FA4_CHOICE_NAME)
+    return ExternKernelChoice(FA4_OP, name=FA4_CHOICE_NAME, has_out_variant=False,
+                              op_overload=FA4_OP, use_fallback_kernel=True)
+
+
+_FA4_CHOICE = _fa4_extern_choice()
+
+# What each lowered call was offered and what the autotuner kept, in lowering order:
+# {"shape": (B, H, S, D), "choices": [names], "fa4": reason it was not offered or None,
+#  "picked": "fa4" | "template" | None (unknown)}. Benchmarks and tests read it.
+PICKS: list[dict] = []
+
+
+def _picked(result) -> str | None:
+    """``"fa4"`` or ``"template"`` from what ``autotune_select_algorithm`` returned: the choice
+    (torch >= 2.12 returns ``(node, choice)``) or else the node, unwrapped to its buffer."""
+    if isinstance(result, tuple) and len(result) > 1 and result[1] is not None:
+        choice = result[1]
+        return "fa4" if getattr(choice, "name", None) == FA4_CHOICE_NAME or getattr(
+            getattr(choice, "choice", None), "name", None) == FA4_CHOICE_NAME else "template"
+    node = result[0] if isinstance(result, tuple) else result
+    for _ in range(6):  # TensorBox -> StorageBox -> MultiOutput -> FallbackKernel
+        if isinstance(node, ir.FallbackKernel):
+            return "fa4" if node.op_overload is FA4_OP else None
+        if isinstance(node, ir.TritonTemplateBuffer):
+            return "template"
+        if isinstance(node, ir.MultiOutput):
+            node = node.inputs[0]
+            continue
+        node = getattr(node, "data", None)
+        if node is None:
+            return None
+    return None
 
 
 def _tile_constexprs(meta: dict, config: dict) -> dict:
@@ -217,7 +360,8 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     if kv_lens is not None:
         meta.update(HAS_KV_LENS=True)
     choices: list = []
-    for config in template_configs():
+    tma = _tma_ok(device, inputs[1], inputs[2])
+    for config in template_configs(tma=tma):
         if energy_rule and config["block_m"] != _kernel.MASK_BLOCK:
             continue  # the filter votes per 128-row query tile, as in the eager launcher
         err = template.maybe_append_choice(
@@ -231,7 +375,18 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
         log.warning("sparse_attention: no template choice for q %s %s; using the eager op",
                     (b, h, s, d), q.get_dtype())
         return fallback_handler(OP, add_to_fallback_set=False)(*inputs[:7], *eager_args[7:])
-    return _select(template.name, choices, inputs, layout, input_gen_fns=_input_gen_fns(s))
+    # FlashAttention-4 beside the template, as Inductor puts cuBLAS beside its Triton matmuls:
+    # the autotuner times both on the same inputs (all blocks kept) and keeps the faster.
+    refusal = fa4_refusal(device, *inputs[:3], energy_rule, kv_lens)
+    if refusal is None:
+        choices.append(_FA4_CHOICE.bind(inputs[:7], layout, scale=float(scale)))
+    node, picked = _select(template.name, choices, inputs, layout,
+                           input_gen_fns=_input_gen_fns(s))
+    PICKS.append({"shape": (b, h, s, d), "choices": [c.name for c in choices], "fa4": refusal,
+                  "picked": picked})
+    log.info("sparse_attention %s: %d choices (FA4 %s), picked %s", (b, h, s, d), len(choices),
+             "offered" if refusal is None else f"not offered: {refusal}", picked)
+    return node
 
 
 _HASHED_FILES = (
@@ -242,6 +397,8 @@ _HASHED_FILES = (
     os.path.abspath(_template_source.__file__),
     os.path.abspath(_kernel.__file__),
     os.path.abspath(_launch.__file__),
+    os.path.abspath(_fa4.__file__),
+    os.path.join(os.path.dirname(os.path.abspath(_op.__file__)), "fa4_op.py"),
 )
 
 
@@ -275,9 +432,18 @@ class KernelSourceHash(CustomGraphPass):
             self.inner(graph)
 
     def uuid(self):
+        own = _SOURCE_HASH + _fa4_key()
         if self.inner is None:
-            return _SOURCE_HASH
+            return own
         inner_uuid = getattr(self.inner, "uuid", None)
         if inner_uuid is None:
             return None  # an un-hashable user pass: Inductor bypasses the cache, as it would
-        return _SOURCE_HASH + repr(inner_uuid()).encode()
+        return own + repr(inner_uuid()).encode()
+
+
+def _fa4_key() -> bytes:
+    """b"+fa4" where the lowering may offer FA4 (switch on, CUDA, ``flash_attn.cute`` imports):
+    a graph compiled with FA4 among the choices is not reused with ``SCALING_ATTN_FA4=0`` or
+    where FA4 is gone. Empty otherwise, so machines without FA4 keep their keys."""
+    on = fa4_enabled() and torch.cuda.is_available() and _fa4._fa4_imports()
+    return b"+fa4" if on else b""

@@ -27,8 +27,9 @@ class KernelConfig(NamedTuple):
     warp_specialize: bool = False
 
 
-# Tile configurations tried by the eager launcher's autotuner (the Inductor template takes the
-# ones without TMA or warp specialisation). K/V through TMA at 3 stages was the fastest variant
+# Tile configurations tried by the eager launcher's autotuner and by the Inductor template's
+# (the template takes the TMA ones where K/V suit TMA on sm90+, none with warp specialisation:
+# compile/lowering.py, template_configs). K/V through TMA at 3 stages was the fastest variant
 # on the H100 (benchmarks/results/variants-nvidia-h100-80gb-hbm3.json: 520 vs 491 TFLOP/s dense,
 # 503 vs 451 at density 0.25, bit-identical output); 4 stages need 288 KiB of shared memory.
 CONFIGS = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4, 2),
