@@ -624,3 +624,29 @@ def test_energy_filter_validation():
         EnergyFilter("cumulative", recall_budget=-1.0)
     with pytest.raises(TypeError, match="energy_filter"):
         scaling_attn_backend(uniform_tables(LAYERS, HEADS, GRID, 1.0), energy_filter=3.0)
+
+
+@pytest.mark.parametrize("fa4", [True, False])
+def test_fa4_option_reaches_the_lowering(fa4, monkeypatch):
+    """``scaling_attn_backend(plan, fa4=False)`` runs Inductor under ``fa4_choice(False)`` (the
+    lowering then leaves FlashAttention-4 out; tests/test_fa4_choice.py checks that part), and
+    the switch is back on after the compile."""
+    from torch._inductor import compile_fx as compile_fx_module
+
+    from scaling_attn_compile.compile import lowering
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, **kwargs):
+        seen.append(lowering.fa4_enabled())
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    backend = scaling_attn_backend(two_level_tables(), check_model=False, fa4=fa4)
+    with torch.no_grad():
+        torch.compile(make_model(), backend=backend, fullgraph=True, dynamic=False)(
+            **make_inputs(), timestep=torch.tensor([900.0]), return_dict=False)
+    assert seen == [fa4]
+    assert lowering.fa4_enabled()
+    with pytest.raises(TypeError, match="fa4 must be True or False"):
+        scaling_attn_backend(two_level_tables(), fa4="no")

@@ -92,7 +92,7 @@ class ScalingAttnBackend:
                  hash_kernel_sources: bool = True, materialize_kwargs: Mapping | None = None,
                  energy_filter=None, head_range: Sequence[int] | None = None,
                  parallel=None, check_model: str | bool = "weights", precision: str | None = None,
-                 verbose: bool = False):
+                 fa4: bool = True, verbose: bool = False):
         if not (isinstance(plan, AttentionTables) or hasattr(plan, "materialize")
                 or callable(plan)):
             raise TypeError(
@@ -141,6 +141,9 @@ class ScalingAttnBackend:
             raise TypeError("scaling_attn_backend: energy_filter must be an EnergyFilter, a dict "
                             f"of its fields, or None; got {type(energy_filter).__name__}")
         self.energy_filter = energy_filter
+        if not isinstance(fa4, bool):
+            raise TypeError(f"scaling_attn_backend: fa4 must be True or False, got {fa4!r}")
+        self.fa4 = fa4
         from ..contract.quant import check_precision
 
         if precision is None:  # the plan may carry one (Plan.with_precision)
@@ -294,7 +297,8 @@ class ScalingAttnBackend:
             return self.compiler(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches=self.config_patches())
+        with _lowering.fa4_choice(self.fa4):  # the lowering runs inside this call
+            return compile_fx(gm, example_inputs, config_patches=self.config_patches())
 
     def _rewrite(self, gm, example_inputs, energy) -> RewriteReport:
         report = rewrite_self_attention(
@@ -378,6 +382,11 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
             FP8; ``contract/quant.py``), run as the eager 8-bit op (no template yet; no energy
             filter or regional compilation with it). ``None`` uses the plan's
             (``Plan.with_precision``), else bf16.
+        fa4: offer FlashAttention-4 block-sparse to Inductor's autotuner beside the Triton
+            template (default ``True``; it is offered only where ``flash_attn.cute`` imports on
+            an sm90 GPU and the call has no energy filter or ``kv_lens``). ``False`` leaves the
+            template alone (A/B timing); the environment variable ``SCALING_ATTN_FA4=0`` does the
+            same for every backend.
         verbose: log each compiled graph's rewrite counts to stderr.
     """
     return ScalingAttnBackend(plan, **options)
