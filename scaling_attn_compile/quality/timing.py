@@ -112,6 +112,9 @@ def capture_step(fn, example):
     Warm-up on a side stream first (as ``torch.cuda.graphs`` asks): lazily created state (cuBLAS
     workspaces, Triton launchers) must exist before capture. Raises what capture raises (a host
     sync such as ``.item()`` in the step: 'operation not permitted when stream is capturing')."""
+    dev = example[0].device
+    if dev.type != "cuda":
+        raise ValueError(f"CUDA graphs need CUDA inputs; the inputs are on {dev}")
     static = [a.detach().clone() for a in example]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -133,13 +136,12 @@ def time_graphed(fn, inputs, *, repeats: int = 3, verify_steps=(0, -1), capture=
     failed, or the replay differs from ``fn`` on a ``verify_steps`` input: bf16 tolerances of
     ``torch.testing.assert_close``; the same kernels on the same inputs should agree exactly).
     ``fn`` must be warm (compiled and autotuned): capture records launches, it cannot compile."""
-    dev = inputs[0][0].device
-    if dev.type != "cuda":
-        return {"used": False, "reason": f"CUDA graphs need CUDA inputs; the inputs are on {dev}"}
+    cuda = inputs[0][0].is_cuda
     try:
         graph, static, out = capture(fn, inputs[0])
     except Exception as e:  # noqa: BLE001  (any capture failure: record it, keep the wall clock)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         return {"used": False, "reason": f"capture failed: {_one_line(e)}"}
 
     def load(step):
