@@ -192,8 +192,10 @@ def test_bench_flags_reach_the_study(monkeypatch):
     monkeypatch.setattr(bq, "run_quality", fake_run_quality)
     with pytest.raises(Stop):
         bq.main(["--model", "tiny-wan", "--device", "cpu", "--skip-claims", "--time-cpu",
-                 "--retune-per-method", "--no-graphs", "--sweep-configs", "--prompts", "1"])
+                 "--retune-per-method", "--no-graphs", "--sweep-configs", "--prompts", "1",
+                 "--retune-also", "sta,radial"])
     assert seen["retune_per_method"] is True and seen["timing_graphs"] is False
+    assert seen["retune_also"] == ["sta", "radial"]
     assert seen["timing_profile"] is True and seen["sweep_configs"] is True
     seen.clear()
     with pytest.raises(Stop):
@@ -201,6 +203,9 @@ def test_bench_flags_reach_the_study(monkeypatch):
                  "--prompts", "1"])
     assert seen["retune_per_method"] is False and seen["timing_graphs"] is True
     assert seen["timing_profile"] is False and seen["sweep_configs"] is False
+    assert seen["retune_also"] == []
+    with pytest.raises(SystemExit):  # a typo in --retune-also is an error, not a silent no-op
+        bq.main(["--model", "tiny-wan", "--device", "cpu", "--retune-also", "stta"])
 
 
 @pytest.mark.gpu
@@ -222,3 +227,34 @@ def test_graph_timing_on_the_gpu(tiny):
     assert r["autotune"] and r["autotune"][0]["chosen"] is not None
     # The replay itself, against a plain call of a fresh compile on one more input.
     assert r["work"]["visited_density"] == 1.0
+
+
+def test_study_rows_carry_the_new_timing(tmp_path):
+    """run_quality (timing only, eager compiler): each row's timing has the clock, the graph's
+    reason, the profiled step and the table work; ``retune_also`` adds a retuned timing."""
+    from scaling_attn_compile.quality.study import run_quality
+    from scaling_attn_compile.tiny import registry as QM
+
+    tw.save_tiny_wan(tw.make_tiny_wan(seed=0, num_layers=LAYERS, ffn_dim=256), tmp_path)
+    model = tw.load_tiny_wan("cpu", torch.float32, path=tmp_path)
+    logs = []
+    res = run_quality(model, QM.tiny_wan(tmp_path), grid=(4, 32, 32), steps=3, densities=(0.4,),
+                      methods=("west_uniform", "sta"), num_prompts=1, num_calib=1,
+                      calib_capture_steps=2, fast_capture_steps=3, energy_capture_steps=2,
+                      bisect_iters=2, time_steps=True, timing_repeats=1, timing_steps=2,
+                      timing_compiler="eager", timing_only=True, retune_also=("sta",),
+                      log=logs.append)
+    cfg = res["config"]["timing"]
+    assert cfg["graphs"] is True and cfg["profile"] is True and cfg["retune_also"] == ["sta"]
+    rows = {r["method"]: r for r in res["results"]}
+    for r in rows.values():
+        tm = r["timing"]
+        assert tm["timing_clock"] == "wall" and r["ms_per_step"] == tm["ms_per_step_wall"]
+        assert "inputs are on cpu" in tm["graph"]["reason"] and tm["retune"] is False
+        assert tm["profile"]["wall_ms"] > 0
+        assert 0 < tm["work"]["visited_density"] <= 1 and len(
+            tm["work"]["visited_density_by_step"]) == 2
+    assert "timing_retuned" not in rows["west_uniform"]
+    assert rows["sta"]["timing_retuned"]["retune"] is True
+    assert any("sta" in line and "retuned" in line for line in logs)
+    assert any("[wall; wall" in line and "graph off" in line for line in logs)

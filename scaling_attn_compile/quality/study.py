@@ -141,6 +141,7 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                 timing_steps: int | None = None, timing_compiler: str = "inductor",
                 timing_only: bool = False, timing_graphs: bool = True,
                 timing_profile: bool = True, retune_per_method: bool = False,
+                retune_also: Sequence[str] = (),
                 sweep_configs: bool = False, budget_minutes: float | None = None,
                 token_order: str | None = None, progress: bool = False, log: Callable = print,
                 on_result: Callable[[dict], None] | None = None) -> dict:
@@ -155,7 +156,8 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     Timing options (``quality/timing.py``): ``timing_graphs`` (CUDA-graph replay is the
     ``ms_per_step``, the wall clock kept beside it), ``timing_profile`` (one profiled step per
     method), ``retune_per_method`` (each method compiles in a fresh Inductor cache, so it is
-    autotuned anew; not the references), ``sweep_configs`` (CUDA: every kernel config on each
+    autotuned anew; not the references), ``retune_also`` (these methods are timed a second time
+    that way, into ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config on each
     method's own tables, ``timing_diag.sweep_configs``)."""
     from ..contract.token_order import TokenOrder
     from ..tiny.registry import tiny_wan
@@ -295,6 +297,7 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                     "timing": {"on": timing, "batch": 1, "repeats": timing_repeats,
                                "compiler": timing_compiler, "graphs": timing_graphs,
                                "profile": timing_profile, "retune_per_method": retune_per_method,
+                               "retune_also": list(retune_also),
                                "sweep_configs": sweep_configs,
                                "steps_timed": len(timing_inputs) if timing else 0,
                                "inputs": f"dense trajectory of {fast_cap!r}",
@@ -359,6 +362,9 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                         threshold=s.threshold)
                     tm = time_compiled(model, s.tables, timing_inputs, energy_filter=filt,
                                        retune=retune_per_method, **tkw)
+                    if method in retune_also and not retune_per_method:
+                        entry["timing_retuned"] = time_compiled(
+                            model, s.tables, timing_inputs, energy_filter=filt, retune=True, **tkw)
                     if sweep_configs and device.type == "cuda" and not s.rule:
                         from .timing_diag import sweep_configs as sweep
 
@@ -378,6 +384,10 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
             if entry["status"] == "timed":
                 log(f"[quality] {target:.2f} {method:18s} {entry['ms_per_step']:.2f} ms/step "
                     f"{_timing_note(entry.get('timing'))}({entry['time_s']:.0f} s)")
+                if "timing_retuned" in entry:
+                    log(f"[quality] {target:.2f} {method:18s} retuned: "
+                        f"{entry['timing_retuned']['ms_per_step']:.2f} ms/step "
+                        f"{_timing_note(entry['timing_retuned'])}")
             elif entry["status"] == "ok":
                 ms = "" if entry["ms_per_step"] is None else f"  {entry['ms_per_step']:.2f} ms/step"
                 log(f"[quality] {target:.2f} {method:18s} achieved {entry['achieved_density']:.3f}"

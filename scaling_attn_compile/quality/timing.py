@@ -156,7 +156,11 @@ def time_graphed(fn, inputs, *, repeats: int = 3, verify_steps=(0, -1), capture=
             graph.replay()
             got = out.clone()
             try:
-                torch.testing.assert_close(got, ref)
+                # bf16's rtol; atol 1% of the output's scale: a stale timestep or latent (what
+                # this is for) changes the output by O(its scale), and cuBLAS may pick another
+                # algorithm under capture (a last-bit difference near zero is not a bug).
+                torch.testing.assert_close(got, ref, rtol=1.6e-2,
+                                           atol=1e-2 * float(ref.abs().max()))
             except AssertionError as e:
                 diff = (got.float() - ref.float()).abs().max().item()
                 return {"used": False, "reason": f"replay differs from the compiled call at step "
