@@ -229,9 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--retune-per-method", action="store_true",
                    help="compile each method in a fresh Inductor cache, so the template is "
                         "autotuned for it (default: the first compile's choice is reused)")
-    p.add_argument("--retune-also", default="", metavar="M1,M2",
-                   help="time these methods a second time in a fresh Inductor cache "
-                        "(timing_retuned, beside the usual timing): both in one run")
+    p.add_argument("--retune-also", default="", metavar="M1,M2@D",
+                   help="time these methods (or method@density items) a second time in a fresh "
+                        "Inductor cache (timing_retuned, beside the usual timing)")
     p.add_argument("--sweep-configs", action="store_true",
                    help="CUDA: time every kernel config on each method's own tables too")
     p.add_argument("--budget-minutes", type=float, default=None,
@@ -258,7 +258,8 @@ def main(argv=None) -> int:
         print(f"wrote {args.out_quality}, {png}")
         return 0
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods + args.retune_also.split(",") if m and m not in METHODS]
+    bad = [m for m in methods + [x.split("@")[0] for x in args.retune_also.split(",")]
+           if m and m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {list(METHODS)}")
     try:

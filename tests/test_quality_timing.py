@@ -258,3 +258,22 @@ def test_study_rows_carry_the_new_timing(tmp_path):
     assert rows["sta"]["timing_retuned"]["retune"] is True
     assert any("sta" in line and "retuned" in line for line in logs)
     assert any("[wall; wall" in line and "graph off" in line for line in logs)
+
+
+def test_diag_table_rows():
+    tm = {"graph": {"used": True, "ms_per_step": 3.25}, "ms_per_step_wall": 4.5,
+          "profile": {"attention_ms": 1.5, "kernel_ms": 2.75, "kernel_launches": 90,
+                      "gpu_idle_ms": 1.25},
+          "work": {"visited_density": 0.18, "mean_row_blocks": 23.0, "max_row_blocks": 60},
+          "autotune": [{"chosen": "x"}],
+          "config_sweep": {"best": "(64, 4, 2, False, False)", "best_all_blocks": "(128, 8, 3)",
+                           "ms": {"(64, 4, 2, False, False)": 0.9}}}
+    res = {"reference_timing": {"dense_ours": dict(tm, graph={"used": False, "reason": "r"})},
+           "results": [{"method": "sta", "target_density": 0.15, "timing": tm,
+                        "timing_retuned": tm}, {"method": "radial", "target_density": 0.15}]}
+    lines = D.diag_table(res).splitlines()
+    assert len(lines) == 2 + 3  # header, rule, dense_ours, sta, sta*
+    assert lines[2].startswith("| dense_ours | - | n/a | 4.50 |")
+    assert lines[3] == ("| sta | 0.15 | 3.25 | 4.50 | 1.50 | 2.75 | 90 | 1.25 | 0.180 | 23.0/60 "
+                        "| 1 | (64, 4, 2, False, False) 0.900 ((128, 8, 3)) |")
+    assert lines[4].startswith("| sta* | 0.15 |")

@@ -156,8 +156,8 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     Timing options (``quality/timing.py``): ``timing_graphs`` (CUDA-graph replay is the
     ``ms_per_step``, the wall clock kept beside it), ``timing_profile`` (one profiled step per
     method), ``retune_per_method`` (each method compiles in a fresh Inductor cache, so it is
-    autotuned anew; not the references), ``retune_also`` (these methods are timed a second time
-    that way, into ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config on each
+    autotuned anew; not the references), ``retune_also`` (these methods, ``"sta"``, or
+    (method, target) items, ``"sta@0.15"``, are timed a second time that way, into ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config on each
     method's own tables, ``timing_diag.sweep_configs``)."""
     from ..contract.token_order import TokenOrder
     from ..tiny.registry import tiny_wan
@@ -362,7 +362,8 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                         threshold=s.threshold)
                     tm = time_compiled(model, s.tables, timing_inputs, energy_filter=filt,
                                        retune=retune_per_method, **tkw)
-                    if method in retune_also and not retune_per_method:
+                    if (method in retune_also or f"{method}@{target:g}" in retune_also) \
+                            and not retune_per_method:
                         entry["timing_retuned"] = time_compiled(
                             model, s.tables, timing_inputs, energy_filter=filt, retune=True, **tkw)
                     if sweep_configs and device.type == "cuda" and not s.rule:

@@ -208,7 +208,9 @@ def sweep_configs(tables, timestep: float, *, head_dim: int, dtype=torch.bfloat1
         if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
             from triton.testing import do_bench
 
-            return do_bench(f, warmup=5, rep=25, return_mode="median")
+            # 2 + 10 ms a call: 96 calls per method (6 configs x 8 layers x real/all-blocks)
+            # must stay ~2 s in a study; config gaps that matter are > 5%, well above the noise.
+            return do_bench(f, warmup=2, rep=10, return_mode="median")
         t0 = time.perf_counter()
         f()
         return 1e3 * (time.perf_counter() - t0)
@@ -237,3 +239,36 @@ def sweep_configs(tables, timestep: float, *, head_dim: int, dtype=torch.bfloat1
             "best": min(ok, key=ok.get) if ok else None, "ms_all_blocks": dense,
             "best_all_blocks": min(okd, key=okd.get) if okd else None,
             "fields": "(block_m, num_warps, num_stages, use_tma, warp_specialize)"}
+
+
+def diag_table(res: dict) -> str:
+    """A markdown table of a quality result's timing diagnostics, one row per timed (method,
+    target) and one per retuned timing (``method*``), references first."""
+    head = ("| method | target | ms graph | ms wall | attn ms | kernel ms | launches | idle ms | "
+            "visits | rows mean/max | autotuned | sweep best (all-blocks best) |")
+    lines = [head, "|" + "---|" * 12]
+
+    def row(name, target, tm):
+        if not tm:
+            return
+        pr, wk, sw = tm.get("profile") or {}, tm.get("work") or {}, tm.get("config_sweep") or {}
+        g = tm.get("graph", {})
+        f = (lambda v, d=2: "-" if v is None else f"{v:.{d}f}")
+        sweep = "-"
+        if sw.get("best"):
+            ms = sw["ms"]
+            sweep = f"{sw['best']} {f(ms[sw['best']], 3)} ({sw['best_all_blocks']})"
+        lines.append(
+            f"| {name} | {target} | {f(g.get('ms_per_step')) if g.get('used') else 'n/a'} | "
+            f"{f(tm.get('ms_per_step_wall'))} | {f(pr.get('attention_ms'))} | "
+            f"{f(pr.get('kernel_ms'))} | {pr.get('kernel_launches', '-')} | "
+            f"{f(pr.get('gpu_idle_ms'))} | {f(wk.get('visited_density'), 3)} | "
+            f"{f(wk.get('mean_row_blocks'), 1)}/{wk.get('max_row_blocks', '-')} | "
+            f"{len(tm.get('autotune') or [])} | {sweep} |")
+
+    for name, tm in (res.get("reference_timing") or {}).items():
+        row(name, "-", tm)
+    for e in res.get("results", []):
+        row(e["method"], e["target_density"], e.get("timing"))
+        row(e["method"] + "*", e["target_density"], e.get("timing_retuned"))
+    return "\n".join(lines)
