@@ -133,8 +133,8 @@ def time_graphed(fn, inputs, *, repeats: int = 3, verify_steps=(0, -1), capture=
                  ) -> dict:
     """Time one captured step replayed over ``inputs``: ``{"used": True, "ms_per_step", ...}``,
     or ``{"used": False, "reason": ...}`` when the graph cannot be trusted (not CUDA, capture
-    failed, or the replay differs from ``fn`` on a ``verify_steps`` input: bf16 tolerances of
-    ``torch.testing.assert_close``; the same kernels on the same inputs should agree exactly).
+    failed, or the replay differs from ``fn`` on a ``verify_steps`` input, by more than bf16's
+    rtol plus 1% of the output's largest magnitude; ``verified`` holds the differences seen).
     ``fn`` must be warm (compiled and autotuned): capture records launches, it cannot compile."""
     cuda = inputs[0][0].is_cuda
     try:
