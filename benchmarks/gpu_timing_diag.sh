@@ -23,10 +23,13 @@
 #                      the best differs and wins by much, the one shared choice is the cause (b).
 #   timing_retuned     sta and radial at 0.25 / 0.15 once more in a fresh Inductor cache (own
 #                      autotune, ~30 s of compile each).
-# Expected time on the H200: ~1.5 min setup (calibration, response fit, 3 dense references),
-# ~10 s per (method, density) (4 s compile, 2 x 3 x 50 timed steps, profile, sweep), ~35 s per
-# retuned item: ~6.5 min. SIGINT at 8.4 min keeps every finished row (the JSON is rewritten after
-# each item). Writes into $OUT: timing-diag-<gpu>-small-wan.json, its .png, log.txt.
+# Expected time on the H200 (from the c6c3987 records): ~2 min setup (load, calibration 8 s,
+# response fit 22-40 s, 3 dense references 45-55 s), ~10 s per (method, density) (4 s compile,
+# 2 x 3 x 50 timed steps, profile, ~2 s sweep; the sweep's first call compiles the 6 configs),
+# ~35 s per retuned item (a cold compile): ~7 min. SIGINT at 8 min (LIMIT_S=480) keeps every
+# finished row (the JSON is rewritten after each item; densities run 0.25, 0.35, 0.15, so a cut
+# drops the 0.15 items first). Writes into $OUT: timing-diag-<gpu>-small-wan.json, its .png,
+# log.txt (with the table of quality.timing_diag.diag_table at the end).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -39,7 +42,7 @@ export PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:-unknown}
 SLUG=$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 JSON=$OUT/timing-diag-$SLUG-small-wan.json
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/log.txt"
-timeout --signal=INT --kill-after=20 "${LIMIT_S:-505}" \
+timeout --signal=INT --kill-after=20 "${LIMIT_S:-480}" \
   python3 benchmarks/bench_quality.py --model small-wan --timing-only --prompts 2 --seeds 1 \
     --steps 50 --densities "${DENSITIES:-0.35,0.25,0.15}" \
     --methods "${METHODS:-west_fast,west_uniform,sta,radial,svg_split,west_fast_weighted}" \

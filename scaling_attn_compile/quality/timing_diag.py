@@ -215,23 +215,25 @@ def sweep_configs(tables, timestep: float, *, head_dim: int, dtype=torch.bfloat1
         f()
         return 1e3 * (time.perf_counter() - t0)
 
-    def run(masks_of) -> dict:
+    lts = {i: tables.level_tables[i].to(device) for i in layers}  # on the device before timing
+
+    def run(masks: dict) -> dict:
         res = {}
         for cfg in configs:
             try:
                 res[str(tuple(cfg))] = sum(
                     bench(lambda i=i: block_sparse_attention_forward(
-                        q, k, v, masks_of(i), tables.level_tables[i].to(device), bounds, ts,
-                        out, head_dim ** -0.5, cfg)) for i in layers)
+                        q, k, v, masks[i], lts[i], bounds, ts, out, head_dim ** -0.5, cfg))
+                    for i in layers)
             except Exception as e:  # noqa: BLE001  (a config that does not fit this GPU)
                 res[str(tuple(cfg))] = f"failed: {type(e).__name__}"
         return res
 
-    real = run(lambda i: tables.masks[i].to(device))
+    real = run({i: tables.masks[i].to(device) for i in layers})
     key = (tuple(m0.shape), S, head_dim, dtype, batch, tuple(layers), tuple(map(tuple, configs)),
            str(device))
     if key not in _ALL_BLOCKS:  # the same for every method of a study (one table shape)
-        _ALL_BLOCKS[key] = run(lambda i: full)
+        _ALL_BLOCKS[key] = run(dict.fromkeys(layers, full))
     dense = _ALL_BLOCKS[key]
     ok = {c: t for c, t in real.items() if isinstance(t, float)}
     okd = {c: t for c, t in dense.items() if isinstance(t, float)}
