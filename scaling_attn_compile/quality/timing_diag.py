@@ -24,7 +24,7 @@ import torch
 # Our kernel: the Inductor template (its choices are named ``triton_scaling_attn_bsa_<i>``; the
 # kernel in the generated code is ``triton_tem_fused_...``, the only template in a default
 # compile) and the eager launcher's ``_bsa_forward_kernel``.
-OURS = ("scaling_attn", "bsa", "sparse_attention", "triton_tem")
+OURS = ("scaling_attn", "_bsa_", "sparse_attention", "triton_tem")
 # Dense SDPA (cross-attention, and every attention of the plain Inductor reference).
 SDPA = ("flash", "fmha", "cudnn", "attention", "sdpa")
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
