@@ -222,7 +222,7 @@ def sweep_configs(tables, timestep: float, *, head_dim: int, dtype=torch.bfloat1
         for cfg in configs:
             try:
                 res[str(tuple(cfg))] = sum(
-                    bench(lambda i=i: block_sparse_attention_forward(
+                    bench(lambda i=i, cfg=cfg: block_sparse_attention_forward(
                         q, k, v, masks[i], lts[i], bounds, ts, out, head_dim ** -0.5, cfg))
                     for i in layers)
             except Exception as e:  # noqa: BLE001  (a config that does not fit this GPU)
