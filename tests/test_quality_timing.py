@@ -40,6 +40,7 @@ def test_summarize_kernels_on_a_fake_step():
     ]
     s = D.summarize_kernels(events, wall_ms=2.5)
     assert s["kernel_launches"] == 4 and s["attention_launches"] == 2 and s["copies"] == 1
+    assert s["attention_kernel_ms"] == pytest.approx([0.3, 0.2])
     assert s["host_launch_calls"] == 2 + 1
     assert s["attention_ms"] == pytest.approx(0.5) and s["sdpa_ms"] == pytest.approx(0.1)
     assert s["kernel_ms"] == pytest.approx(0.65)

@@ -79,6 +79,9 @@ def summarize_kernels(events, wall_ms: float | None = None, top: int = 8) -> dic
     out = {"kernel_ms": sum(t for _, t in ms), "kernel_launches": len(kernels),
            "attention_ms": sum(t for n, t in ms if is_ours(n)),
            "attention_launches": sum(1 for n, _ in ms if is_ours(n)),
+           # in launch order: one per layer, to set against each layer's table rows
+           "attention_kernel_ms": [(b - a) / 1e3 for n, a, b in sorted(kernels, key=lambda x: x[1])
+                                   if is_ours(n)],
            "sdpa_ms": sum(t for n, t in ms if is_sdpa(n)), "copies": copies,
            "host_launch_calls": launches, "gpu_span_ms": span, "gpu_busy_ms": busy,
            "gpu_idle_ms": span - busy, "wall_ms": wall_ms,
