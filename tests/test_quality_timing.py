@@ -81,6 +81,7 @@ def test_table_work_counts_the_selected_levels():
     assert w["visited_blocks_per_step"] == pytest.approx(26.0)
     assert w["mean_row_blocks"] == pytest.approx((2.5 + 4.0) / 2) and w["max_row_blocks"] == 4
     assert w["num_blocks"] == 4 and w["upper_bound"] is False
+    assert w["by_layer_middle_step"] == [{"visited_density": 1.0, "max_row_blocks": 4}]
     # Padding to the study's common shape must not change what is visited (hypothesis (c)).
     assert D.table_work(pad_tables(t, 10, 6), [100.0, 900.0], filtered=True) == dict(
         w, upper_bound=True)

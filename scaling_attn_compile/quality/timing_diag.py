@@ -117,7 +117,9 @@ def table_work(tables, timesteps, *, filtered: bool = False) -> dict:
 
     ``visited_density``: visited pairs over ``L x H x NB x NB``, per step and its mean;
     ``mean_row_blocks`` / ``max_row_blocks``: key blocks per query row (one kernel program per
-    row and head), averaged over layers and steps, and the largest seen. ``filtered``: an
+    row and head), averaged over layers and steps, and the largest seen;
+    ``by_layer_middle_step``: per layer at the middle timestep (the profiled step's), to set
+    against the profile's ``attention_kernel_ms``. ``filtered``: an
     energy filter skips blocks at run time, so these are upper bounds (``upper_bound``)."""
     from ..contract.masks import num_blocks, select_levels, unpack_blocks
 
@@ -127,14 +129,17 @@ def table_work(tables, timesteps, *, filtered: bool = False) -> dict:
     counts = [unpack_blocks(m.cpu(), nb)[:, :, :nb].sum(-1) for m in tables.masks]
     bounds = tables.bucket_bounds.cpu()
     heads = torch.arange(H)
-    by_step, mean_rows, max_rows = [], [], []
-    for t in timesteps:
+    by_step, mean_rows, max_rows, mid = [], [], [], []
+    for j, t in enumerate(timesteps):
         t = torch.as_tensor(t).reshape(-1)[:1].float().cpu()
         total, row_mean, row_max = 0, 0.0, 0
         for c, lt in zip(counts, tables.level_tables, strict=True):
             lv = select_levels(lt.cpu(), bounds, t, 1)[0].clamp(max=c.shape[1] - 1)
             rows = c[heads, lv]  # (H, NB)
             total += int(rows.sum())
+            if j == len(timesteps) // 2:  # the step time_compiled profiles
+                mid.append({"visited_density": float(rows.sum()) / (H * nb * nb),
+                            "max_row_blocks": int(rows.max())})
             row_mean += float(rows.float().mean()) / L
             row_max = max(row_max, int(rows.max()))
         by_step.append(total / (L * H * nb * nb))
@@ -144,7 +149,7 @@ def table_work(tables, timesteps, *, filtered: bool = False) -> dict:
     return {"visited_density": sum(by_step) / n, "visited_density_by_step": by_step,
             "visited_blocks_per_step": sum(by_step) / n * L * H * nb * nb,
             "mean_row_blocks": sum(mean_rows) / n, "max_row_blocks": max(max_rows, default=0),
-            "num_blocks": nb, "upper_bound": filtered}
+            "num_blocks": nb, "upper_bound": filtered, "by_layer_middle_step": mid}
 
 
 class AutotuneLog:
