@@ -157,8 +157,9 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     ``ms_per_step``, the wall clock kept beside it), ``timing_profile`` (one profiled step per
     method), ``retune_per_method`` (each method compiles in a fresh Inductor cache, so it is
     autotuned anew; not the references), ``retune_also`` (these methods, ``"sta"``, or
-    (method, target) items, ``"sta@0.15"``, are timed a second time that way, into ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config on each
-    method's own tables, ``timing_diag.sweep_configs``)."""
+    (method, target) items, ``"sta@0.15"``, are timed a second time that way, into
+    ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config
+    on each method's own tables, ``timing_diag.sweep_configs``)."""
     from ..contract.token_order import TokenOrder
     from ..tiny.registry import tiny_wan
 
@@ -371,8 +372,9 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
 
                         at = tm.get("profile", {}).get("timestep") or float(
                             timing_inputs[len(timing_inputs) // 2][1].reshape(-1)[0])
-                        tm["config_sweep"] = sweep(s.tables, at, head_dim=model.config
-                                                   .attention_head_dim, dtype=compute_dtype(model))
+                        head_dim = model.config.attention_head_dim
+                        tm["config_sweep"] = sweep(s.tables, at, head_dim=head_dim,
+                                                   dtype=compute_dtype(model))
                     entry["ms_per_step"] = tm["ms_per_step"]
                     entry["timing"] = tm
                 recs += records(method, target, rows, entry["ms_per_step"])
