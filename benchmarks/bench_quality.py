@@ -19,7 +19,12 @@ Part 1 (``--out-quality``, default ``benchmarks/results/quality-<device>-<model>
 work. Density is what was **computed** (blocks the mask visits minus the blocks the energy
 filter skipped, counted per video, layer, head, query tile and step: ``quality/measure.py``).
 On CUDA each method's step is timed through the real compiled path (``quality/timing.py``;
-``--time-cpu`` times on the CPU too, else ``ms_per_step`` is null there). Metrics against the
+``--time-cpu`` times on the CPU too, else ``ms_per_step`` is null there): ``ms_per_step`` is a
+replayed CUDA graph of the step where capture works (``--no-graphs``: the plain call's clock,
+always kept as ``timing.ms_per_step_wall``), with one profiled step (``timing.profile``:
+attention kernel vs all kernel time, launches, GPU idle), the blocks the tables visit
+(``timing.work``) and the template's autotune (``timing.autotune``); ``--retune-per-method`` and
+``--sweep-configs`` test whether one autotuned config is slow on some methods' tables. Metrics against the
 dense video of the same prompt and seed (``demo.video_metrics``): PSNR (data range 2), SSIM,
 relative L2. Per-video ``records`` (method, target_density, achieved_density, psnr, ssim, rel_l2,
 ms_per_step, prompt, seed), per-(method, target) ``results``, and the bar checks ``bar`` (equal
@@ -216,6 +221,19 @@ def main(argv=None) -> int:
     p.add_argument("--timing-repeats", type=int, default=3)
     p.add_argument("--timing-steps", type=int, default=None,
                    help="time this many evenly spaced steps (default: all)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="time the plain compiled call only (default on CUDA: also replay one "
+                        "captured CUDA graph per step, which is then ms_per_step)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the one profiled step per method (attention vs all kernel time)")
+    p.add_argument("--retune-per-method", action="store_true",
+                   help="compile each method in a fresh Inductor cache, so the template is "
+                        "autotuned for it (default: the first compile's choice is reused)")
+    p.add_argument("--retune-also", default="", metavar="M1,M2@D",
+                   help="time these methods (or method@density items) a second time in a fresh "
+                        "Inductor cache (timing_retuned, beside the usual timing)")
+    p.add_argument("--sweep-configs", action="store_true",
+                   help="CUDA: time every kernel config on each method's own tables too")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="scale densities, then prompts, then seeds down to fit; skip what "
                         "would still overrun (the record says which)")
@@ -240,7 +258,8 @@ def main(argv=None) -> int:
         print(f"wrote {args.out_quality}, {png}")
         return 0
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods + [x.split("@")[0] for x in args.retune_also.split(",")]
+           if m and m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {list(METHODS)}")
     try:
@@ -271,7 +290,11 @@ def main(argv=None) -> int:
                           num_seeds=args.seeds, seed=args.seed, num_calib=args.num_calib,
                           bisect_iters=args.bisect_iters, time_steps=timing,
                           timing_repeats=args.timing_repeats, timing_steps=args.timing_steps,
-                          timing_only=args.timing_only, token_order=args.token_order,
+                          timing_only=args.timing_only, timing_graphs=not args.no_graphs,
+                          timing_profile=not args.no_profile,
+                          retune_per_method=args.retune_per_method,
+                          retune_also=[m for m in args.retune_also.split(",") if m],
+                          sweep_configs=args.sweep_configs, token_order=args.token_order,
                           budget_minutes=args.budget_minutes, progress=args.progress,
                           on_result=write)
         write(res)

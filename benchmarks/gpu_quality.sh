@@ -25,6 +25,12 @@
 #       DENSITIES=0.35,0.25 bash benchmarks/gpu_quality.sh small-wan                      # ~5 min
 #   GIT_SHA=<sha> PART=timing TAG=-te2 METHODS=energy_cumulative,energy_blasst,west_fast_energy \
 #       DENSITIES=0.5,0.15 bash benchmarks/gpu_quality.sh small-wan                       # ~5 min
+# Timing (quality/timing.py): ms_per_step is one captured CUDA graph of the step replayed per step
+# (checked against the plain compiled call first; where capture fails, the plain call's clock and
+# the reason); results[*].timing also has ms_per_step_wall (the clock before), one profiled step
+# (attention vs all kernel ms, launches, GPU idle) and the blocks the tables visit. EXTRA passes
+# the diagnostics' flags: --no-graphs, --no-profile, --retune-per-method, --retune-also
+# sta@0.15,..., --sweep-configs; benchmarks/gpu_timing_diag.sh runs them in one call.
 # Two runs in one call need their own OUT folders (each writes log.txt).
 #   GIT_SHA=<sha> bash benchmarks/gpu_quality.sh tiny-wan                   # smoke run, ~4 min
 #

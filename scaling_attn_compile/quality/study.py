@@ -46,6 +46,25 @@ def _summary(rows: list[dict]) -> dict:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
+def _timing_note(tm: dict | None) -> str:
+    """What a timing line adds to the step time: its clock, the wall clock, the profiled step's
+    attention share and the blocks the tables visit."""
+    if not tm:
+        return ""
+    parts = [f"[{tm.get('timing_clock', 'wall')}; wall {tm.get('ms_per_step_wall', 0):.2f}"]
+    pr = tm.get("profile")
+    if pr and pr.get("kernel_ms"):
+        parts.append(f"attention {pr['attention_ms']:.2f} of {pr['kernel_ms']:.2f} ms kernels, "
+                     f"{pr['kernel_launches']} launches, idle {pr['gpu_idle_ms']:.2f} ms")
+    wk = tm.get("work")
+    if wk:
+        parts.append(f"visits {wk['visited_density']:.3f}, rows {wk['mean_row_blocks']:.1f}/"
+                     f"{wk['max_row_blocks']}")
+    if not tm.get("graph", {}).get("used", True):
+        parts.append(f"graph off: {tm['graph']['reason']}")
+    return "; ".join(parts) + "] "
+
+
 def _ordered(densities: Sequence[float]) -> list[float]:
     rank = {d: i for i, d in enumerate(PRIORITY)}
     return sorted(densities, key=lambda d: (rank.get(d, len(PRIORITY)), d))
@@ -120,7 +139,10 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                 energy_capture_steps: int = 4, bisect_iters: int = 10,
                 time_steps: bool | None = None, timing_repeats: int = 3,
                 timing_steps: int | None = None, timing_compiler: str = "inductor",
-                timing_only: bool = False, budget_minutes: float | None = None,
+                timing_only: bool = False, timing_graphs: bool = True,
+                timing_profile: bool = True, retune_per_method: bool = False,
+                retune_also: Sequence[str] = (),
+                sweep_configs: bool = False, budget_minutes: float | None = None,
                 token_order: str | None = None, progress: bool = False, log: Callable = print,
                 on_result: Callable[[dict], None] | None = None) -> dict:
     """Part 1 on ``model`` (a loaded transformer of ``spec``); returns the JSON-able result.
@@ -130,7 +152,14 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     no videos (status ``"timed"``; ``--merge`` joins it with a run made without timing).
     ``token_order``: the WEST plan's (and so every WEST method's and anchor's) block order,
     ``"raster"`` (default) or ``"tile"``/``"tile:FxHxW"``. ``on_result(partial)`` is called after
-    every (target, method) with the result so far, for incremental writes."""
+    every (target, method) with the result so far, for incremental writes.
+    Timing options (``quality/timing.py``): ``timing_graphs`` (CUDA-graph replay is the
+    ``ms_per_step``, the wall clock kept beside it), ``timing_profile`` (one profiled step per
+    method), ``retune_per_method`` (each method compiles in a fresh Inductor cache, so it is
+    autotuned anew; not the references), ``retune_also`` (these methods, ``"sta"``, or
+    (method, target) items, ``"sta@0.15"``, are timed a second time that way, into
+    ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config
+    on each method's own tables, ``timing_diag.sweep_configs``)."""
     from ..contract.token_order import TokenOrder
     from ..tiny.registry import tiny_wan
 
@@ -196,7 +225,8 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     reference = {}
     if timing:
         t0 = time.perf_counter()
-        tkw = {"repeats": timing_repeats, "compiler": timing_compiler}
+        tkw = {"repeats": timing_repeats, "compiler": timing_compiler, "graphs": timing_graphs,
+               "profile": timing_profile}
         dense_tables = M.pad_tables(all_blocks_tables(L, H, tgrid), *pad_to)
         reference["dense_ours"] = time_compiled(model, dense_tables, timing_inputs, **tkw)
         reference["dense_inductor_sdpa"] = time_compiled(model, None, timing_inputs, **tkw)
@@ -205,8 +235,10 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
         reference["dense_ours_recompiled"] = time_compiled(
             model, M.pad_tables(all_blocks_tables(L, H, tgrid), *pad_to), timing_inputs, **tkw)
         timings["reference_timing"] = time.perf_counter() - t0
-        log(f"[quality] dense step: ours {reference['dense_ours']['ms_per_step']:.2f} ms, "
-            f"Inductor SDPA {reference['dense_inductor_sdpa']['ms_per_step']:.2f} ms "
+        log(f"[quality] dense step: ours {reference['dense_ours']['ms_per_step']:.2f} ms "
+            f"{_timing_note(reference['dense_ours'])}, Inductor SDPA "
+            f"{reference['dense_inductor_sdpa']['ms_per_step']:.2f} ms "
+            f"{_timing_note(reference['dense_inductor_sdpa'])}"
             f"(first pass {reference['dense_ours']['first_pass_s']:.1f} s cold, "
             f"{reference['dense_ours_recompiled']['first_pass_s']:.1f} s warm)")
 
@@ -217,8 +249,10 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
         # FX graph cache and cost more than the warm recompile; the guard below skips what
         # would still overrun.
         warm = reference.get("dense_ours_recompiled", {})
-        item_t = (warm["first_pass_s"] + timing_repeats * warm["steps_timed"]
-                  * warm["ms_per_step"] / 1e3) if timing else 0.0
+        # Wall passes, then (graphs) as many replayed passes, then the profiled step.
+        item_t = (warm["first_pass_s"] + (1 + timing_graphs) * timing_repeats
+                  * warm["steps_timed"] * warm.get("ms_per_step_wall", warm["ms_per_step"])
+                  / 1e3) if timing else 0.0
         gen_s = 0.0 if timing_only else probe_generation_s(model, spec, grid, steps,
                                                            num_prompts * num_seeds)
         budget = plan_budget(60.0 * budget_minutes, time.perf_counter() - t_start,
@@ -262,7 +296,10 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                     "lambda_range": [-30.0, 5.0], "energy_fast_factor": M.ENERGY_FAST_FACTOR,
                     "timing_only": timing_only,
                     "timing": {"on": timing, "batch": 1, "repeats": timing_repeats,
-                               "compiler": timing_compiler,
+                               "compiler": timing_compiler, "graphs": timing_graphs,
+                               "profile": timing_profile, "retune_per_method": retune_per_method,
+                               "retune_also": list(retune_also),
+                               "sweep_configs": sweep_configs,
                                "steps_timed": len(timing_inputs) if timing else 0,
                                "inputs": f"dense trajectory of {fast_cap!r}",
                                "path": "torch.compile(model, backend=scaling_attn_backend("
@@ -325,7 +362,19 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                         [k for k, v in ENERGY_RULES.items() if v == s.rule][0],
                         threshold=s.threshold)
                     tm = time_compiled(model, s.tables, timing_inputs, energy_filter=filt,
-                                       **tkw)
+                                       retune=retune_per_method, **tkw)
+                    if (method in retune_also or f"{method}@{target:g}" in retune_also) \
+                            and not retune_per_method:
+                        entry["timing_retuned"] = time_compiled(
+                            model, s.tables, timing_inputs, energy_filter=filt, retune=True, **tkw)
+                    if sweep_configs and device.type == "cuda" and not s.rule:
+                        from .timing_diag import sweep_configs as sweep
+
+                        at = tm.get("profile", {}).get("timestep") or float(
+                            timing_inputs[len(timing_inputs) // 2][1].reshape(-1)[0])
+                        head_dim = model.config.attention_head_dim
+                        tm["config_sweep"] = sweep(s.tables, at, head_dim=head_dim,
+                                                   dtype=compute_dtype(model))
                     entry["ms_per_step"] = tm["ms_per_step"]
                     entry["timing"] = tm
                 recs += records(method, target, rows, entry["ms_per_step"])
@@ -337,12 +386,17 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
             results.append(entry)
             if entry["status"] == "timed":
                 log(f"[quality] {target:.2f} {method:18s} {entry['ms_per_step']:.2f} ms/step "
-                    f"({entry['time_s']:.0f} s)")
+                    f"{_timing_note(entry.get('timing'))}({entry['time_s']:.0f} s)")
+                if "timing_retuned" in entry:
+                    log(f"[quality] {target:.2f} {method:18s} retuned: "
+                        f"{entry['timing_retuned']['ms_per_step']:.2f} ms/step "
+                        f"{_timing_note(entry['timing_retuned'])}")
             elif entry["status"] == "ok":
                 ms = "" if entry["ms_per_step"] is None else f"  {entry['ms_per_step']:.2f} ms/step"
                 log(f"[quality] {target:.2f} {method:18s} achieved {entry['achieved_density']:.3f}"
                     f"  PSNR {entry['psnr_db']:6.2f}  SSIM {entry['ssim']:.4f}  "
-                    f"relL2 {entry['rel_l2']:.4f}{ms}  ({entry['time_s']:.0f} s)")
+                    f"relL2 {entry['rel_l2']:.4f}{ms} {_timing_note(entry.get('timing'))}"
+                    f"({entry['time_s']:.0f} s)")
             else:
                 log(f"[quality] {target:.2f} {method:18s} {entry['status']}: {entry['error']}")
             if on_result is not None:
