@@ -357,7 +357,7 @@ def run_fast(args: argparse.Namespace) -> int:
 
         args._device = resolve_device(args.device)
         args._dtype = resolve_dtype(args.dtype, args._device)
-        plan = run_fast_pipeline(args, folder, plan, target, video=video_schedule)
+        plan = run_fast_pipeline(args, folder, plan, target, video_fit=video_schedule)
         schedule = plan.schedule
     else:
         if latent is None:

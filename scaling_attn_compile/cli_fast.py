@@ -12,7 +12,6 @@ in here; this module sits between them and ``quality/`` in the import floors.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from .errors import CliError
@@ -103,9 +102,7 @@ def video_schedule(model, plan, profile, sample, target: float, args: argparse.N
     t0 = time.perf_counter()
     resp = R.measure_response(profile, plan.num_heads, run, progress="FAST video probes")
     seconds = time.perf_counter() - t0
-    sched = R.fit_video_schedule(profile, target, resp, seconds, **fit_kwargs(args))
-    print(R.describe(sched.info), file=sys.stdout)
-    return sched
+    return R.fit_video_schedule(profile, target, resp, seconds, **fit_kwargs(args))
 
 
 def fit_builtin(args: argparse.Namespace, plan, model, calibration_input, target: float, *,

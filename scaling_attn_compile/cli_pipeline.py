@@ -139,9 +139,9 @@ def run_west_pipeline(args: argparse.Namespace, folder: Path) -> int:
 
 
 def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: float, *,
-                      video=None):
+                      video_fit=None):
     """FAST profile through the pipeline at the plan's calibration video size; returns the
-    plan with its schedule. ``--objective video``: ``video(model, plan, profile, sample,
+    plan with its schedule. ``--objective video``: ``video_fit(model, plan, profile, sample,
     target, args)`` fits it (``cli_fast.video_schedule``), its probes calling the pipeline as
     the profile did (same scheduler, timesteps and noise)."""
     from .errors import PlanModelMismatch
@@ -184,7 +184,7 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
         return build_fast_plan_pipeline(
             plan, pipe, call, target, capture_steps=capture, component=args.component,
             levels=levels, rows_per_block=args.rows_per_block, seed=args.seed, **fit)[0]
-    if video is None:
+    if video_fit is None:
         raise CliError("--objective video: no probe runner was given for the pipeline path; "
                        "pass --objective attention")
     from .offline.fast_response import pipeline_run_fn
@@ -193,7 +193,7 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
     prof = profile_pipeline(plan, pipe, call, capture_steps=capture, levels=levels,
                             rows_per_block=args.rows_per_block, seed=args.seed,
                             component=args.component)
-    return plan.with_schedule(video(getattr(pipe, args.component), plan, prof,
+    return plan.with_schedule(video_fit(getattr(pipe, args.component), plan, prof,
                                     pipeline_run_fn(pipe, call), target, args))
 
 

@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..plan.plan import FastSchedule
-from ..plan.schema import describe_fit
 from .fast_fit import bucket_bounds_for, fit_schedule, steps_to_buckets
 
 REF_LEVEL = 0.2  # sparse enough to move the video measurably, dense enough to stay near-linear
@@ -150,11 +149,6 @@ def fit_video_schedule(profile, target_density: float, response: dict, seconds: 
     sched.info.update(objective="video", error=sched.info.get("objective", "output_error"),
                       response=response_info(response, seconds))
     return sched
-
-
-def describe(info: dict) -> str:
-    """The plan summary's line for a video-objective fit (``plan.schema.describe_fit``)."""
-    return describe_fit(info) or "FAST fit: objective attention (summed profiled error)"
 
 
 # ---- the dense halves of ``run``: the sampler the profile ran ---------------------------------
