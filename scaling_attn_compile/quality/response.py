@@ -7,7 +7,8 @@ Cost: ``L + T + 1`` generations of one calibration video (small-wan: 40 s on an 
 
 from __future__ import annotations
 
-from ..offline.fast_response import REF_LEVEL, measure_response as fit_response
+from ..offline.fast_response import REF_LEVEL
+from ..offline.fast_response import measure_response as fit_response
 
 __all__ = ["REF_LEVEL", "measure_response"]
 
