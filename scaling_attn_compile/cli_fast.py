@@ -50,6 +50,11 @@ def check_objective(args: argparse.Namespace) -> None:
     if args.error != "output_error":
         raise CliError("--objective video: the gains are fitted on the profiled output error, "
                        f"got --error {args.error}; pass --error output_error")
+    from .offline.fast_response import REF_LEVEL
+
+    if args.levels is not None and REF_LEVEL not in args.levels:
+        raise CliError(f"--levels {','.join(f'{x:g}' for x in args.levels)}: --objective video "
+                       f"probes at level {REF_LEVEL}, which must be one of them; add {REF_LEVEL}")
 
 
 def fit_kwargs(args: argparse.Namespace) -> dict:

@@ -217,7 +217,8 @@ def test_cli_video_objective_refusals(wan_folder, tmp_path, capsys):
     folder, west = wan_folder
     for extra, says in ((["--allocation", "curve"], "--allocation lagrange"),
                         (["--method", "uniform"], "--method fast"),
-                        (["--error", "fidelity"], "--error output_error")):
+                        (["--error", "fidelity"], "--error output_error"),
+                        (["--levels", "0.1,0.3,1.0"], "add 0.2")):
         assert _fast(folder, west, tmp_path / "x.plan.safetensors", "--objective", "video",
                      *extra) == 2
         err = capsys.readouterr().err
