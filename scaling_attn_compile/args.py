@@ -102,3 +102,24 @@ def add_token_order_argument(p: argparse.ArgumentParser) -> None:
                    help="which tokens share a 128-token mask block: 'tile' (3D tiles of the "
                         "latent grid, shape chosen per grid), 'tile:2x8x8' (a fixed tile), or "
                         f"'raster' (strips of token rows); default {NEW_PLAN_ORDER}")
+
+
+def levels_arg(text: str) -> list[float]:
+    """argparse type: ``"0.1,0.3,1.0"`` -> ``[0.1, 0.3, 1.0]`` (``fast --levels``)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds like 0.1,0.3,1.0, "
+                                         f"got {text!r}") from None
+
+
+def plan_model(calib: dict) -> str:
+    """The ``--model`` a plan was calibrated with: recorded since issue 18, else parsed from
+    its source line (``scaling-attn west --model X``)."""
+    if calib.get("model"):
+        return str(calib["model"])
+    source = str(calib.get("source") or "")
+    if source.startswith("scaling-attn west --model "):
+        return source.removeprefix("scaling-attn west --model ")
+    raise CliError(f"--model: the plan records no model (its source is {source or 'empty'!r}); "
+                   f"pass --model, the folder or name the plan was calibrated on")

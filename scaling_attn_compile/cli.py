@@ -25,12 +25,15 @@ from .args import (
     check_input_file,
     check_output_path,
     int_list,
+    levels_arg,
     parse_triple,
+    plan_model,
     positive_float,
     positive_int,
     resolve_device,
     resolve_dtype,
 )
+from .cli_fast import add_objective_arguments, check_objective
 from .errors import CliError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -265,14 +268,6 @@ def run_show(args: argparse.Namespace) -> int:
 
 # ---- fast ----------------------------------------------------------------------------------------
 
-def _levels_arg(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated thresholds like 0.1,0.3,1.0, "
-                                         f"got {text!r}") from None
-
-
 def add_fast_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.set_defaults(model=None)  # the plan's recorded model (run_fast says so)
@@ -296,7 +291,7 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps profiled = timestep buckets, evenly spaced (default: all)")
     p.add_argument("--shift", type=positive_float, default=None,
                    help="flow-matching shift (default 5.0 at >= 720p, else 3.0, as Wan)")
-    p.add_argument("--levels", type=_levels_arg, default=None,
+    p.add_argument("--levels", type=levels_arg, default=None,
                    help="WEST thresholds, ascending, ending with 1.0 (default "
                         "0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.65,0.8,1.0)")
     p.add_argument("--rows-per-block", type=positive_int, default=16,
@@ -304,9 +299,7 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", default="lagrange", choices=["lagrange", "curve"],
                    help="how FAST spends the density: 'lagrange' minimises the summed error "
                         "over (layer, step, head) (default); 'curve' is the paper's A(l, t)")
-    p.add_argument("--objective", default="output_error", choices=["output_error", "fidelity"],
-                   help="lagrange: the error summed, relative attention-output error (default) "
-                        "or 1 - Hellinger fidelity")
+    add_objective_arguments(p)
     p.add_argument("--gamma", type=float, default=1.0,
                    help="curve: A(l, t) curvature (default 1)")
     p.add_argument("--omega", type=float, default=None,
@@ -325,18 +318,6 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                    help="length of a random embedding (default: 512 for Wan, 16 for tiny)")
 
 
-def _plan_model(calib: dict) -> str:
-    """The ``--model`` a plan was calibrated with: recorded since issue 18, else parsed from
-    its source line (``scaling-attn west --model X``)."""
-    if calib.get("model"):
-        return str(calib["model"])
-    source = str(calib.get("source") or "")
-    if source.startswith("scaling-attn west --model "):
-        return source.removeprefix("scaling-attn west --model ")
-    raise CliError(f"--model: the plan records no model (its source is {source or 'empty'!r}); "
-                   f"pass --model, the folder or name the plan was calibrated on")
-
-
 def run_fast(args: argparse.Namespace) -> int:
     from .errors import PlanModelMismatch
     from .models.registry import adapter_for, load_transformer
@@ -353,9 +334,10 @@ def run_fast(args: argparse.Namespace) -> int:
     check_output_path(png, "--png")
     check_input_file(args.prompts, "--prompts")
     check_input_file(args.image, "--image")
+    check_objective(args)
     calib = plan.meta.calibration
     if args.model is None and args.method == "fast":
-        args.model = _plan_model(calib)
+        args.model = plan_model(calib)
         print(f"--model not given: profiling the plan's model {args.model}")
     steps = args.steps or int(calib.get("num_steps", 50))
     latent = calib.get("latent_shape")
@@ -370,11 +352,12 @@ def run_fast(args: argparse.Namespace) -> int:
     elif args.method == "dense-first":
         schedule = fast.dense_first_schedule(plan, target, timesteps, args.dense_fraction)
     elif (folder := _resolve_model(args)) is not None:
+        from .cli_fast import video_schedule
         from .cli_pipeline import run_fast_pipeline
 
         args._device = resolve_device(args.device)
         args._dtype = resolve_dtype(args.dtype, args._device)
-        plan = run_fast_pipeline(args, folder, plan, target)
+        plan = run_fast_pipeline(args, folder, plan, target, video_fit=video_schedule)
         schedule = plan.schedule
     else:
         if latent is None:
@@ -402,12 +385,10 @@ def run_fast(args: argparse.Namespace) -> int:
             made_by = calib.get("source") or "scaling-attn west"
             raise CliError(f"--model {args.model}: {e}. The plan was made by `{made_by}`: pass "
                            f"the same --model") from None
-        plan, _ = fast.build_fast_plan(
-            plan, model, inputs[0], target, timesteps=timesteps, latent_shape=latent,
-            capture_steps=capture, levels=levels, rows_per_block=args.rows_per_block,
-            seed=args.seed, allocation=args.allocation, objective=args.objective,
-            gamma=args.gamma, omega=args.omega, rho=args.rho, reduce=args.reduce,
-            progress="FAST profile")
+        from .cli_fast import fit_builtin
+
+        plan = fit_builtin(args, plan, model, inputs[0], target, timesteps=timesteps,
+                           latent=latent, capture=capture, levels=levels)
         schedule = plan.schedule
     plan = plan.with_schedule(schedule)
     path = plan.save(args.out)

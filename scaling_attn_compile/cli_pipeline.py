@@ -138,9 +138,12 @@ def run_west_pipeline(args: argparse.Namespace, folder: Path) -> int:
     return 0
 
 
-def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: float):
+def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: float, *,
+                      video_fit=None):
     """FAST profile through the pipeline at the plan's calibration video size; returns the
-    plan with its schedule."""
+    plan with its schedule. ``--objective video``: ``video_fit(model, plan, profile, sample,
+    target, args)`` fits it (``cli_fast.video_schedule``), its probes calling the pipeline as
+    the profile did (same scheduler, timesteps and noise)."""
     from .errors import PlanModelMismatch
     from .offline import fast
     from .offline.calibrate import evenly_spaced
@@ -174,12 +177,24 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
                           num_inference_steps=steps, guidance_scale=_guidance(args, pipe),
                           negative_prompt=args.negative_prompt, image=image, seed=args.seed,
                           **extra)[0]
-    fplan, _ = build_fast_plan_pipeline(
-        plan, pipe, call, target, capture_steps=capture, component=args.component,
-        levels=args.levels or list(fast.DEFAULT_LEVELS), rows_per_block=args.rows_per_block,
-        seed=args.seed, allocation=args.allocation, objective=args.objective, gamma=args.gamma,
-        omega=args.omega, rho=args.rho, reduce=args.reduce)
-    return fplan
+    fit = dict(allocation=args.allocation, objective=args.error, gamma=args.gamma,
+               omega=args.omega, rho=args.rho, reduce=args.reduce)
+    levels = args.levels or list(fast.DEFAULT_LEVELS)
+    if args.objective != "video":
+        return build_fast_plan_pipeline(
+            plan, pipe, call, target, capture_steps=capture, component=args.component,
+            levels=levels, rows_per_block=args.rows_per_block, seed=args.seed, **fit)[0]
+    if video_fit is None:
+        raise CliError("--objective video: no probe runner was given for the pipeline path; "
+                       "pass --objective attention")
+    from .offline.fast_response import pipeline_run_fn
+    from .offline.pipeline import profile_pipeline
+
+    prof = profile_pipeline(plan, pipe, call, capture_steps=capture, levels=levels,
+                            rows_per_block=args.rows_per_block, seed=args.seed,
+                            component=args.component)
+    return plan.with_schedule(video_fit(getattr(pipe, args.component), plan, prof,
+                                    pipeline_run_fn(pipe, call), target, args))
 
 
 def _guidance(args, pipe) -> float:

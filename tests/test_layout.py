@@ -27,8 +27,9 @@ FLOORS = {
     "compile": 5, "offline": 5,
     "tiny": 6,
     "quality": 7, "cli_pipeline": 7,
-    "cli": 8,
-    "__init__": 9,
+    "cli_fast": 8,  # fast --objective video: runs quality.measure's attention, called by cli
+    "cli": 9,
+    "__init__": 10,
 }
 
 # Wan's module paths and the attribute paths to them. Only models/ may name them (tiny/, which

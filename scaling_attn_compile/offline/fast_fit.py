@@ -186,7 +186,7 @@ def fit_schedule(profile, target_density: float, *, allocation: str = "lagrange"
     ``"output_error"``, the sampled rows' mean relative output error (needs a profile with
     ``output_error``, i.e. v captured), or ``"fidelity"``, ``1 - F`` (``reduce`` picks mean or
     min). ``weights``: ``(L, T)`` non-negative gains per (layer, profiled step), step order
-    (e.g. ``quality.response.measure_response``: what a unit of error costs in the final video);
+    (e.g. ``fast_response.measure_response``: what a unit of error costs in the final video);
     the summed cost is then ``sum weights[l, t] * cost[l, t, h, level]``. On small-wan at 0.25 the paper's curve put 0.13 density in the last steps and
     deepest layers and lost 4.7 dB to uniform density (``benchmarks/results/``); minimising the
     summed error cannot be worse than uniform on the profile's own cost, by construction.

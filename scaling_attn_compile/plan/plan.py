@@ -61,11 +61,6 @@ Grid = tuple[int, int, int]
 
 
 # --------------------------------------------------------------------------------------------
-# Model fingerprints
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
 # Data classes
 # --------------------------------------------------------------------------------------------
 
@@ -463,11 +458,11 @@ class Plan:
         for p in densities:
             d = curve[topology.code_for(p)].item()
             lines.append(f"  threshold p = {p:.2f}: mean kept-block density {d:.3f}")
-        if self.schedule is not None:
-            s = self.schedule
+        if (s := self.schedule) is not None:
             levels = [round(float(x), 4) for x in s.levels]  # 0.05, not 0.05000000074505806
             lines.append(f"FAST schedule: {len(s.levels)} levels {levels}, "
                          f"{s.level_tables.shape[1]} timestep buckets")
+            lines += [x for x in [schema.describe_fit(s.info)] if x]  # --objective video
         else:
             lines.append("FAST schedule: none")
         return "\n".join(lines)

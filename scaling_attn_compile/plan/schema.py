@@ -180,3 +180,16 @@ def canonical(meta: dict) -> bytes:
 
 def meta_checksum(meta: dict) -> str:
     return hashlib.sha256(canonical(meta)).hexdigest()
+
+
+def describe_fit(info: dict) -> str | None:
+    """One line on what a FAST schedule's fit minimised, for ``plan.summary`` (``scaling-attn
+    show``); ``None`` for the default (the summed attention error), which needs no line."""
+    if info.get("objective") != "video":
+        return None
+    r = info.get("response") or {}
+    g, h = r.get("layer_gain") or [0.0], r.get("bucket_gain_by_step") or [0.0]
+    return (f"FAST fit: objective video (error weighted by its measured cost in the video), "
+            f"layer gains {min(g):.2f}..{max(g):.2f}, bucket gains by step "
+            f"[{', '.join(f'{x:.3g}' for x in h)}], {r.get('generations', '?')} probe "
+            f"generations in {r.get('probe_seconds', float('nan')):.1f} s")

@@ -1,0 +1,130 @@
+"""``scaling-attn fast``: what the schedule fit minimises (``--objective``) and the video probes.
+
+``--objective attention`` (default): the summed profiled attention error
+(``fast.fit_schedule``). ``--objective video``: that error weighted per (layer, step bucket) by
+its measured cost in the final video (:mod:`.offline.fast_response`): ``L + T + 1`` extra
+generations of the calibration video on the sampler the profile ran, each with one bucket or
+one layer sparse, run through :class:`.quality.measure.MeasuredAttention` (the op's semantics:
+the Triton kernel on CUDA, the reference on the CPU). ``cli.py`` and ``cli_pipeline.py`` call
+in here; this module sits between them and ``quality/`` in the import floors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .errors import CliError
+
+OBJECTIVES = ("attention", "video")
+# One line for --help: the small-wan H200 study (128 blocks, 50 steps, 8 held-out prompts x 2
+# seeds; benchmarks/results/quality-nvidia-h200-small-wan.json), PSNR vs dense.
+VIDEO_MEASURED = ("measured on small-wan, PSNR vs dense at density 0.5/0.35/0.25/0.15: "
+                  "41.3/35.6/29.8/24.4 dB against 33.3/29.7/27.7/21.7 for 'attention' and "
+                  "33.4/28.3/24.7/20.0 for uniform density")
+PROBED_CLASSES = ("WanTransformer3DModel",)  # MeasuredAttention computes q/k/v as Wan's processor
+
+
+def add_objective_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", default="attention", choices=list(OBJECTIVES),
+                   help="what the lagrange fit minimises: 'attention', the summed profiled "
+                        "attention error (default); 'video', that error weighted per (layer, "
+                        "step bucket) by its measured effect on the final video, which costs "
+                        "L + T + 1 extra generations of the calibration video (L layers, T "
+                        f"profiled steps; small-wan: 40 s on an H200); {VIDEO_MEASURED}")
+    p.add_argument("--error", default="output_error", choices=["output_error", "fidelity"],
+                   help="lagrange: the attention error, relative attention-output error "
+                        "(default) or 1 - Hellinger fidelity")
+
+
+def check_objective(args: argparse.Namespace) -> None:
+    """Refuse option mixes the video objective cannot serve, before any model is loaded."""
+    if args.objective != "video":
+        return
+    if args.method != "fast":
+        raise CliError(f"--objective video: weights FAST's fit; --method {args.method} fits "
+                       f"nothing; drop --objective or pass --method fast")
+    if args.allocation != "lagrange":
+        raise CliError(f"--objective video: weights the lagrange allocation's errors, got "
+                       f"--allocation {args.allocation}; pass --allocation lagrange")
+    if args.error != "output_error":
+        raise CliError("--objective video: the gains are fitted on the profiled output error, "
+                       f"got --error {args.error}; pass --error output_error")
+    from .offline.fast_response import REF_LEVEL
+
+    if args.levels is not None and REF_LEVEL not in args.levels:
+        raise CliError(f"--levels {','.join(f'{x:g}' for x in args.levels)}: --objective video "
+                       f"probes at level {REF_LEVEL}, which must be one of them; add {REF_LEVEL}")
+
+
+def fit_kwargs(args: argparse.Namespace) -> dict:
+    """``fast.fit_schedule``'s options from the command line."""
+    return dict(allocation=args.allocation, objective=args.error, gamma=args.gamma,
+                omega=args.omega, rho=args.rho, reduce=args.reduce)
+
+
+def sparse_run(model, plan, grid, sample):
+    """``run(schedule)`` for :func:`.offline.fast_response.measure_response`: ``sample()`` with
+    ``schedule``'s tables at ``grid`` on every self-attention layer of ``model`` (dense for
+    ``None``). Only Wan's processor is probed; other classes are refused in one line."""
+    from .models.fingerprint import _unwrap
+    from .quality.measure import MeasuredAttention
+
+    name = type(_unwrap(model)).__name__
+    if name not in PROBED_CLASSES:
+        raise CliError(f"--objective video: the video probes run sparse attention through "
+                       f"{', '.join(PROBED_CLASSES)}'s processor, got {name}; pass "
+                       f"--objective attention")
+    runner = MeasuredAttention(_unwrap(model))
+
+    def per_sample_timestep(module, args, kwargs):
+        t = runner.timestep  # (B, S) under expand_timesteps (Wan2.2 TI2V): the noise level is
+        if t is not None and t.dim() > 1:  # the max (the image tokens carry 0), as the profile
+            runner.timestep = t.flatten(1).amax(1)
+
+    def run(schedule):
+        if schedule is None:
+            return sample()
+        runner.configure(plan.with_schedule(schedule).materialize(grid))
+        with runner.installed():
+            handle = _unwrap(model).register_forward_pre_hook(per_sample_timestep,
+                                                              with_kwargs=True)
+            try:
+                return sample()
+            finally:
+                handle.remove()
+
+    return run
+
+
+def video_schedule(model, plan, profile, sample, target: float, args: argparse.Namespace):
+    """The video objective's schedule: the probes (a tqdm bar), then the weighted fit; the
+    gains and the probe cost go into ``schedule.info``."""
+    from .offline import fast_response as R
+
+    grid = tuple(profile.info["grid"])
+    run = sparse_run(model, plan, grid, sample)
+    t0 = time.perf_counter()
+    resp = R.measure_response(profile, plan.num_heads, run, progress="FAST video probes")
+    seconds = time.perf_counter() - t0
+    return R.fit_video_schedule(profile, target, resp, seconds, **fit_kwargs(args))
+
+
+def fit_builtin(args: argparse.Namespace, plan, model, calibration_input, target: float, *,
+                timesteps, latent, capture, levels):
+    """Profile on the built-in sampler and fit (either objective): the plan with its
+    schedule."""
+    from .offline import fast
+    from .offline.fast_response import sampler_run_fn
+
+    guidance = args.guidance_scale or 5.0
+    prof = fast.profile_fidelity(plan, model, calibration_input, timesteps=timesteps,
+                                 latent_shape=latent, capture_steps=capture, levels=levels,
+                                 rows_per_block=args.rows_per_block, seed=args.seed,
+                                 guidance_scale=guidance, progress="FAST profile")
+    if args.objective == "video":
+        sample = sampler_run_fn(model, calibration_input, timesteps, latent, guidance)
+        sched = video_schedule(model, plan, prof, sample, target, args)
+    else:
+        sched = fast.fit_schedule(prof, target, **fit_kwargs(args))
+    return plan.with_schedule(sched)

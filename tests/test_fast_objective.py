@@ -1,0 +1,273 @@
+"""``scaling-attn fast --objective video`` (issue 13): the response fit of
+``offline/fast_response.py``, the weighted allocation it feeds, the CLI on the built-in sampler
+and through a diffusers pipeline, the plan's metadata, and the study's ``west_fast_weighted``
+producing the same tables as the CLI from the same gains.
+
+Synthetic profiles drive the fit's properties (predictable answers); a 2-layer random Wan at
+S = 384 tokens (3 blocks) drives the end-to-end runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from scaling_attn_compile.cli import main
+from scaling_attn_compile.contract.masks import timestep_bucket
+from scaling_attn_compile.errors import CliError
+from scaling_attn_compile.offline import fast
+from scaling_attn_compile.offline import fast_response as R
+from scaling_attn_compile.plan.io import load_plan
+
+LATENT = "2,16,48"  # (C, F, H, W) = (4, 2, 16, 48) -> tokens (2, 8, 24), S = 384, three blocks
+
+
+def synthetic_profile(L=3, T=4, H=2, seed=0, identical=False) -> fast.FastProfile:
+    """Errors falling with the level (0 at the dense level), densities rising with it;
+    ``identical``: every (layer, step, head) has the same curves."""
+    g = torch.Generator().manual_seed(seed)
+    levels = list(fast.DEFAULT_LEVELS)
+    NL = len(levels)
+    base = torch.linspace(1.0, 0.0, NL, dtype=torch.float64) ** 2
+    dens = torch.tensor(levels, dtype=torch.float64)
+    if identical:
+        err = base.expand(L, T, H, NL).clone()
+        ld = dens.expand(L, H, NL).clone()
+    else:
+        err = base * torch.rand(L, T, H, 1, generator=g, dtype=torch.float64).add(0.1)
+        ld = (dens + 0.05 * torch.rand(L, H, NL, generator=g, dtype=torch.float64)).clamp(max=1)
+        ld[..., -1] = 1.0
+    ts = torch.linspace(950, 50, T).tolist()
+    return fast.FastProfile(levels, 1 - err, 1 - err, ld, ts, {"grid": [2, 8, 24]}, err)
+
+
+# ---- the weighted fit -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.2, 0.35, 0.5, 0.8])
+def test_weights_of_one_give_the_unweighted_fit(target):
+    prof = synthetic_profile()
+    plain = fast.fit_schedule(prof, target)
+    ones = fast.fit_schedule(prof, target, weights=torch.ones(3, 4, dtype=torch.float64))
+    assert torch.equal(plain.level_tables, ones.level_tables)
+    assert ones.info["achieved_density"] == plain.info["achieved_density"]
+
+
+def test_a_larger_gain_gets_more_density():
+    """Identical cells: only the gains differ, so a cell with a larger gain never gets a
+    sparser level than one with a smaller gain, and the heavy layer and step end up denser."""
+    prof = synthetic_profile(identical=True)
+    w = torch.ones(3, 4, dtype=torch.float64)
+    w[1] *= 30.0  # layer 1 costs 30x in the video
+    w[:, 0] *= 100.0  # the first (noisiest) step 100x, as small-wan measured
+    s = fast.fit_schedule(prof, 0.4, weights=w)
+    choice = s.level_tables.flip(1).long()  # (L, T, H), step order
+    lv = choice.double().mean(-1)  # (L, T)
+    flat_w, flat_lv = w.flatten(), lv.flatten()
+    for a in range(flat_w.numel()):
+        for b in range(flat_w.numel()):
+            if flat_w[a] > flat_w[b]:
+                assert flat_lv[a] >= flat_lv[b], (a, b)
+    assert lv[1].mean() > lv[0].mean() and lv[1].mean() > lv[2].mean()
+    assert lv[:, 0].mean() > lv[:, 1:].mean()
+    assert abs(s.info["achieved_density"] - 0.4) <= 0.02
+
+
+def test_fit_gains_recovers_a_separable_response():
+    g0 = torch.Generator().manual_seed(1)
+    g = torch.rand(4, generator=g0, dtype=torch.float64) * 3 + 0.1
+    h = torch.rand(6, generator=g0, dtype=torch.float64) ** 4 * 5 + 1e-3
+    C = torch.rand(4, 6, generator=g0, dtype=torch.float64) + 0.1
+    fit = R.fit_gains(C, h * (g[:, None] * C).sum(0), g * (h[None, :] * C).sum(1))
+    assert torch.allclose(torch.tensor(fit["layer_gain"], dtype=torch.float64), g / g.mean(),
+                          rtol=1e-6)
+    assert torch.allclose(torch.tensor(fit["bucket_gain_by_step"], dtype=torch.float64),
+                          h / h.mean(), rtol=1e-6)
+    w = g[:, None] * h[None, :]
+    assert torch.allclose(fit["weights"], w / w.mean(), rtol=1e-6)
+    assert fit["fit_residual"] < 1e-9
+    with pytest.raises(ValueError, match="fit_gains"):
+        R.fit_gains(C, [1.0] * 5, [1.0] * 4)
+
+
+def test_probes_read_the_schedule_as_the_kernel_does():
+    """A fake generation whose error is ``sum g_l h_t C_lt`` over the cells the probe made
+    sparse, the cells read through the op's own bucket rule at the profiled timesteps: the
+    fit returns ``g`` and ``h`` in step order (the bucket order is the reverse)."""
+    prof = synthetic_profile(L=3, T=4)
+    C = prof.output_error[..., prof.levels.index(R.REF_LEVEL)].sum(-1)
+    g = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    h = torch.tensor([50.0, 4.0, 1.0, 0.1], dtype=torch.float64)  # the first step weighs most
+    calls = []
+
+    def run(schedule):
+        calls.append(schedule)
+        if schedule is None:
+            return torch.zeros(3)
+        b = timestep_bucket(torch.tensor(prof.timesteps), schedule.bucket_bounds)  # (T,)
+        sparse = (schedule.level_tables[:, b] == 0).all(-1)  # (L, T) step order
+        assert schedule.levels == [R.REF_LEVEL, 1.0]
+        err = (g[:, None] * h[None, :] * C)[sparse].sum()
+        return torch.full((3,), float(err.sqrt()))
+
+    out = R.measure_response(prof, 2, run, progress=False)
+    assert calls[0] is None and len(calls) == out["generations"] == 3 + 4 + 1
+    assert torch.allclose(torch.tensor(out["bucket_gain_by_step"], dtype=torch.float64),
+                          h / h.mean(), rtol=1e-5)
+    assert torch.allclose(torch.tensor(out["layer_gain"], dtype=torch.float64), g / g.mean(),
+                          rtol=1e-5)
+    info = R.fit_video_schedule(prof, 0.4, out, 1.5).info
+    assert info["objective"] == "video" and info["error"] == "output_error"
+    assert info["response"]["probe_seconds"] == 1.5 and "weights" not in info["response"]
+    with pytest.raises(ValueError, match="ref_level"):
+        R.measure_response(prof, 2, run, ref_level=0.25)
+
+
+# ---- the study's method and the CLI's fit: same gains, same tables ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_profile():
+    from scaling_attn_compile.models.wan import load_transformer
+    from scaling_attn_compile.offline.calibrate import (
+        calibrate_west,
+        default_timesteps,
+        random_inputs,
+    )
+
+    model = load_transformer("tiny-random", seed=0).transformer
+    latent = (4, 2, 16, 48)
+    plan = calibrate_west(model, random_inputs(1, 16, 32, seed=0), default_timesteps(2, 3.0),
+                          latent_shape=latent, progress=False)
+    ts = default_timesteps(4, 3.0)
+    prof = fast.profile_fidelity(plan, model, random_inputs(1, 16, 32, seed=7)[0], timesteps=ts,
+                                 latent_shape=latent, rows_per_block=4, progress=False)
+    return plan, prof, ts
+
+
+def test_study_weighted_method_builds_the_cli_tables(tiny_profile):
+    from scaling_attn_compile.quality import methods as M
+
+    plan, prof, ts = tiny_profile
+    L, T = plan.num_layers, len(ts)
+    g = torch.linspace(0.2, 2.0, L, dtype=torch.float64)[:, None]
+    h = torch.logspace(2, -2, T, dtype=torch.float64)[None, :]
+    resp = {"weights": g * h / (g * h).mean(), "layer_gain": g.flatten().tolist(),
+            "bucket_gain_by_step": h.flatten().tolist()}
+    grid = tuple(prof.info["grid"])
+    cal = M.Calibration(plan, prof, [], None, ts, grid, L, plan.num_heads, response=resp)
+    study = M.build("west_fast_weighted", 0.5, cal).tables
+    cli = plan.with_schedule(R.fit_video_schedule(prof, 0.5, resp, 0.0)).materialize(grid)
+    assert all(torch.equal(a, b) for a, b in zip(study.masks, cli.masks, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(study.level_tables, cli.level_tables,
+                                                 strict=True))
+    assert torch.equal(study.bucket_bounds, cli.bucket_bounds)
+    unweighted = plan.with_schedule(fast.fit_schedule(prof, 0.5)).materialize(grid)
+    assert not all(torch.equal(a, b) for a, b in zip(study.level_tables,
+                                                     unweighted.level_tables, strict=True))
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64)
+    root = tmp_path_factory.mktemp("wan") / "Tiny-Wan"
+    model.save_pretrained(root / "transformer")
+    west = root.parent / "w.plan.safetensors"
+    assert main(["west", "--model", str(root), "--latent", LATENT, "--num-prompts", "1",
+                 "--steps", "4", "--capture-steps", "2", "--text-len", "8",
+                 "--out", str(west)]) == 0
+    return root, west
+
+
+def _fast(folder, west, out, *extra):
+    return main(["fast", "--model", str(folder), "--plan", str(west), "--target-density", "0.6",
+                 "--capture-steps", "3", "--text-len", "8", "--rows-per-block", "4",
+                 "--out", str(out), *extra])
+
+
+def test_cli_video_objective_writes_the_gains(wan_folder, tmp_path, capsys):
+    folder, west = wan_folder
+    assert _fast(folder, west, tmp_path / "a.plan.safetensors") == 0  # --objective attention
+    assert _fast(folder, west, tmp_path / "v.plan.safetensors", "--objective", "video") == 0
+    err = capsys.readouterr().err
+    assert "FAST video probes" in err  # the probes' progress bar
+    att = load_plan(tmp_path / "a.plan.safetensors").schedule
+    vid = load_plan(tmp_path / "v.plan.safetensors").schedule
+    assert not torch.equal(att.level_tables, vid.level_tables)
+    assert "response" not in att.info and att.info["objective"] == "output_error"
+    r = vid.info["response"]
+    assert vid.info["objective"] == "video" and vid.info["weighted"] is True
+    assert len(r["layer_gain"]) == 2 and len(r["bucket_gain_by_step"]) == 3
+    assert r["generations"] == 2 + 3 + 1 and r["probe_seconds"] > 0
+    assert max(r["probe_mse_by_step"]) > 0  # the probes ran sparse
+    assert main(["show", str(tmp_path / "v.plan.safetensors"), "--out",
+                 str(tmp_path / "l.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("FAST fit: objective video") == 1 and "6 probe generations" in out
+
+
+def test_cli_video_objective_refusals(wan_folder, tmp_path, capsys):
+    folder, west = wan_folder
+    for extra, says in ((["--allocation", "curve"], "--allocation lagrange"),
+                        (["--method", "uniform"], "--method fast"),
+                        (["--error", "fidelity"], "--error output_error"),
+                        (["--levels", "0.1,0.3,1.0"], "add 0.2")):
+        assert _fast(folder, west, tmp_path / "x.plan.safetensors", "--objective", "video",
+                     *extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    from scaling_attn_compile.cli_fast import sparse_run
+
+    with pytest.raises(CliError, match="--objective attention"):
+        sparse_run(torch.nn.Linear(2, 2), None, (1, 1, 1), lambda: None)
+
+
+def test_help_says_what_video_costs(capsys):
+    with pytest.raises(SystemExit):
+        main(["fast", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "L + T + 1 extra generations" in text and "41.3/35.6/29.8/24.4 dB" in text
+
+
+# ---- through a diffusers pipeline: the probes run its scheduler ------------------------------
+
+def test_pipeline_video_objective_probes_the_pipelines_timesteps(tmp_path, capsys):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_pipeline import STEPS, TEXT_LEN, VIDEO_ARGS, build_pipeline_folder
+
+    folder = build_pipeline_folder(tmp_path / "Tiny-Wan-T2V")
+    (tmp_path / "p.txt").write_text("a cat runs on the beach\n")
+    common = ["--prompts", str(tmp_path / "p.txt"), "--negative-prompt", "night",
+              "--text-len", str(TEXT_LEN)]
+    west, out = tmp_path / "w.plan.safetensors", tmp_path / "v.plan.safetensors"
+    assert main(["west", "--model", str(folder), *VIDEO_ARGS, "--steps", str(STEPS),
+                 "--capture-steps", "2", "--out", str(west), *common]) == 0
+    assert main(["fast", "--plan", str(west), "--target-density", "0.7", "--rows-per-block", "8",
+                 "--objective", "video", "--out", str(out), *common]) == 0
+    sched = load_plan(out).schedule
+    ran = load_plan(west).meta.calibration["pipeline_timesteps"]  # UniPC's, not the own sampler's
+    assert sched.info["profiled_timesteps"] == ran and sched.info["objective"] == "video"
+    r = sched.info["response"]
+    assert r["generations"] == 2 + STEPS + 1
+    # Each bucket holds exactly one of the pipeline's steps, and each bucket probe moved the
+    # video: the probes ran the scheduler's timesteps, not another sampler's.
+    b = timestep_bucket(torch.tensor(ran), sched.bucket_bounds)
+    assert sorted(b.tolist()) == list(range(STEPS))
+    assert min(r["probe_mse_by_step"]) > 0
+    capsys.readouterr()
+    # Every probe starts from the profile's noise: the call's generator is re-seeded each time.
+    from scaling_attn_compile.cli_pipeline import load_pipeline
+    from scaling_attn_compile.offline.pipeline import pipeline_calls
+
+    pipe = load_pipeline(folder, "cpu", torch.float32)
+    call = pipeline_calls(["a cat"], height=128, width=192, num_frames=5, num_inference_steps=2,
+                          max_sequence_length=TEXT_LEN, seed=3)[0]
+    sample = R.pipeline_run_fn(pipe, call)
+    assert torch.equal(sample(), sample())
