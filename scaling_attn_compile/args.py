@@ -98,10 +98,13 @@ def resolve_dtype(name: str, device):
 def add_token_order_argument(p: argparse.ArgumentParser) -> None:
     from .contract.token_order import NEW_PLAN_ORDER
 
-    p.add_argument("--token-order", default=NEW_PLAN_ORDER, metavar="raster|tile|tile:FxHxW",
+    p.add_argument("--token-order", default=NEW_PLAN_ORDER,
+                   metavar="auto|raster|tile|tile:FxHxW",
                    help="which tokens share a 128-token mask block: 'tile' (3D tiles of the "
-                        "latent grid, shape chosen per grid), 'tile:2x8x8' (a fixed tile), or "
-                        f"'raster' (strips of token rows); default {NEW_PLAN_ORDER}")
+                        "latent grid, shape chosen per grid), 'tile:2x8x8' (a fixed tile), "
+                        "'raster' (strips of token rows; what sequence parallelism needs), or "
+                        "'auto': tile where the model family supports it (Wan), else raster; "
+                        f"default {NEW_PLAN_ORDER}")
 
 
 def levels_arg(text: str) -> list[float]:

@@ -69,6 +69,7 @@ def test_west_fast_show_on_a_save_pretrained_folder(wan_folder, tmp_path, capsys
     assert plan.meta.model_config["ffn_dim"] == 48 and plan.meta.model_config["text_dim"] == 24
     assert plan.calib_grid == (2, 8, 24) and plan.meta.weights_fingerprint is not None
     assert plan.meta.calibration["source"] == f"scaling-attn west --model {wan_folder}"
+    assert plan.meta.token_order == "tile"  # --token-order auto: a Wan model is tiled
 
 
 def test_west_fast_show_with_the_default_model(tmp_path, capsys):

@@ -409,6 +409,7 @@ def test_cli_west_on_an_ltx_transformer_folder(saved, tmp_path, capsys):
     plan = load_plan(out)
     assert plan.meta.model_class == "LTXVideoTransformer3DModel"
     assert plan.meta.weights_fingerprint == ltx.weights_fingerprint(load(saved))
+    assert plan.meta.token_order == "raster"  # --token-order auto: LTX has no order sites
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     assert main(["west", "--model", str(saved), "--latent", "4,8,10", "--prompts", str(prompts),

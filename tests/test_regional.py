@@ -143,14 +143,50 @@ def test_attached_model_still_compiles_whole_and_detaches():
     assert be.attached == []
 
 
+@pytest.mark.parametrize("order", ["tile", "tile:2x8x8"])
+def test_regional_in_tile_order_equals_the_full_graph(order):
+    """A tile-order plan, regionally: hooks permute the tokens and RoPE tables before the
+    compiled blocks and the output back after them; the result is the full-graph compile's
+    (whose graph permutes by itself), and a raster-order reading of the same masks differs."""
+    model = sharpen_self_attention(make_model())
+    inputs = make_inputs()
+    tile = dataclasses.replace(two_level_tables(), token_order=order)
+    full_be = scaling_attn_backend(tile, compiler="eager")
+    full = run_steps(compiled(model, full_be), inputs)
+    assert full_be.reports[0].token_order == order
+    torch._dynamo.reset()
+    raster = run_steps(compiled(model, scaling_attn_backend(two_level_tables(),
+                                                            compiler="eager")), inputs)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    be = regional(model, tile)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = run_steps(model, inputs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for t, out, ref, other in zip(STEPS, outs, full, raster, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=f"t={t}: regional != full")
+        assert (out - other).abs().max() > 1e-3, f"t={t}: tile order made no difference"
+    be.attached[0].detach()  # hooks gone: the model runs raster and dense again
+    torch._dynamo.reset()
+    with torch.no_grad():
+        plain = make_model()
+        plain.load_state_dict(model.state_dict())
+        ts = torch.tensor([STEPS[0]])
+        torch.testing.assert_close(model(timestep=ts, return_dict=False, **inputs)[0],
+                                   plain(timestep=ts, return_dict=False, **inputs)[0])
+
+
 def test_regional_limits_are_clear_errors():
     model, inputs = make_model(), make_inputs()
     with pytest.raises(PlanMismatchError, match="parallel=/head_range="):
         scaling_attn_backend(two_level_tables(), head_range=(0, 2)).attach(model)
+    ltx_like = make_model()
+    ltx_like.rope = torch.nn.Identity()  # two RoPE sites: the hooks cannot pick one
+    ltx_like.blocks[0].rope = torch.nn.Identity()
     tile = dataclasses.replace(two_level_tables(), token_order="tile")
-    scaling_attn_backend(tile).attach(model)
+    scaling_attn_backend(tile).attach(ltx_like)
     with pytest.raises(PlanMismatchError, match="tile order, which regional"):
-        run_steps(model, inputs, steps=(1,))
+        run_steps(ltx_like, inputs, steps=(1,))
     model = make_model()
     per_layer = EnergyFilter(threshold=-5.0, layers={1: None})
     regional(model, two_level_tables(), energy_filter=per_layer)

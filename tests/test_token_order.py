@@ -99,6 +99,14 @@ def test_specs_parse_and_bad_specs_are_clear_errors():
         to.TokenOrder.parse("morton")
     with pytest.raises(ValueError, match="tf \\* th \\* tw = 128"):
         to.TokenOrder.parse("tile:2x8x4")
+    # "auto" (the CLI's default) picks for a new plan by what the model's family can permute.
+    assert to.NEW_PLAN_ORDER == "auto"
+    assert str(to.TokenOrder.for_new_plan("auto", can_permute=True)) == "tile"
+    assert str(to.TokenOrder.for_new_plan("AUTO", can_permute=False)) == "raster"
+    assert str(to.TokenOrder.for_new_plan("tile:2x8x8", can_permute=False)) == "tile:2x8x8"
+    assert str(to.TokenOrder.for_new_plan(None, can_permute=True)) == "raster"
+    with pytest.raises(ValueError, match="'auto' chooses the order of a new plan only"):
+        to.TokenOrder.parse("auto")
 
 
 def test_block_overlap_at_the_same_grid_follows_both_orders():

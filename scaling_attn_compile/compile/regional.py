@@ -31,17 +31,28 @@ Wan, ``compile_repeated_blocks(fullgraph=True, dynamic=False)``, measured on the
 
 So buffers keep one shape per resolution for every layer (masks are padded to the most levels
 of any layer), and the timestep buffer is written in place, never rebound, while its shape holds.
+
+A plan in tile order (``contract/token_order.py``) needs the tokens permuted once before the
+blocks and back once after, which the full-graph path does in its graph (``order_pass.py``).
+A block graph holds neither end, so here forward hooks on the family's ``ORDER_SITES`` modules
+do it eagerly, outside the compiled blocks: the patch embedding's ``[B, C, F, H, W]`` output is
+rearranged so that Wan's ``flatten(2)`` reads its tokens in the plan's order, the RoPE module's
+``[1, S, 1, D]`` tables are gathered alike, and the output projection's ``[B, S, C_out]`` is
+gathered back to raster order. The blocks are token-wise except for attention and RoPE, so the
+output is the full-graph compile's (a test checks it against the full graph).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 
 import torch
 
 from ..contract.masks import num_blocks
+from ..contract.token_order import TokenOrder, inverse_permutation, permutation
 from ..contract.validate import check_site_fits_kernel
 from ..errors import PlanMismatchError
 from ..models.graph import node_value as _val
@@ -86,12 +97,63 @@ class RegionalTables:
         self._layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._timestep: torch.Tensor | None = None
         self._handles = []
+        self._perm: torch.Tensor | None = None  # the plan's token order at this grid, or None
+        self._inv: torch.Tensor | None = None
+        self._order_sites = ad.ORDER_SITES
+        self._order_modules = self._find_order_modules(transformer, ad.ORDER_SITES)
         for m in self.modules:
             for name in BUFFERS:
                 # persistent=False: not in state_dict, so saving the model saves no tables.
                 m.register_buffer(name, None, persistent=False)
             self._handles.append(m.register_forward_pre_hook(_bind_hook))
         self._handles.append(transformer.register_forward_pre_hook(self._update, with_kwargs=True))
+        if self._order_modules is not None:
+            emb, rope, out = self._order_modules
+            self._handles += [emb.register_forward_hook(self._embedding_hook),
+                              rope.register_forward_hook(self._rope_hook),
+                              out.register_forward_hook(self._output_hook)]
+
+    @staticmethod
+    def _find_order_modules(transformer, sites):
+        """The (embedding, RoPE, output projection) modules the token order is applied at, or
+        ``None`` where the family has no ``ORDER_SITES`` or this model has modules the hooks
+        would not permute (VACE's control embedding): then a tile-order plan is refused."""
+        if sites is None:
+            return None
+        names = dict(transformer.named_modules())
+
+        def one(pattern):
+            hits = [m for n, m in names.items() if n and re.search(pattern, "self." + n)]
+            return hits[0] if len(hits) == 1 else None
+
+        if any(one(p) is not None for p in sites.extra_embeddings):
+            return None
+        found = tuple(one(p) for p in (sites.embedding, sites.rope_tables, sites.output))
+        return None if any(m is None for m in found) else found
+
+    # Token-order hooks (tile-order plans; no-ops for raster and inside a whole-model compile,
+    # whose graph permutes by itself): outside the compiled blocks, eager.
+    def _active(self) -> bool:
+        return self._perm is not None and not torch.compiler.is_compiling()
+
+    def _embedding_hook(self, _module, _args, out):
+        if not self._active():
+            return None
+        if out.dim() != 5 or math.prod(out.shape[2:]) != self._perm.numel():
+            raise PlanMismatchError(
+                f"scaling_attn_backend: the patch embedding gave {tuple(out.shape)}, not "
+                f"[B, C, F, H, W] over the grid {self.grid}; a tile-order plan cannot be "
+                "applied to it regionally")
+        # flatten(2) of the result reads the tokens in the plan's order.
+        return out.flatten(2).index_select(2, self._perm).view(out.shape)
+
+    def _rope_hook(self, _module, _args, out):
+        if not self._active():
+            return None
+        return type(out)(t.index_select(1, self._perm) for t in out)
+
+    def _output_hook(self, _module, _args, out):
+        return out.index_select(1, self._inv) if self._active() else None
 
     def detach(self) -> None:
         """Remove the hooks and buffers; the model is as before :meth:`attach`."""
@@ -115,13 +177,17 @@ class RegionalTables:
             raise PlanMismatchError(
                 f"scaling_attn_backend: the model has {self.num_layers} self-attention layers, "
                 f"the plan has {len(per_layer)}; use the plan made for this model")
-        order = str(getattr(tables, "token_order", "raster"))
-        if order != "raster":
+        order = TokenOrder.parse(getattr(tables, "token_order", None))
+        if not order.is_raster and self._order_modules is None:
             raise PlanMismatchError(
                 f"scaling_attn_backend: the plan's blocks are in {order} order, which regional "
-                "compilation cannot run (the token permutation lives outside the blocks); "
-                "compile the whole transformer, or extract a raster plan (scaling-attn west "
-                "--token-order raster)")
+                f"compilation of {type(self.transformer).__name__} cannot run (no token-order "
+                "sites, or a VACE control embedding); compile the whole transformer, or extract "
+                "a raster plan (scaling-attn west --token-order raster)")
+        self._perm = self._inv = None
+        if not order.is_raster:
+            self._perm = permutation(tuple(grid), order).to(device)
+            self._inv = inverse_permutation(tuple(grid), order).to(device)
         levels = max(m.shape[1] for m, _, _ in per_layer)
         return [(torch.cat([m] + [m[:, -1:]] * (levels - m.shape[1]), 1)
                  if m.shape[1] < levels else m, lt, b) for m, lt, b in per_layer]
@@ -146,6 +212,11 @@ class RegionalTables:
             timestep = torch.zeros((), device=hidden.device)
         elif not isinstance(timestep, torch.Tensor):
             timestep = torch.tensor(timestep, device=hidden.device)
+        if timestep.dim() == 2 and self._perm is not None:
+            raise PlanMismatchError(
+                "scaling_attn_backend: a per-token timestep (Wan2.2 TI2V) with a tile-order "
+                "plan is not supported by regional compilation yet; compile the whole "
+                "transformer, or extract a raster plan (scaling-attn west --token-order raster)")
         if timestep.dim() == 2:  # per token (B, S), Wan2.2 TI2V-5B: the step's is the max
             timestep = timestep.amax(1)
         ts = self._timestep

@@ -69,7 +69,13 @@ Grid = tuple[int, int, int]
 RASTER = "raster"
 TILE = "tile"
 DEFAULT_ORDER = RASTER  # for plans and tables that say nothing (files written before issue 20)
-NEW_PLAN_ORDER = RASTER  # what `scaling-attn west` / calibrate_west extract in by default
+AUTO = "auto"
+# What `scaling-attn west` and the demo extract in by default: "auto" is tile order where the
+# model family's adapter can permute its tokens (Wan: ``ORDER_SITES``), raster elsewhere (LTX,
+# HunyuanVideo). Why tile: on small-wan (128 blocks, H200; benchmarks/results/
+# quality-nvidia-h200-small-wan{,-tile}.json) WEST+FAST gained +2.0 to +2.3 dB over raster at
+# densities 0.15-0.35, the CPU demo +1.0 dB, and a 14B/720p step cost +0.15%.
+NEW_PLAN_ORDER = AUTO
 _BITS = BLOCK.bit_length() - 1  # 128 = 2^7
 TILE_SHAPES: tuple[Grid, ...] = tuple(
     (1 << a, 1 << b, 1 << (_BITS - a - b)) for a in range(_BITS + 1) for b in range(_BITS + 1 - a))
@@ -101,6 +107,15 @@ class TokenOrder:
             object.__setattr__(self, "tile", t)
 
     @classmethod
+    def for_new_plan(cls, spec, *, can_permute: bool) -> TokenOrder:
+        """The order a new plan is extracted in: ``spec`` as :meth:`parse` reads it, except
+        ``"auto"`` (:data:`NEW_PLAN_ORDER`): tile where the model can be permuted
+        (``can_permute``: its adapter has ``ORDER_SITES``), raster where it cannot."""
+        if spec is not None and str(spec).strip().lower() == AUTO:
+            return cls(TILE if can_permute else RASTER)
+        return cls.parse(spec)
+
+    @classmethod
     def parse(cls, spec) -> TokenOrder:
         """``None`` (raster), a :class:`TokenOrder`, or a spec string (see the class doc)."""
         if spec is None:
@@ -112,8 +127,10 @@ class TokenOrder:
             return cls(RASTER)
         m = _SPEC_RE.match(s)
         if m is None:
+            hint = (" ('auto' chooses the order of a new plan only: pass it to calibrate_west "
+                    "or `scaling-attn west`)") if s == AUTO else ""
             raise ValueError(f"token_order: expected 'raster', 'tile' or 'tile:FxHxW' (e.g. "
-                             f"'tile:2x8x8'), got {spec!r}")
+                             f"'tile:2x8x8'), got {spec!r}{hint}")
         return cls(TILE, None if m.group(1) is None else tuple(int(x) for x in m.groups()))
 
     def __str__(self) -> str:

@@ -204,16 +204,16 @@ def calibrate_west(transformer, inputs: Sequence[CalibrationInput], timesteps: S
     accumulated codes stay on ``accumulate_device`` (default: the model's device).
     ``token_order``: which tokens share a block (``"raster"``, ``"tile"``, ``"tile:FxHxW"``;
     ``None``: raster, so code that binds a plan's masks to raster-order q/k itself keeps
-    working; the CLI and the demo default to ``token_order.NEW_PLAN_ORDER``); q/k are permuted
-    into it before block pooling.
+    working; ``"auto"``, the CLI's and the demo's default (``token_order.NEW_PLAN_ORDER``): tile
+    where the family's adapter can permute the model, raster elsewhere); q/k are permuted into
+    it before block pooling.
     """
     from ..contract.token_order import TokenOrder, in_token_order
     from ..plan.plan import Plan
 
-    order = TokenOrder.parse(token_order)
-
     model = _unwrap(transformer)
     ad = adapter_for(model, "calibrate_west")
+    order = TokenOrder.for_new_plan(token_order, can_permute=ad.ORDER_SITES is not None)
     if not inputs:
         raise ValueError("calibrate_west: inputs is empty; pass at least one CalibrationInput")
     grid = ad.latent_token_grid(model, latent_shape)

@@ -162,8 +162,9 @@ def calibrate_west_pipeline(pipe, calls: Sequence[dict], *,
         raise ValueError(f"calibrate_west_pipeline: every call must run the same "
                          f"num_inference_steps, got {sorted(steps)}")
     chosen = _capture_list(steps.pop(), capture_steps)
-    order = TokenOrder.parse(token_order)
     model = _unwrap(getattr(pipe, component))
+    ad = adapter_for(model, "calibrate_west_pipeline")
+    order = TokenOrder.for_new_plan(token_order, can_permute=ad.ORDER_SITES is not None)
     acc: dict = {}
 
     def on_layer(cap: LayerCapture) -> None:
