@@ -32,6 +32,7 @@ from scaling_attn_compile.compile.rewrite import rewrite_self_attention
 from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_blocks
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.contract.tables import AttentionTables, uniform_tables
+from scaling_attn_compile.contract.token_order import inverse_permutation, permutation
 from scaling_attn_compile.errors import DynamicShapeError, PlanMismatchError
 from scaling_attn_compile.testing import assert_close_to_oracle
 
@@ -117,12 +118,19 @@ class ReferenceSparseProcessor(transformer_wan.WanAttnProcessor):
         masks, level_table, bounds = (t.to(hidden_states.device) for t in self.tables.layer(
             self.layer))
 
+        # The tables' token order (a tile plan): q/k/v permuted after RoPE, the output back.
+        order = str(getattr(self.tables, "token_order", "raster"))
+        perm = inv = slice(None)
+        if order != "raster":
+            perm = permutation(self.tables.grid, order).to(hidden_states.device)
+            inv = inverse_permutation(self.tables.grid, order).to(hidden_states.device)
+
         def sparse(query, key, value, **_):  # (B, S, H, D) in and out, as diffusers' dispatch
-            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            q, k, v = (t[:, perm].transpose(1, 2) for t in (query, key, value))
             out = sparse_attention_reference(q, k, v, masks, level_table, bounds,
                                              self.clock["t"].to(q.device), None,
                                              compute_dtype=self.compute_dtype)
-            return out.transpose(1, 2)
+            return out.transpose(1, 2)[:, inv]
 
         with mock.patch.object(transformer_wan, "dispatch_attention_fn", sparse):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask,

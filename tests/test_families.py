@@ -218,6 +218,7 @@ def test_west_on_a_skyreels_folder_makes_its_plan_and_compiles(saved, tmp_path, 
     capsys.readouterr()
     plan = load_plan(out)
     assert plan.meta.model_class == "SkyReelsV2Transformer3DModel"
+    assert plan.meta.token_order == "tile"  # --token-order auto: a Wan-family model is tiled
     model, inputs = load(saved, "skyreels"), make_inputs("skyreels")
     tables = plan.materialize(GRID, density=0.5)
     be = scaling_attn_backend(plan, compiler="eager", materialize_kwargs={"density": 0.5})
@@ -225,7 +226,7 @@ def test_west_on_a_skyreels_folder_makes_its_plan_and_compiles(saved, tmp_path, 
     with torch.no_grad():
         out_c = c(timestep=torch.tensor([500]), return_dict=False, **inputs)[0]
     assert be.reports[0].per_layer == {0: 1, 1: 1}
-    same, golden = eager(model, inputs, 500, tables, transformer_skyreels_v2)
+    same, golden = eager(model, inputs, 500, tables, transformer_skyreels_v2, order="tile")
     assert_close_to_oracle(out_c, golden, same)
 
 

@@ -166,6 +166,7 @@ def test_west_fast_enable_generate_through_the_pipeline(folders, kind, tmp_path,
     assert calib["latent_shape"] == [36 if i2v else 16, 2, 16, 24]
     assert fast.schedule.info["profiled_timesteps"] == ran
     assert fast.schedule.level_tables.shape[1] == STEPS and torch.equal(fast.codes, west.codes)
+    assert west.meta.token_order == "tile"  # --token-order auto; the reference follows it
 
     dense = _generate(pipe, i2v, folders)
     reference = _load(folders[kind], i2v)
