@@ -15,7 +15,10 @@ attention), ``ours-dense`` (our backend, all-dense plan), ``ours-0.5`` and ``our
 that global block density, ``uniform_tables(..., pattern)``); where ``flash_attn.cute`` imports
 on an sm90 GPU their lowering also offers FlashAttention-4 (the record's ``picks`` says which
 kernel the autotuner kept), and ``ours-dense-nofa4`` / ``ours-0.25-nofa4`` are the same rows with
-``SCALING_ATTN_FA4=0`` (the template alone). Median ms per step from
+``SCALING_ATTN_FA4=0`` (the template alone). ``ours-dense-fp8`` / ``ours-0.25-fp8`` /
+``ours-0.25-int8`` run 8-bit attention (``precision=``, issue 15) and ``...-fp8-fp8lin`` adds
+torchao's float8 linears on every block Linear (in place, so those rows run last; skipped
+without torchao). Median ms per step from
 ``triton.testing.do_bench`` on the GPU (``time.perf_counter`` medians on the CPU), speedup over
 eager, first-call (compile) seconds, peak memory.
 
@@ -98,11 +101,35 @@ MODELS = {
         num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)),
 }
 ROWS = ("eager", "inductor", "ours-dense", "ours-0.5", "ours-0.25", "ours-dense-nofa4",
-        "ours-0.25-nofa4")
+        "ours-0.25-nofa4", "ours-dense-fp8", "ours-0.25-fp8", "ours-0.25-int8",
+        "ours-dense-fp8-fp8lin", "ours-0.25-fp8-fp8lin")
 DENSITY = {"ours-dense": 1.0, "ours-0.5": 0.5, "ours-0.25": 0.25}
 # "-nofa4": the same row compiled with SCALING_ATTN_FA4=0 (the template alone), for A/B against
 # the row without the suffix, whose lowering also offers FlashAttention-4 where it imports.
 NOFA4 = "-nofa4"
+# Issue 15: "-fp8" / "-int8" compile with precision= (8-bit attention, the eager 8-bit op: no
+# template yet); "-fp8lin" also quantizes every block Linear with torchao's float8
+# dynamic-activation / float8-weight config (rowwise scales), as the README's one-liner does. The
+# quantization is in place, so "-fp8lin" rows run after every other row of a model.
+PRECISIONS = ("-fp8", "-int8")
+FP8LIN = "-fp8lin"
+
+
+def row_parts(row: str) -> tuple[str, str | None, bool]:
+    """``(density row, precision or None, fp8 linears?)`` of a row name."""
+    fp8lin = row.endswith(FP8LIN)
+    row = row.removesuffix(FP8LIN)
+    precision = next((p[1:] for p in PRECISIONS if row.endswith(p)), None)
+    return row.removesuffix(f"-{precision}" if precision else "").removesuffix(NOFA4), \
+        precision, fp8lin
+
+
+def quantize_linears_fp8(model) -> None:
+    """torchao float8 (rowwise) on every ``blocks.*`` Linear, in place (README's one-liner)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith("blocks."))
 
 
 @dataclass
@@ -250,12 +277,13 @@ def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_co
         fn_model = torch.compile(model, backend="inductor", options=dict(inductor_config) or None,
                                  **options)
     elif row != "eager":
-        tables = uniform_tables(layers, heads, grid, DENSITY[row.removesuffix(NOFA4)], seed=0,
-                                pattern=pattern)
+        base, precision, _ = row_parts(row)
+        tables = uniform_tables(layers, heads, grid, DENSITY[base], seed=0, pattern=pattern)
         nb = tables.masks[0].shape[2]
         density = statistics.fmean(unpack_blocks(m[:, 0], nb).float().mean().item()
                                    for m in tables.masks)
-        backend = scaling_attn_backend(tables, inductor_config=inductor_config)
+        backend = scaling_attn_backend(tables, inductor_config=inductor_config,
+                                       **({"precision": precision} if precision else {}))
         if regional:
             backend.attach(model)
             model.compile_repeated_blocks(backend=backend, **options)
@@ -415,7 +443,16 @@ def main(argv=None) -> int:
         inputs = make_inputs(spec, device, dtype)
         eager_ms = next((r.ms for r in old if (r.model, r.layers, r.row) ==
                          (spec["name"], layers, "eager")), None)
-        for row in args.rows:
+        quantized = False
+        # fp8-linear rows quantize the model in place: after every other row.
+        for row in sorted(args.rows, key=lambda r: row_parts(r)[2]):
+            if row_parts(row)[2] and not quantized:
+                try:
+                    quantize_linears_fp8(model)
+                except ImportError:
+                    print(f"skip {row}: needs torchao (pip install torchao)", flush=True)
+                    continue
+                quantized = True
             torch._dynamo.reset()
             gc.collect()
             if device == "cuda":
