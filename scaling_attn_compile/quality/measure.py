@@ -36,25 +36,35 @@ LAMBDA_RANGE = (-30.0, 5.0)  # natural-log energy thresholds searched by bisect_
 
 
 def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: int,
-                   threshold: float, *, kernel: bool | None = None, perm=None):
+                   threshold: float, *, kernel: bool | None = None, perm=None,
+                   precision: str | None = None):
     """Block-sparse attention ``(B, H, S, D)``, the computed blocks per batch element (float64
     ``(B,)``, on the CPU) and all blocks per element (``H * NB * NB``). ``kernel``: launch the
     Triton kernel (default: on CUDA; on the CPU it needs ``TRITON_INTERPRET=1``). ``perm``
     (int64 ``(S,)``): the tables' token order (``token_order.permutation``) for raster q/k/v:
-    they are permuted into it and the output back, as the backend's order pass does."""
+    they are permuted into it and the output back, as the backend's order pass does.
+    ``precision``: ``"int8"`` / ``"fp8"`` run the 8-bit op (``scaling_attn::sparse_attention_q8``,
+    no energy filter), as the backend's ``precision=`` does."""
     if perm is not None:
         perm = perm.to(q.device)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=q.device)
         out, c, n = attend_counted(q.index_select(2, perm), k.index_select(2, perm),
                                    v.index_select(2, perm), masks, level_table, bucket_bounds,
-                                   timestep, rule, threshold, kernel=kernel)
+                                   timestep, rule, threshold, kernel=kernel,
+                                   precision=precision)
         return out.index_select(2, inv), c, n
     B, H, S, D = q.shape
     scale = D ** -0.5
     ts = timestep.to(torch.float32)
     blocks = block_masks_for(masks, level_table, bucket_bounds, ts, B, S)  # (B, H, NB, NB)
     visited = blocks.sum(dim=(1, 2, 3)).double()
+    if precision not in (None, "bf16"):
+        if rule:
+            raise ValueError(f"attend_counted: precision={precision!r} has no energy filter")
+        out = torch.ops.scaling_attn.sparse_attention_q8(q, k, v, masks, level_table,
+                                                         bucket_bounds, ts, scale, precision)
+        return out, visited.cpu(), float(blocks[0].numel())
     if q.is_cuda if kernel is None else kernel:
         from ..kernels.launch import block_sparse_attention_forward
 
@@ -92,12 +102,15 @@ class MeasuredAttention:
         self.model = model
         self.tables: AttentionTables | None = None
         self.rule, self.threshold = 0, 0.0
+        self.precision: str | None = None
         self.timestep = None
         self._device_tables = None
         self.reset()
 
-    def configure(self, tables: AttentionTables, rule: int = 0, threshold: float = 0.0):
+    def configure(self, tables: AttentionTables, rule: int = 0, threshold: float = 0.0,
+                  precision: str | None = None):
         self.tables, self.rule, self.threshold = tables, int(rule), float(threshold)
+        self.precision = precision
         self._device_tables = None
         self.reset()
 
@@ -122,7 +135,7 @@ class MeasuredAttention:
     def attend(self, layer: int, q, k, v):
         (masks, lt, bb), perm = self._layer_tables(layer, q.device)
         out, c, per = attend_counted(q, k, v, masks, lt, bb, self.timestep, self.rule,
-                                     self.threshold, perm=perm)
+                                     self.threshold, perm=perm, precision=self.precision)
         n = torch.full((q.shape[0],), per, dtype=torch.float64)
         self.computed = c if self.computed is None else self.computed + c
         self.total = n if self.total is None else self.total + n

@@ -60,9 +60,13 @@ METHODS = {
     "west_fast_weighted": "WEST+FAST, error weighted by its measured cost in the video",
     "west_fast_weighted_half": "WEST+FAST, weighted by the square root of that cost",
     "west_fast_warmup": "WEST+FAST, first profiled step bucket dense",
+    "west_fast_fp8": "WEST+FAST, 8-bit attention (FP8 Q.K^T and P.V)",
+    "west_fast_int8": "WEST+FAST, 8-bit attention (INT8 Q.K^T, FP8 P.V)",
 }
+# 8-bit attention (issue 15): west_fast's tables through the backend's precision= op.
+PRECISION = {"west_fast_fp8": "fp8", "west_fast_int8": "int8"}
 DIAGNOSTICS = ("west_fast_curve", "west_fast_flat", "west_fast_fidelity", "west_fast_weighted",
-               "west_fast_weighted_half", "west_fast_warmup")
+               "west_fast_weighted_half", "west_fast_warmup", *PRECISION)
 WARMUP_WEIGHT = 1e6  # west_fast_warmup: a gain no sparse level's error can pay for
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in DIAGNOSTICS)
 FIT_OPTIONS = {"west_fast": {}, "west_fast_curve": {"allocation": "curve"},
@@ -128,6 +132,7 @@ class Setup:
     threshold: float = 0.0
     params: dict = field(default_factory=dict)
     planned: dict = field(default_factory=dict)  # planned density (mask-only methods)
+    precision: str | None = None  # "int8" / "fp8": 8-bit attention (PRECISION)
 
 
 def _fit(profile, target, **kw):
@@ -156,6 +161,11 @@ def build(method: str, target: float, cal: Calibration) -> Setup:
     """The tables and filter ``method`` runs at ``target``; ValueError when unreachable."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    if method in PRECISION:  # the same tables as west_fast; only the arithmetic differs
+        s = build("west_fast", target, cal)
+        s.precision = PRECISION[method]
+        s.params["precision"] = s.precision
+        return s
     plan, tgrid, ts = cal.plan, cal.token_grid, cal.timesteps
     L, H = cal.num_layers, cal.num_heads
     params, rule, sched, tables = {}, 0, None, None

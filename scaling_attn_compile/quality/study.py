@@ -346,7 +346,7 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                     entry.update(status="timed", achieved_density=None, psnr_db=None, ssim=None,
                                  rel_l2=None)
                 else:
-                    runner.configure(s.tables, s.rule, s.threshold)
+                    runner.configure(s.tables, s.rule, s.threshold, precision=s.precision)
                     with runner.installed():
                         sparse = spec.generate(model, videos, grid=grid, steps=steps,
                                                seed=seed).float()
@@ -362,7 +362,7 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                         [k for k, v in ENERGY_RULES.items() if v == s.rule][0],
                         threshold=s.threshold)
                     tm = time_compiled(model, s.tables, timing_inputs, energy_filter=filt,
-                                       retune=retune_per_method, **tkw)
+                                       retune=retune_per_method, precision=s.precision, **tkw)
                     if (method in retune_also or f"{method}@{target:g}" in retune_also) \
                             and not retune_per_method:
                         entry["timing_retuned"] = time_compiled(

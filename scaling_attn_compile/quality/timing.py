@@ -194,7 +194,7 @@ def fresh_inductor_cache():
 
 def time_compiled(model, plan, inputs, *, energy_filter=None, repeats: int = 3,
                   compiler: str = "inductor", graphs: bool = True, profile: bool = True,
-                  retune: bool = False) -> dict:
+                  retune: bool = False, precision: str | None = None) -> dict:
     """ms per step of ``model`` compiled with our backend bound to ``plan`` (tables or a
     plan-like object); ``plan=None`` times plain ``torch.compile`` (Inductor, dense SDPA).
     ``compiler="eager"`` skips Inductor (the rewritten graph runs eagerly): for tests only.
@@ -202,7 +202,8 @@ def time_compiled(model, plan, inputs, *, energy_filter=None, repeats: int = 3,
     ``graphs``: also time CUDA-graph replays; ``ms_per_step`` is theirs when ``graph["used"]``,
     else the wall clock (``timing_clock`` says which; ``ms_per_step_wall`` is always there).
     ``profile``: one step under ``torch.profiler`` (``profile``: attention vs all CUDA kernel
-    time, launches). ``retune``: compile in a fresh Inductor cache (own autotune)."""
+    time, launches). ``retune``: compile in a fresh Inductor cache (own autotune).
+    ``precision``: the backend's (``"int8"`` / ``"fp8"``: 8-bit attention)."""
     from ..compile.backend import scaling_attn_backend
     from ..contract.tables import AttentionTables
 
@@ -211,7 +212,8 @@ def time_compiled(model, plan, inputs, *, energy_filter=None, repeats: int = 3,
                                  **({"backend": "eager"} if compiler == "eager" else {}))
         rewritten = None
     else:
-        backend = scaling_attn_backend(plan, energy_filter=energy_filter, compiler=compiler)
+        backend = scaling_attn_backend(plan, energy_filter=energy_filter, compiler=compiler,
+                                       **({"precision": precision} if precision else {}))
         compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
 
     def fn(x, t, e):
