@@ -150,7 +150,9 @@ class RegionalTables:
     def _rope_hook(self, _module, _args, out):
         if not self._active():
             return None
-        return type(out)(t.index_select(1, self._perm) for t in out)
+        if isinstance(out, torch.Tensor):
+            return out.index_select(1, self._perm)
+        return type(out)(t.index_select(1, self._perm) for t in out)  # Wan: (cos, sin)
 
     def _output_hook(self, _module, _args, out):
         return out.index_select(1, self._inv) if self._active() else None
