@@ -222,17 +222,14 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
 
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from .wan import ModelSource
+    from .wan import ModelSource, load_folder
 
     path = Path(spec)
     if path.is_dir():
-        if num_layers is not None:
-            raise ValueError(f"load_transformer: num_layers applies to built-in configs only, "
-                             f"got num_layers={num_layers} with folder {path}")
-        sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
-        model = HunyuanVideoTransformer3DModel.from_pretrained(str(path), subfolder=sub,
-                                                               torch_dtype=dtype)
-        return ModelSource(model.to(device).eval(), path.name, path, False, VAE_STRIDE, 256)
+        return load_folder(path, lambda _: HunyuanVideoTransformer3DModel, dtype=dtype,
+                           device=device, num_layers=num_layers, vae_stride=VAE_STRIDE,
+                           others=f"one of {sorted(BUILTIN_CONFIGS)}", family="HunyuanVideo",
+                           text_len=256)
     extra = {} if num_layers is None else {"num_layers": num_layers}
     model = make_transformer(spec, dtype=dtype, device=device, seed=seed, **extra)
     return ModelSource(model, spec, None, True, VAE_STRIDE, 256)

@@ -80,18 +80,14 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
 
     from diffusers import LTXVideoTransformer3DModel
 
-    from .wan import ModelSource
+    from .wan import ModelSource, load_folder
 
     path = Path(spec)
     if path.is_dir():
-        if num_layers is not None:
-            raise ValueError(f"load_transformer: num_layers applies to built-in configs only, "
-                             f"got num_layers={num_layers} with folder {path}")
-        sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
-        model = LTXVideoTransformer3DModel.from_pretrained(str(path), subfolder=sub,
-                                                           torch_dtype=dtype)
-        return ModelSource(model.to(device).eval(), path.name, path, False, LTX_VAE_STRIDE,
-                           BUILTIN_TEXT_LEN["ltx-video-2b"])
+        return load_folder(path, lambda _: LTXVideoTransformer3DModel, dtype=dtype,
+                           device=device, num_layers=num_layers, vae_stride=LTX_VAE_STRIDE,
+                           others=f"one of {sorted(BUILTIN_CONFIGS)}", family="LTX-Video",
+                           text_len=BUILTIN_TEXT_LEN["ltx-video-2b"])
     if spec not in BUILTIN_CONFIGS:
         raise ValueError(f"load_transformer: an LTX model must be a diffusers folder or one of "
                          f"{sorted(BUILTIN_CONFIGS)}, got {spec!r}")

@@ -120,6 +120,33 @@ def _transformer_class(config_json: Path):
     return getattr(diffusers, name)
 
 
+
+def load_folder(path: Path, cls_of, *, dtype, device, num_layers: int | None, vae_stride,
+                others: str, family: str, text_len: int = 512) -> ModelSource:
+    """Every family's ``load_transformer`` for a diffusers folder (its ``transformer/``
+    subfolder, or a bare transformer folder): ``cls_of(config_path)`` is the model class.
+    ``others``: what else ``--model`` accepts, for the error naming a folder without a config."""
+    if num_layers is not None:
+        raise ValueError(f"load_transformer: num_layers applies to built-in configs only, got "
+                         f"num_layers={num_layers} with folder {path}")
+    sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
+    if sub is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"load_transformer: {path} has neither transformer/config.json nor config.json; "
+            f"pass a diffusers {family} folder or {others}")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        # Without it diffusers 0.42 fails with "low_cpu_mem_usage cannot be False when
+        # keep_in_fp32_modules is True", which names neither the package nor the fix.
+        raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
+                          f"`accelerate` package (a dependency of scaling-attn-compile); "
+                          f"pip install accelerate")
+    cls = cls_of(path / (sub or "") / "config.json")
+    model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
+    return ModelSource(model.to(device).eval(), path.name, path, False, vae_stride, text_len)
+
+
 def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                      seed: int = 0, num_layers: int | None = None) -> ModelSource:
     """Load a ``WanTransformer3DModel``.
@@ -143,26 +170,9 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
         spec = str(TINY_ASSET_DIR) if shipped else "tiny-random"
     path = Path(spec)
     if path.is_dir():
-        if num_layers is not None:
-            raise ValueError(f"load_transformer: num_layers applies to built-in configs only, got "
-                             f"num_layers={num_layers} with folder {path}")
-        sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
-        if sub is None and not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"load_transformer: {path} has neither transformer/config.json nor config.json; "
-                f"pass a diffusers Wan folder or one of {sorted(BUILTIN_CONFIGS)} or 'tiny'")
-        import importlib.util
-
-        if importlib.util.find_spec("accelerate") is None:
-            # Without it diffusers 0.42 fails with "low_cpu_mem_usage cannot be False when
-            # keep_in_fp32_modules is True", which names neither the package nor the fix.
-            raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
-                              f"`accelerate` package (a dependency of scaling-attn-compile); "
-                              f"pip install accelerate")
-        cls = _transformer_class(path / (sub or "") / "config.json")
-        model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
-        model = model.to(device).eval()
-        return ModelSource(model, path.name, path, False, _vae_stride_of(path))
+        return load_folder(path, _transformer_class, dtype=dtype, device=device,
+                           num_layers=num_layers, vae_stride=_vae_stride_of(path),
+                           others=f"one of {sorted(BUILTIN_CONFIGS)} or 'tiny'", family="Wan")
     if spec not in BUILTIN_CONFIGS:
         raise ValueError(f"load_transformer: model must be a diffusers folder, 'tiny' or one of "
                          f"{sorted(BUILTIN_CONFIGS)}, got {spec!r} (no such folder either)")
