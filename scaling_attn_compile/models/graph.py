@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def module_paths(node: torch.fx.Node) -> list[str]:
@@ -63,6 +64,26 @@ def timestep_placeholder(gm: torch.fx.GraphModule, embed_module: str | None,
             return x
         todo.extend(x.all_input_nodes)
     return None
+
+
+def find_conv3d(gm: torch.fx.GraphModule, module: str) -> torch.fx.Node | None:
+    """The first Conv3d call inside the module named ``module`` (a family's patch embedding)."""
+    pattern = rf"(?<!\w){module}"
+    return next((n for n in gm.graph.nodes if n.op == "call_function"
+                 and n.target in (torch.conv3d, F.conv3d)
+                 and any(re.search(pattern, p) for p in module_paths(n))), None)
+
+
+def conv3d_output_grid(conv: torch.fx.Node | None, module: str) -> tuple[tuple | None, str]:
+    """The token grid ``(F, H, W)``: the last three sizes of a patch-embedding Conv3d's
+    ``[B, C, F, H, W]`` output (whatever its kernel, stride or padding), and where it came from;
+    ``(None, why)`` when there is no such node or it is not 5-D."""
+    if conv is None:
+        return None, f"no {module} Conv3d in the graph"
+    out = node_value(conv)
+    if out is None or len(out.shape) != 5:
+        return None, f"{module} output is not 5-D"
+    return tuple(out.shape[2:]), f"{module} output {tuple(out.shape)}"
 
 
 @dataclass(frozen=True)

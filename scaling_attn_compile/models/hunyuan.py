@@ -31,14 +31,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import PlanMismatchError
 from .fingerprint import _unwrap, fingerprint_tensors
+from .graph import conv3d_output_grid, find_conv3d, timestep_placeholder
 from .graph import is_static as _is_static
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
-from .graph import timestep_placeholder
 
 Grid = tuple[int, int, int]
 
@@ -299,9 +298,7 @@ def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None 
                      ) -> tuple[tuple[Any, ...] | None, str]:
     """Video token grid ``(F, H, W)``: the last three sizes of the ``x_embedder`` Conv3d output
     ``[B, C, F, H, W]``, and where it came from. ``patch_size`` divides its input instead."""
-    conv = next((n for n in gm.graph.nodes if n.op == "call_function"
-                 and n.target in (torch.conv3d, F.conv3d)
-                 and any(re.search(r"(?<!\w)x_embedder", p) for p in _module_paths(n))), None)
+    conv = find_conv3d(gm, "x_embedder")
     if conv is None:
         return None, "no x_embedder Conv3d in the graph"
     if patch_size is not None:
@@ -311,10 +308,7 @@ def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None 
         pt, ph, pw = patch_size
         return (shape[2] // pt, shape[3] // ph, shape[4] // pw), \
             f"hidden_states {tuple(shape)} / patch {tuple(patch_size)}"
-    out = _val(conv)
-    if out is None or len(out.shape) != 5:
-        return None, "x_embedder output is not 5-D"
-    return tuple(out.shape[2:]), f"x_embedder output {tuple(out.shape)}"
+    return conv3d_output_grid(conv, "x_embedder")
 
 
 def whole_model(gm: torch.fx.GraphModule) -> bool:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import PlanMismatchError, UnsupportedModelError
 from .fingerprint import _unwrap, fingerprint_tensors
-from .graph import OrderSites, timestep_placeholder
+from .graph import OrderSites, conv3d_output_grid, find_conv3d, timestep_placeholder
 from .graph import is_param_or_buffer as _is_param_or_buffer
 from .graph import is_static as _is_static
 from .graph import module_paths as _module_paths
@@ -372,12 +372,7 @@ def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None 
     the ``hidden_states`` input ``[B, C, F, H, W]`` divided by it instead. May return symbolic
     sizes (the caller decides what to do with them).
     """
-    conv = None
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in (torch.conv3d, F.conv3d) and any(
-                re.search(r"(?<!\w)patch_embedding", p) for p in _module_paths(n)):
-            conv = n
-            break
+    conv = find_conv3d(gm, "patch_embedding")
     if patch_size is not None:
         hidden = conv.args[0] if conv is not None else None
         if hidden is None:
@@ -396,12 +391,7 @@ def find_latent_grid(gm: torch.fx.GraphModule, patch_size: Sequence[int] | None 
                 f"by patch_size={tuple(patch_size)}; pass the model's patch size "
                 "(transformer.config.patch_size) or leave patch_size=None")
         return (f // pt, h // ph, w // pw), f"hidden_states {tuple(shape)} / patch {patch_size}"
-    if conv is None:
-        return None, "no patch_embedding Conv3d in the graph"
-    out = _val(conv)
-    if out is None or len(out.shape) != 5:
-        return None, "patch_embedding output is not 5-D"
-    return tuple(out.shape[2:]), f"patch_embedding output {tuple(out.shape)}"
+    return conv3d_output_grid(conv, "patch_embedding")
 
 
 def whole_model(gm: torch.fx.GraphModule) -> bool:
