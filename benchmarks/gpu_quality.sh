@@ -49,16 +49,8 @@
 # makes it fit; a (method, density) whose expected time would overrun is skipped and says so.
 set -u
 MODEL=${1:?model: tiny-wan | small-wan}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site
-fi
-export PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:-unknown}
+source "$(dirname "$0")/_device_env.sh"  # OUT, wheels, PYTHONPATH, GIT_SHA, SLUG
 BUDGET=${BUDGET_MINUTES:-7.5}
-SLUG=$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 JSON=$OUT/quality-$SLUG-$MODEL${TAG:-}.json
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/log.txt"
 case "${PART:-all}" in

@@ -31,15 +31,7 @@
 # drops the 0.15 items first). Writes into $OUT: timing-diag-<gpu>-small-wan.json, its .png,
 # log.txt (with the table of quality.timing_diag.diag_table at the end).
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site
-fi
-export PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:-unknown}
-SLUG=$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+source "$(dirname "$0")/_device_env.sh"  # OUT, wheels, PYTHONPATH, GIT_SHA, SLUG
 JSON=$OUT/timing-diag-$SLUG-small-wan.json
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/log.txt"
 timeout --signal=INT --kill-after=20 "${LIMIT_S:-480}" \
