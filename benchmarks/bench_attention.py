@@ -13,7 +13,10 @@ Mask families (``mask_families.py``): ``balanced`` (every row keeps the same num
 ``bernoulli`` (independent blocks, ragged rows), ``local`` (3D windows on the latent grid with
 per-head radii, ragged rows); density 1.0 (mask ``all``) is shared by the families.
 
-Impls: ``ours`` (the op, what it picks), ``ours-triton`` (our Triton kernel alone, autotuned),
+Impls: ``ours`` (the op, what it picks, with the launch order the backend binds),
+``ours-triton`` (our Triton kernel alone, autotuned, programs in index order), ``ours-triton-lpt``
+(the same kernel with the backend's longest-first launch order, ``contract/masks.launch_order``:
+the A/B pair for the ragged-row tail),
 ``fa4`` (FlashAttention-4: ``mask none`` is its dense kernel, otherwise block-sparse with our
 blocks as full blocks; ``ms`` is the kernel, ``convert_ms`` building its lists from our tables),
 ``flex`` (compiled FlexAttention, full blocks), ``sdpa-cudnn`` (dense), ``sdpa-flash`` (dense,
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from scaling_attn_compile import sparse_attention
+from scaling_attn_compile.contract.masks import launch_order
 from scaling_attn_compile.kernels.launch import block_sparse_attention_forward, tuned_configs
 from scaling_attn_compile.testing import make_qkv
 
@@ -51,7 +55,7 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
     # attention share of bench_compile's `--models ltx` eager step.
     "ltx": ("ltx-video-2B 704x480x161", 1, 32, (21, 15, 22), 64),
 }
-IMPLS = ("ours", "ours-triton", "fa4", "flex", "sdpa-cudnn")
+IMPLS = ("ours", "ours-triton", "ours-triton-lpt", "fa4", "flex", "sdpa-cudnn")
 Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
@@ -166,8 +170,16 @@ def run_shape(key: str, families, densities, impls: set[str], records: list[Reco
             run = lambda: block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, out, scale)  # noqa: B023, E731
             ref = run().clone()  # autotunes once per shape
             rec("ours-triton", bench(run))
+        order = launch_order(masks, lt, S)  # what the backend binds with these tables
+        if "ours-triton-lpt" in impls:
+            out = torch.empty_like(q)
+            run = lambda: block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, out, scale,  # noqa: B023, E731
+                                                         launch_order=order)  # noqa: B023
+            o = run().clone()
+            rec("ours-triton-lpt", bench(run),
+                rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         if "ours" in impls:
-            run = lambda: sparse_attention(q, k, v, masks, lt, bb, ts, scale)  # noqa: B023, E731
+            run = lambda: sparse_attention(q, k, v, masks, lt, bb, ts, scale, launch_order=order)  # noqa: B023, E731
             o = run()
             rec("ours", bench(run), rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         if use_fa4:
@@ -215,19 +227,24 @@ def table(records: list[Record]) -> str:
 
 
 def versus_fa4(records: list[Record]) -> str:
-    """The issue's bars per (shape, mask, density): ours / FA4 and ours-triton / FA4 in speed
-    (FA4 time / our time; bars 1.0 and 0.9), and the ragged-row figure (bar 1.15)."""
+    """The issue's bars per (shape, mask, density): ours / FA4 and the Triton kernel / FA4 in
+    speed (FA4 time / our time; bars 1.0 and 0.9), index order and longest-first, and the
+    ragged-row figure of each (bar 1.15)."""
     by = {(r.shape, r.mask, r.target_density, r.impl): r for r in records}
-    lines = ["| shape | mask | density | ours / fa4 | ours-triton / fa4 | triton t / (d x dense) |",
-             "|---|---|---|---|---|---|"]
+    nan = float("nan")
+    lines = ["| shape | mask | density | ours / fa4 | triton / fa4 | triton-lpt / fa4 "
+             "| triton t / (d x dense) | triton-lpt t / (d x dense) |",
+             "|---|---|---|---|---|---|---|---|"]
     for (shape, mask, d, impl), r in by.items():
         if impl != "fa4" or mask == "none":
             continue
-        o, t = by.get((shape, mask, d, "ours")), by.get((shape, mask, d, "ours-triton"))
+        o, t, lpt = (by.get((shape, mask, d, i)) for i in ("ours", "ours-triton", "ours-triton-lpt"))
         lines.append(f"| {shape} | {mask} | {r.density:.3f} | "
-                     f"{r.ms / o.ms if o else float('nan'):.2f} | "
-                     f"{r.ms / t.ms if t else float('nan'):.2f} | "
-                     f"{t.time_over_d_dense if t and t.time_over_d_dense else float('nan'):.2f} |")
+                     f"{r.ms / o.ms if o else nan:.2f} | "
+                     f"{r.ms / t.ms if t else nan:.2f} | "
+                     f"{r.ms / lpt.ms if lpt else nan:.2f} | "
+                     f"{t.time_over_d_dense if t and t.time_over_d_dense else nan:.2f} | "
+                     f"{lpt.time_over_d_dense if lpt and lpt.time_over_d_dense else nan:.2f} |")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scaling_attn_compile import sparse_attention, sparse_attention_reference
-from scaling_attn_compile.contract.masks import num_blocks, num_words, pack_blocks
+from scaling_attn_compile.contract.masks import launch_order, num_blocks, num_words, pack_blocks
 from scaling_attn_compile.contract.reference import (
     block_masks_for,
     energy_filtered_attention_reference,
@@ -188,7 +188,10 @@ def test_fuzzed_tables_kernel_equals_reference(S, L, buckets, extra_words, dtype
     masks, lt, bb, ts = (t.to(DEVICE) for t in (masks, lt, torch.tensor(bounds).float(),
                                                 torch.tensor(ts)))
     config = data.draw(st.sampled_from([(128, 4, 1), (64, 4, 1)]))
-    out = launch(q, k, v, masks, lt, bb, ts, config)
+    # The launch order the backend would build from these very tables (any levels, any bits):
+    # a schedule, so the answer is the same with it or without.
+    order = launch_order(masks, lt, S) if data.draw(st.booleans()) else None
+    out = launch(q, k, v, masks, lt, bb, ts, config, launch_order=order)
     check(out, q, k, v, masks, lt, bb, ts)
 
 

@@ -28,17 +28,18 @@ from scaling_attn_compile.kernels import launch as L
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "MASKS": "*i32",
             "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32",
-            "KV_LENS": "*i32"}
+            "KV_LENS": "*i32", "LAUNCH_ORDER": "*i32"}
 FLOATS = {"qk_scale", "energy_thr"}
 # (B, H, S, D) views of (B, S, H, D) memory at S = 32760, H = 12, D = 128: unit strides are
 # specialised to 1 at launch, the others are multiples of 16, as are the pointers.
 UNIT = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_mw": 1}
-DIV16 = {"Q", "K", "V", "OUT", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS", "SKIPPED", "stride_qb",
+DIV16 = {"Q", "K", "V", "OUT", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS", "SKIPPED", "LAUNCH_ORDER",
+         "stride_qb",
          "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
          "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os"}
 constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, USE_TMA=False,
                   WARP_SPECIALIZE=False, ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False,
-                  **UNIT)
+                  HAS_LAUNCH_ORDER=False, **UNIT)
 constexprs.update(json.loads(sys.argv[1]))
 fn = K._bsa_forward_kernel
 params = list(inspect.signature(fn.fn).parameters)
@@ -59,8 +60,10 @@ print(json.dumps({"wgmma": "wgmma" in ptx, "cubin": bool(kernel.asm.get("cubin")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [{}, {"ENERGY_RULE": 1, "WRITE_SKIPPED": True},
-                                     {"ENERGY_RULE": 2, "EVEN_S": True}, {"HAS_KV_LENS": True}],
-                         ids=["dense-path", "cumulative-energy", "blasst-even-S", "kv-lens"])
+                                     {"ENERGY_RULE": 2, "EVEN_S": True}, {"HAS_KV_LENS": True},
+                                     {"HAS_LAUNCH_ORDER": True}],
+                         ids=["dense-path", "cumulative-energy", "blasst-even-S", "kv-lens",
+                              "launch-order"])
 def test_kernel_compiles_for_sm90_with_wgmma(variant):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(variant)], env=env,
@@ -103,11 +106,13 @@ print(json.dumps({"wgmma": "wgmma" in ptx, "cubin": bool(compiled.asm.get("cubin
 
 
 @pytest.mark.slow
-def test_template_tma_variant_compiles_for_sm90():
+@pytest.mark.parametrize("with_order", [False, True], ids=["index-order", "launch-order"])
+def test_template_tma_variant_compiles_for_sm90(with_order):
     """The Inductor template's TMA config (K/V through device-side tensor descriptors), rendered
     at the Wan 1.3B shape (S = 32,760, H = 12, D = 128, (B, S, H, D) memory) and compiled for
     sm_90: TMA loads, wgmma, and a global scratch buffer, which Inductor's launcher allocates
-    (``triton.set_allocator`` in ``CachingAutotuner.run``)."""
+    (``triton.set_allocator`` in ``CachingAutotuner.run``); also the variant that reads a launch
+    order (``contract/masks.launch_order``), as the backend binds it."""
     from unittest import mock
 
     import torch
@@ -116,19 +121,24 @@ def test_template_tma_variant_compiles_for_sm90():
     from test_fa4_choice import OP, capture_template_choices
 
     from scaling_attn_compile.compile import lowering
+    from scaling_attn_compile.contract.masks import launch_order
     from scaling_attn_compile.contract.tables import uniform_tables
 
     B, H, S, D = 1, 12, 32760, 128
     q, k, v = (torch.empty(B, S, H, D, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     masks, lt, bb = uniform_tables(1, H, (1, 1, S), 0.25).layer(0)
+    extra = {"launch_order": launch_order(masks, lt, S)} if with_order else {}
     torch._dynamo.reset()
     with mock.patch.object(lowering, "_tma_device", lambda device: True), \
             mock.patch.object(lowering, "_fa4_device", lambda device: False), \
             capture_template_choices() as choices:
         with pytest.raises(Exception, match="choices captured"):
-            torch.compile(lambda *a: OP(*a, D**-0.5), backend="inductor", fullgraph=True,
-                          dynamic=False)(q, k, v, masks, lt, bb, torch.tensor([500.0]))
+            torch.compile(lambda *a, **kw: OP(*a, D**-0.5, **kw), backend="inductor",
+                          fullgraph=True, dynamic=False)(q, k, v, masks, lt, bb,
+                                                         torch.tensor([500.0]), **extra)
     torch._dynamo.reset()
+    src = open(choices[0].bmreq.module_path).read()
+    assert ("off_h, pid_m = bsa_launch_slot(" in src) == with_order
     tma = [c for c in choices if "USE_TMA : tl.constexpr = True" in open(c.bmreq.module_path).read()]
     assert len(tma) == sum(bool(c.get("use_tma")) for c in lowering.template_configs(tma=True))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -27,7 +27,15 @@ from ..contract.validate import check_site_fits_kernel
 from ..errors import DynamicShapeError, PlanMismatchError
 from ..models import hunyuan
 from ..models.graph import node_value as _val
-from .rewrite import BUFFER_PREFIX, OP, RewriteReport, _pad_bounds, _register_constant, _sdpa_args
+from .rewrite import (
+    BUFFER_PREFIX,
+    OP,
+    RewriteReport,
+    _pad_bounds,
+    _register_constant,
+    _sdpa_args,
+    launch_order_kwargs,
+)
 
 log = logging.getLogger("scaling_attn_compile")
 
@@ -179,7 +187,9 @@ def rewrite_joint_attention(
                 args = (*args, rule, threshold)
             if lens is not None:
                 args = (*args, kv_nodes[lens])
-            new = g.call_function(OP, args)
+            new = g.call_function(OP, args, launch_order_kwargs(
+                gm, f"{BUFFER_PREFIX}launch_order_{layer}", masks, level_table,
+                _val(qn).shape[2], fake_mode))
         new.meta.update(n.meta)
         new.meta["example_value"] = torch.empty_like(_val(qn))
         n.replace_all_uses_with(new)

@@ -72,7 +72,9 @@ TEMPLATE_DEVICE_TYPES = {"cuda"}
 
 @SymbolicGridFn
 def _grid(b, h, m, d, meta, *, cdiv):
-    return (cdiv(m, meta["BLOCK_M"]), b, h)
+    # launch.program_rows: whole 128-row mask blocks of BLOCK_M-row tiles (a launch order may
+    # hand any query block's tiles to any slot).
+    return (cdiv(m, _kernel.MASK_BLOCK) * (_kernel.MASK_BLOCK // meta["BLOCK_M"]), b, h)
 
 
 def _make_template(name: str, source: str) -> TritonTemplate:
@@ -87,11 +89,13 @@ def _make_template(name: str, source: str) -> TritonTemplate:
     return TritonTemplate(name=name, grid=_grid, source=source, **extra)
 
 
-_TEMPLATE_SOURCE = template_source()
-_TEMPLATE = _make_template(TEMPLATE_NAME, _TEMPLATE_SOURCE)
-# The variant with a per-batch key length (kv_lens): one more input, HAS_KV_LENS=True.
-_TEMPLATE_KV_SOURCE = template_source(kv_lens=True)
-_TEMPLATE_KV = _make_template(TEMPLATE_NAME + "_kv", _TEMPLATE_KV_SOURCE)
+# One template per optional input: kv_lens (a per-batch key length, HAS_KV_LENS=True) and
+# launch_order (the program order table the stub reads). Keyed by (kv_lens, launch_order).
+_TEMPLATE_SOURCES = {(kv, lo): template_source(kv_lens=kv, launch_order=lo)
+                     for kv in (False, True) for lo in (False, True)}
+_TEMPLATES = {key: _make_template(TEMPLATE_NAME + "_kv" * key[0] + "_lo" * key[1], src)
+              for key, src in _TEMPLATE_SOURCES.items()}
+_TEMPLATE = _TEMPLATES[False, False]
 
 
 def _select(name, choices, input_nodes, layout, **kwargs):
@@ -124,7 +128,7 @@ def _like(node, values: torch.Tensor) -> torch.Tensor:
     return out.copy_(values.to(out.device, out.dtype).expand(size))
 
 
-def _input_gen_fns(seq_len: int):
+def _input_gen_fns(seq_len: int, has_kv_lens: bool = False, has_launch_order: bool = False):
     """Op inputs for autotuning benchmarks: all real blocks kept, the slowest mask, which is what
     the tile configs must be good at (random words would time a random density; the kernel
     clamps levels and ignores bits past the last block, so no values read out of bounds).
@@ -149,7 +153,16 @@ def _input_gen_fns(seq_len: int):
     def kv_lens(node):  # every key valid: the slowest case, as the masks above
         return _like(node, torch.full(_shape(node), seq_len, dtype=torch.int32))
 
-    return {3: masks, 4: level_table, 5: bounds, 6: timestep, 7: kv_lens}
+    def launch_order(node):  # index order: with every block kept, every order is the same work
+        nt, n = _shape(node)
+        return _like(node, torch.arange(n, dtype=torch.int32).expand(nt, n))
+
+    fns = {3: masks, 4: level_table, 5: bounds, 6: timestep}
+    if has_kv_lens:
+        fns[7] = kv_lens
+    if has_launch_order:
+        fns[len(fns) + 3] = launch_order
+    return fns
 
 
 def template_configs(tma: bool = False) -> list[dict]:
@@ -323,11 +336,13 @@ def _template_supported(q) -> bool:
 
 @register_lowering(OP, type_promotion_kind=None)
 def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale,
-                            energy_rule=0, energy_threshold=0.0, kv_lens=None):
+                            energy_rule=0, energy_threshold=0.0, kv_lens=None, launch_order=None):
     device = q.get_device()
     eager_args = (q, k, v, masks, level_table, bucket_bounds, timestep, scale) + (
-        (energy_rule, energy_threshold) if energy_rule or kv_lens is not None else ()) + (
-        (kv_lens,) if kv_lens is not None else ())
+        (energy_rule, energy_threshold) if energy_rule or kv_lens is not None
+        or launch_order is not None else ()) + (
+        (kv_lens,) if kv_lens is not None or launch_order is not None else ()) + (
+        (launch_order,) if launch_order is not None else ())
     if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q) \
             or (energy_rule and not math.isfinite(energy_threshold)):
         # CPU (and unsupported dtypes / head dims on CUDA, which the eager op rejects with a
@@ -338,7 +353,9 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     inputs = [realize_inputs(x) for x in (q, k, v, masks, level_table, bucket_bounds, timestep)]
     if kv_lens is not None:  # the kernel reads KV_LENS + b: stride 1
         inputs.append(ir.ExternKernel.require_contiguous(realize_inputs(kv_lens)))
-    template = _TEMPLATE if kv_lens is None else _TEMPLATE_KV
+    if launch_order is not None:  # read at LAUNCH_ORDER + bucket * stride + slot: last dim 1
+        inputs.append(ir.ExternKernel.require_contiguous(realize_inputs(launch_order)))
+    template = _TEMPLATES[kv_lens is not None, launch_order is not None]
     q = inputs[0]
     size = list(q.get_size())
     b, h, s, d = (_static(x) for x in size)
@@ -381,7 +398,8 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     if refusal is None:
         choices.append(_FA4_CHOICE.bind(inputs[:7], layout, scale=float(scale)))
     node, picked = _select(template.name, choices, inputs, layout,
-                           input_gen_fns=_input_gen_fns(s))
+                           input_gen_fns=_input_gen_fns(s, kv_lens is not None,
+                                                        launch_order is not None))
     PICKS.append({"shape": (b, h, s, d), "choices": [c.name for c in choices], "fa4": refusal,
                   "picked": picked})
     log.info("sparse_attention %s: %d choices (FA4 %s), picked %s", (b, h, s, d), len(choices),
@@ -410,7 +428,7 @@ def source_hash(paths=_HASHED_FILES) -> bytes:
     file this process's (old) generated code under the new file's key.
     """
     return get_hash_for_files(tuple(p for p in paths if os.path.exists(p)),
-                              _TEMPLATE_SOURCE + _TEMPLATE_KV_SOURCE)
+                              "".join(_TEMPLATE_SOURCES.values()))
 
 
 _SOURCE_HASH = source_hash()

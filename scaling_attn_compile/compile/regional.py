@@ -51,25 +51,26 @@ import warnings
 
 import torch
 
-from ..contract.masks import num_blocks
+from ..contract.masks import launch_order, num_blocks
 from ..contract.token_order import TokenOrder, inverse_permutation, permutation
 from ..contract.validate import check_site_fits_kernel
 from ..errors import PlanMismatchError
+from ..kernels.launch import launch_order_enabled
 from ..models.graph import node_value as _val
 from ..models.registry import adapter_for
 from ..ops.bind import BIND_TABLES
 
 log = logging.getLogger("scaling_attn_compile")
 
-# Buffer names on each self-attention module, in the op's argument order.
+# Buffer names on each self-attention module, in bind_tables' argument order.
 BUFFERS = ("scaling_attn_masks", "scaling_attn_level_table", "scaling_attn_bucket_bounds",
-           "scaling_attn_timestep")
+           "scaling_attn_timestep", "scaling_attn_launch_order")
 
 
 def _bind_hook(module, args):
-    masks, level_table, bounds, timestep = (getattr(module, n) for n in BUFFERS)
+    masks, level_table, bounds, timestep, order = (getattr(module, n) for n in BUFFERS)
     if masks is not None:
-        torch.ops.scaling_attn.bind_tables(masks, level_table, bounds, timestep)
+        torch.ops.scaling_attn.bind_tables(masks, level_table, bounds, timestep, order)
 
 
 class RegionalTables:
@@ -171,9 +172,10 @@ class RegionalTables:
             self.backend.current = None
 
     def _tables(self, grid, device):
-        """Each layer's ``(masks, level_table, bucket_bounds)``, masks padded to the most levels
-        of any layer (repeating the last level: the level table never points there), so every
-        block's buffers have one shape and the one block graph fits them all."""
+        """Each layer's ``(masks, level_table, bucket_bounds, launch_order)``, masks padded to
+        the most levels of any layer (repeating the last level: the level table never points
+        there), so every block's buffers have one shape and the one block graph fits them all.
+        ``launch_order`` is ``None`` under ``SCALING_ATTN_LAUNCH_ORDER=0``."""
         tables, per_layer = self.backend.tables_for(grid, device)
         if len(per_layer) != self.num_layers:
             raise PlanMismatchError(
@@ -191,8 +193,11 @@ class RegionalTables:
             self._perm = permutation(tuple(grid), order).to(device)
             self._inv = inverse_permutation(tuple(grid), order).to(device)
         levels = max(m.shape[1] for m, _, _ in per_layer)
-        return [(torch.cat([m] + [m[:, -1:]] * (levels - m.shape[1]), 1)
-                 if m.shape[1] < levels else m, lt, b) for m, lt, b in per_layer]
+        s = math.prod(grid)
+        return [(m, lt, b, launch_order(m, lt, s) if launch_order_enabled() else None)
+                for m, lt, b in ((torch.cat([m] + [m[:, -1:]] * (levels - m.shape[1]), 1)
+                                  if m.shape[1] < levels else m, lt, b)
+                                 for m, lt, b in per_layer)]
 
     @torch.no_grad()
     def _update(self, _module, args, kwargs):
@@ -230,7 +235,8 @@ class RegionalTables:
         for m, tabs in zip(self.modules, self._layers, strict=True):
             # Rebound only when another resolution, or model.to(...) (which copies buffers per
             # module), replaced them; an identity check per layer otherwise.
-            for name, t in zip(BUFFERS, (*tabs, ts), strict=True):
+            masks, lt, bounds, order = tabs
+            for name, t in zip(BUFFERS, (masks, lt, bounds, ts, order), strict=True):
                 if m._buffers.get(name) is not t:
                     m._buffers[name] = t
         be.current = self
@@ -285,8 +291,10 @@ def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *,
             (rule, threshold), = per_layer
             if rule:
                 args = (*args, rule, threshold)
+        order = bind.args[4] if len(bind.args) > 4 else bind.kwargs.get("launch_order")
+        kwargs = {"launch_order": order} if order is not None else {}
         with g.inserting_before(n):
-            new = g.call_function(op, args)
+            new = g.call_function(op, args, kwargs)
         new.meta.update(n.meta)
         new.meta["example_value"] = torch.empty_like(q)
         n.replace_all_uses_with(new)

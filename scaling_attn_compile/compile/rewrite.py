@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.source import ConstantSource
 
+from ..contract.masks import launch_order
 from ..contract.tables import AttentionTables
 from ..contract.validate import check_site_fits_kernel
 from ..errors import DynamicShapeError, PlanMismatchError
+from ..kernels.launch import launch_order_enabled
 from ..models.graph import is_static as _is_static
 from ..models.graph import node_value as _val
 from ..models.registry import adapter_for_graph
@@ -394,7 +396,9 @@ def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list,
             if precision != "bf16":  # the 8-bit op: no lowering, Inductor calls it eagerly
                 new = g.call_function(OP_Q8, (*args, precision))
             else:
-                new = g.call_function(OP, args)
+                new = g.call_function(OP, args, launch_order_kwargs(
+                    gm, f"{BUFFER_PREFIX}launch_order_{layer}", masks, level_table,
+                    _val(qn).shape[2], fake_mode))
         new.meta.update(n.meta)
         q = _val(qn)
         if isinstance(q, torch.Tensor):
@@ -410,6 +414,15 @@ def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list,
 
 OP = torch.ops.scaling_attn.sparse_attention.default
 OP_Q8 = torch.ops.scaling_attn.sparse_attention_q8.default
+
+
+def launch_order_kwargs(gm, name: str, masks, level_table, seq_len: int, fake_mode) -> dict:
+    """``{"launch_order": <graph constant>}`` for one layer's (sliced, padded) tables, or ``{}``
+    where ``SCALING_ATTN_LAUNCH_ORDER=0``. Call inside the graph's ``inserting_before``."""
+    if not launch_order_enabled():
+        return {}
+    order = launch_order(masks, level_table, seq_len)
+    return {"launch_order": _register_constant(gm, name, order, fake_mode)}
 
 
 BUFFER_PREFIX = "scaling_attn_"

@@ -21,8 +21,10 @@ from torch._inductor.select_algorithm import TritonTemplateKernel
 from ..kernels import block_sparse_attention as _kernel
 
 # The entry point of the kernel math; it and every jit function it calls (found by walking the
-# globals its code names) are pasted into the template.
+# globals its code names) are pasted into the template, and so is the launch-order lookup the
+# stub calls before it (with its callees).
 _TILE_FN = _kernel.bsa_forward_tile
+_SLOT_FN = _kernel.bsa_launch_slot
 
 
 def _is_jit(obj) -> bool:
@@ -92,6 +94,8 @@ def _jit_source(fn, allowed_globals: set[str]) -> str:
 
 def _helpers_source() -> str:
     fns = _jit_closure(_TILE_FN)
+    names = {getattr(f, "fn", f).__name__ for f in fns}
+    fns += [f for f in _jit_closure(_SLOT_FN) if getattr(f, "fn", f).__name__ not in names]
     allowed = {getattr(f, "fn", f).__name__ for f in fns}
     return "\n\n".join(_jit_source(f, allowed) for f in fns)
 
@@ -123,7 +127,7 @@ def _store_output_call() -> str:
     return f'{{{{store_output(("idx_b", "idx_h", "idx_m", "idx_d"), "acc", "mask"{extra})}}}}'
 
 
-# The stub. Grid: (cdiv(S, BLOCK_M), B, H). It binds one local per non-constexpr parameter of
+# The stub. Grid: (ceil(S / 128) * (128 // BLOCK_M), B, H) (launch.program_rows). It binds one local per non-constexpr parameter of
 # bsa_forward_tile; the constexpr parameters (BLOCK_M, NUM_WORDS, EVEN_S, ...) are the kernel's
 # defines, made from the lowering's kwargs: BLOCK_M from the config, the rest from the kernel
 # module's launch_meta, the same function the eager launcher uses.
@@ -142,6 +146,7 @@ DEF_KERNEL
     pid_m = tl.program_id(0)
     off_b = tl.program_id(1)
     off_h = tl.program_id(2)
+    BIND_LAUNCH_ORDER
     TILE_CALL
     idx_b = off_b.to(INDEX_DTYPE)
     idx_h = off_h.to(INDEX_DTYPE)
@@ -155,7 +160,14 @@ DEF_KERNEL
 _INPUTS = '"Q", "K", "V", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS"'
 
 
-def template_source(kv_lens: bool = False) -> str:
+# With a launch order: which (head, query tile) this program computes, longest rows first.
+_LAUNCH_ORDER = """stride_lo_t, stride_lo_s = {{stride("LAUNCH_ORDER")}}
+    NUM_HEADS = {{size("Q", 1)}}
+    off_h, pid_m = bsa_launch_slot(LAUNCH_ORDER, stride_lo_t, TS, stride_ts, BOUNDS, off_b, off_h,
+                                   pid_m, NUM_HEADS, SEQ_LEN, NUM_BOUNDS, BOUNDS_P2, BLOCK_M)"""
+
+
+def template_source(kv_lens: bool = False, launch_order: bool = False) -> str:
     """The full Jinja source: stub, then the kernel module's jit functions (verbatim, in a raw
     block so that no ``{{``/``{#`` in them is ever read as Jinja). Helpers come after the kernel,
     as in Inductor's flex template: ``def_kernel`` emits the imports at the top of the module.
@@ -163,9 +175,13 @@ def template_source(kv_lens: bool = False) -> str:
     ``kv_lens``: the variant with a per-batch key-length input ``KV_LENS`` (the lowering passes
     ``HAS_KV_LENS=True``); without it the tile's ``KV_LENS`` is bound to ``TS``, never read
     (``HAS_KV_LENS`` is a constexpr False, so the load is not even generated).
+    ``launch_order``: the variant with a ``LAUNCH_ORDER`` input (``contract/masks.launch_order``),
+    read by the stub before the tile.
     """
-    inputs = _INPUTS + (', "KV_LENS"' if kv_lens else "")
+    inputs = _INPUTS + (', "KV_LENS"' if kv_lens else "") + (
+        ', "LAUNCH_ORDER"' if launch_order else "")
     stub = (_STUB.replace("DEF_KERNEL", f"{{{{def_kernel({inputs})}}}}")
             .replace("BIND_KV_LENS", "" if kv_lens else "KV_LENS = TS  # unused: HAS_KV_LENS is False")
+            .replace("BIND_LAUNCH_ORDER", _LAUNCH_ORDER if launch_order else "")
             .replace("STORE_OUTPUT", _store_output_call()).replace("TILE_CALL", _tile_call()))
     return stub + "\n\n{% raw %}\n" + _helpers_source() + "\n{% endraw %}\n"

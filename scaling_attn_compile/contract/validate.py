@@ -81,8 +81,30 @@ def validate_kv_lens(kv_lens, q) -> None:
            f"sparse_attention: kv_lens must be on q's device {q.device}, got {kv_lens.device}")
 
 
+def validate_launch_order(launch_order, q, bucket_bounds) -> None:
+    """``launch_order`` (optional): int32 ``(NT, H * NB)`` on q's device. Values are not checked
+    per call (a host sync): out-of-range ones are clamped by the kernel, and
+    :func:`check_tables` checks that each row is a permutation (else rows go uncomputed)."""
+    if launch_order is None:
+        return
+    B, H, S, _ = q.shape
+    nt, nb = bucket_bounds.numel() + 1, num_blocks(S)
+    _check(launch_order.dtype == torch.int32, TypeError,
+           f"sparse_attention: launch_order must be int32, got {launch_order.dtype}; build it "
+           "with contract.masks.launch_order(masks, level_table, S)")
+    _check(launch_order.dim() == 2 and launch_order.shape[0] >= nt
+           and launch_order.shape[1] == H * nb, ValueError,
+           f"sparse_attention: launch_order must have shape (NT>={nt}, H*NB={H * nb}) for "
+           f"{H} heads and S={S}, got {tuple(launch_order.shape)}; build it with "
+           "contract.masks.launch_order(masks, level_table, S)")
+    _check(launch_order.device == q.device, ValueError,
+           f"sparse_attention: launch_order must be on q's device {q.device}, got "
+           f"{launch_order.device}")
+
+
 def check_tables(masks: torch.Tensor, level_table: torch.Tensor, bucket_bounds: torch.Tensor,
-                 seq_len: int, timestep: torch.Tensor | None = None) -> None:
+                 seq_len: int, timestep: torch.Tensor | None = None, *,
+                 launch_order: torch.Tensor | None = None) -> None:
     """Opt-in value checks of one layer's tables (and a timestep) for ``seq_len`` tokens.
 
     Raises ValueError naming the table, the bad value and where it is: levels outside
@@ -125,6 +147,19 @@ def check_tables(masks: torch.Tensor, level_table: torch.Tensor, bucket_bounds: 
            f"check_tables: bucket_bounds must not contain NaN, got {b.tolist()}")
     _check(b.numel() < 2 or bool((b[1:] >= b[:-1]).all()), ValueError,
            f"check_tables: bucket_bounds must be ascending, got {b.tolist()}; sort them")
+    if launch_order is not None:  # a row that is no permutation leaves query blocks unwritten
+        n = H * nb
+        _check(launch_order.dim() == 2 and launch_order.shape[0] >= nt
+               and launch_order.shape[1] == n, ValueError,
+               f"check_tables: launch_order must be (NT>={nt}, H*NB={n}), got "
+               f"{tuple(launch_order.shape)}")
+        want = torch.arange(n, device=launch_order.device)
+        for t in range(launch_order.shape[0]):
+            if not torch.equal(launch_order[t].sort().values.long(), want):
+                raise ValueError(
+                    f"check_tables: launch_order[{t}] is not a permutation of [0, {n}) (H*NB); "
+                    "the kernel would leave some query blocks unwritten: build it with "
+                    "contract.masks.launch_order(masks, level_table, S)")
     if timestep is not None:
         _check(not bool(timestep.isnan().any()), ValueError,
                "check_tables: timestep is NaN; the op would use bucket 0 (no bound is <= NaN); "

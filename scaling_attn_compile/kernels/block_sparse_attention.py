@@ -1,6 +1,9 @@
 """Bit-wise block-sparse FlashAttention forward (Triton).
 
 How is this kernel parallelized? One program per (query tile of BLOCK_M rows, batch x head).
+With a launch order (``HAS_LAUNCH_ORDER``, a table from ``contract/masks.launch_order``) the
+program at launch slot ``(tile, head slot)`` looks up which (head, query block) it computes,
+longest rows first, so the last programs the GPU starts are short ones (``bsa_launch_slot``).
 Its KV loop walks the set bits of the query block's mask row: find the lowest set bit, process
 that 128-token KV block, clear the bit, repeat. Skipped blocks cost nothing: not their loads,
 not their QK^T. The row's words are held in registers as a small vector, so the walk is a
@@ -36,19 +39,42 @@ def bsa_popcount(x):
 
 
 @triton.jit
-def bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h, off_b, off_h,
-                     num_levels, NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr):
-    """The level this (batch element, head) uses: level_table[#{bounds <= t}, h], clamped to
-    [0, num_levels - 1]. On device, no sync. Whatever the tables hold, nothing is read out of
-    bounds: the bucket is at most NUM_BOUNDS (padding lanes never count, even for t = +inf) and
-    the level is clamped (one min/max on a scalar per program)."""
+def bsa_bucket(TS, stride_ts, BOUNDS, off_b, NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr):
+    """The timestep bucket of batch element ``off_b``: #{bounds <= t}, in [0, NUM_BOUNDS] (padding
+    lanes never count, even for t = +inf; a NaN t counts no bound, bucket 0). On device, no sync."""
     t = tl.load(TS + off_b * stride_ts).to(tl.float32)
     offs = tl.arange(0, BOUNDS_P2)
     real = offs < NUM_BOUNDS
     bounds = tl.load(BOUNDS + offs, mask=real, other=float("inf"))
-    bucket = tl.sum(((bounds <= t) & real).to(tl.int32), axis=0)  # NaN t: no bound counts, 0
+    return tl.sum(((bounds <= t) & real).to(tl.int32), axis=0)
+
+
+@triton.jit
+def bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h, off_b, off_h,
+                     num_levels, NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr):
+    """The level this (batch element, head) uses: level_table[bucket, h], clamped to
+    [0, num_levels - 1] (one min/max on a scalar per program), so whatever the tables hold,
+    nothing is read out of bounds."""
+    bucket = bsa_bucket(TS, stride_ts, BOUNDS, off_b, NUM_BOUNDS, BOUNDS_P2)
     level = tl.load(LEVEL_TABLE + bucket * stride_lt_t + off_h * stride_lt_h)
     return tl.minimum(tl.maximum(level, 0), num_levels - 1)
+
+
+@triton.jit
+def bsa_launch_slot(LAUNCH_ORDER, stride_lo_t, TS, stride_ts, BOUNDS, off_b, head_slot, pid_m,
+                    NUM_HEADS, SEQ_LEN, NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """``(head, query tile)`` of the program launched at ``(pid_m, head_slot)``: entry
+    ``head_slot * NB + pid_m // (128 // BLOCK_M)`` of the bucket's row of ``LAUNCH_ORDER``
+    (``contract/masks.launch_order``: longest rows first), clamped to ``[0, H * NB)`` so that
+    no value reads out of bounds. The grid has ``NB * (128 // BLOCK_M)`` programs per head, so
+    every query block's sub-tiles exist whatever block the order puts last."""
+    nb = tl.cdiv(SEQ_LEN, 128)
+    sub: tl.constexpr = 128 // BLOCK_M
+    bucket = bsa_bucket(TS, stride_ts, BOUNDS, off_b, NUM_BOUNDS, BOUNDS_P2)
+    idx = tl.load(LAUNCH_ORDER + bucket * stride_lo_t + head_slot * nb + pid_m // sub)
+    idx = tl.minimum(tl.maximum(idx, 0), NUM_HEADS * nb - 1)
+    return idx // nb, (idx % nb) * sub + pid_m % sub
 
 
 @triton.jit
@@ -277,11 +303,16 @@ def _bsa_forward_kernel(
     EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
     ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0, SKIPPED=None, WRITE_SKIPPED: tl.constexpr = False,
     KV_LENS=None, HAS_KV_LENS: tl.constexpr = False,
+    LAUNCH_ORDER=None, stride_lo_t=0, HAS_LAUNCH_ORDER: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // NUM_HEADS
     off_h = off_bh % NUM_HEADS
+    if HAS_LAUNCH_ORDER:  # the (head, tile) this launch slot runs: long rows first
+        off_h, pid_m = bsa_launch_slot(LAUNCH_ORDER, stride_lo_t, TS, stride_ts, BOUNDS, off_b,
+                                       off_h, pid_m, NUM_HEADS, SEQ_LEN, NUM_BOUNDS, BOUNDS_P2,
+                                       BLOCK_M)
     acc, offs_m, offs_d, n_skipped = bsa_forward_tile(
         Q, K, V, MASKS, LEVEL_TABLE, BOUNDS, TS,
         stride_qb, stride_qh, stride_qs, stride_qd,
@@ -293,8 +324,8 @@ def _bsa_forward_kernel(
         NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
         USE_TMA, WARP_SPECIALIZE, ENERGY_RULE, energy_thr, KV_LENS, HAS_KV_LENS,
     )
-    if WRITE_SKIPPED:  # blocks the energy filter skipped, per program (for measurements)
-        tl.store(SKIPPED + off_bh * tl.num_programs(0) + pid_m, n_skipped)
+    if WRITE_SKIPPED:  # blocks the energy filter skipped, per (b, h, query tile)
+        tl.store(SKIPPED + (off_b * NUM_HEADS + off_h) * tl.num_programs(0) + pid_m, n_skipped)
     out = OUT + off_b * stride_ob + off_h * stride_oh
     tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              acc.to(OUT.dtype.element_ty), mask=offs_m[:, None] < SEQ_LEN)

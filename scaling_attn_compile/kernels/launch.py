@@ -7,6 +7,7 @@ the autotune cache. The kernel's math is :mod:`.block_sparse_attention`.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,16 @@ CONFIGS = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4
 DEFAULT_CONFIG = KernelConfig(128, 8, 2)
 
 
+# "0" / "false" / "off" / "no": the backend passes no launch order, so the kernel runs its
+# programs in index order (A/B timing of contract/masks.launch_order's longest-first order).
+LAUNCH_ORDER_ENV = "SCALING_ATTN_LAUNCH_ORDER"
+
+
+def launch_order_enabled() -> bool:
+    """Whether the backend builds a launch order for the op (on unless the env says no)."""
+    return os.environ.get(LAUNCH_ORDER_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def _pow2(n: int) -> int:
     return 1 if n <= 1 else triton.next_power_of_2(n)
 
@@ -64,7 +75,7 @@ def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) ->
 def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
                                    scale: float, config: tuple | None = None, *,
                                    energy_rule: int = 0, energy_threshold: float = float("-inf"),
-                                   skipped=None, kv_lens=None):
+                                   skipped=None, kv_lens=None, launch_order=None):
     """Launch the kernel, writing into ``out`` (same shape as ``q``). Inputs are validated by the op.
 
     ``config`` pins a :class:`KernelConfig` (or a tuple of its fields); ``None`` autotunes.
@@ -73,14 +84,17 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
     ``skipped``, an int32 tensor of ``B * H * ceil(S / BLOCK_M)`` elements, receives the number
     of blocks each program skipped. ``kv_lens`` (int32 ``(B,)``, optional): keys at index
     ``>= kv_lens[b]`` are masked for batch element ``b`` (see ``contract/reference.py``).
+    ``launch_order`` (int32 ``(NT, H * NB)``, optional, ``contract/masks.launch_order``): which
+    (head, query block) each program takes, per bucket; the output does not depend on it.
     """
-    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out, kv_lens)
+    check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out, kv_lens,
+                 launch_order)
     B, H, S, D = q.shape
     ts = timestep.reshape(-1)
     stride_ts = 0 if ts.numel() == 1 else ts.stride(0)
     meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
     cfg = KernelConfig(*(config or pick_config(q, k, v, masks, level_table, bucket_bounds, ts,
-                                               out, scale, energy_rule, kv_lens)))
+                                               out, scale, energy_rule, kv_lens, launch_order)))
     if energy_rule not in ENERGY_RULES.values():
         raise ValueError(f"block-sparse kernel: energy_rule must be one of {ENERGY_RULES}, "
                          f"got {energy_rule}")
@@ -93,10 +107,10 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
                              f"k and v need a last-dim stride of 1, got {k.stride(-1)} and "
                              f"{v.stride(-1)}; pass .contiguous() tensors or a non-TMA config")
         _ensure_tma_allocator()
-    grid = (triton.cdiv(S, cfg.block_m), B * H)
+    grid = (program_rows(S, cfg.block_m), B * H)
     if skipped is not None and skipped.numel() != grid[0] * grid[1]:
         raise ValueError(f"block-sparse kernel: skipped must have {grid[0] * grid[1]} elements "
-                         f"(B * H * ceil(S / {cfg.block_m})), got {skipped.numel()}")
+                         f"(B * H * program_rows(S, {cfg.block_m})), got {skipped.numel()}")
     _bsa_forward_kernel[grid](
         q, k, v, masks, level_table, bucket_bounds, ts, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *masks.stride(),
@@ -106,13 +120,22 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
         USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
         ENERGY_RULE=energy_rule, energy_thr=energy_threshold * LOG2E,
         SKIPPED=skipped, WRITE_SKIPPED=skipped is not None,
-        KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None, **meta,
+        KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None,
+        LAUNCH_ORDER=launch_order, HAS_LAUNCH_ORDER=launch_order is not None,
+        stride_lo_t=0 if launch_order is None else launch_order.stride(0), **meta,
     )
     return out
 
 
+def program_rows(seq_len: int, block_m: int) -> int:
+    """Programs per (batch, head): whole 128-row mask blocks of ``block_m``-row tiles. With
+    ``block_m`` 64 and ``S % 128`` in (0, 64] the last one is all padding (stores nothing); it
+    is there because a launch order may hand any query block's second tile to any slot."""
+    return triton.cdiv(seq_len, MASK_BLOCK) * (MASK_BLOCK // block_m)
+
+
 def check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out,
-                 kv_lens=None) -> None:
+                 kv_lens=None, launch_order=None) -> None:
     """Host-side checks of what the kernel indexes with (shapes, dtypes, devices; no values, so
     no device sync): with these, no table *value* can make the kernel read out of bounds (levels
     are clamped, bits past the last block ignored, the bucket is at most ``NT - 1``)."""
@@ -146,9 +169,17 @@ def check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out,
              and kv_lens.stride(0) == 1,
              f"kv_lens must be a contiguous int32 ({B},) tensor, got {kv_lens.dtype} "
              f"{tuple(kv_lens.shape)}; pass lengths.to(torch.int32).contiguous()")
+    if launch_order is not None:  # read at LAUNCH_ORDER + bucket * stride + slot, slot < H * NB
+        need(launch_order.dtype == torch.int32 and launch_order.dim() == 2
+             and launch_order.shape[0] >= nt and launch_order.shape[1] == H * nb
+             and launch_order.stride(1) == 1,
+             f"launch_order must be int32 (NT>={nt}, H*NB={H * nb}) with a contiguous last dim, "
+             f"got {launch_order.dtype} {tuple(launch_order.shape)}; build it with "
+             "contract.masks.launch_order(masks, level_table, S)")
     for name, t in (("k", k), ("v", v), ("out", out), ("masks", masks),
                     ("level_table", level_table), ("bucket_bounds", bucket_bounds),
-                    ("timestep", timestep), ("kv_lens", kv_lens if kv_lens is not None else q)):
+                    ("timestep", timestep), ("kv_lens", kv_lens if kv_lens is not None else q),
+                    ("launch_order", launch_order if launch_order is not None else q)):
         need(t.device == q.device, f"{name} must be on q's device {q.device}, got {t.device}")
 
 
@@ -165,11 +196,12 @@ TUNING_TIMES: dict[tuple, dict] = {}  # key -> {config: median ms}, kept for ben
 
 
 def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale, energy_rule=0,
-                kv_lens=None):
-    """Benchmark CONFIGS once per (shape, dtype, table shape, filter, key lengths) key and cache
-    the winner."""
+                kv_lens=None, launch_order=None):
+    """Benchmark CONFIGS once per (shape, dtype, table shape, filter, key lengths, launch order)
+    key and cache the winner."""
     key = (tuple(q.shape), q.dtype, tuple(masks.shape), bucket_bounds.numel(), str(q.device),
-           energy_rule) + (("kv_lens",) if kv_lens is not None else ())
+           energy_rule) + (("kv_lens",) if kv_lens is not None else ()) + (
+               ("launch_order",) if launch_order is not None else ())
     if key in _TUNED:
         return _TUNED[key]
     if q.device.type != "cuda":  # the interpreter: nothing to tune
@@ -183,7 +215,8 @@ def pick_config(q, k, v, masks, level_table, bucket_bounds, ts, out, scale, ener
         fn = lambda c=cfg: block_sparse_attention_forward(q, k, v, masks, level_table,
                                                            bucket_bounds, ts, out, scale, c,
                                                            energy_rule=energy_rule,
-                                                           kv_lens=kv_lens)
+                                                           kv_lens=kv_lens,
+                                                           launch_order=launch_order)
         try:
             times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
         except Exception:  # a config that does not fit (shared memory, registers) is skipped

@@ -1,6 +1,7 @@
 """``torch.ops.scaling_attn.bind_tables``: a marker that makes one layer's tables graph inputs.
 
-``bind_tables(masks, level_table, bucket_bounds, timestep) -> None`` does nothing when run. Under
+``bind_tables(masks, level_table, bucket_bounds, timestep, launch_order=None) -> None`` does
+nothing when run. Under
 regional compilation (diffusers' ``compile_repeated_blocks``) one graph serves every block, so a
 layer's tables cannot be graph constants; they live as buffers on each block's self-attention
 module (:mod:`scaling_attn_compile.compile.regional`), whose forward pre-hook calls this op on
@@ -16,12 +17,12 @@ import torch
 
 @torch.library.custom_op("scaling_attn::bind_tables", mutates_args=())
 def bind_tables(masks: torch.Tensor, level_table: torch.Tensor, bucket_bounds: torch.Tensor,
-                timestep: torch.Tensor) -> None:
+                timestep: torch.Tensor, launch_order: torch.Tensor | None = None) -> None:
     return None
 
 
 @bind_tables.register_fake
-def _(masks, level_table, bucket_bounds, timestep):
+def _(masks, level_table, bucket_bounds, timestep, launch_order=None):
     return None
 
 

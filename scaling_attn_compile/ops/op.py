@@ -16,6 +16,10 @@
 * ``kv_lens``: optional int32 ``(B,)``: keys at index ``>= kv_lens[b]`` are dropped for every
   query row of batch element ``b`` (a key-padding prefix mask, e.g. HunyuanVideo's padded text;
   clamped to ``[0, S]``; a row with no kept key gives zeros). ``None``: every key.
+* ``launch_order``: optional int32 ``(NT, H * NB)``: the order in which the kernel's programs
+  take the (head, query block) rows, per bucket, longest first
+  (:func:`scaling_attn_compile.contract.masks.launch_order`; the backend builds it). A schedule:
+  the output is the same for any permutation; the CPU path ignores it.
 * ``out``: same shape, dtype and strides as ``q``.
 
 Semantics: :func:`scaling_attn_compile.contract.reference.sparse_attention_reference`. On CUDA the op
@@ -52,6 +56,7 @@ from ..contract.validate import (
     validate_inputs,
     validate_kernel_inputs,
     validate_kv_lens,
+    validate_launch_order,
 )
 from ..kernels.block_gather_cpu import block_sparse_attention_cpu
 
@@ -63,12 +68,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
                      level_table: torch.Tensor, bucket_bounds: torch.Tensor,
                      timestep: torch.Tensor, scale: float, energy_rule: int = 0,
                      energy_threshold: float = 0.0,
-                     kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+                     kv_lens: torch.Tensor | None = None,
+                     launch_order: torch.Tensor | None = None) -> torch.Tensor:
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
     validate_energy(energy_rule, energy_threshold)
     validate_kv_lens(kv_lens, q)
+    validate_launch_order(launch_order, q, bucket_bounds)
     if os.environ.get(CHECK_TABLES_ENV) == "1":
-        check_tables(masks, level_table, bucket_bounds, q.shape[2], timestep)
+        check_tables(masks, level_table, bucket_bounds, q.shape[2], timestep,
+                     launch_order=launch_order)
     out = torch.empty_like(q)  # same strides as q, as the fake promises
     if q.is_cuda:
         validate_kernel_inputs(q)
@@ -77,7 +85,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
         return block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds,
                                               timestep, out, scale, energy_rule=energy_rule,
                                               energy_threshold=energy_threshold,
-                                              kv_lens=kv_lens)
+                                              kv_lens=kv_lens, launch_order=launch_order)
     if energy_rule:
         blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, q.shape[0],
                                  q.shape[2])
@@ -91,10 +99,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
 
 @sparse_attention.register_fake
 def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule=0,
-      energy_threshold=0.0, kv_lens=None):
+      energy_threshold=0.0, kv_lens=None, launch_order=None):
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
     validate_energy(energy_rule, energy_threshold)
     validate_kv_lens(kv_lens, q)
+    validate_launch_order(launch_order, q, bucket_bounds)
     return torch.empty_like(q)
 
 
