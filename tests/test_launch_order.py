@@ -369,3 +369,23 @@ def test_uniform_tables_order_is_a_permutation():
     t = uniform_tables(1, 2, (1, 1, 1000), 0.25)
     order = launch_order(t.masks[0], t.level_tables[0], 1000)
     assert torch.equal(order, natural_order(1, 2, 1000))
+
+
+def test_simulation_predicts_from_the_backend_order():
+    """``benchmarks/launch_order_sim.py``: list scheduling is what it says, and on ragged rows
+    the backend's order never ends later than index order."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location("launch_order_sim", root / "launch_order_sim.py")
+        sim = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sim)
+    finally:
+        sys.path.remove(str(root))
+    assert sim.makespan([1, 1, 1, 4], 2) == 5  # the long job last: 1+1 | 1+4
+    assert sim.makespan([4, 1, 1, 1], 2) == 4  # longest first: 4 | 1+1+1
+    (rec,) = sim.simulate("1.3b", "local", 0.1, [2.0], 132)
+    assert rec["makespan_lpt"] <= rec["makespan_index"] and rec["lpt_over_ideal"] >= 1.0
