@@ -109,6 +109,19 @@ def bsa_keep_blocks_below(words, offs_w, n_blocks, NUM_WORDS_P2: tl.constexpr):
 
 
 @triton.jit
+def bsa_split_last(words, offs_w, kv_len, NUM_WORDS_P2: tl.constexpr):
+    """Take the block holding key ``kv_len - 1`` (a partial last block) out of a row's walk:
+    ``(words without its bit, its index, whether the row kept it)``, so the loop runs unmasked
+    and the caller does that block last, with the key mask. ``kv_len = 0`` gives index 0, whose
+    block the caller has cleared anyway (``bsa_keep_blocks_below``)."""
+    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
+    last = tl.maximum(tl.cdiv(kv_len, 128) - 1, 0)
+    last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
+    has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
+    return words & ~last_bit, last, has_last
+
+
+@triton.jit
 def bsa_next_block(words, offs_w, NUM_WORDS_P2: tl.constexpr):
     """Find-first-set over a row's words: returns (KV block index of the lowest set bit, words
     with that bit cleared)."""
@@ -263,11 +276,7 @@ def bsa_forward_tile(
                     ENERGY_RULE)
     if (not EVEN_S) or HAS_KV_LENS:
         # The partial last block is taken out of the walk and done after it, with masking.
-        # kv_len = 0 gives last = -1: clamped to 0 for the bit, whose block is cleared anyway.
-        last = tl.maximum(tl.cdiv(kv_len, BLOCK_N) - 1, 0)
-        last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
-        has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
-        words = words & ~last_bit
+        words, last, has_last = bsa_split_last(words, offs_w, kv_len, NUM_WORDS_P2)
     n_kept = tl.sum(bsa_popcount(words), axis=0)
 
     for _ in tl.range(0, n_kept, warp_specialize=WARP_SPECIALIZE):

@@ -29,7 +29,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import bsa_next_block, bsa_popcount, bsa_row_words, bsa_select_level
+from .block_sparse_attention import (
+    bsa_next_block,
+    bsa_popcount,
+    bsa_row_words,
+    bsa_select_level,
+    bsa_split_last,
+)
 
 
 @triton.jit
@@ -95,7 +101,6 @@ def _bsa_q8_forward_kernel(
                              off_b, off_h, num_levels, NUM_BOUNDS, BOUNDS_P2)
     qblock = (pid_m * BLOCK_M) // 128
     offs_w = tl.arange(0, NUM_WORDS_P2)
-    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
     words = bsa_row_words(MASKS, stride_mh, stride_ml, stride_mu, stride_mw, off_h, level,
                           qblock, SEQ_LEN, NUM_WORDS, NUM_WORDS_P2)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
@@ -108,11 +113,8 @@ def _bsa_q8_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if not EVEN_S:
-        last = tl.cdiv(SEQ_LEN, BLOCK_N) - 1
-        last_bit = tl.where(offs_w == last // 32, one << (last % 32).to(tl.uint32), 0)
-        has_last = tl.sum((words & last_bit) != 0, axis=0) > 0
-        words = words & ~last_bit
+    if not EVEN_S:  # the partial last block after the walk, with the key mask
+        words, last, has_last = bsa_split_last(words, offs_w, SEQ_LEN, NUM_WORDS_P2)
     n_kept = tl.sum(bsa_popcount(words), axis=0)
     for _ in tl.range(0, n_kept):
         kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
