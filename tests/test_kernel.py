@@ -147,3 +147,35 @@ def test_gpu_op_is_cuda_graph_capturable():
         ts.fill_(t)
         graph.replay()
         check_against_reference(q, k, v, masks, lt, bb, ts, out, D**-0.5)
+
+
+def test_autotune_times_all_blocks_tables_whatever_the_call_holds(monkeypatch):
+    """The eager launcher's config choice is cached per shape; it must not depend on the first
+    call's masks (issue 14: the same masks ran 1.35 ms or 1.60 ms by which density came first).
+    So it times tables with every block kept: checked by recording what each timed launch got
+    (the CUDA path is entered with a stand-in q whose device says cuda)."""
+    from types import SimpleNamespace
+
+    import triton.testing
+
+    from scaling_attn_compile.kernels import launch
+
+    H, S = 2, 300
+    masks, lt, bb = random_tables(H, S, 2, 3, seed=0, p=0.1, device="cpu")
+    seen = []
+
+    def fake_forward(q, k, v, m, l, b, ts, out, scale, cfg, **kw):
+        seen.append((m.clone(), l.clone(), kw.get("kv_lens")))
+
+    q = SimpleNamespace(shape=(1, H, S, 64), dtype=torch.float16,
+                        device=SimpleNamespace(type="cuda", __str__=lambda self: "cuda:0"))
+    monkeypatch.setattr(launch, "block_sparse_attention_forward", fake_forward)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(launch, "_TUNED", {})
+    lens = torch.tensor([10], dtype=torch.int32)
+    launch.pick_config(q, None, None, masks, lt, bb, None, None, 0.1, kv_lens=lens)
+    assert len(seen) == len(launch.CONFIGS)
+    for m, l, kv in seen:
+        assert m.shape == masks.shape and bool((m == -1).all()), "every block kept"
+        assert l.shape == lt.shape and not l.any()
+        assert kv.tolist() == [S], "every key kept"

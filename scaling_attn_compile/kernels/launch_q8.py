@@ -10,7 +10,7 @@ import triton
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
 from .block_sparse_attention import LOG2E, MASK_BLOCK
 from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
-from .launch import KernelConfig, check_launch, launch_meta
+from .launch import KernelConfig, check_launch, launch_meta, tuning_tables
 
 # Candidates: the bf16 kernel's plain configs (no TMA / warp specialisation variant exists for
 # the 8-bit kernel yet). Not measured on a GPU for this kernel: the autotuner picks per shape.
@@ -75,13 +75,16 @@ _TUNED_Q8: dict[tuple, KernelConfig] = {}
 
 
 def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale, precision):
-    """Time :data:`CONFIGS_Q8` once per (shape, table shape, precision) on CUDA, keep the best."""
+    """Time :data:`CONFIGS_Q8` once per (shape, table shape, precision) on CUDA, on all-blocks
+    tables (``launch.tuning_tables``: the choice does not depend on the first call), keep the
+    best."""
     key = (tuple(q.shape), tuple(masks.shape), bucket_bounds.numel(), str(q.device), precision)
     if q.device.type != "cuda":
         return DEFAULT_CONFIG_Q8
     if key not in _TUNED_Q8:
         from triton.testing import do_bench
 
+        masks, level_table = tuning_tables(masks, level_table)
         times = {}
         for cfg in CONFIGS_Q8:
             fn = lambda c=cfg: launch_quantized(quant, q.shape, masks, level_table,
