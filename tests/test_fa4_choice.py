@@ -242,7 +242,7 @@ def test_fa4_op_keeps_q_fill_order():
     bshd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
     with mock.patch.object(fa4_op, "fa4_block_sparse_attention", fake_fa4):
         for qkv in ((q, k, v), bshd):
-            out = fa4_op.FA4_OP(*qkv, masks, lt, bb, ts, SCALE)
+            out = fa4_op.FA4_OP(*qkv, masks, lt, bb, ts, scale=SCALE)
             assert out.stride() == torch.empty_like(qkv[0]).stride()
             torch.testing.assert_close(out, sparse_attention_reference(*qkv, masks, lt, bb, ts,
                                                                        SCALE))

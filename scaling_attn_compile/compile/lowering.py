@@ -396,7 +396,9 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     # the autotuner times both on the same inputs (all blocks kept) and keeps the faster.
     refusal = fa4_refusal(device, *inputs[:3], energy_rule, kv_lens)
     if refusal is None:
-        choices.append(_FA4_CHOICE.bind(inputs[:7], layout, scale=float(scale)))
+        # The same inputs as the template's (the autotuner asserts equal counts); FA4 ignores
+        # the launch order. kv_lens never reaches here (fa4_refusal).
+        choices.append(_FA4_CHOICE.bind(inputs, layout, scale=float(scale)))
     node, picked = _select(template.name, choices, inputs, layout,
                            input_gen_fns=_input_gen_fns(s, kv_lens is not None,
                                                         launch_order is not None))
