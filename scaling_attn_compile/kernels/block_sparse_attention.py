@@ -70,11 +70,10 @@ def bsa_launch_slot(LAUNCH_ORDER, stride_lo_t, TS, stride_ts, BOUNDS, off_b, hea
     no value reads out of bounds. The grid has ``NB * (128 // BLOCK_M)`` programs per head, so
     every query block's sub-tiles exist whatever block the order puts last."""
     nb = tl.cdiv(SEQ_LEN, 128)
-    sub: tl.constexpr = 128 // BLOCK_M
     bucket = bsa_bucket(TS, stride_ts, BOUNDS, off_b, NUM_BOUNDS, BOUNDS_P2)
-    idx = tl.load(LAUNCH_ORDER + bucket * stride_lo_t + head_slot * nb + pid_m // sub)
+    idx = tl.load(LAUNCH_ORDER + bucket * stride_lo_t + head_slot * nb + pid_m // (128 // BLOCK_M))
     idx = tl.minimum(tl.maximum(idx, 0), NUM_HEADS * nb - 1)
-    return idx // nb, (idx % nb) * sub + pid_m % sub
+    return idx // nb, (idx % nb) * (128 // BLOCK_M) + pid_m % (128 // BLOCK_M)
 
 
 @triton.jit
