@@ -13,7 +13,8 @@ Mask families (``mask_families.py``): ``balanced`` (every row keeps the same num
 ``bernoulli`` (independent blocks, ragged rows), ``local`` (3D windows on the latent grid with
 per-head radii, ragged rows); density 1.0 (mask ``all``) is shared by the families.
 
-Impls: ``ours`` (the op, what it picks, with the launch order the backend binds),
+Impls: ``ours`` (the op, what it picks, with a launch order where the backend binds one:
+``SCALING_ATTN_LAUNCH_ORDER=1``),
 ``ours-triton`` (our Triton kernel alone, autotuned, programs in index order), ``ours-triton-lpt``
 (the same kernel with the backend's longest-first launch order, ``contract/masks.launch_order``:
 the A/B pair for the ragged-row tail),
@@ -45,7 +46,11 @@ import torch.nn.functional as F
 
 from scaling_attn_compile import sparse_attention
 from scaling_attn_compile.contract.masks import launch_order
-from scaling_attn_compile.kernels.launch import block_sparse_attention_forward, tuned_configs
+from scaling_attn_compile.kernels.launch import (
+    block_sparse_attention_forward,
+    launch_order_enabled,
+    tuned_configs,
+)
 from scaling_attn_compile.testing import make_qkv
 
 SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
@@ -178,8 +183,9 @@ def run_shape(key: str, families, densities, impls: set[str], records: list[Reco
             o = run().clone()
             rec("ours-triton-lpt", bench(run),
                 rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
-        if "ours" in impls:
-            run = lambda: sparse_attention(q, k, v, masks, lt, bb, ts, scale, launch_order=order)  # noqa: B023, E731
+        if "ours" in impls:  # as the backend binds it: the order only with the env switch on
+            bound = order if launch_order_enabled() else None
+            run = lambda: sparse_attention(q, k, v, masks, lt, bb, ts, scale, launch_order=bound)  # noqa: B023, E731
             o = run()
             rec("ours", bench(run), rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         if use_fa4:

@@ -296,6 +296,13 @@ def _graph_ops(backend_kwargs, monkeypatch=None):
 
 
 def test_backend_binds_each_layer_its_launch_order(monkeypatch):
+    """Off by default (not yet shown to pay on a GPU); ``SCALING_ATTN_LAUNCH_ORDER=1`` binds
+    each layer the order built from its own tables."""
+    monkeypatch.delenv(LAUNCH_ORDER_ENV, raising=False)
+    _, ops = _graph_ops({})
+    assert ops and all("launch_order" not in n.kwargs for n in ops)
+    torch._dynamo.reset()
+    monkeypatch.setenv(LAUNCH_ORDER_ENV, "1")
     gm, ops = _graph_ops({})
     assert len(ops) == LAYERS
     buffers = dict(gm.named_buffers())
@@ -312,9 +319,10 @@ def test_backend_binds_each_layer_its_launch_order(monkeypatch):
     assert all("launch_order" not in n.kwargs for n in ops)
 
 
-def test_regional_blocks_bind_the_launch_order():
+def test_regional_blocks_bind_the_launch_order(monkeypatch):
     """Regional compilation: the order is a block buffer like the masks, bound through
     ``bind_tables`` and passed to the op."""
+    monkeypatch.setenv(LAUNCH_ORDER_ENV, "1")
     model = make_model()
     graphs = []
     backend = scaling_attn_backend(two_level_tables(), compiler=lambda gm, ex: (
@@ -339,7 +347,7 @@ def test_gpu_compiled_model_with_and_without_the_order_is_bit_identical(monkeypa
     inputs = {k: v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.to("cuda")
               for k, v in make_inputs().items()}
     outs = []
-    for env in ("1", "0"):
+    for env in ("1", "0"):  # the order on, then off (the default)
         monkeypatch.setenv(LAUNCH_ORDER_ENV, env)
         torch._dynamo.reset()
         backend = scaling_attn_backend(two_level_tables())

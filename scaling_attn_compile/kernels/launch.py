@@ -42,14 +42,15 @@ CONFIGS = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4
 DEFAULT_CONFIG = KernelConfig(128, 8, 2)
 
 
-# "0" / "false" / "off" / "no": the backend passes no launch order, so the kernel runs its
-# programs in index order (A/B timing of contract/masks.launch_order's longest-first order).
+# "1" / "true" / "on" / "yes": the backend binds each layer a longest-first launch order
+# (contract/masks.launch_order). Off by default until a GPU shows it pays: a CPU model of the
+# scheduler (benchmarks/launch_order_sim.py) predicts at most 2-3% at Wan 1.3B, <0.5% at 14B.
 LAUNCH_ORDER_ENV = "SCALING_ATTN_LAUNCH_ORDER"
 
 
 def launch_order_enabled() -> bool:
-    """Whether the backend builds a launch order for the op (on unless the env says no)."""
-    return os.environ.get(LAUNCH_ORDER_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    """Whether the backend builds a launch order for the op (``SCALING_ATTN_LAUNCH_ORDER=1``)."""
+    return os.environ.get(LAUNCH_ORDER_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _pow2(n: int) -> int:
