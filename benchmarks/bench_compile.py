@@ -68,7 +68,7 @@ import torch  # noqa: E402
 
 from scaling_attn_compile.compile import lowering  # noqa: E402
 from scaling_attn_compile.contract.masks import unpack_blocks  # noqa: E402
-from scaling_attn_compile.contract.tables import uniform_tables  # noqa: E402
+from scaling_attn_compile.contract.tables import AttentionTables, uniform_tables  # noqa: E402
 from scaling_attn_compile.models.ltx import BUILTIN_CONFIGS as LTX_CONFIGS  # noqa: E402
 from scaling_attn_compile.models.wan import BUILTIN_CONFIGS  # noqa: E402
 
@@ -261,6 +261,28 @@ def uncompile_blocks(model) -> None:
             m._compiled_call_impl = None
 
 
+# Block patterns of the sparse rows: "local" (a band around the diagonal) and "random" are
+# uniform_tables' balanced rows (every row keeps the same count); "windows" (3D windows on the
+# latent grid with per-head radii) and "bernoulli" are mask_families.py's ragged rows, closer to
+# a WEST plan (heads of different densities, rows of different lengths).
+PATTERNS = ("local", "random", "windows", "bernoulli")
+
+
+def plan_tables(pattern: str, layers: int, heads: int, grid, density: float):
+    """One layer's tables per layer at ``density``, in ``pattern`` (:data:`PATTERNS`)."""
+    if pattern in ("local", "random") or density >= 1.0:
+        return uniform_tables(layers, heads, grid, density, seed=0,
+                              pattern="random" if pattern == "random" else "local")
+    import mask_families as MF
+
+    family = "local" if pattern == "windows" else pattern
+    per_layer = [MF.mask_tables(MF.block_mask(family, heads, grid, density, seed=i), grid)
+                 for i in range(layers)]
+    first = per_layer[0]
+    return AttentionTables(first.grid, [t.masks[0] for t in per_layer],
+                           [t.level_tables[0] for t in per_layer], first.bucket_bounds)
+
+
 def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_config, reps,
             repeats=None, regional=False):
     from scaling_attn_compile.compile.backend import scaling_attn_backend
@@ -278,7 +300,7 @@ def run_row(row, model, inputs, spec, layers, grid, device, pattern, inductor_co
                                  **options)
     elif row != "eager":
         base, precision, _ = row_parts(row)
-        tables = uniform_tables(layers, heads, grid, DENSITY[base], seed=0, pattern=pattern)
+        tables = plan_tables(pattern, layers, heads, grid, DENSITY[base])
         nb = tables.masks[0].shape[2]
         density = statistics.fmean(unpack_blocks(m[:, 0], nb).float().mean().item()
                                    for m in tables.masks)
@@ -370,8 +392,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None,
                     help="build every model with this many layers (e.g. 14B with 20 of 40)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--pattern", default="local", choices=["local", "random"],
-                    help="block pattern of the sparse plans (uniform_tables)")
+    ap.add_argument("--pattern", default="local", choices=list(PATTERNS),
+                    help="block pattern of the sparse plans: local / random (balanced rows, "
+                         "uniform_tables), windows / bernoulli (ragged rows, mask_families.py)")
     ap.add_argument("--max-autotune", action="store_true",
                     help="Inductor max_autotune for the inductor and ours rows")
     ap.add_argument("--rep-ms", type=int, default=2000, help="do_bench repetition time (ms)")

@@ -75,3 +75,31 @@ def test_plot_writes_the_ragged_figure(BA, tmp_path):
     path = tmp_path / "fig.png"
     BA.plot(records, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compile_ragged_patterns_are_per_layer_mask_families():
+    """``bench_compile.py --pattern windows|bernoulli``: one mask per layer from
+    ``mask_families.py`` (ragged rows), near the row's density; local/random stay balanced."""
+    import torch
+
+    from scaling_attn_compile.contract.masks import unpack_blocks
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_compile",
+                                                      ROOT / "benchmarks" / "bench_compile.py")
+        bc = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault("bench_compile", bc)  # dataclasses look their module up
+        spec.loader.exec_module(bc)
+        grid = (4, 16, 32)  # 2048 tokens, 16 blocks
+        for pattern in ("windows", "bernoulli"):
+            t = bc.plan_tables(pattern, 3, 4, grid, 0.25)
+            assert t.num_layers == 3 and t.masks[0].shape[:2] == (4, 1)
+            rows = [unpack_blocks(m[:, 0], 16).sum(-1) for m in t.masks]
+            assert all(abs(r.float().mean().item() / 16 - 0.25) < 0.1 for r in rows)
+            assert any(r.float().std() > 0 for r in rows), "ragged rows"
+        flat = bc.plan_tables("local", 2, 4, grid, 0.25)
+        assert torch.equal(unpack_blocks(flat.masks[0][:, 0], 16).sum(-1).unique(),
+                           torch.tensor([4]))
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
