@@ -28,6 +28,7 @@ from .fingerprint import _unwrap, fingerprint_tensors
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
 from .graph import timestep_placeholder
+from .source import ModelSource, build_on_device, load_folder
 
 Grid = tuple[int, int, int]
 
@@ -75,12 +76,10 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
                      seed: int = 0, num_layers: int | None = None):
     """Load an ``LTXVideoTransformer3DModel``: a diffusers folder (``transformer/`` subfolder or
     a bare transformer folder) or a key of :data:`BUILTIN_CONFIGS` (random weights, seeded;
-    ``num_layers`` truncates it). Returns Wan's :class:`~.wan.ModelSource`."""
+    ``num_layers`` truncates it). Returns a :class:`~.source.ModelSource`."""
     from pathlib import Path
 
     from diffusers import LTXVideoTransformer3DModel
-
-    from .wan import ModelSource, load_folder
 
     path = Path(spec)
     if path.is_dir():
@@ -93,14 +92,8 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
                          f"{sorted(BUILTIN_CONFIGS)}, got {spec!r}")
     cfg = dict(BUILTIN_CONFIGS[spec], **({} if num_layers is None else {"num_layers": num_layers}))
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LTXVideoTransformer3DModel(**cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return ModelSource(model.eval(), spec, None, True, LTX_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
+    model = build_on_device(LTXVideoTransformer3DModel, cfg, dtype=dtype, device=device)
+    return ModelSource(model, spec, None, True, LTX_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
 
 
 TEXT_DIM = "caption_channels"  # the config key of the text embeddings' width
