@@ -28,7 +28,7 @@ from .fingerprint import _unwrap, fingerprint_tensors
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
 from .graph import timestep_placeholder
-from .source import ModelSource, build_on_device, load_folder
+from .source import ModelSource, build_on_device, causal_latent_shape, load_folder
 
 Grid = tuple[int, int, int]
 
@@ -222,12 +222,8 @@ def patch_size(transformer) -> tuple[int, int, int]:
 def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
                      vae_stride: Sequence[int] = LTX_VAE_STRIDE) -> tuple[int, int, int, int]:
     """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels."""
-    st, sh, sw = vae_stride
-    if (frames - 1) % st or height % sh or width % sw:
-        raise ValueError(f"latent_shape_for: need (frames - 1) % {st} == 0, height % {sh} == 0 and "
-                         f"width % {sw} == 0 for LTX's VAE stride {tuple(vae_stride)}, got "
-                         f"frames={frames}, height={height}, width={width}; e.g. 161 x 480 x 704")
-    return (in_channels, (frames - 1) // st + 1, height // sh, width // sw)
+    return causal_latent_shape(frames, height, width, in_channels, vae_stride,
+                               vae="LTX's VAE", example="161 x 480 x 704")
 
 
 def latent_token_grid(transformer, latent_shape: Sequence[int]) -> Grid:

@@ -1,6 +1,7 @@
 """Where a transformer comes from, for every family (Wan, LTX-Video, HunyuanVideo): a loaded
 model with its origin (:class:`ModelSource`), a diffusers folder (:func:`load_folder`) and a
-built-in config with random weights (:func:`build_on_device`).
+built-in config with random weights (:func:`build_on_device`), and the latent shape its causal
+video VAE gives a video (:func:`causal_latent_shape`).
 
 Each family's ``load_transformer`` picks its class, VAE stride and text length and calls these;
 a Hub id becomes a folder before that (:mod:`.hub`).
@@ -68,3 +69,17 @@ def build_on_device(cls, config: dict, *, dtype: torch.dtype, device) -> torch.n
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
+
+
+def causal_latent_shape(frames: int, height: int, width: int, in_channels: int,
+                        vae_stride, *, vae: str = "VAE", example: str = "81 x 480 x 832"
+                        ) -> tuple[int, int, int, int]:
+    """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels through a
+    causal video VAE of stride ``(st, sh, sw)`` (Wan's, LTX's): ``F = (frames - 1) / st + 1``,
+    ``H = height / sh``. ``vae`` and ``example`` word the error (``"LTX's VAE"``, its size)."""
+    st, sh, sw = vae_stride
+    if (frames - 1) % st or height % sh or width % sw:
+        raise ValueError(f"latent_shape_for: need (frames - 1) % {st} == 0, height % {sh} == 0 and "
+                         f"width % {sw} == 0 for {vae} stride {tuple(vae_stride)}, got "
+                         f"frames={frames}, height={height}, width={width}; e.g. {example}")
+    return (in_channels, (frames - 1) // st + 1, height // sh, width // sw)

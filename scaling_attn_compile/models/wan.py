@@ -35,7 +35,7 @@ from .graph import module_paths as _module_paths
 from .graph import node_value as _val
 from .graph import source_name as _source_name
 from .registry import check_supported, supported_classes  # noqa: F401  (every family's refusal)
-from .source import ModelSource, build_on_device, load_folder
+from .source import ModelSource, build_on_device, causal_latent_shape, load_folder
 
 Grid = tuple[int, int, int]
 
@@ -165,12 +165,7 @@ def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
 
     Time is causal (Wan's VAE): ``F = (frames - 1) / st + 1``; space: ``H = height / sh``.
     """
-    st, sh, sw = vae_stride
-    if (frames - 1) % st or height % sh or width % sw:
-        raise ValueError(f"latent_shape_for: need (frames - 1) % {st} == 0, height % {sh} == 0 and "
-                         f"width % {sw} == 0 for VAE stride {tuple(vae_stride)}, got frames={frames}, "
-                         f"height={height}, width={width}; e.g. 81 x 480 x 832")
-    return (in_channels, (frames - 1) // st + 1, height // sh, width // sw)
+    return causal_latent_shape(frames, height, width, in_channels, vae_stride)
 
 
 def latent_token_grid(transformer, latent_shape: Sequence[int]) -> Grid:
