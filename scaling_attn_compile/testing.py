@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from unittest import mock
 
 import torch
 
@@ -27,6 +29,36 @@ def make_local_qkv(B, H, S, D, seed, dtype=torch.float32, device="cpu", sharp=3.
     q, k = code + noise(), code + noise()
     v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def sharpen_qk(attentions, gain: float = 4.0) -> None:
+    """Scale each attention module's q and k RMS-norm weights by ``gain`` (logits x gain^2), in
+    place: random-init attention is so diffuse, and its gated residual so small, that dropping
+    blocks moves the output by about one rounding step; peaked attention makes a wrong mask
+    visible far above the tolerance. ``attentions``: the modules (``norm_q``, ``norm_k``), e.g.
+    a family adapter's ``self_attention_modules(model)``."""
+    with torch.no_grad():
+        for attn in attentions:
+            for norm in (attn.norm_q, attn.norm_k):
+                norm.weight.mul_(gain)
+
+
+@contextlib.contextmanager
+def recorded_attention_qk(module, tokens: int, rows: int | None = None):
+    """Record the q and k every attention call of a diffusers transformer ``module`` (e.g.
+    ``transformer_ltx``: its ``dispatch_attention_fn``, patched for the block) receives over
+    ``tokens`` queries and keys, as ``(B, H, rows, D)`` copies of their first ``rows`` tokens
+    (default all): what a q/k capture must equal. Yields the list of ``(q, k)``, in call order."""
+    fed, real = [], module.dispatch_attention_fn
+
+    def spy(query, key, value, **kw):  # (B, S, H, D), as diffusers dispatches
+        if query.shape[1] == key.shape[1] == tokens:
+            fed.append((query[:, :rows].transpose(1, 2).clone(),
+                        key[:, :rows].transpose(1, 2).clone()))
+        return real(query, key, value, **kw)
+
+    with mock.patch.object(module, "dispatch_attention_fn", spy):
+        yield fed
 
 
 def rounding_step(golden: torch.Tensor, dtype: torch.dtype) -> float:

@@ -17,6 +17,21 @@ settings.register_profile("dev", max_examples=40, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session")
+def hunyuan_folder(tmp_path_factory):
+    """HunyuanVideo's tiny config (``hunyuan-tiny-random``, seed 0) saved once with
+    ``save_pretrained``, q/k norms x4 (peaked attention: a wrong mask shows); test_hunyuan.py and
+    test_hunyuan_calib.py read it with ``from_pretrained``."""
+    from scaling_attn_compile.models import hunyuan
+    from scaling_attn_compile.testing import sharpen_qk
+
+    model = hunyuan.make_transformer("hunyuan-tiny-random")
+    sharpen_qk(hunyuan.self_attention_modules(model))
+    out = tmp_path_factory.mktemp("hunyuan")
+    model.save_pretrained(out)
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -23,7 +23,7 @@ from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.contract.tables import uniform_tables
 from scaling_attn_compile.errors import UnsupportedModelError
 from scaling_attn_compile.models import ltx, registry, wan
-from scaling_attn_compile.testing import assert_close_to_oracle
+from scaling_attn_compile.testing import assert_close_to_oracle, recorded_attention_qk, sharpen_qk
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
 from test_backend import _fresh_dynamo, two_level_tables  # noqa: E402,F401  (autouse fixture)
@@ -41,10 +41,7 @@ def saved(tmp_path_factory):
     """Saved once with save_pretrained (peaked self-attention: a wrong mask shows)."""
     torch.manual_seed(0)
     model = LTXVideoTransformer3DModel(**CONFIG).eval()
-    with torch.no_grad():
-        for block in model.transformer_blocks:
-            for norm in (block.attn1.norm_q, block.attn1.norm_k):
-                norm.weight.mul_(4.0)
+    sharpen_qk(block.attn1 for block in model.transformer_blocks)
     folder = tmp_path_factory.mktemp("ltx")
     model.save_pretrained(folder)
     return folder
@@ -207,16 +204,9 @@ def test_capture_sees_the_q_k_ltx_feeds_sdpa(saved):
     """The calibration's processor swap (ltx_capture.py) computes q/k as LTX's processor does
     (RoPE on the flat q/k, before the head split): what WEST sees is what attention uses."""
     model, inputs = load(saved), make_inputs()
-    fed, seen = [], []
-    real = transformer_ltx.dispatch_attention_fn
-
-    def spy(query, key, value, **kw):  # (B, S, H, D)
-        if query.shape[1] == key.shape[1] == math.prod(GRID):
-            fed.append((query.transpose(1, 2).clone(), key.transpose(1, 2).clone()))
-        return real(query, key, value, **kw)
-
+    seen = []
     capture_qk = registry.capture_for(model).capture_qk
-    with torch.no_grad(), mock.patch.object(transformer_ltx, "dispatch_attention_fn", spy), \
+    with torch.no_grad(), recorded_attention_qk(transformer_ltx, math.prod(GRID)) as fed, \
             capture_qk(model, lambda c: seen.append((c.layer, c.grid, c.q.clone(), c.k.clone()))):
         model(timestep=torch.tensor([500]), return_dict=False, **inputs)
     assert [(layer, grid) for layer, grid, _, _ in seen] == [(i, GRID) for i in range(LAYERS)]
@@ -306,10 +296,7 @@ def build_ltx_pipeline(root):
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
     transformer = LTXVideoTransformer3DModel(**CONFIG)
-    with torch.no_grad():
-        for block in transformer.transformer_blocks:
-            for norm in (block.attn1.norm_q, block.attn1.norm_k):
-                norm.weight.mul_(4.0)
+    sharpen_qk(block.attn1 for block in transformer.transformer_blocks)
     pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                        text_encoder=text_encoder, tokenizer=_tokenizer(), transformer=transformer)
     pipe.save_pretrained(root)
