@@ -101,3 +101,55 @@ def make_outlier_qkv(B, H, S, D, seed, dtype=torch.float32, device="cpu", n_outl
     k[..., ch] = stress * (k[..., ch] + k_bias * sign())
     v = 0.7 * rand(B, H, S, D) + 0.3 * rand(B, H, 1, D)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def compile_for_sm90(fn, pointers: dict, floats: set, div16: set, constexprs: dict, *,
+                     num_warps: int, num_stages: int):
+    """Compile the ``@triton.jit`` kernel ``fn`` for Hopper (sm_90) on any machine (Triton's
+    compiler and ptxas need no GPU), given what a real launch gives the compiler: ``pointers``
+    the pointer arguments' types (``"*bf16"``), ``floats`` the fp32 scalars (other scalars are
+    i32), ``div16`` the arguments a launch proves 16-divisible, ``constexprs`` the specialised
+    ones (unit strides as 1 among them). Without those hints no vector load is provable and the
+    K/V loop is not pipelined (seen: no cp.async, spills). Call it where TRITON_INTERPRET is not
+    set (:func:`run_script_compiled`): under the interpreter ``fn`` is not compiled."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in floats else "i32")
+           for p in params}
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params
+             if p in div16 and p not in constexprs}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sm90_ptx_facts(kernel) -> dict:
+    """What the sm_90 compile tests check of a compiled kernel: a cubin, shared memory bytes,
+    pipelined K/V copies (``cp.async.cg``) and local-memory spills, from its PTX."""
+    ptx = kernel.asm["ptx"]
+    return {"cubin": bool(kernel.asm.get("cubin")), "shared": kernel.metadata.shared,
+            "async_copies": ptx.count("cp.async.cg"),
+            "spills": ptx.count("ld.local") + ptx.count("st.local")}
+
+
+def run_script_compiled(script: str, *args: str) -> dict:
+    """Run ``python -c script args...`` without TRITON_INTERPRET (in this process it may have
+    turned the jit functions into interpreted ones) and return the JSON object its last output
+    line prints; a failed run raises with its stderr's tail."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if run.returncode != 0:
+        raise AssertionError(run.stderr[-3000:])
+    return json.loads(run.stdout.strip().splitlines()[-1])
