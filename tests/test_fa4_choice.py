@@ -61,7 +61,8 @@ def inputs(dtype=torch.float16, k_layout=None):
 @contextlib.contextmanager
 def capture_template_choices():
     """Render the template on the CPU (Inductor's triton cpu backend) and capture the choices
-    instead of benchmarking them (as test_lowering.py does)."""
+    instead of benchmarking them (there is no GPU to benchmark on). Here, not in test_lowering.py
+    (which imports it, as test_kernel_compile.py does): this file imports no diffusers."""
     import torch.utils._triton as triton_utils
 
     captured = []

@@ -9,10 +9,8 @@ interpreter. GPU (``-m gpu``, on the device): the model in bf16 compiles to our 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -40,6 +38,7 @@ from test_backend import (  # noqa: E402
     make_model,
     two_level_tables,
 )
+from test_fa4_choice import capture_template_choices  # noqa: E402  (self-contained: no diffusers)
 
 # --------------------------------------------------------------------------------------------
 # The Inductor lowering and the template, without a GPU
@@ -74,25 +73,6 @@ def test_template_source_is_the_kernel_source():
         names.append(getattr(fn, "fn", fn).__name__)
     assert {"bsa_forward_tile", "bsa_popcount", "bsa_select_level"} <= set(names)
     assert "bsa_forward_tile(" in src and "{{store_output(" in src
-
-
-@contextlib.contextmanager
-def capture_template_choices():
-    """Render the template on the CPU (Inductor's triton cpu backend) and capture the choices
-    instead of benchmarking them (there is no GPU to benchmark on)."""
-    import torch.utils._triton as triton_utils
-
-    captured = []
-
-    def select(name, choices, inputs, layout, **kwargs):
-        captured.extend(choices)
-        raise RuntimeError("choices captured")
-
-    with mock.patch.object(lowering, "_select", select), \
-            mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
-            mock.patch.object(triton_utils, "triton_hash_with_backend", lambda: "cpu-test"), \
-            torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
-        yield captured
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
