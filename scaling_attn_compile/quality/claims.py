@@ -127,7 +127,8 @@ def run_claims(model, spec: BundledModel, *, grid=None, steps: int = 16, n_sets:
                 "calibration_sets": sets, "capture_steps": capture_steps,
                 "small_grids": [list(g) for g in small_grids], "profile_captions": profile_caps,
                 "fast_capture_steps": fast_capture_steps, "fast_targets": list(fast_targets),
-                "levels": list(fast.DEFAULT_LEVELS)},
+                "levels": list(fast.DEFAULT_LEVELS),
+                "token_order": plans[0].meta.token_order},  # raster: _west passes no order
             "topology_stability": topo, "resolution_transfer": transfer,
             "schedule_stability": sched_rows,
             "timings_s": {"total": time.perf_counter() - t_start}}
