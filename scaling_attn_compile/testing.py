@@ -61,6 +61,23 @@ def recorded_attention_qk(module, tokens: int, rows: int | None = None):
         yield fed
 
 
+def load_module(path, name: str):
+    """The Python file ``path`` as a fresh module named ``name`` (not put in ``sys.modules``): a
+    ``benchmarks/`` script (that folder is no package) or a kernel module Inductor rendered."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rendered_kernel(choice):
+    """The ``@triton.jit`` kernel Inductor rendered for a template autotune ``choice`` (its
+    ``bmreq`` names the module file and the kernel)."""
+    return getattr(load_module(choice.bmreq.module_path, "tmpl"), choice.bmreq.kernel_name)
+
+
 def rounding_step(golden: torch.Tensor, dtype: torch.dtype) -> float:
     """One rounding step of ``dtype`` at the scale of the golden output."""
     return torch.finfo(dtype).eps * golden.abs().max().item()

@@ -24,7 +24,7 @@ from scaling_attn_compile.ops.energy import EnergyFilter
 from scaling_attn_compile.quality.measure import attend_counted
 from scaling_attn_compile.quality.report import RECORD_FIELDS
 from scaling_attn_compile.quality.study import plan_budget
-from scaling_attn_compile.testing import make_local_qkv
+from scaling_attn_compile.testing import load_module, make_local_qkv
 from scaling_attn_compile.tiny import registry as QM
 from scaling_attn_compile.tiny import tiny_wan as tw
 from scaling_attn_compile.tiny.demo import calibration_captions, calibration_input
@@ -33,15 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GRID, STEPS, LAYERS = (4, 32, 32), 3, 2  # S = 4 x 16 x 16 = 1024 tokens, 8 blocks
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_quality",
-                                                  ROOT / "benchmarks" / "bench_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bq = _load_bench()
+bq = load_module(ROOT / "benchmarks" / "bench_quality.py", "bench_quality")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +64,8 @@ def test_quality_core_schema_records_and_densities(model, model_dir, tmp_path):
     cfg = res["config"]
     assert cfg["grid"] == list(GRID) and cfg["steps"] == STEPS and cfg["model"] == "tiny-wan"
     assert cfg["seeds"] == [0, 1] and cfg["videos"] == cfg["prompts"] * 2
+    # The study's default order is the CLI's ("auto"), which is tile on a Wan model.
+    assert cfg["token_order_requested"] == "auto" and cfg["token_order"] == "tile"
     assert not set(cfg["prompts"]) & set(cfg["calibration_captions"] + [
         cfg["fast_and_energy_caption"]])
     assert len(res["results"]) == len(targets) * len(bq.DEFAULT_METHODS)

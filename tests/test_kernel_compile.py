@@ -64,16 +64,13 @@ def test_kernel_compiles_for_sm90_with_wgmma(variant):
 
 
 COMPILE_RENDERED = r'''
-import importlib.util, json, sys
+import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from scaling_attn_compile.testing import sm90_ptx_facts
+from scaling_attn_compile.testing import load_module, sm90_ptx_facts
 path, name, num_warps, num_stages = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-spec = importlib.util.spec_from_file_location("tmpl", path)
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-kernel = getattr(mod, name)
+kernel = getattr(load_module(path, "tmpl"), name)
 sig = kernel.triton_meta["signature"]
 params = list(sig)
 # Inductor marks 16-byte aligned pointers so on the GPU (fresh allocations always are).
