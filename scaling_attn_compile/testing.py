@@ -78,6 +78,34 @@ def rendered_kernel(choice):
     return getattr(load_module(choice.bmreq.module_path, "tmpl"), choice.bmreq.kernel_name)
 
 
+def eager_two_dtypes(model, inputs: dict, timestep: torch.Tensor, reference=None) -> list:
+    """``[float32, float64]`` eager outputs of copies of ``model`` (what
+    :func:`assert_close_to_oracle` takes as the same-dtype reference and the golden), called
+    with ``timestep`` and ``inputs`` (tensors cast, other values as they are);
+    ``reference(copy, dtype)``, if given, first swaps in reference attention processors."""
+    import copy
+
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model).to(dtype)
+        if reference is not None:
+            reference(m, dtype)
+        with torch.no_grad():
+            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
+                          **{k: v.to(dtype) if torch.is_tensor(v) else v
+                             for k, v in inputs.items()})[0])
+    return outs
+
+
+def run_compiled_steps(model, backend, inputs: dict, steps,
+                       timestep_of=lambda t: torch.tensor([t])) -> list:
+    """``model`` compiled with ``backend`` (fullgraph, static shapes), its output at each step's
+    ``timestep_of(t)``, without grad; a recompile is an error: one graph serves every step."""
+    c = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        return [c(timestep=timestep_of(t), return_dict=False, **inputs)[0] for t in steps]
+
+
 def rounding_step(golden: torch.Tensor, dtype: torch.dtype) -> float:
     """One rounding step of ``dtype`` at the scale of the golden output."""
     return torch.finfo(dtype).eps * golden.abs().max().item()

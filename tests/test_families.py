@@ -36,7 +36,13 @@ from scaling_attn_compile.models.wan import (
     load_transformer,
 )
 from scaling_attn_compile.plan.plan import Plan
-from scaling_attn_compile.testing import assert_close_to_oracle, recorded_attention_qk, sharpen_qk
+from scaling_attn_compile.testing import (
+    assert_close_to_oracle,
+    eager_two_dtypes,
+    recorded_attention_qk,
+    run_compiled_steps,
+    sharpen_qk,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
 from test_backend import _fresh_dynamo, two_level_tables  # noqa: E402,F401  (autouse fixture)
@@ -119,26 +125,15 @@ def reference_processors(model, module, tables, clock, compute_dtype, order="ras
 def eager(model, inputs, t, tables=None, module=None, order="raster", timestep=None):
     """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference at
     bucket timestep ``t``. ``timestep``: the model's input, default ``[t]``."""
-    timestep = torch.tensor([t]) if timestep is None else timestep
-    outs = []
-    for dtype in (torch.float32, torch.float64):
-        m = copy.deepcopy(model).to(dtype)
-        if tables is not None:
-            reference_processors(m, module, tables, {"t": torch.tensor([t])}, dtype, order)
-        with torch.no_grad():
-            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
-                          **{k: v.to(dtype) for k, v in inputs.items()})[0])
-    return outs
+    reference = None if tables is None else (lambda m, dtype: reference_processors(
+        m, module, tables, {"t": torch.tensor([t])}, dtype, order))
+    return eager_two_dtypes(model, inputs, torch.tensor([t]) if timestep is None else timestep,
+                            reference)
 
 
 def compiled_run(model, plan, inputs, steps, timestep_of=lambda t: torch.tensor([t])):
     be = scaling_attn_backend(plan, compiler="eager")
-    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
-    outs = []
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for t in steps:
-            outs.append(c(timestep=timestep_of(t), return_dict=False, **inputs)[0])
-    return outs, be
+    return run_compiled_steps(model, be, inputs, steps, timestep_of), be
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

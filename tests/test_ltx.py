@@ -23,7 +23,13 @@ from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.contract.tables import uniform_tables
 from scaling_attn_compile.errors import UnsupportedModelError
 from scaling_attn_compile.models import ltx, registry, wan
-from scaling_attn_compile.testing import assert_close_to_oracle, recorded_attention_qk, sharpen_qk
+from scaling_attn_compile.testing import (
+    assert_close_to_oracle,
+    eager_two_dtypes,
+    recorded_attention_qk,
+    run_compiled_steps,
+    sharpen_qk,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
 from test_backend import _fresh_dynamo, two_level_tables  # noqa: E402,F401  (autouse fixture)
@@ -91,27 +97,15 @@ def reference_processors(model, tables, clock, compute_dtype):
 def eager(model, inputs, t, tables=None, timestep=None):
     """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference at
     bucket timestep ``t``. ``timestep``: the model's input, default ``[t]``."""
-    timestep = torch.tensor([t]) if timestep is None else timestep
-    outs = []
-    for dtype in (torch.float32, torch.float64):
-        m = copy.deepcopy(model).to(dtype)
-        if tables is not None:
-            reference_processors(m, tables, {"t": torch.tensor([t])}, dtype)
-        with torch.no_grad():
-            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
-                          **{k: v.to(dtype) if torch.is_tensor(v) else v
-                             for k, v in inputs.items()})[0])
-    return outs
+    reference = None if tables is None else (lambda m, dtype: reference_processors(
+        m, tables, {"t": torch.tensor([t])}, dtype))
+    return eager_two_dtypes(model, inputs, torch.tensor([t]) if timestep is None else timestep,
+                            reference)
 
 
 def compiled_run(model, plan, inputs, steps, timestep_of=lambda t: torch.tensor([t]), **options):
     be = scaling_attn_backend(plan, compiler="eager", **options)
-    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
-    outs = []
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for t in steps:
-            outs.append(c(timestep=timestep_of(t), return_dict=False, **inputs)[0])
-    return outs, be
+    return run_compiled_steps(model, be, inputs, steps, timestep_of), be
 
 
 def test_the_registry_picks_ltx_and_refuses_unknown_classes(saved):
