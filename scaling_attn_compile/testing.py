@@ -1,4 +1,8 @@
-"""Test helpers shared by tests and benchmarks: input factories and the one tolerance rule."""
+"""Test helpers shared by tests and benchmarks: input factories, the one tolerance rule, the
+eager float32/float64 reference and per-step compiled runs of a transformer, peaked attention
+(:func:`sharpen_qk`) and what diffusers' attention receives (:func:`recorded_attention_qk`), the
+sm_90 compile checks, and loading a file as a module. Torch only: no package imports (the
+layout test puts this module on the lowest floor)."""
 
 from __future__ import annotations
 
