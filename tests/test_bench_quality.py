@@ -409,6 +409,7 @@ def test_claims_part_through_the_registry(model, model_dir):
                      capture_steps=1, n_profiles=2, fast_capture_steps=2, log=lambda *a: None)
     cfg = res["config"]
     assert cfg["small_grids"] == [[4, 16, 16], [4, 16, 32]]  # half the rows (and columns)
+    assert cfg["token_order_requested"] == "auto" and cfg["token_order"] == "tile"  # as the CLI
     sets = cfg["calibration_sets"]
     assert len(sets) == 2 and not set(sets[0]) & set(sets[1])
     assert not set(cfg["profile_captions"]) & set(sets[0] + sets[1])
