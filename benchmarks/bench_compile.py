@@ -70,6 +70,7 @@ from scaling_attn_compile.compile import lowering  # noqa: E402
 from scaling_attn_compile.contract.masks import unpack_blocks  # noqa: E402
 from scaling_attn_compile.contract.tables import AttentionTables, uniform_tables  # noqa: E402
 from scaling_attn_compile.models.ltx import BUILTIN_CONFIGS as LTX_CONFIGS  # noqa: E402
+from scaling_attn_compile.models.source import build_on_device  # noqa: E402
 from scaling_attn_compile.models.wan import BUILTIN_CONFIGS  # noqa: E402
 
 # Wan2.1 1.3B/14B are the adapter's BUILTIN_CONFIGS; COMMON is the rest of the tiny smoke model.
@@ -186,14 +187,8 @@ def build_model(spec, layers: int, device: str, dtype: torch.dtype):
 
     cls = diffusers.LTXVideoTransformer3DModel if spec.get("family") == "ltx" else \
         diffusers.WanTransformer3DModel
-    cfg = dict(spec["config"], num_layers=layers)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(**cfg)
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_on_device(cls, dict(spec["config"], num_layers=layers), dtype=dtype,
+                            device=device)
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     for name, p in model.named_parameters():
         if any(k in name.split(".") for k in keep):

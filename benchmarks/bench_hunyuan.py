@@ -33,22 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_compile as bc  # noqa: E402
 
 from scaling_attn_compile.models.hunyuan import BUILTIN_CONFIGS  # noqa: E402
+from scaling_attn_compile.models.source import build_on_device  # noqa: E402
 
 VIDEO = (720, 1280, 129)  # HunyuanVideoPipeline's default height, width, frames
 VAE = (4, 8, 8)
 TEXT, REAL_TEXT = 256, 200
-
-
-def build(cfg: dict, device, dtype):
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return HunyuanVideoTransformer3DModel(**cfg).eval()
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def inputs_for(cfg: dict, video, device, dtype):
@@ -98,7 +87,9 @@ def main(argv=None) -> int:
     path, stored = bc.record_file(args, env, "hunyuan")
     name = "HunyuanVideo" + (" (tiny)" if args.tiny else "")
     layers, layers_of = args.double + args.single, 60
-    model = build(cfg, device, dtype)
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = build_on_device(HunyuanVideoTransformer3DModel, cfg, dtype=dtype, device=device)
     latent, inputs = inputs_for(cfg, video, device, dtype)
     p, pt = cfg["patch_size"], cfg["patch_size_t"]
     grid = (latent[2] // pt, latent[3] // p, latent[4] // p)

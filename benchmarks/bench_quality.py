@@ -5,6 +5,7 @@ bundled model's videos closest to its dense output, at equal *computed* density 
     python benchmarks/bench_quality.py                                  # tiny-wan, CPU, both parts
     python benchmarks/bench_quality.py --model small-wan --prompts 8 --seeds 2 --steps 50 \\
         --skip-claims --budget-minutes 8                                # the GPU study
+    python benchmarks/bench_quality.py --token-order raster             # strips of token rows
     python benchmarks/bench_quality.py --skip-claims --prompts 2       # quicker
     python benchmarks/bench_quality.py --skip-quality                   # part 2 only
 
@@ -16,7 +17,10 @@ the training-free anchors as plans (``anchors``: ``radial``, ``sta``, ``svg_spli
 
 Part 1 (``--out-quality``, default ``benchmarks/results/quality-<device>-<model>.json`` + ``.png``;
 ``<device>`` is ``cpu`` or the GPU's name as a slug): see ``quality/study.py`` for the order of
-work. Density is what was **computed** (blocks the mask visits minus the blocks the energy
+work. ``--token-order`` (the blocks of every plan: WEST, the anchors, part 2's) defaults to
+``auto`` as ``scaling-attn west`` does: tile order on the bundled Wan models; ``raster`` and
+``tile`` (or ``tile:FxHxW``) are selectable; ``config.token_order`` of both records is the
+order that ran (``config.token_order_requested``: as passed). Density is what was **computed** (blocks the mask visits minus the blocks the energy
 filter skipped, counted per video, layer, head, query tile and step: ``quality/measure.py``).
 On CUDA each method's step is timed through the real compiled path (``quality/timing.py``;
 ``--time-cpu`` times on the CPU too, else ``ms_per_step`` is null there): ``ms_per_step`` is a
@@ -35,7 +39,8 @@ Part 2 (``--out-claims``, default ``benchmarks/results/claims-<device>-<model>.j
 ``quality/claims.py`` (topology and schedule stability, resolution transfer).
 
 The CPU run of the README (tiny-wan, 8x32x32, 16 steps, 3 prompts x 1 seed, the methods it
-lists) reproduces the earlier records: same calibration, seeds and computations.
+lists, ``--token-order raster``: the records were made before tile order was the default)
+reproduces the earlier records: same calibration, seeds and computations.
 """
 
 from __future__ import annotations
@@ -189,7 +194,12 @@ def _floats(s: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from scaling_attn_compile.args import parse_triple, resolve_device, resolve_dtype
+    from scaling_attn_compile.args import (
+        add_token_order_argument,
+        parse_triple,
+        resolve_device,
+        resolve_dtype,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,8 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="noise seeds per prompt (default 1)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (video i: seed + i)")
     p.add_argument("--num-calib", type=int, default=2)
-    p.add_argument("--token-order", default="raster", metavar="raster|tile|tile:FxHxW",
-                   help="block order of the WEST plan and the anchors (default raster)")
+    # The block order of every plan (WEST, the anchors; both parts), as `scaling-attn west`.
+    add_token_order_argument(p)
     p.add_argument("--bisect-iters", type=int, default=10)
     p.add_argument("--time-cpu", action="store_true",
                    help="time the compiled step on the CPU too (default: CUDA only)")
@@ -305,7 +315,8 @@ def main(argv=None) -> int:
         print(f"wrote {out}, {png}")
     if not args.skip_claims:
         res = run_claims(model, spec, grid=args.grid, steps=args.steps or spec.steps,
-                         n_sets=args.claims_sets, n_profiles=args.claims_profiles)
+                         n_sets=args.claims_sets, n_profiles=args.claims_profiles,
+                         token_order=args.token_order)
         res["env"] = env
         out = args.out_claims or RESULTS / f"claims-{slug}-{spec.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,22 +21,10 @@
 # $OUT (log.txt and one JSON per benchmark; the device returns at most 8 files). Records merge
 # with the committed ones of the same GPU where the benchmark supports it (bench_compile).
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:?pass GIT_SHA=<commit>}
-LOG=$OUT/log.txt
-
-step() {  # step SECONDS COMMAND...: run with a limit, log it, never stop the session
-  local limit=$1; shift
-  echo "=== [$(date +%T)] $* (limit ${limit}s)" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  echo "=== rc ${PIPESTATUS[0]}" | tee -a "$LOG"
-}
-
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
+: "${GIT_SHA:?pass GIT_SHA=<commit>}"
+source "$(dirname "$0")/_device_env.sh"  # OUT, wheels, PYTHONPATH, GIT_SHA, LOG, step, log_device
+export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages  # FA4's CuTe DSL
+log_device
 
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")

@@ -17,24 +17,10 @@
 #             the device (it does on gVisor machines: "Device not supported")
 #   clamp     benchmarks/bench_clamp.py: the kernel before vs after at the 1.3B shape -> $OUT/clamp.json
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 GIT_SHA=${GIT_SHA:?pass GIT_SHA=<commit>}
-LOG=$OUT/log.txt
+: "${GIT_SHA:?pass GIT_SHA=<commit>}"
+source "$(dirname "$0")/_device_env.sh"  # OUT, wheels, PYTHONPATH, GIT_SHA, LOG, step, log_device
 BEFORE=${BEFORE:-.whl/before_block_sparse_attention.py}
-
-step() {  # step SECONDS COMMAND...: run with a limit, log it, never stop the session
-  local limit=$1; shift
-  echo "=== [$(date +%T)] $* (limit ${limit}s)" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  echo "=== rc ${PIPESTATUS[0]}" | tee -a "$LOG"
-}
-
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
-echo "commit $GIT_SHA" | tee -a "$LOG"
+log_device
 
 for stage in "${@:-tests demo sanitize clamp}"; do for s in $stage; do
 case "$s" in

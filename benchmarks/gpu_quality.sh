@@ -9,21 +9,26 @@
 # The whole matrix for small-wan does not fit one 10-minute call, so split it (PART=quality:
 # videos, no compile, ~5 s per (method, density) on the H200; PART=timing: compiles and times, no
 # videos) and join the JSONs of one token order with
-#   python benchmarks/bench_quality.py --merge A B C ... --out-quality OUT:
-#   GIT_SHA=<sha> PART=quality TAG=-q BUDGET_MINUTES=8.3 \
+#   python benchmarks/bench_quality.py --merge A B C ... --out-quality OUT.
+# The token order is bench_quality's --token-order, default auto (tile on small-wan, as
+# `scaling-attn west`); the raster record (quality-<gpu>-small-wan.json) was made when raster
+# was the default: these calls reproduce it with R="--token-order raster" (EXTRA="$R"), the
+# -tile record's call says tile:
+#   GIT_SHA=<sha> PART=quality TAG=-q BUDGET_MINUTES=8.3 EXTRA="$R" \
 #       METHODS=west_fast,west_fast_curve,west_fast_fidelity,west_uniform,dense_warmup,radial,sta,svg_split \
 #       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
-#   GIT_SHA=<sha> PART=quality TAG=-q2 BUDGET_MINUTES=4.3 \
+#   GIT_SHA=<sha> PART=quality TAG=-q2 BUDGET_MINUTES=4.3 EXTRA="$R" \
 #       METHODS=west_fast_weighted,west_fast_weighted_half,west_fast_warmup,energy_cumulative,energy_blasst,west_fast_energy \
 #       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
 #   GIT_SHA=<sha> PART=quality TAG=-tile BUDGET_MINUTES=4.3 EXTRA="--token-order tile" \
 #       METHODS=west_fast,west_uniform,dense_warmup,radial,sta,svg_split,west_fast_weighted,west_fast_warmup \
 #       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
-#   GIT_SHA=<sha> PART=timing TAG=-tm METHODS=west_fast,west_uniform,dense_warmup,radial,sta,svg_split \
+#   GIT_SHA=<sha> PART=timing TAG=-tm EXTRA="$R" \
+#       METHODS=west_fast,west_uniform,dense_warmup,radial,sta,svg_split \
 #       bash benchmarks/gpu_quality.sh small-wan                                          # ~4 min
-#   GIT_SHA=<sha> PART=timing TAG=-te1 METHODS=energy_cumulative,energy_blasst,west_fast_energy \
+#   GIT_SHA=<sha> PART=timing TAG=-te1 EXTRA="$R" METHODS=energy_cumulative,energy_blasst,west_fast_energy \
 #       DENSITIES=0.35,0.25 bash benchmarks/gpu_quality.sh small-wan                      # ~5 min
-#   GIT_SHA=<sha> PART=timing TAG=-te2 METHODS=energy_cumulative,energy_blasst,west_fast_energy \
+#   GIT_SHA=<sha> PART=timing TAG=-te2 EXTRA="$R" METHODS=energy_cumulative,energy_blasst,west_fast_energy \
 #       DENSITIES=0.5,0.15 bash benchmarks/gpu_quality.sh small-wan                       # ~5 min
 # Timing (quality/timing.py): ms_per_step is one captured CUDA graph of the step replayed per step
 # (checked against the plain compiled call first; where capture fails, the plain call's clock and

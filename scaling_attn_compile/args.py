@@ -126,3 +126,15 @@ def plan_model(calib: dict) -> str:
         return source.removeprefix("scaling-attn west --model ")
     raise CliError(f"--model: the plan records no model (its source is {source or 'empty'!r}); "
                    f"pass --model, the folder or name the plan was calibrated on")
+
+
+def save_west_plan(plan, args: argparse.Namespace, t0: float) -> int:
+    """The end of ``scaling-attn west``, bare transformer or pipeline folder: the plan records
+    ``--model`` as given, is saved to ``--out`` and summarised; the exit code (0)."""
+    import time
+
+    plan.meta.calibration["model"] = args.model
+    path = plan.save(args.out)
+    print(plan.summary())
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0

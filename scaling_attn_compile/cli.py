@@ -32,6 +32,7 @@ from .args import (
     positive_int,
     resolve_device,
     resolve_dtype,
+    save_west_plan,
 )
 from .cli_fast import add_objective_arguments, check_objective
 from .errors import CliError
@@ -221,11 +222,7 @@ def run_west(args: argparse.Namespace) -> int:
                           guidance_scale=args.guidance_scale or 5.0, block_mass_impl=args.block_mass,
                           source=f"scaling-attn west --model {args.model}",
                           token_order=args.token_order)
-    plan.meta.calibration["model"] = args.model
-    path = plan.save(args.out)
-    print(plan.summary())
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
-    return 0
+    return save_west_plan(plan, args, t0)
 
 
 # ---- show ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .args import save_west_plan
 from .errors import CliError
 from .models.registry import adapter_for
 
@@ -131,11 +132,7 @@ def run_west_pipeline(args: argparse.Namespace, folder: Path) -> int:
                                    block_mass_impl=args.block_mass,
                                    source=f"scaling-attn west --model {args.model}",
                                    token_order=args.token_order)
-    plan.meta.calibration["model"] = args.model
-    path = plan.save(args.out)
-    print(plan.summary())
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
-    return 0
+    return save_west_plan(plan, args, t0)
 
 
 def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: float, *,

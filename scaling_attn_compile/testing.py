@@ -1,8 +1,14 @@
-"""Test helpers shared by tests and benchmarks: input factories and the one tolerance rule."""
+"""Test helpers shared by tests and benchmarks: input factories, the one tolerance rule, the
+eager float32/float64 reference and per-step compiled runs of a transformer, peaked attention
+(:func:`sharpen_qk`) and what diffusers' attention receives (:func:`recorded_attention_qk`), the
+sm_90 compile checks, and loading a file as a module. Torch only: no package imports (the
+layout test puts this module on the lowest floor)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from unittest import mock
 
 import torch
 
@@ -27,6 +33,81 @@ def make_local_qkv(B, H, S, D, seed, dtype=torch.float32, device="cpu", sharp=3.
     q, k = code + noise(), code + noise()
     v = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def sharpen_qk(attentions, gain: float = 4.0) -> None:
+    """Scale each attention module's q and k RMS-norm weights by ``gain`` (logits x gain^2), in
+    place: random-init attention is so diffuse, and its gated residual so small, that dropping
+    blocks moves the output by about one rounding step; peaked attention makes a wrong mask
+    visible far above the tolerance. ``attentions``: the modules (``norm_q``, ``norm_k``), e.g.
+    a family adapter's ``self_attention_modules(model)``."""
+    with torch.no_grad():
+        for attn in attentions:
+            for norm in (attn.norm_q, attn.norm_k):
+                norm.weight.mul_(gain)
+
+
+@contextlib.contextmanager
+def recorded_attention_qk(module, tokens: int, rows: int | None = None):
+    """Record the q and k every attention call of a diffusers transformer ``module`` (e.g.
+    ``transformer_ltx``: its ``dispatch_attention_fn``, patched for the block) receives over
+    ``tokens`` queries and keys, as ``(B, H, rows, D)`` copies of their first ``rows`` tokens
+    (default all): what a q/k capture must equal. Yields the list of ``(q, k)``, in call order."""
+    fed, real = [], module.dispatch_attention_fn
+
+    def spy(query, key, value, **kw):  # (B, S, H, D), as diffusers dispatches
+        if query.shape[1] == key.shape[1] == tokens:
+            fed.append((query[:, :rows].transpose(1, 2).clone(),
+                        key[:, :rows].transpose(1, 2).clone()))
+        return real(query, key, value, **kw)
+
+    with mock.patch.object(module, "dispatch_attention_fn", spy):
+        yield fed
+
+
+def load_module(path, name: str):
+    """The Python file ``path`` as a fresh module named ``name`` (not put in ``sys.modules``): a
+    ``benchmarks/`` script (that folder is no package) or a kernel module Inductor rendered."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def rendered_kernel(choice):
+    """The ``@triton.jit`` kernel Inductor rendered for a template autotune ``choice`` (its
+    ``bmreq`` names the module file and the kernel)."""
+    return getattr(load_module(choice.bmreq.module_path, "tmpl"), choice.bmreq.kernel_name)
+
+
+def eager_two_dtypes(model, inputs: dict, timestep: torch.Tensor, reference=None) -> list:
+    """``[float32, float64]`` eager outputs of copies of ``model`` (what
+    :func:`assert_close_to_oracle` takes as the same-dtype reference and the golden), called
+    with ``timestep`` and ``inputs`` (tensors cast, other values as they are);
+    ``reference(copy, dtype)``, if given, first swaps in reference attention processors."""
+    import copy
+
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        m = copy.deepcopy(model).to(dtype)
+        if reference is not None:
+            reference(m, dtype)
+        with torch.no_grad():
+            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
+                          **{k: v.to(dtype) if torch.is_tensor(v) else v
+                             for k, v in inputs.items()})[0])
+    return outs
+
+
+def run_compiled_steps(model, backend, inputs: dict, steps,
+                       timestep_of=lambda t: torch.tensor([t])) -> list:
+    """``model`` compiled with ``backend`` (fullgraph, static shapes), its output at each step's
+    ``timestep_of(t)``, without grad; a recompile is an error: one graph serves every step."""
+    c = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        return [c(timestep=timestep_of(t), return_dict=False, **inputs)[0] for t in steps]
 
 
 def rounding_step(golden: torch.Tensor, dtype: torch.dtype) -> float:
@@ -69,3 +150,55 @@ def make_outlier_qkv(B, H, S, D, seed, dtype=torch.float32, device="cpu", n_outl
     k[..., ch] = stress * (k[..., ch] + k_bias * sign())
     v = 0.7 * rand(B, H, S, D) + 0.3 * rand(B, H, 1, D)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def compile_for_sm90(fn, pointers: dict, floats: set, div16: set, constexprs: dict, *,
+                     num_warps: int, num_stages: int):
+    """Compile the ``@triton.jit`` kernel ``fn`` for Hopper (sm_90) on any machine (Triton's
+    compiler and ptxas need no GPU), given what a real launch gives the compiler: ``pointers``
+    the pointer arguments' types (``"*bf16"``), ``floats`` the fp32 scalars (other scalars are
+    i32), ``div16`` the arguments a launch proves 16-divisible, ``constexprs`` the specialised
+    ones (unit strides as 1 among them). Without those hints no vector load is provable and the
+    K/V loop is not pipelined (seen: no cp.async, spills). Call it where TRITON_INTERPRET is not
+    set (:func:`run_script_compiled`): under the interpreter ``fn`` is not compiled."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in floats else "i32")
+           for p in params}
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params
+             if p in div16 and p not in constexprs}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sm90_ptx_facts(kernel) -> dict:
+    """What the sm_90 compile tests check of a compiled kernel: a cubin, shared memory bytes,
+    pipelined K/V copies (``cp.async.cg``) and local-memory spills, from its PTX."""
+    ptx = kernel.asm["ptx"]
+    return {"cubin": bool(kernel.asm.get("cubin")), "shared": kernel.metadata.shared,
+            "async_copies": ptx.count("cp.async.cg"),
+            "spills": ptx.count("ld.local") + ptx.count("st.local")}
+
+
+def run_script_compiled(script: str, *args: str) -> dict:
+    """Run ``python -c script args...`` without TRITON_INTERPRET (in this process it may have
+    turned the jit functions into interpreted ones) and return the JSON object its last output
+    line prints; a failed run raises with its stderr's tail."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if run.returncode != 0:
+        raise AssertionError(run.stderr[-3000:])
+    return json.loads(run.stdout.strip().splitlines()[-1])

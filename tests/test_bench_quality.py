@@ -24,7 +24,7 @@ from scaling_attn_compile.ops.energy import EnergyFilter
 from scaling_attn_compile.quality.measure import attend_counted
 from scaling_attn_compile.quality.report import RECORD_FIELDS
 from scaling_attn_compile.quality.study import plan_budget
-from scaling_attn_compile.testing import make_local_qkv
+from scaling_attn_compile.testing import load_module, make_local_qkv
 from scaling_attn_compile.tiny import registry as QM
 from scaling_attn_compile.tiny import tiny_wan as tw
 from scaling_attn_compile.tiny.demo import calibration_captions, calibration_input
@@ -33,15 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GRID, STEPS, LAYERS = (4, 32, 32), 3, 2  # S = 4 x 16 x 16 = 1024 tokens, 8 blocks
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_quality",
-                                                  ROOT / "benchmarks" / "bench_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bq = _load_bench()
+bq = load_module(ROOT / "benchmarks" / "bench_quality.py", "bench_quality")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +64,8 @@ def test_quality_core_schema_records_and_densities(model, model_dir, tmp_path):
     cfg = res["config"]
     assert cfg["grid"] == list(GRID) and cfg["steps"] == STEPS and cfg["model"] == "tiny-wan"
     assert cfg["seeds"] == [0, 1] and cfg["videos"] == cfg["prompts"] * 2
+    # The study's default order is the CLI's ("auto"), which is tile on a Wan model.
+    assert cfg["token_order_requested"] == "auto" and cfg["token_order"] == "tile"
     assert not set(cfg["prompts"]) & set(cfg["calibration_captions"] + [
         cfg["fast_and_energy_caption"]])
     assert len(res["results"]) == len(targets) * len(bq.DEFAULT_METHODS)
@@ -415,6 +409,7 @@ def test_claims_part_through_the_registry(model, model_dir):
                      capture_steps=1, n_profiles=2, fast_capture_steps=2, log=lambda *a: None)
     cfg = res["config"]
     assert cfg["small_grids"] == [[4, 16, 16], [4, 16, 32]]  # half the rows (and columns)
+    assert cfg["token_order_requested"] == "auto" and cfg["token_order"] == "tile"  # as the CLI
     sets = cfg["calibration_sets"]
     assert len(sets) == 2 and not set(sets[0]) & set(sets[1])
     assert not set(cfg["profile_captions"]) & set(sets[0] + sets[1])

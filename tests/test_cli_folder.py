@@ -12,9 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
 from scaling_attn_compile.cli import main
 from scaling_attn_compile.plan.io import load_plan
@@ -22,18 +20,6 @@ from scaling_attn_compile.plan.io import load_plan
 # Latents (C, F, H, W) = (4, 2, 16, 48) -> token grid (2, 8, 24), S = 384: three 128-blocks, so
 # masks can drop blocks and a FAST target below 1 is reachable.
 LATENT = "2,16,48"
-
-
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    """A diffusers pipeline-style folder (transformer/ subfolder) with a small random Wan."""
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-        out_channels=4, text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64)
-    root = tmp_path_factory.mktemp("wan") / "Tiny-Wan-Diffusers"
-    model.save_pretrained(root / "transformer")
-    return root
 
 
 def _west_fast_show(tmp_path, capsys, model_args, latent=LATENT, target="0.9"):
@@ -63,12 +49,12 @@ def _west_fast_show(tmp_path, capsys, model_args, latent=LATENT, target="0.9"):
     return plan
 
 
-def test_west_fast_show_on_a_save_pretrained_folder(wan_folder, tmp_path, capsys):
-    plan = _west_fast_show(tmp_path, capsys, ["--model", str(wan_folder)])
+def test_west_fast_show_on_a_save_pretrained_folder(tiny_wan_folder, tmp_path, capsys):
+    plan = _west_fast_show(tmp_path, capsys, ["--model", str(tiny_wan_folder)])
     # The folder's own config, not a built-in one, is what the plan records.
     assert plan.meta.model_config["ffn_dim"] == 48 and plan.meta.model_config["text_dim"] == 24
     assert plan.calib_grid == (2, 8, 24) and plan.meta.weights_fingerprint is not None
-    assert plan.meta.calibration["source"] == f"scaling-attn west --model {wan_folder}"
+    assert plan.meta.calibration["source"] == f"scaling-attn west --model {tiny_wan_folder}"
     assert plan.meta.token_order == "tile"  # --token-order auto: a Wan model is tiled
 
 
@@ -81,9 +67,9 @@ def test_west_fast_show_with_the_default_model(tmp_path, capsys):
     assert plan.meta.model_config["num_layers"] == default.config.num_layers
 
 
-def test_fast_with_another_model_than_the_plans_is_one_line(wan_folder, tmp_path, capsys):
+def test_fast_with_another_model_than_the_plans_is_one_line(tiny_wan_folder, tmp_path, capsys):
     out = tmp_path / "w.plan.safetensors"
-    assert main(["west", "--model", str(wan_folder), "--latent", LATENT, "--num-prompts", "1",
+    assert main(["west", "--model", str(tiny_wan_folder), "--latent", LATENT, "--num-prompts", "1",
                  "--steps", "2", "--capture-steps", "1", "--text-len", "8",
                  "--out", str(out)]) == 0
     capsys.readouterr()
@@ -91,15 +77,15 @@ def test_fast_with_another_model_than_the_plans_is_one_line(wan_folder, tmp_path
                  "0.9", "--out", str(tmp_path / "f.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("scaling-attn fast: error: --model tiny-random")
-    assert f"--model {wan_folder}" in err and "ffn_dim" in err
+    assert f"--model {tiny_wan_folder}" in err and "ffn_dim" in err
 
 
-def test_entry_point_in_a_fresh_process(wan_folder, tmp_path):
+def test_entry_point_in_a_fresh_process(tiny_wan_folder, tmp_path):
     """The module the `scaling-attn` script runs, in its own interpreter: exit 0 on the folder,
     and exit 2 with one line on stderr for a user error."""
     out = tmp_path / "p.safetensors"
     cmd = [sys.executable, "-m", "scaling_attn_compile.cli"]
-    ok = subprocess.run([*cmd, "west", "--model", str(wan_folder), "--latent", LATENT,
+    ok = subprocess.run([*cmd, "west", "--model", str(tiny_wan_folder), "--latent", LATENT,
                          "--num-prompts", "1", "--steps", "1", "--capture-steps", "1",
                          "--text-len", "8", "--out", str(out)],
                         capture_output=True, text=True, timeout=600)

@@ -11,7 +11,6 @@ output equals the reference with FA4 among the choices, and the pick is recorded
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from unittest import mock
 
@@ -23,7 +22,7 @@ from scaling_attn_compile.contract.masks import add_diagonal, num_blocks, pack_b
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.kernels.fa4 import fa4_available
 from scaling_attn_compile.ops import fa4_op
-from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv
+from scaling_attn_compile.testing import assert_close_to_oracle, make_qkv, rendered_kernel
 
 # Self-contained (no diffusers, unlike test_lowering.py's helpers): the device call that
 # installs FA4 has no room left to carry diffusers' wheels too.
@@ -61,7 +60,8 @@ def inputs(dtype=torch.float16, k_layout=None):
 @contextlib.contextmanager
 def capture_template_choices():
     """Render the template on the CPU (Inductor's triton cpu backend) and capture the choices
-    instead of benchmarking them (as test_lowering.py does)."""
+    instead of benchmarking them (there is no GPU to benchmark on). Here, not in test_lowering.py
+    (which imports it, as test_kernel_compile.py does): this file imports no diffusers."""
     import torch.utils._triton as triton_utils
 
     captured = []
@@ -257,18 +257,11 @@ def test_tma_configs_join_the_template_where_tma_can_read_k_and_v():
     assert n_tma >= 1
     tma = offered(args, fa4=False, tma=True)
     assert len(tma) == len(lowering.template_configs(tma=True))
-    assert sum(_kernel(c).inductor_meta["config_args"]["USE_TMA"] for c in tma) == n_tma
+    assert sum(rendered_kernel(c).inductor_meta["config_args"]["USE_TMA"] for c in tma) == n_tma
     no_device = offered(args, fa4=False, tma=False)  # before sm90: none
     assert len(no_device) == len(lowering.template_configs())
     strided = offered(inputs(k_layout="d-strided"), fa4=False, tma=True)
-    assert not any(_kernel(c).inductor_meta["config_args"]["USE_TMA"] for c in strided)
-
-
-def _kernel(choice):
-    spec = importlib.util.spec_from_file_location("tmpl", choice.bmreq.module_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return getattr(mod, choice.bmreq.kernel_name)
+    assert not any(rendered_kernel(c).inductor_meta["config_args"]["USE_TMA"] for c in strided)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
@@ -279,8 +272,8 @@ def test_rendered_tma_template_runs_in_the_interpreter():
 
     args = inputs()
     choices = offered(args, fa4=False, tma=True)
-    kernel = next(_kernel(c) for c in choices
-                  if _kernel(c).inductor_meta["config_args"]["USE_TMA"])
+    kernel = next(rendered_kernel(c) for c in choices
+                  if rendered_kernel(c).inductor_meta["config_args"]["USE_TMA"])
     q = args[0]
     out = torch.full_like(q, float("nan"))
     block_m = kernel.inductor_meta["config_args"]["BLOCK_M"]

@@ -36,7 +36,13 @@ from scaling_attn_compile.models.wan import (
     load_transformer,
 )
 from scaling_attn_compile.plan.plan import Plan
-from scaling_attn_compile.testing import assert_close_to_oracle
+from scaling_attn_compile.testing import (
+    assert_close_to_oracle,
+    eager_two_dtypes,
+    recorded_attention_qk,
+    run_compiled_steps,
+    sharpen_qk,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
 from test_backend import _fresh_dynamo, two_level_tables  # noqa: E402,F401  (autouse fixture)
@@ -62,10 +68,7 @@ def saved(tmp_path_factory):
     for name, (cls, extra, _mod) in FAMILIES.items():
         torch.manual_seed(0)
         model = cls(**COMMON, **extra).eval()
-        with torch.no_grad():
-            for block in model.blocks:
-                for norm in (block.attn1.norm_q, block.attn1.norm_k):
-                    norm.weight.mul_(4.0)
+        sharpen_qk(block.attn1 for block in model.blocks)
         folder = tmp_path_factory.mktemp(name)
         model.save_pretrained(folder)
         out[name] = folder
@@ -122,26 +125,15 @@ def reference_processors(model, module, tables, clock, compute_dtype, order="ras
 def eager(model, inputs, t, tables=None, module=None, order="raster", timestep=None):
     """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference at
     bucket timestep ``t``. ``timestep``: the model's input, default ``[t]``."""
-    timestep = torch.tensor([t]) if timestep is None else timestep
-    outs = []
-    for dtype in (torch.float32, torch.float64):
-        m = copy.deepcopy(model).to(dtype)
-        if tables is not None:
-            reference_processors(m, module, tables, {"t": torch.tensor([t])}, dtype, order)
-        with torch.no_grad():
-            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
-                          **{k: v.to(dtype) for k, v in inputs.items()})[0])
-    return outs
+    reference = None if tables is None else (lambda m, dtype: reference_processors(
+        m, module, tables, {"t": torch.tensor([t])}, dtype, order))
+    return eager_two_dtypes(model, inputs, torch.tensor([t]) if timestep is None else timestep,
+                            reference)
 
 
 def compiled_run(model, plan, inputs, steps, timestep_of=lambda t: torch.tensor([t])):
     be = scaling_attn_backend(plan, compiler="eager")
-    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
-    outs = []
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for t in steps:
-            outs.append(c(timestep=timestep_of(t), return_dict=False, **inputs)[0])
-    return outs, be
+    return run_compiled_steps(model, be, inputs, steps, timestep_of), be
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -260,10 +252,7 @@ def test_ti2v_5b_grid_from_its_vae_and_per_token_timestep_buckets(tmp_path):
     the step's t (the max), so at t=700 head 0 is dense, not the t=0 bucket's sparse."""
     torch.manual_seed(0)
     model = WanTransformer3DModel(**{**COMMON, "in_channels": 8, "out_channels": 8}).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            for norm in (block.attn1.norm_q, block.attn1.norm_k):
-                norm.weight.mul_(4.0)
+    sharpen_qk(block.attn1 for block in model.blocks)
     model.save_pretrained(tmp_path / "transformer")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps(
@@ -355,15 +344,8 @@ def test_capture_sees_the_q_k_the_family_feeds_sdpa(saved, name):
 
     model, inputs = load(saved, name), make_inputs(name)
     module = FAMILIES[name][2]
-    fed, seen = [], []
-    real = module.dispatch_attention_fn
-
-    def spy(query, key, value, **kw):  # (B, S, H, D)
-        if query.shape[1] == key.shape[1] == math.prod(GRID):
-            fed.append((query.transpose(1, 2).clone(), key.transpose(1, 2).clone()))
-        return real(query, key, value, **kw)
-
-    with torch.no_grad(), mock.patch.object(module, "dispatch_attention_fn", spy), \
+    seen = []
+    with torch.no_grad(), recorded_attention_qk(module, math.prod(GRID)) as fed, \
             capture_qk(model, lambda c: seen.append((c.layer, c.q.clone(), c.k.clone()))):
         model(timestep=torch.tensor([500]), return_dict=False, **inputs)
     if name == "vace":

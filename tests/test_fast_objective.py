@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
 from scaling_attn_compile.cli import main
 from scaling_attn_compile.contract.masks import timestep_bucket
@@ -172,14 +171,10 @@ def test_study_weighted_method_builds_the_cli_tables(tiny_profile):
 # ---- the CLI --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-        out_channels=4, text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64)
-    root = tmp_path_factory.mktemp("wan") / "Tiny-Wan"
-    model.save_pretrained(root / "transformer")
-    west = root.parent / "w.plan.safetensors"
+def wan_folder(tiny_wan_folder, tmp_path_factory):
+    """conftest's small random Wan folder and a WEST plan of it."""
+    root = tiny_wan_folder
+    west = tmp_path_factory.mktemp("west") / "w.plan.safetensors"
     assert main(["west", "--model", str(root), "--latent", LATENT, "--num-prompts", "1",
                  "--steps", "4", "--capture-steps", "2", "--text-len", "8",
                  "--out", str(west)]) == 0

@@ -22,7 +22,7 @@ from scaling_attn_compile.contract.masks import num_blocks, timestep_bucket
 from scaling_attn_compile.offline.calibrate import default_timesteps
 from scaling_attn_compile.offline.fast_fit import bucket_bounds_for
 from scaling_attn_compile.plan.plan import FastSchedule, Plan
-from scaling_attn_compile.testing import assert_close_to_oracle
+from scaling_attn_compile.testing import assert_close_to_oracle, sharpen_qk
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_backend import _fresh_dynamo  # noqa: E402,F401  (autouse: a fresh Dynamo per test)
@@ -60,10 +60,7 @@ def test_few_step_timesteps_land_in_the_nearest_profiled_bucket(name):
 def test_one_graph_runs_8_then_4_steps_sparse_as_the_reference():
     torch.manual_seed(0)
     model = WanTransformer3DModel(**COMMON).eval()
-    with torch.no_grad():  # peaked self-attention: a wrong level shows
-        for block in model.blocks:
-            for norm in (block.attn1.norm_q, block.attn1.norm_k):
-                norm.weight.mul_(4.0)
+    sharpen_qk(block.attn1 for block in model.blocks)  # peaked: a wrong level shows
     nb = num_blocks(math.prod(GRID))
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(1, 256, (LAYERS, HEADS, nb, nb), generator=g, dtype=torch.uint8)

@@ -40,19 +40,6 @@ GRID = (4, 12, 12)
 TEXT, LAYERS, HEADS = 20, 2, 2
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """The tiny config saved once (peaked attention: q/k norms x4, so a wrong mask shows)."""
-    model = hunyuan.make_transformer("hunyuan-tiny-random")
-    with torch.no_grad():
-        for attn in hunyuan.self_attention_modules(model):
-            for norm in (attn.norm_q, attn.norm_k):
-                norm.weight.mul_(4.0)
-    out = tmp_path_factory.mktemp("hunyuan")
-    model.save_pretrained(out)
-    return out
-
-
 def load(folder):
     return HunyuanVideoTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
@@ -120,10 +107,10 @@ def eager_pair(model, inputs, t, video=None):
     return outs
 
 
-def test_adapter_reads_sites_grid_timestep_and_the_prefix_mask(folder):
+def test_adapter_reads_sites_grid_timestep_and_the_prefix_mask(hunyuan_folder):
     """On the raw Dynamo graph: two joint sites (one numbering), the refiner apart, the grid
     from x_embedder, the timestep placeholder, and the mask's length node for joint sites only."""
-    model, graphs = load(folder), []
+    model, graphs = load(hunyuan_folder), []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
@@ -151,8 +138,8 @@ def test_adapter_reads_sites_grid_timestep_and_the_prefix_mask(folder):
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
-def test_compiled_all_dense_equals_eager_diffusers(folder, compiler):
-    model, inputs = load(folder), make_inputs()
+def test_compiled_all_dense_equals_eager_diffusers(hunyuan_folder, compiler):
+    model, inputs = load(hunyuan_folder), make_inputs()
     dense = lambda grid: uniform_tables(LAYERS, HEADS, grid, 1.0)
     be = scaling_attn_backend(dense, compiler=compiler, check_model=False)
     c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
@@ -172,8 +159,8 @@ def test_compiled_all_dense_equals_eager_diffusers(folder, compiler):
     assert report.grid == GRID and report.seq_len == 576 + TEXT
 
 
-def test_compiled_sparse_equals_reference_and_binds_dense_text(folder):
-    model, inputs = load(folder), make_inputs()
+def test_compiled_sparse_equals_reference_and_binds_dense_text(hunyuan_folder):
+    model, inputs = load(hunyuan_folder), make_inputs()
     video = two_level_tables(LAYERS, HEADS, GRID)
     graphs = []
 
@@ -202,9 +189,9 @@ def test_compiled_sparse_equals_reference_and_binds_dense_text(folder):
     assert len(ops) == 2 and all(len(n.args) == 11 for n in ops)  # kv_lens bound
 
 
-def test_no_padding_gives_the_same_as_full_lengths(folder):
+def test_no_padding_gives_the_same_as_full_lengths(hunyuan_folder):
     """All text real: kv_lens = S, the same as no mask."""
-    model, inputs = load(folder), make_inputs()
+    model, inputs = load(hunyuan_folder), make_inputs()
     inputs["encoder_attention_mask"] = torch.ones(2, TEXT)
     video = two_level_tables(LAYERS, HEADS, GRID)
     be = scaling_attn_backend(lambda grid: video, compiler="eager", check_model=False)
@@ -213,10 +200,10 @@ def test_no_padding_gives_the_same_as_full_lengths(folder):
     assert_close_to_oracle(out, golden, same, k=3.0, what="sparse, no padding")
 
 
-def test_a_mask_the_family_does_not_promise_is_left_dense(folder):
+def test_a_mask_the_family_does_not_promise_is_left_dense(hunyuan_folder):
     """A processor passing its own [B, 1, S, S] mask: not a prefix mask, so the site stays dense
     with a warning naming why, and nothing is rewritten."""
-    model, inputs = load(folder), make_inputs()
+    model, inputs = load(hunyuan_folder), make_inputs()
 
     class OwnMask(hv.HunyuanVideoAttnProcessor2_0):
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
@@ -237,8 +224,8 @@ def test_a_mask_the_family_does_not_promise_is_left_dense(folder):
     assert sum(v for k, v in report.left_dense.items() if "prefix mask" in k) == 2
 
 
-def test_joint_pass_refuses_a_plan_of_another_size(folder):
-    model, graphs = load(folder), []
+def test_joint_pass_refuses_a_plan_of_another_size(hunyuan_folder):
+    model, graphs = load(hunyuan_folder), []
 
     def capture(gm, example_inputs):
         graphs.append((gm, example_inputs))
@@ -259,13 +246,13 @@ def test_joint_pass_refuses_a_plan_of_another_size(folder):
                                 example_inputs=ex)
 
 
-def test_registry_serves_hunyuan_and_refuses_regional_compilation(folder):
+def test_registry_serves_hunyuan_and_refuses_regional_compilation(hunyuan_folder):
     from scaling_attn_compile.errors import PlanMismatchError
     from scaling_attn_compile.models import registry
 
-    model = load(folder)
+    model = load(hunyuan_folder)
     assert registry.adapter_for(model) is hunyuan
-    loaded = registry.load_transformer(str(folder))  # a folder by the class it names
+    loaded = registry.load_transformer(str(hunyuan_folder))  # a folder by the class it names
     assert type(loaded.transformer).__name__ == "HunyuanVideoTransformer3DModel"
     assert type(registry.load_transformer("tiny-random").transformer).__name__ == \
         "WanTransformer3DModel"  # the built-in names of the families do not collide

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from scaling_attn_compile.compile.backend import scaling_attn_backend
 from scaling_attn_compile.contract.masks import num_blocks, unpack_blocks
 from scaling_attn_compile.errors import PlanMismatchError, PlanModelMismatch
 from scaling_attn_compile.models import hunyuan, registry
-from scaling_attn_compile.testing import assert_close_to_oracle
+from scaling_attn_compile.testing import assert_close_to_oracle, recorded_attention_qk, sharpen_qk
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_backend import _fresh_dynamo  # noqa: E402,F401  (autouse fixture)
@@ -41,34 +40,14 @@ from test_hunyuan import (  # noqa: E402
 VIDEO = 576  # F*H*W of GRID
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """test_hunyuan's tiny config, peaked (q/k norms x4), saved once."""
-    model = hunyuan.make_transformer("hunyuan-tiny-random")
-    with torch.no_grad():
-        for attn in hunyuan.self_attention_modules(model):
-            for norm in (attn.norm_q, attn.norm_k):
-                norm.weight.mul_(4.0)
-    out = tmp_path_factory.mktemp("hunyuan-calib")
-    model.save_pretrained(out)
-    return out
-
-
-def test_capture_sees_the_video_q_k_hunyuan_feeds_sdpa(saved):
+def test_capture_sees_the_video_q_k_hunyuan_feeds_sdpa(hunyuan_folder):
     """Both block kinds: the captured q/k are the video rows of what the processor hands
     attention (after norm and RoPE), one layer numbering, the forward's grid."""
-    model, inputs = load(saved), make_inputs()
-    fed, seen = [], []
-    real = hv.dispatch_attention_fn
-
-    def spy(query, key, value, **kw):  # (B, S, H, D), S = video + text
-        if query.shape[1] == VIDEO + TEXT:  # the joint attentions, not the text refiner
-            fed.append((query[:, :VIDEO].transpose(1, 2).clone(),
-                        key[:, :VIDEO].transpose(1, 2).clone()))
-        return real(query, key, value, **kw)
-
+    model, inputs = load(hunyuan_folder), make_inputs()
+    seen = []
     capture_qk = registry.capture_for(model).capture_qk
-    with torch.no_grad(), mock.patch.object(hv, "dispatch_attention_fn", spy), \
+    # The joint attentions (video + text tokens, not the text refiner's): their video rows.
+    with torch.no_grad(), recorded_attention_qk(hv, VIDEO + TEXT, VIDEO) as fed, \
             capture_qk(model, lambda c: seen.append((c.layer, c.grid, c.q.clone(), c.k.clone()))):
         run(model, inputs, 500.0)
     assert [(layer, grid) for layer, grid, _, _ in seen] == [(i, GRID) for i in range(LAYERS)]
@@ -84,10 +63,10 @@ def test_capture_sees_the_video_q_k_hunyuan_feeds_sdpa(saved):
                for a in hunyuan.self_attention_modules(model))
 
 
-def test_velocity_is_the_model_with_real_text_and_default_guidance(saved):
+def test_velocity_is_the_model_with_real_text_and_default_guidance(hunyuan_folder):
     """The bare call: latents in and out as 5-D, every text token real, zero pooled embedding,
     embedded guidance 6.0 x 1000."""
-    model = load(saved)
+    model = load(hunyuan_folder)
     g = torch.Generator().manual_seed(3)
     lat = torch.randn(1, *LATENT[1:], generator=g)
     text = torch.randn(1, TEXT, 16, generator=g)
@@ -105,16 +84,16 @@ STEPS = [900.0, 600.0, 300.0]
 
 
 @pytest.fixture(scope="module")
-def west_plan(saved):
+def west_plan(hunyuan_folder):
     """WEST through the transformer-only path: 2 random-text inputs, 2 of 3 steps captured."""
     from scaling_attn_compile.offline.calibrate import calibrate_west, random_inputs
 
-    return calibrate_west(load(saved), random_inputs(2, TEXT, 16), STEPS,
+    return calibrate_west(load(hunyuan_folder), random_inputs(2, TEXT, 16), STEPS,
                           latent_shape=LATENT[1:], capture_steps=[0, 2], progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(saved, west_plan,
+def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(hunyuan_folder, west_plan,
                                                                    tmp_path):
     """WEST through the transformer-only path: the plan records HunyuanVideo (class, patch
     size, fingerprint of both block kinds' to_q/to_k); the default check_model="weights"
@@ -123,7 +102,7 @@ def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(saved, west_
     from scaling_attn_compile.plan.io import load_plan
 
     # Through the file: its schema counts single-stream blocks as layers (1 + 1 here).
-    model, plan = load(saved), load_plan(west_plan.save(tmp_path / "h.plan.safetensors"))
+    model, plan = load(hunyuan_folder), load_plan(west_plan.save(tmp_path / "h.plan.safetensors"))
     assert plan.meta.model_class == "HunyuanVideoTransformer3DModel"
     assert plan.meta.patch_size == [1, 2, 2] and plan.num_layers == LAYERS
     assert tuple(plan.meta.calib_grid) == GRID
@@ -150,13 +129,13 @@ def test_west_on_the_hunyuan_transformer_makes_a_plan_that_compiles(saved, west_
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
 @pytest.mark.filterwarnings("ignore:fit_schedule. nearest achievable")  # 4 cells per layer/step
-def test_fast_schedule_on_the_hunyuan_transformer_compiles(saved, west_plan):
+def test_fast_schedule_on_the_hunyuan_transformer_compiles(hunyuan_folder, west_plan):
     """FAST through the same bare call: a schedule at 0.4 density, and the scheduled plan
     compiles sparse (its bucketed tables) and equals the reference at two timesteps."""
     from scaling_attn_compile.offline.calibrate import random_inputs
     from scaling_attn_compile.offline.fast import build_fast_plan
 
-    model = load(saved)
+    model = load(hunyuan_folder)
     plan, prof = build_fast_plan(west_plan, model, random_inputs(1, TEXT, 16, seed=5)[0], 0.4,
                                  timesteps=STEPS, latent_shape=LATENT[1:], capture_steps=[0, 2],
                                  progress=False)
@@ -178,20 +157,20 @@ def test_fast_schedule_on_the_hunyuan_transformer_compiles(saved, west_plan):
 
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
-def test_cli_west_on_a_hunyuan_transformer_folder(saved, tmp_path, capsys):
+def test_cli_west_on_a_hunyuan_transformer_folder(hunyuan_folder, tmp_path, capsys):
     """``scaling-attn west --model <HunyuanVideo transformer folder> --latent F,H,W``: random
     embeddings of its text width through the bare call, a plan that records HunyuanVideo."""
     from scaling_attn_compile.cli import main
     from scaling_attn_compile.plan.io import load_plan
 
     out = tmp_path / "cli.plan.safetensors"
-    assert main(["west", "--model", str(saved), "--latent", ",".join(map(str, LATENT[2:])),
+    assert main(["west", "--model", str(hunyuan_folder), "--latent", ",".join(map(str, LATENT[2:])),
                  "--steps", "2", "--capture-steps", "1", "--text-len", str(TEXT),
                  "--out", str(out)]) == 0
     assert f"token grid (F, H, W) = {GRID}" in capsys.readouterr().out
     plan = load_plan(out)
     assert plan.meta.model_class == "HunyuanVideoTransformer3DModel" and plan.num_layers == 2
-    assert plan.meta.weights_fingerprint == hunyuan.weights_fingerprint(load(saved))
+    assert plan.meta.weights_fingerprint == hunyuan.weights_fingerprint(load(hunyuan_folder))
 
 
 def test_fingerprint_names_split_by_the_plans_config():
@@ -234,10 +213,7 @@ def build_hunyuan_pipeline():
                                         max_position_embeddings=77, bos_token_id=0,
                                         eos_token_id=1, pad_token_id=0))
     transformer = hunyuan.make_transformer("hunyuan-tiny-random")
-    with torch.no_grad():
-        for attn in hunyuan.self_attention_modules(transformer):
-            for norm in (attn.norm_q, attn.norm_k):
-                norm.weight.mul_(4.0)
+    sharpen_qk(hunyuan.self_attention_modules(transformer))
     pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=_tokenizer(),
                                 transformer=transformer, vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
@@ -326,7 +302,7 @@ def test_gpu_west_plan_compiles_sparse_bf16():
 
 @pytest.mark.filterwarnings("ignore:materialize. mean kept-block density")
 def test_cli_west_on_a_saved_hunyuan_pipeline_folder(tmp_path, capsys):
-    """``scaling-attn west --model <saved HunyuanVideoPipeline folder>`` as a user runs it: the
+    """``scaling-attn west --model <hunyuan_folder HunyuanVideoPipeline folder>`` as a user runs it: the
     folder loads through from_pretrained, the layer count covers both kinds of block, and the
     guidance is the pipeline's own embedded 6.0 (not Wan's CFG 5.0)."""
     from scaling_attn_compile.cli import main

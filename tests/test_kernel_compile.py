@@ -13,18 +13,17 @@ backend, as ``tests/test_lowering.py`` renders the template), from the rendered 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from scaling_attn_compile.testing import run_script_compiled
+
 COMPILE = r'''
-import inspect, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
 from scaling_attn_compile.kernels import block_sparse_attention as K
 from scaling_attn_compile.kernels import launch as L
+from scaling_attn_compile.testing import compile_for_sm90, sm90_ptx_facts
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "MASKS": "*i32",
             "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32",
@@ -41,20 +40,9 @@ constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, USE_TMA=False,
                   WARP_SPECIALIZE=False, ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False,
                   HAS_LAUNCH_ORDER=False, **UNIT)
 constexprs.update(json.loads(sys.argv[1]))
-fn = K._bsa_forward_kernel
-params = list(inspect.signature(fn.fn).parameters)
-sig = {p: "constexpr" if p in constexprs else POINTERS.get(p, "fp32" if p in FLOATS else "i32")
-       for p in params}
-attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params
-         if p in DIV16 and p not in constexprs}
-src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                constexprs={(params.index(k),): v for k, v in constexprs.items()})
-kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": 8, "num_stages": 3})
-ptx = kernel.asm["ptx"]
-print(json.dumps({"wgmma": "wgmma" in ptx, "cubin": bool(kernel.asm.get("cubin")),
-                  "shared": kernel.metadata.shared, "async_copies": ptx.count("cp.async.cg"),
-                  "spills": ptx.count("ld.local") + ptx.count("st.local")}))
+kernel = compile_for_sm90(K._bsa_forward_kernel, POINTERS, FLOATS, DIV16, constexprs,
+                          num_warps=8, num_stages=3)
+print(json.dumps({"wgmma": "wgmma" in kernel.asm["ptx"], **sm90_ptx_facts(kernel)}))
 '''
 
 
@@ -65,11 +53,7 @@ print(json.dumps({"wgmma": "wgmma" in ptx, "cubin": bool(kernel.asm.get("cubin")
                          ids=["dense-path", "cumulative-energy", "blasst-even-S", "kv-lens",
                               "launch-order"])
 def test_kernel_compiles_for_sm90_with_wgmma(variant):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(variant)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = run_script_compiled(COMPILE, json.dumps(variant))
     assert result["wgmma"], "no Hopper tensor-core (wgmma) instructions in the PTX"
     assert result["cubin"], "ptxas produced no cubin"
     assert result["shared"] <= 232448, "more shared memory than an H100 block can have"
@@ -80,15 +64,13 @@ def test_kernel_compiles_for_sm90_with_wgmma(variant):
 
 
 COMPILE_RENDERED = r'''
-import importlib.util, json, sys
+import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from scaling_attn_compile.testing import load_module, sm90_ptx_facts
 path, name, num_warps, num_stages = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-spec = importlib.util.spec_from_file_location("tmpl", path)
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
-kernel = getattr(mod, name)
+kernel = getattr(load_module(path, "tmpl"), name)
 sig = kernel.triton_meta["signature"]
 params = list(sig)
 # Inductor marks 16-byte aligned pointers so on the GPU (fresh allocations always are).
@@ -97,11 +79,9 @@ src = ASTSource(fn=kernel.fn, signature=sig, attrs=attrs, constexprs={})
 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 ptx = compiled.asm["ptx"]
-print(json.dumps({"wgmma": "wgmma" in ptx, "cubin": bool(compiled.asm.get("cubin")),
-                  "tma_loads": ptx.count("cp.async.bulk.tensor"),
+print(json.dumps({"wgmma": "wgmma" in ptx, "tma_loads": ptx.count("cp.async.bulk.tensor"),
                   "global_scratch": getattr(compiled.metadata, "global_scratch_size", None),
-                  "shared": compiled.metadata.shared,
-                  "spills": ptx.count("ld.local") + ptx.count("st.local")}))
+                  **sm90_ptx_facts(compiled)}))
 '''
 
 
@@ -141,13 +121,9 @@ def test_template_tma_variant_compiles_for_sm90(with_order):
     assert ("off_h, pid_m = bsa_launch_slot(" in src) == with_order
     tma = [c for c in choices if "USE_TMA : tl.constexpr = True" in open(c.bmreq.module_path).read()]
     assert len(tma) == sum(bool(c.get("use_tma")) for c in lowering.template_configs(tma=True))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_RENDERED, tma[0].bmreq.module_path,
-                          tma[0].bmreq.kernel_name, str(tma[0].bmreq.num_warps),
-                          str(tma[0].bmreq.num_stages)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = run_script_compiled(COMPILE_RENDERED, tma[0].bmreq.module_path,
+                                 tma[0].bmreq.kernel_name, str(tma[0].bmreq.num_warps),
+                                 str(tma[0].bmreq.num_stages))
     assert result["cubin"] and result["wgmma"], result
     assert result["tma_loads"] > 0, f"no TMA loads (cp.async.bulk.tensor) in the PTX: {result}"
     assert result["global_scratch"], f"descriptors need global scratch: {result}"

@@ -9,6 +9,7 @@ GPU's ``cvt.rn`` is not affected; ``-m gpu`` runs the kernel unpatched in bf16 a
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -16,11 +17,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scaling_attn_compile.contract.masks import dense_tables, num_blocks, pack_blocks
+from scaling_attn_compile.contract.masks import dense_tables
 from scaling_attn_compile.contract.quant import quantized_attention_reference, rel_l2
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.kernels.launch_q8 import block_sparse_attention_q8_forward
 from scaling_attn_compile.testing import assert_close_to_oracle, make_outlier_qkv, make_qkv
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_quant import random_tables as quant_random_tables  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,12 +55,9 @@ def fp8_cast_fix(monkeypatch):
 
 
 def random_tables(H, S, levels, buckets, seed, p):
-    g = torch.Generator().manual_seed(seed)
-    nb = num_blocks(S)
-    masks = pack_blocks(torch.rand(H, levels, nb, nb, generator=g) < p)
-    level_table = torch.randint(-1, levels + 1, (buckets, H), generator=g, dtype=torch.int32)
-    bounds = torch.sort(torch.rand(buckets - 1, generator=g) * 1000).values
-    return tuple(t.to(DEVICE) for t in (masks, level_table, bounds))
+    """test_quant's random tables (levels past [0, L) too: the clamp is on the mask path), on
+    the kernel's device."""
+    return tuple(t.to(DEVICE) for t in quant_random_tables(H, S, levels, buckets, seed, p))
 
 
 def run(q, k, v, masks, lt, bb, ts, precision, config):

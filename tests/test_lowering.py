@@ -9,10 +9,8 @@ interpreter. GPU (``-m gpu``, on the device): the model in bf16 compiles to our 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -23,7 +21,12 @@ from scaling_attn_compile.compile import template_source as tsrc
 from scaling_attn_compile.compile.backend import scaling_attn_backend
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.contract.tables import uniform_tables
-from scaling_attn_compile.testing import assert_close_to_oracle, make_local_qkv, make_qkv
+from scaling_attn_compile.testing import (
+    assert_close_to_oracle,
+    make_local_qkv,
+    make_qkv,
+    rendered_kernel,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
 from test_backend import (  # noqa: E402
@@ -40,6 +43,7 @@ from test_backend import (  # noqa: E402
     make_model,
     two_level_tables,
 )
+from test_fa4_choice import capture_template_choices  # noqa: E402  (self-contained: no diffusers)
 
 # --------------------------------------------------------------------------------------------
 # The Inductor lowering and the template, without a GPU
@@ -76,32 +80,12 @@ def test_template_source_is_the_kernel_source():
     assert "bsa_forward_tile(" in src and "{{store_output(" in src
 
 
-@contextlib.contextmanager
-def capture_template_choices():
-    """Render the template on the CPU (Inductor's triton cpu backend) and capture the choices
-    instead of benchmarking them (there is no GPU to benchmark on)."""
-    import torch.utils._triton as triton_utils
-
-    captured = []
-
-    def select(name, choices, inputs, layout, **kwargs):
-        captured.extend(choices)
-        raise RuntimeError("choices captured")
-
-    with mock.patch.object(lowering, "_select", select), \
-            mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
-            mock.patch.object(triton_utils, "triton_hash_with_backend", lambda: "cpu-test"), \
-            torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
-        yield captured
-
-
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
 @pytest.mark.parametrize("ts_shape", ["per-batch", "shared"])
 def test_rendered_template_runs_in_the_interpreter(ts_shape):
     """The template as Inductor renders it (Jinja, def_kernel, stride/size, store_output, the
     pasted jit functions) is run by the Triton interpreter and equals the reference: this
     catches template API drift and stub bugs without a GPU."""
-    import importlib.util
 
     import triton
 
@@ -124,10 +108,7 @@ def test_rendered_template_runs_in_the_interpreter(ts_shape):
     same = sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale)
     by_block_m = {}
     for choice in choices:
-        spec = importlib.util.spec_from_file_location("tmpl", choice.bmreq.module_path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        kernel = getattr(mod, choice.bmreq.kernel_name)
+        kernel = rendered_kernel(choice)
         block_m = kernel.inductor_meta["config_args"]["BLOCK_M"]
         by_block_m.setdefault(block_m, kernel)
     assert set(by_block_m) == {64, 128}
@@ -143,7 +124,6 @@ def test_rendered_template_with_energy_filter_matches_its_reference(rule):
     """With the energy filter on, the op still lowers to the template (128-row configs only) and
     the rendered kernel equals the filter's reference, at a threshold that skips blocks: the
     unfiltered reference is further off than the tolerance, so a dropped filter would fail."""
-    import importlib.util
 
     import triton
 
@@ -175,10 +155,7 @@ def test_rendered_template_with_energy_filter_matches_its_reference(rule):
     with pytest.raises(AssertionError):
         assert_close_to_oracle(unfiltered, golden, same, k=3.0)
     choice = choices[0]
-    spec = importlib.util.spec_from_file_location("tmpl", choice.bmreq.module_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    kernel = getattr(mod, choice.bmreq.kernel_name)
+    kernel = rendered_kernel(choice)
     assert kernel.inductor_meta["config_args"]["ENERGY_RULE"] == code
     assert f"ENERGY_RULE : tl.constexpr = {code}" in open(choice.bmreq.module_path).read()
     out = torch.full_like(q, float("nan"))

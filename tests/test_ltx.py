@@ -23,7 +23,13 @@ from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.contract.tables import uniform_tables
 from scaling_attn_compile.errors import UnsupportedModelError
 from scaling_attn_compile.models import ltx, registry, wan
-from scaling_attn_compile.testing import assert_close_to_oracle
+from scaling_attn_compile.testing import (
+    assert_close_to_oracle,
+    eager_two_dtypes,
+    recorded_attention_qk,
+    run_compiled_steps,
+    sharpen_qk,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers live in test_backend.py
 from test_backend import _fresh_dynamo, two_level_tables  # noqa: E402,F401  (autouse fixture)
@@ -41,10 +47,7 @@ def saved(tmp_path_factory):
     """Saved once with save_pretrained (peaked self-attention: a wrong mask shows)."""
     torch.manual_seed(0)
     model = LTXVideoTransformer3DModel(**CONFIG).eval()
-    with torch.no_grad():
-        for block in model.transformer_blocks:
-            for norm in (block.attn1.norm_q, block.attn1.norm_k):
-                norm.weight.mul_(4.0)
+    sharpen_qk(block.attn1 for block in model.transformer_blocks)
     folder = tmp_path_factory.mktemp("ltx")
     model.save_pretrained(folder)
     return folder
@@ -94,27 +97,15 @@ def reference_processors(model, tables, clock, compute_dtype):
 def eager(model, inputs, t, tables=None, timestep=None):
     """(same dtype, float64) eager outputs; with ``tables``, self-attention by the reference at
     bucket timestep ``t``. ``timestep``: the model's input, default ``[t]``."""
-    timestep = torch.tensor([t]) if timestep is None else timestep
-    outs = []
-    for dtype in (torch.float32, torch.float64):
-        m = copy.deepcopy(model).to(dtype)
-        if tables is not None:
-            reference_processors(m, tables, {"t": torch.tensor([t])}, dtype)
-        with torch.no_grad():
-            outs.append(m(timestep=timestep.to(dtype), return_dict=False,
-                          **{k: v.to(dtype) if torch.is_tensor(v) else v
-                             for k, v in inputs.items()})[0])
-    return outs
+    reference = None if tables is None else (lambda m, dtype: reference_processors(
+        m, tables, {"t": torch.tensor([t])}, dtype))
+    return eager_two_dtypes(model, inputs, torch.tensor([t]) if timestep is None else timestep,
+                            reference)
 
 
 def compiled_run(model, plan, inputs, steps, timestep_of=lambda t: torch.tensor([t]), **options):
     be = scaling_attn_backend(plan, compiler="eager", **options)
-    c = torch.compile(model, backend=be, fullgraph=True, dynamic=False)
-    outs = []
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for t in steps:
-            outs.append(c(timestep=timestep_of(t), return_dict=False, **inputs)[0])
-    return outs, be
+    return run_compiled_steps(model, be, inputs, steps, timestep_of), be
 
 
 def test_the_registry_picks_ltx_and_refuses_unknown_classes(saved):
@@ -207,16 +198,9 @@ def test_capture_sees_the_q_k_ltx_feeds_sdpa(saved):
     """The calibration's processor swap (ltx_capture.py) computes q/k as LTX's processor does
     (RoPE on the flat q/k, before the head split): what WEST sees is what attention uses."""
     model, inputs = load(saved), make_inputs()
-    fed, seen = [], []
-    real = transformer_ltx.dispatch_attention_fn
-
-    def spy(query, key, value, **kw):  # (B, S, H, D)
-        if query.shape[1] == key.shape[1] == math.prod(GRID):
-            fed.append((query.transpose(1, 2).clone(), key.transpose(1, 2).clone()))
-        return real(query, key, value, **kw)
-
+    seen = []
     capture_qk = registry.capture_for(model).capture_qk
-    with torch.no_grad(), mock.patch.object(transformer_ltx, "dispatch_attention_fn", spy), \
+    with torch.no_grad(), recorded_attention_qk(transformer_ltx, math.prod(GRID)) as fed, \
             capture_qk(model, lambda c: seen.append((c.layer, c.grid, c.q.clone(), c.k.clone()))):
         model(timestep=torch.tensor([500]), return_dict=False, **inputs)
     assert [(layer, grid) for layer, grid, _, _ in seen] == [(i, GRID) for i in range(LAYERS)]
@@ -306,10 +290,7 @@ def build_ltx_pipeline(root):
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
     transformer = LTXVideoTransformer3DModel(**CONFIG)
-    with torch.no_grad():
-        for block in transformer.transformer_blocks:
-            for norm in (block.attn1.norm_q, block.attn1.norm_k):
-                norm.weight.mul_(4.0)
+    sharpen_qk(block.attn1 for block in transformer.transformer_blocks)
     pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                        text_encoder=text_encoder, tokenizer=_tokenizer(), transformer=transformer)
     pipe.save_pretrained(root)

@@ -3,26 +3,18 @@ the diagonal, and are ragged where they promise to be (CPU, small grids and the 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from scaling_attn_compile.contract.masks import num_blocks, unpack_blocks
+from scaling_attn_compile.testing import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("mask_families",
-                                                  ROOT / "benchmarks" / "mask_families.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-MF = _load()
+MF = load_module(ROOT / "benchmarks" / "mask_families.py", "mask_families")
 SMALL = (5, 16, 24)  # 1,920 tokens, 15 blocks: small enough to check every row by hand
 
 

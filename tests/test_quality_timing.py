@@ -4,7 +4,6 @@ config sweep and the bench flags. The graph clock itself runs on the GPU only (`
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ from scaling_attn_compile.contract.tables import AttentionTables, uniform_tables
 from scaling_attn_compile.quality import timing as T
 from scaling_attn_compile.quality import timing_diag as D
 from scaling_attn_compile.quality.methods import pad_tables
+from scaling_attn_compile.testing import load_module
 from scaling_attn_compile.tiny import tiny_wan as tw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,10 +178,7 @@ def test_sweep_configs_in_the_interpreter():
 
 
 def test_bench_flags_reach_the_study(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_quality_t",
-                                                  ROOT / "benchmarks" / "bench_quality.py")
-    bq = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bq)
+    bq = load_module(ROOT / "benchmarks" / "bench_quality.py", "bench_quality_t")
     seen = {}
 
     class Stop(Exception):
@@ -206,6 +203,12 @@ def test_bench_flags_reach_the_study(monkeypatch):
     assert seen["retune_per_method"] is False and seen["timing_graphs"] is True
     assert seen["timing_profile"] is False and seen["sweep_configs"] is False
     assert seen["retune_also"] == []
+    assert seen["token_order"] == "auto"  # as `scaling-attn west`
+    seen.clear()
+    with pytest.raises(Stop):
+        bq.main(["--model", "tiny-wan", "--device", "cpu", "--skip-claims", "--prompts", "1",
+                 "--token-order", "raster"])
+    assert seen["token_order"] == "raster"
     with pytest.raises(SystemExit):  # a typo in --retune-also is an error, not a silent no-op
         bq.main(["--model", "tiny-wan", "--device", "cpu", "--retune-also", "stta"])
 

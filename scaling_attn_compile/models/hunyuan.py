@@ -38,6 +38,7 @@ from .graph import conv3d_output_grid, find_conv3d, timestep_placeholder
 from .graph import is_static as _is_static
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
+from .source import ModelSource, load_folder
 
 Grid = tuple[int, int, int]
 
@@ -216,12 +217,10 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
                      seed: int = 0, num_layers: int | None = None):
     """Load a ``HunyuanVideoTransformer3DModel``: a diffusers folder (``transformer/`` or a bare
     transformer folder) or a key of :data:`BUILTIN_CONFIGS` (random weights; ``num_layers``
-    sets the double-stream count). Returns Wan's :class:`~.wan.ModelSource`."""
+    sets the double-stream count). Returns a :class:`~.source.ModelSource`."""
     from pathlib import Path
 
     from diffusers import HunyuanVideoTransformer3DModel
-
-    from .wan import ModelSource, load_folder
 
     path = Path(spec)
     if path.is_dir():

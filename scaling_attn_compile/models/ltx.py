@@ -28,6 +28,7 @@ from .fingerprint import _unwrap, fingerprint_tensors
 from .graph import module_paths as _module_paths
 from .graph import node_value as _val
 from .graph import timestep_placeholder
+from .source import ModelSource, build_on_device, causal_latent_shape, load_folder
 
 Grid = tuple[int, int, int]
 
@@ -75,12 +76,10 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
                      seed: int = 0, num_layers: int | None = None):
     """Load an ``LTXVideoTransformer3DModel``: a diffusers folder (``transformer/`` subfolder or
     a bare transformer folder) or a key of :data:`BUILTIN_CONFIGS` (random weights, seeded;
-    ``num_layers`` truncates it). Returns Wan's :class:`~.wan.ModelSource`."""
+    ``num_layers`` truncates it). Returns a :class:`~.source.ModelSource`."""
     from pathlib import Path
 
     from diffusers import LTXVideoTransformer3DModel
-
-    from .wan import ModelSource, load_folder
 
     path = Path(spec)
     if path.is_dir():
@@ -93,14 +92,8 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
                          f"{sorted(BUILTIN_CONFIGS)}, got {spec!r}")
     cfg = dict(BUILTIN_CONFIGS[spec], **({} if num_layers is None else {"num_layers": num_layers}))
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LTXVideoTransformer3DModel(**cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return ModelSource(model.eval(), spec, None, True, LTX_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
+    model = build_on_device(LTXVideoTransformer3DModel, cfg, dtype=dtype, device=device)
+    return ModelSource(model, spec, None, True, LTX_VAE_STRIDE, BUILTIN_TEXT_LEN[spec])
 
 
 TEXT_DIM = "caption_channels"  # the config key of the text embeddings' width
@@ -229,12 +222,8 @@ def patch_size(transformer) -> tuple[int, int, int]:
 def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
                      vae_stride: Sequence[int] = LTX_VAE_STRIDE) -> tuple[int, int, int, int]:
     """Latent shape ``(C, F, H, W)`` of a video of ``frames x height x width`` pixels."""
-    st, sh, sw = vae_stride
-    if (frames - 1) % st or height % sh or width % sw:
-        raise ValueError(f"latent_shape_for: need (frames - 1) % {st} == 0, height % {sh} == 0 and "
-                         f"width % {sw} == 0 for LTX's VAE stride {tuple(vae_stride)}, got "
-                         f"frames={frames}, height={height}, width={width}; e.g. 161 x 480 x 704")
-    return (in_channels, (frames - 1) // st + 1, height // sh, width // sw)
+    return causal_latent_shape(frames, height, width, in_channels, vae_stride,
+                               vae="LTX's VAE", example="161 x 480 x 704")
 
 
 def latent_token_grid(transformer, latent_shape: Sequence[int]) -> Grid:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from .graph import module_paths as _module_paths
 from .graph import node_value as _val
 from .graph import source_name as _source_name
 from .registry import check_supported, supported_classes  # noqa: F401  (every family's refusal)
+from .source import ModelSource, build_on_device, causal_latent_shape, load_folder
 
 Grid = tuple[int, int, int]
 
@@ -78,23 +78,6 @@ WAN22_VAE_STRIDE = (4, 16, 16)  # Wan2.2 VAE (TI2V-5B): 16x16 in space
 BUILTIN_VAE_STRIDE = {"wan2.2-ti2v-5b": WAN22_VAE_STRIDE}  # others: WAN_VAE_STRIDE
 
 
-@dataclass
-class ModelSource:
-    """A loaded transformer and where it came from.
-
-    ``folder``: the diffusers folder (``None`` for built-in configs); ``random_weights``: True for
-    built-in configs; ``vae_stride``: pixels per latent cell ``(t, h, w)``; ``text_len``: length
-    of random prompt embeddings that fits the model.
-    """
-
-    transformer: torch.nn.Module
-    name: str
-    folder: Path | None
-    random_weights: bool
-    vae_stride: tuple[int, int, int]
-    text_len: int = 512
-
-
 def _vae_stride_of(folder: Path) -> tuple[int, int, int]:
     cfg = folder / "vae" / "config.json"
     if not cfg.is_file():
@@ -118,33 +101,6 @@ def _transformer_class(config_json: Path):
                                     f"which is not supported; supported: "
                                     f"{', '.join(SUPPORTED_CLASSES)}{other}")
     return getattr(diffusers, name)
-
-
-
-def load_folder(path: Path, cls_of, *, dtype, device, num_layers: int | None, vae_stride,
-                others: str, family: str, text_len: int = 512) -> ModelSource:
-    """Every family's ``load_transformer`` for a diffusers folder (its ``transformer/``
-    subfolder, or a bare transformer folder): ``cls_of(config_path)`` is the model class.
-    ``others``: what else ``--model`` accepts, for the error naming a folder without a config."""
-    if num_layers is not None:
-        raise ValueError(f"load_transformer: num_layers applies to built-in configs only, got "
-                         f"num_layers={num_layers} with folder {path}")
-    sub = "transformer" if (path / "transformer" / "config.json").is_file() else None
-    if sub is None and not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"load_transformer: {path} has neither transformer/config.json nor config.json; "
-            f"pass a diffusers {family} folder or {others}")
-    import importlib.util
-
-    if importlib.util.find_spec("accelerate") is None:
-        # Without it diffusers 0.42 fails with "low_cpu_mem_usage cannot be False when
-        # keep_in_fp32_modules is True", which names neither the package nor the fix.
-        raise ImportError(f"load_transformer: loading the diffusers folder {path} needs the "
-                          f"`accelerate` package (a dependency of scaling-attn-compile); "
-                          f"pip install accelerate")
-    cls = cls_of(path / (sub or "") / "config.json")
-    model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
-    return ModelSource(model.to(device).eval(), path.name, path, False, vae_stride, text_len)
 
 
 def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -180,15 +136,8 @@ def load_transformer(spec: str, *, dtype: torch.dtype = torch.float32, device="c
     if num_layers is not None:
         cfg["num_layers"] = int(num_layers)
     torch.manual_seed(seed)
-    # Build directly on the device in the target dtype: 14B in float32 would need 56 GB first.
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = WanTransformer3DModel(**cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return ModelSource(model.eval(), spec, None, True,
+    model = build_on_device(WanTransformer3DModel, cfg, dtype=dtype, device=device)
+    return ModelSource(model, spec, None, True,
                        BUILTIN_VAE_STRIDE.get(spec, WAN_VAE_STRIDE), BUILTIN_TEXT_LEN[spec])
 
 
@@ -216,12 +165,7 @@ def latent_shape_for(frames: int, height: int, width: int, in_channels: int,
 
     Time is causal (Wan's VAE): ``F = (frames - 1) / st + 1``; space: ``H = height / sh``.
     """
-    st, sh, sw = vae_stride
-    if (frames - 1) % st or height % sh or width % sw:
-        raise ValueError(f"latent_shape_for: need (frames - 1) % {st} == 0, height % {sh} == 0 and "
-                         f"width % {sw} == 0 for VAE stride {tuple(vae_stride)}, got frames={frames}, "
-                         f"height={height}, width={width}; e.g. 81 x 480 x 832")
-    return (in_channels, (frames - 1) // st + 1, height // sh, width // sw)
+    return causal_latent_shape(frames, height, width, in_channels, vae_stride)
 
 
 def latent_token_grid(transformer, latent_shape: Sequence[int]) -> Grid:

@@ -19,6 +19,7 @@ from itertools import combinations
 
 import torch
 
+from ..contract.token_order import NEW_PLAN_ORDER
 from ..offline import fast, west
 from ..offline.calibrate import calibrate_west, evenly_spaced
 from ..tiny.registry import BundledModel
@@ -36,14 +37,15 @@ def disjoint_caption_sets(pool: list[str], n_sets: int, per_set: int,
     return [caps[s * per_set:(s + 1) * per_set] for s in range(n_sets)]
 
 
-def _west(model, spec: BundledModel, captions, grid, steps, capture_steps, seed0):
+def _west(model, spec: BundledModel, captions, grid, steps, capture_steps, seed0, token_order):
     ts = spec.timesteps(steps)
     latent = (model.config.in_channels, *grid)
     with torch.no_grad():
         return calibrate_west(model, [spec.calibration_input(c, seed0 + i)
                                       for i, c in enumerate(captions)], ts, latent_shape=latent,
                               capture_steps=evenly_spaced(steps, capture_steps),
-                              guidance_scale=1.0, progress=False, source="bench_quality claims")
+                              guidance_scale=1.0, progress=False, source="bench_quality claims",
+                              token_order=token_order)
 
 
 def _iou_stats(a: torch.Tensor, b: torch.Tensor, p: float) -> dict:
@@ -58,15 +60,21 @@ def _iou_stats(a: torch.Tensor, b: torch.Tensor, p: float) -> dict:
 def run_claims(model, spec: BundledModel, *, grid=None, steps: int = 16, n_sets: int = 3,
                per_set: int = 2, capture_steps: int = 4, small_grids=None,
                n_profiles: int = 3, fast_capture_steps: int = 6,
-               fast_targets=(0.25, 0.35), densities=(0.15, 0.25, 0.5), log=print) -> dict:
+               fast_targets=(0.25, 0.35), densities=(0.15, 0.25, 0.5),
+               token_order: str | None = NEW_PLAN_ORDER, log=print) -> dict:
+    """Part 2 of the study: topology stability (WEST on disjoint caption sets), resolution
+    transfer (a plan extracted at smaller grids, remapped) and FAST schedule stability.
+    ``token_order``: every plan's block order, as :func:`.study.run_quality` takes it (default
+    ``"auto"``: tile on a Wan model); the record's ``config.token_order`` is the one that ran."""
     t_start = time.perf_counter()
     grid = tuple(grid or spec.native_grid)
     tgrid = spec.token_grid(grid)
     flat = disjoint_caption_sets(spec.training_pool(), 1, n_sets * per_set + n_profiles)[0]
     sets = [flat[i * per_set:(i + 1) * per_set] for i in range(n_sets)]
     profile_caps = flat[n_sets * per_set:]  # FAST profiles: captions of no WEST set
-    plans = [_west(model, spec, s, grid, steps, capture_steps, 3000 + 10 * i)
+    plans = [_west(model, spec, s, grid, steps, capture_steps, 3000 + 10 * i, token_order)
              for i, s in enumerate(sets)]
+    order = plans[0].meta.token_order  # "auto" resolved: the order every plan here is in
     topo = []
     for i, j in combinations(range(len(plans)), 2):
         for p in densities:
@@ -79,9 +87,9 @@ def run_claims(model, spec: BundledModel, *, grid=None, steps: int = 16, n_sets:
         F, H, W = grid
         small_grids = ((F, H // 2, W // 2), (F, H // 2, W))
     for sg in small_grids:
-        small = _west(model, spec, sets[0], sg, steps, capture_steps, 3000)
+        small = _west(model, spec, sets[0], sg, steps, capture_steps, 3000, token_order)
         rr = west.remap_recall(small.codes, spec.token_grid(sg), plans[0].codes, tgrid,
-                               densities=(0.25, 0.5))
+                               densities=(0.25, 0.5), order=order)
         for p, v in rr.items():
             transfer.append({"small_grid": list(sg), "small_token_grid": list(spec.token_grid(sg)),
                              "native_grid": list(grid), "density": p, **v})
@@ -127,7 +135,8 @@ def run_claims(model, spec: BundledModel, *, grid=None, steps: int = 16, n_sets:
                 "calibration_sets": sets, "capture_steps": capture_steps,
                 "small_grids": [list(g) for g in small_grids], "profile_captions": profile_caps,
                 "fast_capture_steps": fast_capture_steps, "fast_targets": list(fast_targets),
-                "levels": list(fast.DEFAULT_LEVELS)},
+                "levels": list(fast.DEFAULT_LEVELS),
+                "token_order": order, "token_order_requested": str(token_order)},
             "topology_stability": topo, "resolution_transfer": transfer,
             "schedule_stability": sched_rows,
             "timings_s": {"total": time.perf_counter() - t_start}}

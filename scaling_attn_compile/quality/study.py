@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..contract.masks import ENERGY_RULES
+from ..contract.token_order import NEW_PLAN_ORDER
 from ..models.wan import compute_dtype, num_layers
 from ..offline.calibrate import calibrate_west, evenly_spaced
 from ..offline.fast import profile_fidelity
@@ -143,7 +144,8 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                 timing_profile: bool = True, retune_per_method: bool = False,
                 retune_also: Sequence[str] = (),
                 sweep_configs: bool = False, budget_minutes: float | None = None,
-                token_order: str | None = None, progress: bool = False, log: Callable = print,
+                token_order: str | None = NEW_PLAN_ORDER, progress: bool = False,
+                log: Callable = print,
                 on_result: Callable[[dict], None] | None = None) -> dict:
     """Part 1 on ``model`` (a loaded transformer of ``spec``); returns the JSON-able result.
 
@@ -151,7 +153,9 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     compiled path (default: on CUDA only). ``timing_only``: build and time every method but make
     no videos (status ``"timed"``; ``--merge`` joins it with a run made without timing).
     ``token_order``: the WEST plan's (and so every WEST method's and anchor's) block order,
-    ``"raster"`` (default) or ``"tile"``/``"tile:FxHxW"``. ``on_result(partial)`` is called after
+    ``"auto"`` (default, as ``scaling-attn west``: tile for a Wan model), ``"raster"``,
+    ``"tile"`` or ``"tile:FxHxW"``; the record's ``config.token_order`` is the order that ran
+    (``config.token_order_requested``: as passed). ``on_result(partial)`` is called after
     every (target, method) with the result so far, for incremental writes.
     Timing options (``quality/timing.py``): ``timing_graphs`` (CUDA-graph replay is the
     ``ms_per_step``, the wall clock kept beside it), ``timing_profile`` (one profiled step per
@@ -160,7 +164,6 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     (method, target) items, ``"sta@0.15"``, are timed a second time that way, into
     ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config
     on each method's own tables, ``timing_diag.sweep_configs``)."""
-    from ..contract.token_order import TokenOrder
     from ..tiny.registry import tiny_wan
 
     t_start = time.perf_counter()
@@ -284,7 +287,8 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
         return {"benchmark": "quality", "config": {
                     "model": spec.name, "grid": list(grid), "token_grid": list(tgrid),
                     "seq_len": math.prod(tgrid), "num_blocks": math.ceil(math.prod(tgrid) / 128),
-                    "token_order": str(TokenOrder.parse(token_order)),
+                    "token_order": plan.meta.token_order,  # what ran ("auto" resolved)
+                    "token_order_requested": str(token_order),
                     "steps": steps, "guidance_scale": 1.0, "timesteps": ts_all,
                     "prompts": prompts, "num_seeds": num_seeds_run, "seeds": seeds,
                     "videos": videos, "calibration_captions": west_caps,

@@ -27,14 +27,12 @@ import argparse
 import copy
 import json
 import math
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..models.wan import compute_dtype, transformer_blocks
+from ..models.wan import transformer_blocks
 from . import photo_video as pv
 from .small_wan import (
     SMALL_WAN_GRID,
@@ -46,9 +44,19 @@ from .small_wan import (
     token_grid,
 )
 from .tiny_wan import WEIGHTS_NAME, flops_per_token, initial_noise, param_count
-from .train_tiny import flow_loss, lr_at, sample_t
+from .train_tiny import (
+    add_shared_args,
+    device_name,
+    fixed_t_loss,
+    lr_at,
+    parse_grid,
+    resolve_args,
+    start,
+    train_step,
+)
 
 LOG_NAME = "train_log.json"
+GRID_LIKE = "16x128x128"  # the example of --res the error gives
 
 # Per device: pixel grids cycled per step, tokens per step. On CUDA 6 of 8 steps are the native
 # 16x128x128 (16,384 tokens, 128 blocks; 8 videos = 131,072 tokens a step); 16x64x64 (32 blocks)
@@ -62,50 +70,26 @@ DEFAULTS = {
 }
 
 
-def parse_grid(s: str) -> tuple[int, int, int]:
-    try:
-        F, H, W = (int(v) for v in s.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--res: expected FxHxW like 16x128x128, got {s!r}") from None
-    token_grid((F, H, W))
-    return F, H, W
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train small-wan (rectified flow, photo videos).")
     ap.add_argument("--out", required=True, help="output directory (weights, card, plots, log)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", default=None, help="a small-wan folder (or its weights file) to continue from")
     ap.add_argument("--steps", type=int, default=1_000_000, help="max optimizer steps in this run")
     ap.add_argument("--minutes", type=float, default=None,
                     help="end the training loop this many minutes after start (compile included)")
-    ap.add_argument("--res", default=None, help="comma list of FxHxW pixel grids, cycled per step")
-    ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (videos = this // tokens per video)")
-    ap.add_argument("--batch", type=int, default=None, help="fixed videos per step (overrides --batch-tokens)")
-    ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (a resumed run uses a fifth)")
-    ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay (0.998: a ~500-step horizon, "
                     "a third of a 7-minute H200 run)")
-    ap.add_argument("--cfg-drop", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-minutes", type=float, default=1.5)
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--sample-steps", type=int, default=None, help="Euler steps for samples.png")
     ap.add_argument("--card-grid", default=None, help="FxHxW for samples and stats (default: native 16x128x128 "
                     "on CUDA, the first --res on the CPU)")
     ap.add_argument("--no-compile", action="store_true", help="eager on CUDA too")
-    ap.add_argument("--num-layers", type=int, default=None, help="override the config (tests)")
-    ap.add_argument("--ffn-dim", type=int, default=None, help="override the config (tests)")
-    a = ap.parse_args(argv)
-    a.command = "python -m scaling_attn_compile.tiny.train_small_wan " + " ".join(sys.argv[1:] if argv is None else argv)
-    dev = "cuda" if a.device.startswith("cuda") else "cpu"
-    for k, v in DEFAULTS[dev].items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    a.grids = [parse_grid(s) for s in a.res.split(",")]
-    a.card_grid = parse_grid(a.card_grid) if a.card_grid else (SMALL_WAN_GRID if dev == "cuda" else a.grids[0])
-    a.overrides = {k: v for k, v in (("num_layers", a.num_layers), ("ffn_dim", a.ffn_dim)) if v is not None}
+    add_shared_args(ap)
+    a = resolve_args(ap.parse_args(argv), argv, "train_small_wan", DEFAULTS, token_grid, GRID_LIKE)
+    cuda = a.device.startswith("cuda")
+    a.card_grid = parse_grid(a.card_grid, token_grid, GRID_LIKE) if a.card_grid else (
+        SMALL_WAN_GRID if cuda else a.grids[0])
     return a
 
 
@@ -128,24 +112,13 @@ def val_loss(model, grid, device, encoder, n: int = 4, seed: int = 99_999,
              ts=(0.1, 0.3, 0.5, 0.7, 0.9)) -> float:
     """Flow loss on a fixed held-out batch (held-out photos and motions) at fixed t."""
     x0, caps = pv.sample_batch(seed, n, grid, device, held_out=True)
-    noise = initial_noise(n, grid, seed).to(device)
-    emb = encoder(caps, device=device)
-    dtype = compute_dtype(model)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        return sum(flow_loss(model, x0.to(dtype), emb.to(dtype), torch.full((n,), t, device=device),
-                             noise.to(dtype)).item() for t in ts) / len(ts)
+    return fixed_t_loss(model, x0, caps, initial_noise(n, grid, seed), encoder, ts, autocast=True)
 
 
 def train(a) -> dict:
     t_start = time.time()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(a.device)
+    out, device = start(a)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(a.seed)
     if a.resume:
         src = resume_dir(a.resume)
         model = load_small_wan(device, torch.float32, path=src).train().requires_grad_(True)
@@ -158,7 +131,7 @@ def train(a) -> dict:
     history, runs = log["history"], log["runs"]
     step0 = history[-1]["step"] if history else 0
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    ema_params = list(ema.parameters())
     cfg = dict(model.config)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay, fused=cuda)
     if cuda and not a.no_compile:
@@ -172,8 +145,7 @@ def train(a) -> dict:
     g = torch.Generator(device="cpu").manual_seed(a.seed + step0)  # caption dropout
     gd = torch.Generator(device=device).manual_seed(a.seed + step0)  # t and noise
     budget = a.minutes * 60 if a.minutes else None
-    run = dict(index=len(runs), start_step=step0, device=torch.cuda.get_device_name(device) if cuda else
-               f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+    run = dict(index=len(runs), start_step=step0, device=device_name(device),
                resumed_from=str(a.resume) if a.resume else None, command=a.command, torch=torch.__version__)
     runs.append(run)
 
@@ -193,25 +165,10 @@ def train(a) -> dict:
         S = math.prod(token_grid(grid))
         n = a.batch or max(1, a.batch_tokens // S)
         x0, caps = pv.sample_batch(a.seed * 1_000_003 + step0 + step, n, grid, device)
-        drop = torch.rand(n, generator=g) < a.cfg_drop
-        emb = encoder(["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)], device=device)
-        t = sample_t(n, gd)
-        noise = torch.randn(x0.shape, generator=gd, device=device)
-        a_lr = argparse.Namespace(lr=a.lr, warmup=warmup)
-        lr = lr_at(step, progress, a_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = flow_loss(model, x0, emb, t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        # EMA warm-up ((1+s)/(10+s)) only from scratch: a resumed EMA already holds trained weights.
-        gs = step0 + step
-        decay = min(a.ema, (1 + gs) / (10 + gs))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+        lr = lr_at(step, progress, argparse.Namespace(lr=a.lr, warmup=warmup))
+        # The EMA's warm-up counts global steps: a resumed EMA already holds trained weights.
+        loss, gnorm = train_step(model, model, opt, ema_params, x0, caps, encoder, a, g=g, gd=gd,
+                                 lr=lr, ema_step=step0 + step)
         step += 1
         tokens_seen += n * S
         flops += 3 * n * S * flops_per_token(cfg, S)

@@ -57,49 +57,63 @@ DEFAULTS = {
 }
 
 
-def parse_grid(s: str) -> tuple[int, int, int]:
+def parse_grid(s: str, grid_of=token_grid, like: str = "8x32x32") -> tuple[int, int, int]:
+    """``--res``/``--sample-grid`` ``FxHxW`` pixels, checked by the model's ``grid_of`` (its
+    pixel -> token grid); ``like`` is the example the error gives."""
     try:
         F, H, W = (int(v) for v in s.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--res: expected FxHxW like 8x32x32, got {s!r}") from None
-    token_grid((F, H, W))
+        raise ValueError(f"--res: expected FxHxW like {like}, got {s!r}") from None
+    grid_of((F, H, W))
     return F, H, W
+
+
+def add_shared_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments both trainers (this one and ``train_small_wan``) take, with one meaning."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--res", default=None, help="comma list of FxHxW pixel grids, cycled per step")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (videos = this // tokens per video)")
+    ap.add_argument("--batch", type=int, default=None, help="fixed videos per step (overrides --batch-tokens)")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--cfg-drop", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-steps", type=int, default=None, help="Euler steps for samples.png")
+    ap.add_argument("--num-layers", type=int, default=None, help="override the config (tests)")
+    ap.add_argument("--ffn-dim", type=int, default=None, help="override the config (tests)")
+
+
+def resolve_args(a: argparse.Namespace, argv, module: str, defaults: dict, grid_of=token_grid,
+                 like: str = "8x32x32") -> argparse.Namespace:
+    """What both trainers do after parsing: the command line for the card, the device's
+    :data:`DEFAULTS` where an argument was not given, the ``--res`` grids, the config overrides."""
+    import sys
+
+    a.command = f"python -m scaling_attn_compile.tiny.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
+    dev = "cuda" if a.device.startswith("cuda") else "cpu"
+    for k, v in defaults[dev].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.grids = [parse_grid(s, grid_of, like) for s in a.res.split(",")]
+    a.overrides = {k: v for k, v in (("num_layers", a.num_layers), ("ffn_dim", a.ffn_dim)) if v is not None}
+    return a
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Train the tiny Wan (rectified flow, toy videos).")
     ap.add_argument("--out", required=True, help="output directory (weights, card, plots)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=1_000_000, help="max optimizer steps")
     ap.add_argument("--minutes", type=float, default=None,
                     help="stop the training loop after this many minutes (the final stage adds <1 min on a GPU)")
-    ap.add_argument("--res", default=None, help="comma list of FxHxW pixel grids, cycled per step")
-    ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (videos = this // tokens per video)")
-    ap.add_argument("--batch", type=int, default=None, help="fixed videos per step (overrides --batch-tokens)")
-    ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--cfg-drop", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-minutes", type=float, default=2.0)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--sample-steps", type=int, default=None, help="Euler steps for samples.png")
     ap.add_argument("--sample-grid", default=None, help="FxHxW for samples and stats (default: first --res)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training forward (CUDA)")
-    ap.add_argument("--num-layers", type=int, default=None, help="override the config (tests)")
-    ap.add_argument("--ffn-dim", type=int, default=None, help="override the config (tests)")
-    a = ap.parse_args(argv)
-    import sys
-
-    a.command = "python -m scaling_attn_compile.tiny.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv)
-    dev = "cuda" if a.device.startswith("cuda") else "cpu"
-    for k, v in DEFAULTS[dev].items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    a.grids = [parse_grid(s) for s in a.res.split(",")]
+    add_shared_args(ap)
+    a = resolve_args(ap.parse_args(argv), argv, "train_tiny", DEFAULTS)
     a.sample_grid = parse_grid(a.sample_grid) if a.sample_grid else a.grids[0]
-    a.overrides = {k: v for k, v in (("num_layers", a.num_layers), ("ffn_dim", a.ffn_dim)) if v is not None}
     return a
 
 
@@ -124,13 +138,20 @@ def val_loss(model, grid, device, encoder, n: int = 8, seed: int = 99_999,
              ts=(0.1, 0.3, 0.5, 0.7, 0.9)) -> float:
     """Loss on a fixed held-out batch (held-out captions) at fixed t; comparable across runs."""
     x0, caps = sample_batch(seed, n, grid, device, held_out=True)
-    noise = initial_noise(n, grid, seed).to(device)
+    return fixed_t_loss(model, x0, caps, initial_noise(n, grid, seed), encoder, ts)
+
+
+@torch.no_grad()
+def fixed_t_loss(model, x0: torch.Tensor, caps: list[str], noise: torch.Tensor, encoder, ts,
+                 autocast: bool = False) -> float:
+    """Both trainers' validation: the flow loss of a fixed batch and noise, in the model's
+    compute dtype, averaged over the noise levels ``ts`` (bf16 autocast on CUDA if asked)."""
+    n, device = x0.shape[0], x0.device
     emb = encoder(caps, device=device)
     dtype = compute_dtype(model)
-    return sum(
-        flow_loss(model, x0.to(dtype), emb.to(dtype), torch.full((n,), t, device=device),
-                  noise.to(dtype)).item() for t in ts
-    ) / len(ts)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+        return sum(flow_loss(model, x0.to(dtype), emb.to(dtype), torch.full((n,), t, device=device),
+                             noise.to(device, dtype)).item() for t in ts) / len(ts)
 
 
 def lr_at(step: int, progress: float, a) -> float:
@@ -138,19 +159,59 @@ def lr_at(step: int, progress: float, a) -> float:
     return a.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train(a) -> dict:
-    t_start = time.time()
+def device_name(device: torch.device) -> str:
+    """The device a card and a training log name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def start(a) -> tuple[Path, torch.device]:
+    """Both trainers' setup: the output folder made, TF32 matmuls on CUDA, the seed set."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(a.seed)
+    return out, device
+
+
+def train_step(fwd, model, opt, ema_params: list, x0: torch.Tensor, caps: list[str], encoder, a,
+               *, g: torch.Generator, gd: torch.Generator, lr: float, ema_step: int):
+    """One optimizer step of both trainers; returns ``(loss, grad norm)`` (tensors: no sync).
+
+    Captions dropped to ``""`` with ``a.cfg_drop`` (on ``g``), ``t`` and noise drawn on ``gd``
+    (the training device), the flow loss of ``fwd`` (the model, or its compiled forward) under
+    bf16 autocast on CUDA, grad-norm clip 1, AdamW at ``lr``, then the EMA with warm-up decay
+    ``min(a.ema, (1 + s) / (10 + s))`` at ``s = ema_step``, so short runs are not all init."""
+    n, device = x0.shape[0], x0.device
+    drop = torch.rand(n, generator=g) < a.cfg_drop
+    emb = encoder(["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)], device=device)
+    t = sample_t(n, gd)
+    noise = torch.randn(x0.shape, generator=gd, device=device)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = flow_loss(fwd, x0, emb, t, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    decay = min(a.ema, (1 + ema_step) / (10 + ema_step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - decay)
+    return loss, gnorm
+
+
+def train(a) -> dict:
+    t_start = time.time()
+    out, device = start(a)
+    cuda = device.type == "cuda"
     model = make_tiny_wan(a.seed, **a.overrides).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    ema_params = list(ema.parameters())
     encoder = CaptionEncoder.default()
     cfg = {**TINY_WAN_CONFIG, **a.overrides}
     n_params = param_count(model)
@@ -179,24 +240,9 @@ def train(a) -> dict:
         S = math.prod(token_grid(grid))
         n = a.batch or max(1, a.batch_tokens // S)
         x0, caps = sample_batch(a.seed * 1_000_003 + step, n, grid, device)
-        drop = torch.rand(n, generator=g) < a.cfg_drop
-        caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
-        emb = encoder(caps, device=device)
-        t = sample_t(n, gd)
-        noise = torch.randn(x0.shape, generator=gd, device=device)
         lr = lr_at(step, progress, a)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = flow_loss(fwd, x0, emb, t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        # EMA with warm-up (decay (1+s)/(10+s) early), so short CPU runs are not all init.
-        decay = min(a.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+        loss, gnorm = train_step(fwd, model, opt, ema_params, x0, caps, encoder, a, g=g, gd=gd,
+                                 lr=lr, ema_step=step)
         step += 1
         tokens_seen += n * S
         flops += 3 * n * S * flops_per_token(cfg, S)
@@ -219,7 +265,7 @@ def train(a) -> dict:
     summary = dict(
         steps=step, train_seconds=train_s, tokens_seen=tokens_seen, params=n_params,
         train_tflops_per_s=flops / max(train_s, 1e-9) / 1e12,
-        device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        device=device_name(device),
         torch=torch.__version__, args={k: v for k, v in vars(a).items() if k not in ("grids",)},
         final_train_loss=sum(h["loss"] for h in history[-8:]) / max(len(history[-8:]), 1),
     )
