@@ -211,6 +211,11 @@ def main(argv=None) -> int:
                    help="generation grid (default: the model's native grid)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: the model's, 16 tiny-wan, 50 small-wan)")
+    p.add_argument("--response-grid", type=parse_triple, default=None, metavar="F,H,W",
+                   help="measure the weighted methods' gains on this grid instead (its own FAST "
+                        "profile and probes; does a cheaper run's weighting transfer?)")
+    p.add_argument("--response-steps", type=int, default=None,
+                   help="measure the weighted methods' gains with this many steps instead")
     p.add_argument("--densities", type=_floats, default=list(DENSITIES))
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, of {list(METHODS)}")
@@ -305,6 +310,7 @@ def main(argv=None) -> int:
                           retune_per_method=args.retune_per_method,
                           retune_also=[m for m in args.retune_also.split(",") if m],
                           sweep_configs=args.sweep_configs, token_order=args.token_order,
+                          response_grid=args.response_grid, response_steps=args.response_steps,
                           budget_minutes=args.budget_minutes, progress=args.progress,
                           on_result=write)
         write(res)

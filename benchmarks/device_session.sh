@@ -14,6 +14,10 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh cold       # 1.3B compile on a cold cache, 14B eager vs ours
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh west40     # WEST at 14B/720p, 40 layers
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh demo       # the demo on the GPU grid
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh newtests   # GPU tests of the files no device has run yet
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt        # launch order A/B, 1.3B (kernel and step)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt14      # launch order A/B, 14B (kernel)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh q8         # the 8-bit kernel against bf16, 1.3B
 #
 # Several stages run in order in one call: `device_session.sh tests west40`.
 #
@@ -29,7 +33,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8}"; do
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
@@ -71,6 +75,30 @@ west40)
 demo)
   step 240 python3 -m scaling_attn_compile.cli demo --out "$OUT/demo"  # the GPU grid, 12x64x64
   rm -f "$OUT/demo/plan.safetensors"  # the device returns at most 8 files
+  ;;
+newtests)  # limits are guesses: none of these has run on a GPU since it was written
+  step 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_launch_order.py \
+    tests/test_token_order.py tests/test_regional.py tests/test_fa4_choice.py tests/test_kv_lens.py \
+    tests/test_bad_tables.py tests/test_kernel_q8.py tests/test_quant.py tests/test_precision.py
+  step 280 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_hunyuan.py tests/test_ltx.py \
+    tests/test_families.py tests/test_few_steps.py tests/test_quality_timing.py \
+    tests/test_pipeline.py tests/test_model_check.py
+  ;;
+lpt)  # contract/masks.launch_order: predicted <= 3% at 1.3B (benchmarks/launch_order_sim.py)
+  step 330 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced bernoulli local \
+    --densities 0.05 0.1 0.25 1.0 --impls ours-triton ours-triton-lpt --out "$OUT/attention-lpt-1.3b.json"
+  step 120 python3 benchmarks/bench_compile.py --models 1.3b --rows ours-0.25 --pattern windows \
+    --out "$OUT/compile-windows.json"
+  step 120 env SCALING_ATTN_LAUNCH_ORDER=1 python3 benchmarks/bench_compile.py --models 1.3b \
+    --rows ours-0.25 --pattern windows --out "$OUT/compile-windows-lpt.json"
+  ;;
+lpt14)  # predicted < 0.5% at 14B
+  step 540 python3 benchmarks/bench_attention.py --shapes 14b --masks bernoulli local \
+    --densities 0.05 0.1 0.25 1.0 --impls ours-triton ours-triton-lpt --out "$OUT/attention-lpt-14b.json"
+  ;;
+q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
+  step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
+    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-op sdpa-cudnn --out "$OUT/attention-q8.json"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

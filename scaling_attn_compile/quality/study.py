@@ -144,8 +144,9 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                 timing_profile: bool = True, retune_per_method: bool = False,
                 retune_also: Sequence[str] = (),
                 sweep_configs: bool = False, budget_minutes: float | None = None,
-                token_order: str | None = NEW_PLAN_ORDER, progress: bool = False,
-                log: Callable = print,
+                token_order: str | None = NEW_PLAN_ORDER,
+                response_grid: Sequence[int] | None = None, response_steps: int | None = None,
+                progress: bool = False, log: Callable = print,
                 on_result: Callable[[dict], None] | None = None) -> dict:
     """Part 1 on ``model`` (a loaded transformer of ``spec``); returns the JSON-able result.
 
@@ -163,7 +164,11 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
     autotuned anew; not the references), ``retune_also`` (these methods, ``"sta"``, or
     (method, target) items, ``"sta@0.15"``, are timed a second time that way, into
     ``timing_retuned``, beside the usual timing), ``sweep_configs`` (CUDA: every kernel config
-    on each method's own tables, ``timing_diag.sweep_configs``)."""
+    on each method's own tables, ``timing_diag.sweep_configs``).
+    ``response_grid`` / ``response_steps``: the weighted methods' gains are measured on a
+    cheaper run (another grid and/or step count: its own FAST profile and ``L + T + 1`` probes
+    there, the same number of profiled steps) and applied to this run's profile, to test whether
+    the gains transfer (default: measured at ``grid`` and ``steps``)."""
     from ..tiny.registry import tiny_wan
 
     t_start = time.perf_counter()
@@ -212,13 +217,23 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
         from .response import measure_response
 
         t0 = time.perf_counter()
+        p_grid, p_steps = tuple(response_grid or grid), response_steps or steps
         with torch.no_grad():
-            response = measure_response(model, spec, plan, profile, fast_cap, grid=grid,
-                                        steps=steps, seed=2000, runner=MeasuredAttention(model))
+            p_profile = profile
+            if (p_grid, p_steps) != (grid, steps):  # the gains from a cheaper run
+                p_profile = profile_fidelity(
+                    plan, model, cal, timesteps=spec.timesteps(p_steps),
+                    latent_shape=(model.config.in_channels, *p_grid),
+                    capture_steps=evenly_spaced(p_steps, fast_capture_steps),
+                    guidance_scale=1.0, progress=progress)
+            response = measure_response(model, spec, plan, p_profile, fast_cap, grid=p_grid,
+                                        steps=p_steps, seed=2000, runner=MeasuredAttention(model))
+        response.update(probe_grid=list(p_grid), probe_steps=p_steps)
         calib.response = response
         timings["response"] = time.perf_counter() - t0
-        log(f"[quality] response gains (layers {[round(x, 2) for x in response['layer_gain']]}, "
-            f"steps {[round(x, 2) for x in response['bucket_gain_by_step']]}, residual "
+        log(f"[quality] response gains at grid {p_grid}, {p_steps} steps (layers "
+            f"{[round(x, 2) for x in response['layer_gain']]}, steps "
+            f"{[round(x, 2) for x in response['bucket_gain_by_step']]}, residual "
             f"{response['fit_residual']:.2f}): {timings['response']:.1f} s")
     if timing_only and not timing:
         raise ValueError("timing_only: needs timing (CUDA, or time_steps=True)")
