@@ -525,3 +525,20 @@ def test_response_gains_fit_their_probes_and_steer_fast(model, model_dir):
     warm = M.build("west_fast_warmup", 0.5, cal)
     first = warm.planned["planned_density_per_step"][0]
     assert first == pytest.approx(1.0)  # the first profiled bucket runs dense
+
+
+def test_weighted_gains_measured_on_a_cheaper_run(model, model_dir):
+    """``response_grid`` / ``response_steps``: the gains come from a smaller grid and fewer
+    steps (their own profile and probes) and weight this run's fit; the record says where they
+    were measured. A probe run that profiles fewer steps than the study is one clear error."""
+    common = dict(grid=GRID, steps=STEPS, densities=(0.5,), methods=("west_fast_weighted",),
+                  num_prompts=1, num_calib=1, calib_capture_steps=2, fast_capture_steps=2,
+                  energy_capture_steps=2, bisect_iters=4, log=lambda *a: None)
+    res = bq.run_quality(model, QM.tiny_wan(model_dir), response_grid=(4, 16, 16),
+                         response_steps=2, **common)
+    assert res["response"]["probe_grid"] == [4, 16, 16] and res["response"]["probe_steps"] == 2
+    (r,) = res["results"]
+    assert r["status"] == "ok" and r["params"]["weighted"]
+    assert abs(r["achieved_density"] - 0.5) <= 0.15
+    with pytest.raises(ValueError, match="response_steps=1: profiles 1 steps"):
+        bq.run_quality(model, QM.tiny_wan(model_dir), response_steps=1, **common)

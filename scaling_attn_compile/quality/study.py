@@ -226,6 +226,12 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                     latent_shape=(model.config.in_channels, *p_grid),
                     capture_steps=evenly_spaced(p_steps, fast_capture_steps),
                     guidance_scale=1.0, progress=progress)
+                if len(p_profile.timesteps) != len(profile.timesteps):
+                    raise ValueError(
+                        f"response_steps={p_steps}: profiles {len(p_profile.timesteps)} steps, "
+                        f"the study's profile {len(profile.timesteps)}; the gains are one per "
+                        f"profiled step, so pass response_steps >= fast_capture_steps="
+                        f"{fast_capture_steps}")
             response = measure_response(model, spec, plan, p_profile, fast_cap, grid=p_grid,
                                         steps=p_steps, seed=2000, runner=MeasuredAttention(model))
         response.update(probe_grid=list(p_grid), probe_steps=p_steps)
