@@ -224,6 +224,36 @@ def test_cli_video_objective_refusals(wan_folder, tmp_path, capsys):
         sparse_run(torch.nn.Linear(2, 2), None, (1, 1, 1), lambda: None)
 
 
+def test_cli_video_objective_probes_on_a_smaller_latent(wan_folder, tmp_path, capsys):
+    """``--probe-latent`` / ``--probe-steps``: the probes (and their own profile) run on a
+    smaller latent and a coarser schedule; their gains weight the full profile's fit, so the
+    schedule keeps the full profile's buckets. Misuse is one line each."""
+    folder, west = wan_folder
+    small = "2,8,48"  # tokens (2, 4, 24): 192, two blocks (the calibration's: 384, three)
+    out = tmp_path / "p.plan.safetensors"
+    assert _fast(folder, west, out, "--objective", "video", "--probe-latent", small,
+                 "--probe-steps", "3") == 0
+    assert "FAST probe profile" in capsys.readouterr().err
+    sched = load_plan(out).schedule
+    full = load_plan(west).meta.calibration["latent_shape"]
+    r = sched.info["response"]
+    assert r["probe_steps"] == 3 and r["generations"] == 2 + 3 + 1
+    assert r["probe_grid"] == [2, 4, 24] and list(full[1:]) == [2, 16, 48]
+    assert sched.info["objective"] == "video" and sched.level_tables.shape[1] == 3
+    for extra, says in ((["--probe-steps", "2"], "need at least 3 steps"),
+                        (["--objective", "attention", "--probe-steps", "3"],
+                         "pass --objective video")):
+        extra = extra if "--objective" in extra else ["--objective", "video", *extra]
+        assert _fast(folder, west, tmp_path / "x.plan.safetensors", *extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    # Too small to be sparse (48 tokens, one block): found after the probes, still one line.
+    assert _fast(folder, west, tmp_path / "x.plan.safetensors", "--objective", "video",
+                 "--probe-latent", "1,8,24") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "left the video unchanged" in err.splitlines()[-1]
+
+
 def test_help_says_what_video_costs(capsys):
     with pytest.raises(SystemExit):
         main(["fast", "--help"])

@@ -128,6 +128,13 @@ def measure_response(profile, num_heads: int, run: Callable[[FastSchedule | None
             bar.update(1)
     if bar is not None:
         bar.close()
+    if not any(m > 0 for m in mse) or not bool((C > 0).any()):
+        # Every probe equals the dense run (or the profile saw no error at the reference level):
+        # at this sequence length the reference level keeps every block, so there is nothing
+        # to weigh. The gains would be 0/0.
+        raise ValueError(f"measure_response: the {len(cells)} probes at level {ref_level} left "
+                         f"the video unchanged (the reference level keeps every block at "
+                         f"{profile.info.get('grid')} tokens); probe on a larger latent")
     fit = fit_gains(C, mse[:T], mse[T:], iters)
     return {**fit, "probe_mse_by_step": mse[:T], "probe_mse_by_layer": mse[T:],
             "ref_level": ref_level, "generations": len(cells) + 1}
