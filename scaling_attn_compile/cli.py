@@ -412,9 +412,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from .cli_fast import builtin_video_fit
     from .tiny.demo import main as demo_main
 
-    return demo_main(args)
+    return demo_main(args, video_fit=builtin_video_fit)
 
 
 # ---- entry point ---------------------------------------------------------------------------------

@@ -124,6 +124,10 @@ def video_schedule(model, plan, profile, sample, target: float, args: argparse.N
     ``profile``; the gains and the probe cost go into ``schedule.info``. ``probe_profile``: the
     probes' own profile when they run on a smaller latent or fewer steps (``sample`` runs that
     setting); its gains, one per layer and profiled step, weight ``profile``'s fit."""
+    return _video_fit(model, plan, profile, sample, target, fit_kwargs(args), probe_profile)
+
+
+def _video_fit(model, plan, profile, sample, target: float, fit_kw: dict, probe_profile=None):
     from .offline import fast_response as R
 
     probe = profile if probe_profile is None else probe_profile
@@ -131,11 +135,44 @@ def video_schedule(model, plan, profile, sample, target: float, args: argparse.N
     t0 = time.perf_counter()
     resp = R.measure_response(probe, plan.num_heads, run, progress="FAST video probes")
     seconds = time.perf_counter() - t0
-    sched = R.fit_video_schedule(profile, target, resp, seconds, **fit_kwargs(args))
+    sched = R.fit_video_schedule(profile, target, resp, seconds, **fit_kw)
     if probe_profile is not None:
         sched.info["response"].update(probe_grid=list(probe.info["grid"]),
                                       probe_steps=probe.info["num_steps"])
     return sched
+
+
+def builtin_video_fit(model, plan, profile, calibration_input, target: float, *, timesteps,
+                      latent, guidance_scale: float, probe_latent=None, probe_steps=None,
+                      rows_per_block: int | None = None, seed: int = 0, fit_kw: dict | None = None,
+                      where: str = "--probe-steps"):
+    """The video objective on the built-in sampler (``profile`` is its FAST profile at
+    ``latent`` and ``timesteps``): the schedule. ``probe_latent`` ``(F, H, W)`` / ``probe_steps``:
+    the probes, with a profile of their own, run on that smaller latent / a coarser version of
+    ``timesteps`` (at least the profiled step count). ``scaling-attn fast`` and the demo."""
+    from .offline import fast
+    from .offline.calibrate import evenly_spaced
+    from .offline.fast_response import sampler_run_fn
+
+    p_latent, p_ts, probe = tuple(latent), list(timesteps), None
+    if probe_latent is not None or probe_steps is not None:
+        if probe_latent is not None:
+            p_latent = (latent[0], *probe_latent)
+        if probe_steps is not None:  # a coarser version of the same schedule
+            p_ts = [p_ts[i] for i in evenly_spaced(len(p_ts), probe_steps)]
+        t = len(profile.timesteps)
+        if len(p_ts) < t:
+            raise CliError(f"{where} {probe_steps}: the probes weight {t} profiled steps, so "
+                           f"they need at least {t} steps")
+        kw = {} if rows_per_block is None else {"rows_per_block": rows_per_block}
+        probe = fast.profile_fidelity(plan, model, calibration_input, timesteps=p_ts,
+                                      latent_shape=p_latent,
+                                      capture_steps=evenly_spaced(len(p_ts), t),
+                                      levels=profile.levels, seed=seed,
+                                      guidance_scale=guidance_scale,
+                                      progress="FAST probe profile", **kw)
+    sample = sampler_run_fn(model, calibration_input, p_ts, p_latent, guidance_scale)
+    return _video_fit(model, plan, profile, sample, target, fit_kw or {}, probe)
 
 
 def fit_builtin(args: argparse.Namespace, plan, model, calibration_input, target: float, *,
@@ -143,8 +180,6 @@ def fit_builtin(args: argparse.Namespace, plan, model, calibration_input, target
     """Profile on the built-in sampler and fit (either objective): the plan with its
     schedule."""
     from .offline import fast
-    from .offline.calibrate import evenly_spaced
-    from .offline.fast_response import sampler_run_fn
 
     guidance = args.guidance_scale or 5.0
     prof = fast.profile_fidelity(plan, model, calibration_input, timesteps=timesteps,
@@ -152,23 +187,11 @@ def fit_builtin(args: argparse.Namespace, plan, model, calibration_input, target
                                  rows_per_block=args.rows_per_block, seed=args.seed,
                                  guidance_scale=guidance, progress="FAST profile")
     if args.objective == "video":
-        p_latent, p_ts, probe = latent, list(timesteps), None
-        if args.probe_latent is not None or args.probe_steps is not None:
-            p_latent = (latent[0], *args.probe_latent) if args.probe_latent else tuple(latent)
-            if args.probe_steps is not None:  # a coarser version of the same schedule
-                p_ts = [p_ts[i] for i in evenly_spaced(len(p_ts), args.probe_steps)]
-            t = len(prof.timesteps)
-            if len(p_ts) < t:
-                raise CliError(f"--probe-steps {args.probe_steps}: the probes weight {t} "
-                               f"profiled steps, so they need at least {t} steps")
-            probe = fast.profile_fidelity(plan, model, calibration_input, timesteps=p_ts,
-                                          latent_shape=p_latent,
-                                          capture_steps=evenly_spaced(len(p_ts), t),
-                                          levels=levels, rows_per_block=args.rows_per_block,
-                                          seed=args.seed, guidance_scale=guidance,
-                                          progress="FAST probe profile")
-        sample = sampler_run_fn(model, calibration_input, p_ts, p_latent, guidance)
-        sched = video_schedule(model, plan, prof, sample, target, args, probe_profile=probe)
+        sched = builtin_video_fit(model, plan, prof, calibration_input, target,
+                                  timesteps=timesteps, latent=latent, guidance_scale=guidance,
+                                  probe_latent=args.probe_latent, probe_steps=args.probe_steps,
+                                  rows_per_block=args.rows_per_block, seed=args.seed,
+                                  fit_kw=fit_kwargs(args))
     else:
         sched = fast.fit_schedule(prof, target, **fit_kwargs(args))
     return plan.with_schedule(sched)

@@ -74,6 +74,26 @@ def test_demo_end_to_end(model_dir, tmp_path):
     assert "| prompt | density | PSNR (dB) | SSIM | rel L2 |" in md and "generate sparse" in md
     assert set(res["timings_s"]) >= {"WEST calibration", "FAST profile + fit", "generate dense",
                                      "generate sparse"}
+    # The demo's default FAST objective is the video one; at 8 blocks the probes run at full
+    # size (half the height and width would leave 2 blocks, below PROBE_MIN_BLOCKS).
+    assert res["meta"]["fast_objective"] == "video"
+    probes = res["meta"]["video_probes"]
+    assert probes["probe_grid"] == [4, 16, 16] and probes["generations"] == LAYERS + STEPS + 1
+
+
+def test_demo_video_objective_falls_back_with_a_line(model_dir, tmp_path, capsys):
+    """One block per video (so only density 1.0 is reachable): the probes cannot be sparse, so
+    the demo says so and fits the attention objective instead of failing or writing NaN
+    gains."""
+    out = tmp_path / "demo_one_block"
+    rc = main(["demo", "--model-path", str(model_dir), "--out", str(out), "--grid", "2,16,16",
+               "--target-density", "1.0", "--steps", "2", "--num-calib", "1", "--calib-capture-steps", "1",
+               "--fast-capture-steps", "2", "--num-prompts", "1", "--compiler", "eager",
+               "--device", "cpu", "--quiet"])
+    assert rc == 0
+    assert "fitting the attention objective" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["fast_objective"] == "output_error" and not res["meta"]["video_probes"]
 
 
 def test_demo_in_bf16_runs(model_dir, tmp_path, monkeypatch):
