@@ -127,13 +127,15 @@ def video_schedule(model, plan, profile, sample, target: float, args: argparse.N
     return _video_fit(model, plan, profile, sample, target, fit_kwargs(args), probe_profile)
 
 
-def _video_fit(model, plan, profile, sample, target: float, fit_kw: dict, probe_profile=None):
+def _video_fit(model, plan, profile, sample, target: float, fit_kw: dict, probe_profile=None,
+               progress: bool = True):
     from .offline import fast_response as R
 
     probe = profile if probe_profile is None else probe_profile
     run = sparse_run(model, plan, tuple(probe.info["grid"]), sample)
     t0 = time.perf_counter()
-    resp = R.measure_response(probe, plan.num_heads, run, progress="FAST video probes")
+    resp = R.measure_response(probe, plan.num_heads, run,
+                              progress="FAST video probes" if progress else False)
     seconds = time.perf_counter() - t0
     sched = R.fit_video_schedule(profile, target, resp, seconds, **fit_kw)
     if probe_profile is not None:
@@ -145,7 +147,7 @@ def _video_fit(model, plan, profile, sample, target: float, fit_kw: dict, probe_
 def builtin_video_fit(model, plan, profile, calibration_input, target: float, *, timesteps,
                       latent, guidance_scale: float, probe_latent=None, probe_steps=None,
                       rows_per_block: int | None = None, seed: int = 0, fit_kw: dict | None = None,
-                      where: str = "--probe-steps"):
+                      where: str = "--probe-steps", progress: bool = True):
     """The video objective on the built-in sampler (``profile`` is its FAST profile at
     ``latent`` and ``timesteps``): the schedule. ``probe_latent`` ``(F, H, W)`` / ``probe_steps``:
     the probes, with a profile of their own, run on that smaller latent / a coarser version of
@@ -170,9 +172,10 @@ def builtin_video_fit(model, plan, profile, calibration_input, target: float, *,
                                       capture_steps=evenly_spaced(len(p_ts), t),
                                       levels=profile.levels, seed=seed,
                                       guidance_scale=guidance_scale,
-                                      progress="FAST probe profile", **kw)
+                                      progress="FAST probe profile" if progress else False,
+                                      **kw)
     sample = sampler_run_fn(model, calibration_input, p_ts, p_latent, guidance_scale)
-    return _video_fit(model, plan, profile, sample, target, fit_kw or {}, probe)
+    return _video_fit(model, plan, profile, sample, target, fit_kw or {}, probe, progress)
 
 
 def fit_builtin(args: argparse.Namespace, plan, model, calibration_input, target: float, *,

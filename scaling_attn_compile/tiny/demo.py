@@ -4,7 +4,7 @@
     scaling-attn demo --model tiny-wan --model-path /tmp/tw --target-density 0.25 --out demo_out
 
 Which model (``--model``, ``tiny.registry``): small-wan, the photo-trained Wan. On the CPU it runs
-4 frames (4x32x32 tokens = 32 blocks per video: a block is 4 token rows of one frame) for 16
+4 frames (4x32x32 tokens = 32 blocks per video: a block is a 3D tile of 4x4x8 tokens) for 16
 steps, in minutes; on CUDA its native grid (16,384 tokens = 128 blocks per video, the
 granularity the quality study measures). The tiny Wan (``--model tiny-wan``, 16 blocks at
 8x32x32: a block is half a frame) is faster but its sparse frames show block seams.
@@ -14,7 +14,10 @@ Stages (each timed):
 1. load the model and its caption encoder from ``--model-path`` (default: the bundled assets);
 2. WEST: dense calibration runs on a few *training* captions -> threshold codes (``calibrate_west``);
 3. FAST: one profiling run (a training caption not used in 2) -> head-wise schedule fitted to
-   ``--target-density`` (``build_fast_plan``);
+   ``--target-density``; with ``--objective video`` (the default) each (layer, step)'s error
+   is weighted by its measured cost in the video, from ``L + T + 1`` probe generations at half
+   the height and width and half the steps (``cli_fast.builtin_video_fit``, which the CLI
+   passes in);
 4. compile the transformer with ``scaling_attn_backend(plan)`` (CPU: the op's kept-blocks path, kernels/block_gather_cpu.py);
 5. generate the *held-out* captions dense (eager model) and sparse (compiled), same seeds;
 6. write to ``--out``: ``side_by_side.gif`` (dense | sparse per prompt), ``masks_layer<i>.png``,
@@ -225,7 +228,8 @@ def _video_schedule(args, video_fit, spec, model, plan, prof, cal_in, target, ts
     try:
         return video_fit(model, plan, prof, cal_in, target, timesteps=ts_all, latent=latent,
                          guidance_scale=args.guidance_scale, probe_latent=probe,
-                         probe_steps=probe_steps, where="demo: probe steps")
+                         probe_steps=probe_steps, where="demo: probe steps",
+                         progress=not args.quiet)
     except ValueError as e:
         print(f"[demo] --objective video: {e}; fitting the attention objective", flush=True)
         return None
