@@ -242,13 +242,10 @@ def test_out_of_range_entries_are_clamped_and_compute_exactly_those_rows():
 
 @pytest.mark.skipif(not INTERPRET, reason="needs the interpreter")
 def test_rendered_template_with_the_order_equals_the_reference():
-    import importlib.util
-
-    import triton
     from test_lowering import capture_template_choices
 
     from scaling_attn_compile.compile import lowering
-    from scaling_attn_compile.testing import assert_close_to_oracle
+    from scaling_attn_compile.testing import assert_close_to_oracle, rendered_kernel
 
     B, H, S, D = 2, 2, 200, 64
     q, k, v = make_qkv(B, H, S, D, dtype=torch.float16)
@@ -270,10 +267,7 @@ def test_rendered_template_with_the_order_equals_the_reference():
     by_block_m = {}
     for choice in choices:
         assert "off_h, pid_m = bsa_launch_slot(" in open(choice.bmreq.module_path).read()
-        spec = importlib.util.spec_from_file_location("tmpl", choice.bmreq.module_path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        kernel = getattr(mod, choice.bmreq.kernel_name)
+        kernel = rendered_kernel(choice)
         by_block_m.setdefault(kernel.inductor_meta["config_args"]["BLOCK_M"], kernel)
     assert set(by_block_m) == {64, 128}
     for block_m, kernel in by_block_m.items():
