@@ -13,18 +13,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def BA():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports _common, mask_families
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as module ``name`` (registered: its dataclasses look their
+    module up), with ``benchmarks/`` importable while it loads (_common, mask_families)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("bench_attention",
-                                                      ROOT / "benchmarks" / "bench_attention.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault("bench_attention", mod)  # dataclasses look their module up
+        sys.modules.setdefault(name, mod)
         spec.loader.exec_module(mod)
-        yield mod
+        return mod
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def BA():
+    return load_benchmark("bench_attention")
 
 
 def rec(BA, impl, mask, density, ms):
@@ -84,22 +89,14 @@ def test_bench_compile_ragged_patterns_are_per_layer_mask_families():
 
     from scaling_attn_compile.contract.masks import unpack_blocks
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_compile",
-                                                      ROOT / "benchmarks" / "bench_compile.py")
-        bc = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault("bench_compile", bc)  # dataclasses look their module up
-        spec.loader.exec_module(bc)
-        grid = (4, 16, 32)  # 2048 tokens, 16 blocks
-        for pattern in ("windows", "bernoulli"):
-            t = bc.plan_tables(pattern, 3, 4, grid, 0.25)
-            assert t.num_layers == 3 and t.masks[0].shape[:2] == (4, 1)
-            rows = [unpack_blocks(m[:, 0], 16).sum(-1) for m in t.masks]
-            assert all(abs(r.float().mean().item() / 16 - 0.25) < 0.1 for r in rows)
-            assert any(r.float().std() > 0 for r in rows), "ragged rows"
-        flat = bc.plan_tables("local", 2, 4, grid, 0.25)
-        assert torch.equal(unpack_blocks(flat.masks[0][:, 0], 16).sum(-1).unique(),
-                           torch.tensor([4]))
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bc = load_benchmark("bench_compile")
+    grid = (4, 16, 32)  # 2048 tokens, 16 blocks
+    for pattern in ("windows", "bernoulli"):
+        t = bc.plan_tables(pattern, 3, 4, grid, 0.25)
+        assert t.num_layers == 3 and t.masks[0].shape[:2] == (4, 1)
+        rows = [unpack_blocks(m[:, 0], 16).sum(-1) for m in t.masks]
+        assert all(abs(r.float().mean().item() / 16 - 0.25) < 0.1 for r in rows)
+        assert any(r.float().std() > 0 for r in rows), "ragged rows"
+    flat = bc.plan_tables("local", 2, 4, grid, 0.25)
+    assert torch.equal(unpack_blocks(flat.masks[0][:, 0], 16).sum(-1).unique(),
+                       torch.tensor([4]))
