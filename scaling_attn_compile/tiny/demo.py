@@ -310,7 +310,9 @@ def run_demo(args: argparse.Namespace, video_fit=None) -> dict:
             guidance_scale=args.guidance_scale, progress=progress)
         schedule = None
         if args.objective == "video":
-            schedule = _video_schedule(args, video_fit, spec, calib_model, plan, prof, cal_in,
+            # The probes run the model the demo generates with (bf16 on CUDA): they go through
+            # the op's semantics, whose CUDA kernel takes fp16/bf16, not the fp32 copy.
+            schedule = _video_schedule(args, video_fit, spec, model, plan, prof, cal_in,
                                        target, ts_all, latent)
         if schedule is None:
             schedule = fast.fit_schedule(prof, target)
