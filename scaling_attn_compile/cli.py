@@ -352,11 +352,6 @@ def run_fast(args: argparse.Namespace) -> int:
         from .cli_fast import video_schedule
         from .cli_pipeline import run_fast_pipeline
 
-        if args.probe_latent is not None or args.probe_steps is not None:
-            raise CliError(f"--probe-latent/--probe-steps: run the probes on the built-in "
-                           f"sampler only; {folder} is a pipeline folder, whose probes run the "
-                           f"pipeline at the calibration size: drop them")
-
         args._device = resolve_device(args.device)
         args._dtype = resolve_dtype(args.dtype, args._device)
         plan = run_fast_pipeline(args, folder, plan, target, video_fit=video_schedule)

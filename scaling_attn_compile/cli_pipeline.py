@@ -65,15 +65,21 @@ def _image(args, pipe):
     return Image.open(args.image).convert("RGB")
 
 
-def token_grid(pipe, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Self-attention token grid of a ``frames x height x width`` video in this pipeline."""
-    from .models.registry import adapter_for
-
-    # Wan's pipelines name the VAE strides vae_scale_factor_*, LTX's vae_*_compression_ratio.
+def vae_strides(pipe) -> tuple[int, int]:
+    """(temporal, spatial) pixels per latent cell of this pipeline's VAE. Wan's pipelines name
+    them vae_scale_factor_*, LTX's vae_*_compression_ratio."""
     st = int(getattr(pipe, "vae_scale_factor_temporal", None)
              or getattr(pipe, "vae_temporal_compression_ratio", None) or 4)
     ss = int(getattr(pipe, "vae_scale_factor_spatial", None)
              or getattr(pipe, "vae_spatial_compression_ratio", None) or 8)
+    return st, ss
+
+
+def token_grid(pipe, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Self-attention token grid of a ``frames x height x width`` video in this pipeline."""
+    from .models.registry import adapter_for
+
+    st, ss = vae_strides(pipe)
     pt, ph, pw = adapter_for(pipe.transformer, "scaling-attn west").patch_size(pipe.transformer)
     lat = ((frames - 1) // st + 1, height // ss, width // ss)
     if lat[0] % pt or lat[1] % ph or lat[2] % pw or height % ss or width % ss:
@@ -190,8 +196,31 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
     prof = profile_pipeline(plan, pipe, call, capture_steps=capture, levels=levels,
                             rows_per_block=args.rows_per_block, seed=args.seed,
                             component=args.component)
+    probe, probe_call = None, call
+    if args.probe_latent is not None or args.probe_steps is not None:
+        # The probes' own, cheaper video: --probe-latent times the VAE's strides, and/or
+        # --probe-steps of the pipeline's scheduler; a profile of their own at that setting.
+        st, ss = vae_strides(pipe)
+        if args.probe_latent is not None:
+            f, h, w = args.probe_latent
+            frames, height, width = (f - 1) * st + 1, h * ss, w * ss
+        p_steps = args.probe_steps or steps
+        t = len(prof.timesteps)
+        if p_steps < t:
+            raise CliError(f"--probe-steps {p_steps}: the probes weight {t} profiled steps, so "
+                           f"they need at least {t} steps")
+        probe_call = pipeline_calls([prompt], height=height, width=width, num_frames=frames,
+                                    num_inference_steps=p_steps,
+                                    guidance_scale=_guidance(args, pipe),
+                                    negative_prompt=args.negative_prompt, image=image,
+                                    seed=args.seed, **extra)[0]
+        print(f"video probes: {frames}x{height}x{width}, {p_steps} steps")
+        probe = profile_pipeline(plan, pipe, probe_call, capture_steps=evenly_spaced(p_steps, t),
+                                 levels=levels, rows_per_block=args.rows_per_block,
+                                 seed=args.seed, component=args.component)
     return plan.with_schedule(video_fit(getattr(pipe, args.component), plan, prof,
-                                    pipeline_run_fn(pipe, call), target, args))
+                                        pipeline_run_fn(pipe, probe_call), target, args,
+                                        probe_profile=probe))
 
 
 def _guidance(args, pipe) -> float:

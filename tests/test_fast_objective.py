@@ -296,3 +296,14 @@ def test_pipeline_video_objective_probes_the_pipelines_timesteps(tmp_path, capsy
                           max_sequence_length=TEXT_LEN, seed=3)[0]
     sample = R.pipeline_run_fn(pipe, call)
     assert torch.equal(sample(), sample())
+    # Cheap probes through the pipeline: --probe-steps (its scheduler at 2 steps) and
+    # --probe-latent (times the VAE's strides: 2,16,24 -> 5 frames of 128x192, the calibration
+    # video here, the smallest this two-block model stays sparse at).
+    out = tmp_path / "p.plan.safetensors"
+    assert main(["fast", "--plan", str(west), "--target-density", "0.7", "--rows-per-block", "8",
+                 "--objective", "video", "--capture-steps", "2", "--probe-steps", "2",
+                 "--probe-latent", "2,16,24", "--out", str(out), *common]) == 0
+    assert "video probes: 5x128x192, 2 steps" in capsys.readouterr().out
+    r = load_plan(out).schedule.info["response"]
+    assert r["probe_steps"] == 2 and r["probe_grid"] == [2, 8, 12]
+    assert r["generations"] == 2 + 2 + 1 and min(r["probe_mse_by_step"]) > 0
