@@ -190,6 +190,25 @@ def test_cache_key_changes_with_the_fa4_state(monkeypatch):
     assert on != off and off == lowering._SOURCE_HASH
 
 
+@contextlib.contextmanager
+def fa4_picked(fake_fa4, style: str = "node+choice"):
+    """Compiles inside pick FA4 whatever the timings, with ``fake_fa4`` as its kernel, on the
+    CPU (Inductor's triton cpu backend). ``style``: what the selector returns, ``"node+choice"``
+    (torch >= 2.12) or ``"node"`` (torch 2.11)."""
+    def pick_fa4(name, choices, input_nodes, layout, **kwargs):
+        choice = next(c for c in choices if c.name == lowering.FA4_CHOICE_NAME)
+        node = choice.output_node()
+        return (node, choice) if style == "node+choice" else node
+
+    with mock.patch.object(lowering, "_fa4_device", lambda device: True), \
+            mock.patch.object(lowering, "autotune_select_algorithm", pick_fa4), \
+            mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
+            mock.patch.object(fa4_op, "fa4_block_sparse_attention", fake_fa4), \
+            mock.patch("torch.utils._triton.triton_hash_with_backend", lambda: "cpu-test"), \
+            torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
+        yield
+
+
 def test_generated_code_calls_the_fa4_op_when_it_wins():
     """Let the autotuner pick FA4 and run what Inductor generates: the extern call is
     ``torch.ops.scaling_attn.sparse_attention_fa4`` with the op's inputs and scale, it equals the
@@ -205,19 +224,9 @@ def test_generated_code_calls_the_fa4_op_when_it_wins():
         return sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale)
 
     for style in ("node+choice", "node"):  # torch >= 2.12, torch 2.11
-        def pick_fa4(name, choices, input_nodes, layout, style=style, **kwargs):
-            choice = next(c for c in choices if c.name == lowering.FA4_CHOICE_NAME)
-            node = choice.output_node()
-            return (node, choice) if style == "node+choice" else node
-
         torch._dynamo.reset()
         del lowering.PICKS[:]
-        with mock.patch.object(lowering, "_fa4_device", lambda device: True), \
-                mock.patch.object(lowering, "autotune_select_algorithm", pick_fa4), \
-                mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
-                mock.patch.object(fa4_op, "fa4_block_sparse_attention", fake_fa4), \
-                mock.patch("torch.utils._triton.triton_hash_with_backend", lambda: "cpu-test"), \
-                torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
+        with fa4_picked(fake_fa4, style):
             f = torch.compile(lambda *a: OP(*a, SCALE), backend="inductor", fullgraph=True,
                               dynamic=False)
             out, codes = run_and_get_code(f, *args)

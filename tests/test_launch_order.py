@@ -399,11 +399,11 @@ def test_fa4_choice_takes_the_same_inputs_as_the_template():
     (and ignores it). Then the generated call, with FA4 picked, runs and equals the reference."""
     from unittest import mock
 
+    from test_fa4_choice import fa4_picked
     from test_lowering import capture_template_choices
     from torch._inductor.utils import run_and_get_code
 
     from scaling_attn_compile.compile import lowering
-    from scaling_attn_compile.ops import fa4_op
 
     B, H, S, D = 1, 2, 300, 64
     q, k, v = make_qkv(B, H, S, D, dtype=torch.float16)
@@ -422,18 +422,8 @@ def test_fa4_choice_takes_the_same_inputs_as_the_template():
     assert len(fa4) == 1 and len(fa4[0].input_nodes) == 8
     assert all(len(c.input_nodes) == 8 for c in choices)
 
-    def pick_fa4(name, choices, input_nodes, layout, **kwargs):
-        choice = next(c for c in choices if c.name == lowering.FA4_CHOICE_NAME)
-        return choice.output_node(), choice
-
-    fake = lambda q, k, v, m, l, b, t, s: sparse_attention_reference(q, k, v, m, l, b, t, s)
     torch._dynamo.reset()
-    with mock.patch.object(lowering, "_fa4_device", lambda device: True), \
-            mock.patch.object(lowering, "autotune_select_algorithm", pick_fa4), \
-            mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
-            mock.patch.object(fa4_op, "fa4_block_sparse_attention", fake), \
-            mock.patch("torch.utils._triton.triton_hash_with_backend", lambda: "cpu-test"), \
-            torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False):
+    with fa4_picked(sparse_attention_reference):
         out, codes = run_and_get_code(torch.compile(f, backend="inductor", fullgraph=True,
                                                     dynamic=False), q, k, v, masks, lt, bb, ts,
                                       order)
