@@ -193,11 +193,13 @@ class RegionalTables:
             self._perm = permutation(tuple(grid), order).to(device)
             self._inv = inverse_permutation(tuple(grid), order).to(device)
         levels = max(m.shape[1] for m, _, _ in per_layer)
-        s = math.prod(grid)
-        return [(m, lt, b, launch_order(m, lt, s) if launch_order_enabled() else None)
-                for m, lt, b in ((torch.cat([m] + [m[:, -1:]] * (levels - m.shape[1]), 1)
-                                  if m.shape[1] < levels else m, lt, b)
-                                 for m, lt, b in per_layer)]
+        s, with_order = math.prod(grid), launch_order_enabled()
+        out = []
+        for m, lt, b in per_layer:
+            if m.shape[1] < levels:
+                m = torch.cat([m] + [m[:, -1:]] * (levels - m.shape[1]), 1)
+            out.append((m, lt, b, launch_order(m, lt, s) if with_order else None))
+        return out
 
     @torch.no_grad()
     def _update(self, _module, args, kwargs):
