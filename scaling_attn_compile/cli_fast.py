@@ -58,11 +58,8 @@ def check_objective(args: argparse.Namespace) -> None:
                        f"--objective video, or drop {probes[0]}")
     if args.objective != "video":
         return
-    if (args.probe_steps is not None and args.capture_steps is not None
-            and args.probe_steps < args.capture_steps):
-        raise CliError(f"--probe-steps {args.probe_steps}: the probes weight "
-                       f"--capture-steps {args.capture_steps} profiled steps, so they need at "
-                       f"least {args.capture_steps} steps")
+    if args.probe_steps is not None and args.capture_steps is not None:  # before any loading
+        check_probe_steps(args.probe_steps, args.capture_steps)
     if args.method != "fast":
         raise CliError(f"--objective video: weights FAST's fit; --method {args.method} fits "
                        f"nothing; drop --objective or pass --method fast")
@@ -145,10 +142,17 @@ def _video_fit(model, plan, profile, sample, target: float, fit_kw: dict, probe_
     return sched
 
 
+def check_probe_steps(probe_steps: int, profiled_steps: int) -> None:
+    """The probes weigh one gain per profiled step, so they need at least that many steps."""
+    if probe_steps < profiled_steps:
+        raise CliError(f"--probe-steps {probe_steps}: the probes weight {profiled_steps} "
+                       f"profiled steps, so they need at least {profiled_steps} steps")
+
+
 def builtin_video_fit(model, plan, profile, calibration_input, target: float, *, timesteps,
                       latent, guidance_scale: float, probe_latent=None, probe_steps=None,
                       rows_per_block: int | None = None, seed: int = 0, fit_kw: dict | None = None,
-                      where: str = "--probe-steps", progress: bool = True):
+                      progress: bool = True):
     """The video objective on the built-in sampler (``profile`` is its FAST profile at
     ``latent`` and ``timesteps``): the schedule. ``probe_latent`` ``(F, H, W)`` / ``probe_steps``:
     the probes, with a profile of their own, run on that smaller latent / a coarser version of
@@ -164,9 +168,7 @@ def builtin_video_fit(model, plan, profile, calibration_input, target: float, *,
         if probe_steps is not None:  # a coarser version of the same schedule
             p_ts = [p_ts[i] for i in evenly_spaced(len(p_ts), probe_steps)]
         t = len(profile.timesteps)
-        if len(p_ts) < t:
-            raise CliError(f"{where} {probe_steps}: the probes weight {t} profiled steps, so "
-                           f"they need at least {t} steps")
+        check_probe_steps(len(p_ts), t)
         kw = {} if rows_per_block is None else {"rows_per_block": rows_per_block}
         probe = fast.profile_fidelity(plan, model, calibration_input, timesteps=p_ts,
                                       latent_shape=p_latent,

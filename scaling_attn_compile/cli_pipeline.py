@@ -204,11 +204,11 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
         if args.probe_latent is not None:
             f, h, w = args.probe_latent
             frames, height, width = (f - 1) * st + 1, h * ss, w * ss
+        from .cli_fast import check_probe_steps
+
         p_steps = args.probe_steps or steps
         t = len(prof.timesteps)
-        if p_steps < t:
-            raise CliError(f"--probe-steps {p_steps}: the probes weight {t} profiled steps, so "
-                           f"they need at least {t} steps")
+        check_probe_steps(p_steps, t)
         probe_call = pipeline_calls([prompt], height=height, width=width, num_frames=frames,
                                     num_inference_steps=p_steps,
                                     guidance_scale=_guidance(args, pipe),

@@ -228,8 +228,7 @@ def _video_schedule(args, video_fit, spec, model, plan, prof, cal_in, target, ts
     try:
         return video_fit(model, plan, prof, cal_in, target, timesteps=ts_all, latent=latent,
                          guidance_scale=args.guidance_scale, probe_latent=probe,
-                         probe_steps=probe_steps, where="demo: probe steps",
-                         progress=not args.quiet)
+                         probe_steps=probe_steps, progress=not args.quiet)
     except ValueError as e:
         print(f"[demo] --objective video: {e}; fitting the attention objective", flush=True)
         return None
