@@ -429,3 +429,18 @@ def test_fa4_choice_takes_the_same_inputs_as_the_template():
                                       order)
     assert "torch.ops.scaling_attn.sparse_attention_fa4.default" in "\n".join(codes)
     torch.testing.assert_close(out, sparse_attention_reference(q, k, v, masks, lt, bb, ts, scale))
+
+
+def test_autotune_inputs_give_the_order_its_own_slot():
+    """The lowering's autotune inputs: the order follows kv_lens when both are inputs, and is
+    index order (with every block kept, any order is the same work)."""
+    from types import SimpleNamespace
+
+    from scaling_attn_compile.compile import lowering
+
+    node = SimpleNamespace(get_size=lambda: [2, 6], get_stride=lambda: [6, 1],
+                           get_dtype=lambda: torch.int32, get_device=lambda: torch.device("cpu"))
+    assert sorted(lowering._input_gen_fns(300, False, True)) == [3, 4, 5, 6, 7]
+    fns = lowering._input_gen_fns(300, True, True)
+    assert sorted(fns) == [3, 4, 5, 6, 7, 8]
+    assert torch.equal(fns[8](node), natural_order(2, 2, 300))  # 2 heads x 3 blocks

@@ -50,7 +50,7 @@ from torch._inductor.select_algorithm import (
 )
 from torch._inductor.virtualized import V
 
-from ..contract.masks import num_blocks, pack_blocks
+from ..contract.masks import natural_order, num_blocks, pack_blocks
 from ..contract.validate import HEAD_DIMS, KERNEL_DTYPES
 from ..kernels import block_sparse_attention as _kernel
 from ..kernels import fa4 as _fa4
@@ -155,7 +155,7 @@ def _input_gen_fns(seq_len: int, has_kv_lens: bool = False, has_launch_order: bo
 
     def launch_order(node):  # index order: with every block kept, every order is the same work
         nt, n = _shape(node)
-        return _like(node, torch.arange(n, dtype=torch.int32).expand(nt, n))
+        return _like(node, natural_order(nt, n // nb, seq_len))
 
     fns = {3: masks, 4: level_table, 5: bounds, 6: timestep}
     if has_kv_lens:
