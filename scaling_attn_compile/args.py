@@ -138,3 +138,11 @@ def save_west_plan(plan, args: argparse.Namespace, t0: float) -> int:
     print(plan.summary())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def check_probe_steps(probe_steps: int, profiled_steps: int) -> None:
+    """``--probe-steps``: the video objective's probes weigh one gain per profiled step, so
+    they need at least that many steps (``scaling-attn fast``, built-in and pipeline paths)."""
+    if probe_steps < profiled_steps:
+        raise CliError(f"--probe-steps {probe_steps}: the probes weight {profiled_steps} "
+                       f"profiled steps, so they need at least {profiled_steps} steps")

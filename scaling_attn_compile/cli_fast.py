@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .args import parse_triple, positive_int
+from .args import check_probe_steps, parse_triple, positive_int
 from .errors import CliError
 
 OBJECTIVES = ("attention", "video")
@@ -140,13 +140,6 @@ def _video_fit(model, plan, profile, sample, target: float, fit_kw: dict, probe_
         sched.info["response"].update(probe_grid=list(probe.info["grid"]),
                                       probe_steps=probe.info["num_steps"])
     return sched
-
-
-def check_probe_steps(probe_steps: int, profiled_steps: int) -> None:
-    """The probes weigh one gain per profiled step, so they need at least that many steps."""
-    if probe_steps < profiled_steps:
-        raise CliError(f"--probe-steps {probe_steps}: the probes weight {profiled_steps} "
-                       f"profiled steps, so they need at least {profiled_steps} steps")
 
 
 def builtin_video_fit(model, plan, profile, calibration_input, target: float, *, timesteps,

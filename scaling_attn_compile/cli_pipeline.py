@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .args import save_west_plan
+from .args import check_probe_steps, save_west_plan
 from .errors import CliError
 from .models.registry import adapter_for
 
@@ -204,8 +204,6 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
         if args.probe_latent is not None:
             f, h, w = args.probe_latent
             frames, height, width = (f - 1) * st + 1, h * ss, w * ss
-        from .cli_fast import check_probe_steps
-
         p_steps = args.probe_steps or steps
         t = len(prof.timesteps)
         check_probe_steps(p_steps, t)
