@@ -348,7 +348,7 @@ def check_bars(records: list[Record]) -> None:
     of the full 1.3B model with our backend < 180 s on a cold cache."""
     by = {(r.model, r.layers, r.row): r for r in records if r.ms is not None}
     for (model, layers, row), r in sorted(by.items()):
-        if row == "ours-0.25" and r.speedup_vs_eager:
+        if row in ("ours-0.25", "ours-0.25/regional") and r.speedup_vs_eager:
             print(f"bar {model} ({layers} layers): ours@0.25 {r.speedup_vs_eager:.2f}x eager "
                   f"(>= 1.9x: {'met' if r.speedup_vs_eager >= 1.9 else 'NOT met'})")
         ind = by.get((model, layers, "inductor"))

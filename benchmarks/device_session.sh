@@ -18,6 +18,7 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt        # launch order A/B, 1.3B (kernel and step)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt14      # launch order A/B, 14B (kernel)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh q8         # the 8-bit kernel against bf16, 1.3B
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh families   # issue 19: a step per family, eager vs ours
 #
 # Several stages run in order in one call: `device_session.sh tests west40`.
 #
@@ -33,7 +34,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | families}"; do
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
@@ -99,6 +100,18 @@ lpt14)  # predicted < 0.5% at 14B
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
     --impls ours ours-triton ours-int8 ours-fp8 ours-int8-op sdpa-cudnn --out "$OUT/attention-q8.json"
+  ;;
+families)  # issue 19: one step per family at its default resolution, eager vs ours (regional
+  # compile: one block compiled, ~17 s cold at 1.3B, instead of 100-150 s for the whole graph).
+  # A14B is Wan2.1-14B's architecture per expert: 10 of its 40 layers, said in the record.
+  step 170 python3 benchmarks/bench_compile.py --models ti2v-5b --rows eager ours-dense ours-0.25 \
+    --regional --repeats 3 --out "$OUT/families.json"
+  step 110 python3 benchmarks/bench_compile.py --models ltx --rows eager ours-dense ours-0.25 \
+    --regional --out "$OUT/families.json"
+  step 150 python3 benchmarks/bench_compile.py --models a14b --layers 10 --rows eager ours-0.25 \
+    --regional --repeats 3 --out "$OUT/families.json"
+  step 140 python3 benchmarks/bench_hunyuan.py --double 2 --single 4 --rows eager ours-0.25 \
+    --repeats 3 --out "$OUT/hunyuan.json"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
