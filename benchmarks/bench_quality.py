@@ -133,26 +133,43 @@ def finite(obj):
     return obj
 
 
-def merge(paths: list[Path]) -> dict:
+def merge(paths: list[Path], times_from: Path | None = None) -> dict:
     """One result from runs of one study split over calls: other densities or methods, or a
     run without timing (``--no-time``) and one with timing only (``--timing-only``). Rows are
     joined by (method, target): the first run with videos gives the quality, the first with a
     time gives ``ms_per_step``; the bars are recomputed. Each run's PSNR is against its own
     dense videos, so rows stay comparable when the runs share model, grid, steps, prompts, seeds
-    and calibration captions, which is checked (the calibration is deterministic in them)."""
+    and calibration captions, which is checked (the calibration is deterministic in them).
+    ``times_from`` (one of ``paths``): every row's time comes from that run alone, replacing the
+    others' (a re-timing with a new clock; rows it did not time have none)."""
     import copy
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     base = runs[0]
     same = ("model", "grid", "steps", "videos", "seeds", "calibration_captions", "token_order")
+    no_videos = ("videos", "seeds")  # a --timing-only run makes none: its prompts do not matter
     defaults = {"token_order": "raster"}  # records from before the option were raster order
     for p, r in zip(paths[1:], runs[1:], strict=True):
+        timing_only = r["config"].get("timing_only") or base["config"].get("timing_only")
         diff = [k for k in same if r["config"].get(k, defaults.get(k))
-                != base["config"].get(k, defaults.get(k))]
+                != base["config"].get(k, defaults.get(k))
+                and not (timing_only and k in no_videos)]
         if diff:
             raise SystemExit(f"--merge: {p} differs from {paths[0]} in {diff}; merge only runs "
                              "of one study (same model, grid, steps, prompts, seeds and token "
                              "order)")
+    # The runs must have timed and filmed the same tables: the calibration is deterministic in
+    # the captions, so a (method, target) planned at another density means another plan.
+    planned: dict[tuple, float] = {}
+    for p, r in zip(paths, runs, strict=True):
+        for e in r["results"]:
+            key, d = (e["method"], e["target_density"]), e.get("planned_density")
+            if d is None:
+                continue
+            if key in planned and abs(planned[key] - d) > 1e-6:
+                raise SystemExit(f"--merge: {p} planned {key[0]} at {key[1]} to density {d:.6f}, "
+                                 f"another run to {planned[key]:.6f}: not the same tables")
+            planned.setdefault(key, d)
     rows: dict[tuple, dict] = {}
     recs: dict[tuple, list] = {}
     for r in runs:
@@ -171,6 +188,16 @@ def merge(paths: list[Path]) -> dict:
                                      timing=timed.get("timing"))
             elif have.get("ms_per_step") is None and e.get("ms_per_step") is not None:
                 have.update(ms_per_step=e["ms_per_step"], timing=e.get("timing"))
+    clock = base  # the run whose clock the times (and the dense reference) come from
+    if times_from is not None:
+        if str(times_from) not in map(str, paths):
+            raise SystemExit(f"--times-from {times_from}: not one of the merged runs")
+        timed = {(e["method"], e["target_density"]): e
+                 for e in runs[[str(p) for p in paths].index(str(times_from))]["results"]}
+        for key, e in rows.items():
+            t = timed.get(key, {})
+            e.update(ms_per_step=t.get("ms_per_step"), timing=t.get("timing"))
+        clock = runs[[str(p) for p in paths].index(str(times_from))]
     for key, e in rows.items():
         for x in recs.get(key, []):
             x["ms_per_step"] = e.get("ms_per_step")
@@ -179,12 +206,18 @@ def merge(paths: list[Path]) -> dict:
     out["config"] = dict(base["config"], densities=sorted(
         {d for r in runs for d in r["config"]["densities"]}, reverse=True))
     out.update(results=results, records=[x for v in recs.values() for x in v],
-               bar=bar_check(results), pareto=pareto_check(results),
+               bar=bar_check(results),
+               bar_video_objective=bar_check(results, "west_fast_weighted"), pareto=pareto_check(results),
                at_equal_density=at_equal_density(results, out["config"]["densities"]),
                at_equal_time=at_equal_time(results), merged_from=[str(p) for p in paths],
-               reference_timing=next((r["reference_timing"] for r in runs
-                                      if r.get("reference_timing")), {}),
+               reference_timing=clock.get("reference_timing") or {} if times_from else next(
+                   (r["reference_timing"] for r in runs if r.get("reference_timing")), {}),
+               timing_device=clock.get("env", {}).get("device"),
                budget=[r.get("budget") for r in runs],
+               envs=[dict(path=str(p), device=r.get("env", {}).get("device"),
+                          git_sha=r.get("env", {}).get("git_sha"),
+                          timing_only=bool(r["config"].get("timing_only")))
+                     for p, r in zip(paths, runs, strict=True)],
                timings_s=[r.get("timings_s") for r in runs])
     return out
 
@@ -262,14 +295,22 @@ def main(argv=None) -> int:
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="join quality records of one study split over calls into "
                         "--out-quality (bars recomputed, plot redrawn); runs nothing")
+    p.add_argument("--times-from", type=Path, default=None, metavar="JSON",
+                   help="--merge: take every row's ms/step from this one of the merged runs "
+                        "(a re-timing), not from whichever run timed it first")
     args = p.parse_args(argv)
+    if args.times_from is not None and not args.merge:
+        p.error("--times-from: only with --merge")
     if args.merge:
         if args.out_quality is None:
             p.error("--merge: pass --out-quality for the merged record")
-        res = merge(args.merge)
+        res = merge(args.merge, args.times_from)
         args.out_quality.write_text(json.dumps(finite(res), indent=2, allow_nan=False))
         png = plot_pareto(res, args.out_quality.with_suffix(".png"))
         print(quality_table(res))
+        print(json.dumps({key: {k: v for k, v in res[key].items() if k != "rows"}
+                          for key in ("bar", "bar_video_objective")}
+                         | {"pareto_met": res["pareto"]["met"]}, indent=2))
         print(f"wrote {args.out_quality}, {png}")
         return 0
     methods = [m for m in args.methods.split(",") if m]
@@ -316,8 +357,9 @@ def main(argv=None) -> int:
         write(res)
         png = out.with_suffix(".png")
         print(quality_table(res))
-        print(json.dumps({"bar": {k: v for k, v in res["bar"].items() if k != "rows"},
-                          "pareto_met": res["pareto"]["met"]}, indent=2))
+        print(json.dumps({key: {k: v for k, v in res[key].items() if k != "rows"}
+                          for key in ("bar", "bar_video_objective")}
+                         | {"pareto_met": res["pareto"]["met"]}, indent=2))
         print(f"wrote {out}, {png}")
     if not args.skip_claims:
         res = run_claims(model, spec, grid=args.grid, steps=args.steps or spec.steps,

@@ -463,6 +463,34 @@ def test_merge_fills_times_from_a_timing_only_run(tmp_path):
         assert got == {"west_fast": ("ok", 27.0, 4.0), "sta": ("ok", 22.0, 3.0)}
         assert sorted(x["ms_per_step"] for x in m["records"]) == [3.0, 4.0]
         assert m["pareto"]["timed"] and not m["pareto"]["met"]  # sta: faster than any WEST+FAST
+        assert [e["path"] for e in m["envs"]] == [str(o) for o in order]  # which run, which GPU
+    # --times-from: a re-timing replaces the times another run carried, and only its rows are timed
+    pq2 = tmp_path / "q2.json"
+    pq2.write_text(json.dumps(run([dict(r, ms_per_step=9.0) for r in q], recs)))
+    pt.write_text(json.dumps(run(t[:1])))
+    assert bq.main(["--merge", str(pq2), str(pt), "--out-quality", str(out),
+                    "--times-from", str(pt)]) == 0
+    got = {r["method"]: r["ms_per_step"] for r in json.loads(out.read_text())["results"]}
+    assert got == {"west_fast": 4.0, "sta": None}
+    with pytest.raises(SystemExit, match="not one of the merged runs"):
+        bq.main(["--merge", str(pq2), "--out-quality", str(out), "--times-from", str(pt)])
+    # A timing-only run makes no videos, so its prompts and seeds may differ (another GPU call
+    # with --prompts 2 --seeds 1); it must still have timed the same tables.
+    other = run(t)
+    other["config"].update(videos=["x", "y"], seeds=[0, 1], timing_only=True)
+    pt.write_text(json.dumps(other))
+    assert bq.main(["--merge", str(pq), str(pt), "--out-quality", str(out)]) == 0
+    for e in other["results"]:
+        e["planned_density"] = 0.3
+    q[0]["planned_density"] = 0.25
+    pq.write_text(json.dumps(run(q, recs)))
+    pt.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="planned west_fast at 0.25 to density 0.300000"):
+        bq.main(["--merge", str(pq), str(pt), "--out-quality", str(out)])
+    other["config"].update(timing_only=False)  # a run with videos: its prompts must match
+    pt.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"in \['videos', 'seeds'\]"):
+        bq.main(["--merge", str(pq), str(pt), "--out-quality", str(out)])
 
 
 def test_measured_path_in_tile_order_matches_backend(model, model_dir):

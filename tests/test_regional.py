@@ -53,7 +53,8 @@ def run_steps(model, inputs, steps=STEPS):
     outs = []
     with torch.no_grad():
         for t in steps:
-            outs.append(model(timestep=torch.tensor([t]), return_dict=False, **inputs)[0])
+            timestep = torch.tensor([t], device=inputs["hidden_states"].device)
+            outs.append(model(timestep=timestep, return_dict=False, **inputs)[0])
     return outs
 
 

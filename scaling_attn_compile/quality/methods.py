@@ -72,7 +72,10 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m not in DIAGNOSTICS)
 FIT_OPTIONS = {"west_fast": {}, "west_fast_curve": {"allocation": "curve"},
                "west_fast_flat": {"allocation": "curve", "rho": 1.0},
                "west_fast_fidelity": {"objective": "fidelity"}}
-WEST_FAST_FAMILY = ("west_fast", "west_fast_energy")  # the Pareto bar's "WEST+FAST"
+# The Pareto bar's "WEST+FAST": FAST's fit with either objective (west_fast: attention error;
+# west_fast_weighted: the video objective, `scaling-attn fast`'s default for Wan since
+# 2026-12-05), with or without the energy filter.
+WEST_FAST_FAMILY = ("west_fast", "west_fast_weighted", "west_fast_energy")
 ENERGY_FAST_FACTOR = 1.5  # west_fast_energy: FAST at 1.5 x target, the filter takes the rest
 
 

@@ -334,6 +334,7 @@ def run_quality(model, spec: BundledModel | None = None, *, model_path=None, gri
                 {k: v for k, v in response.items() if k != "weights"},
                 "budget": budget, "reference_timing": reference, "results": res_sorted,
                 "records": recs_sorted, "bar": bar_check(res_sorted),
+                "bar_video_objective": bar_check(res_sorted, "west_fast_weighted"),
                 "pareto": pareto_check(res_sorted),
                 "at_equal_density": at_equal_density(res_sorted, densities),
                 "at_equal_time": at_equal_time(res_sorted), "timings_s": dict(timings)}
