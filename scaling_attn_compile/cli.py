@@ -349,12 +349,13 @@ def run_fast(args: argparse.Namespace) -> int:
     elif args.method == "dense-first":
         schedule = fast.dense_first_schedule(plan, target, timesteps, args.dense_fraction)
     elif (folder := _resolve_model(args)) is not None:
-        from .cli_fast import video_schedule
+        from .cli_fast import resolve_objective, video_schedule
         from .cli_pipeline import run_fast_pipeline
 
         args._device = resolve_device(args.device)
         args._dtype = resolve_dtype(args.dtype, args._device)
-        plan = run_fast_pipeline(args, folder, plan, target, video_fit=video_schedule)
+        plan = run_fast_pipeline(args, folder, plan, target, video_fit=video_schedule,
+                                 resolve_objective=resolve_objective)
         schedule = plan.schedule
     else:
         if latent is None:

@@ -1,12 +1,15 @@
 """``scaling-attn fast``: what the schedule fit minimises (``--objective``) and the video probes.
 
-``--objective attention`` (default): the summed profiled attention error
-(``fast.fit_schedule``). ``--objective video``: that error weighted per (layer, step bucket) by
-its measured cost in the final video (:mod:`.offline.fast_response`): ``L + T + 1`` extra
-generations of the calibration video on the sampler the profile ran, each with one bucket or
-one layer sparse, run through :class:`.quality.measure.MeasuredAttention` (the op's semantics:
-the Triton kernel on CUDA, the reference on the CPU). ``cli.py`` and ``cli_pipeline.py`` call
-in here; this module sits between them and ``quality/`` in the import floors.
+``--objective video`` (the default where it can run): the summed profiled attention error
+weighted per (layer, step bucket) by its measured cost in the final video
+(:mod:`.offline.fast_response`): ``L + T + 1`` extra generations of the calibration video on the
+sampler the profile ran, each with one bucket or one layer sparse, run through
+:class:`.quality.measure.MeasuredAttention` (the op's semantics: the Triton kernel on CUDA, the
+reference on the CPU); by default at half the height and width and half the steps.
+``--objective attention``: the unweighted sum (``fast.fit_schedule``), the fallback (with a line
+saying why) where the probes cannot run: another model class, ``--method`` other than fast, or a
+fit the gains do not weight. ``cli.py`` and ``cli_pipeline.py`` call in here; this module sits
+between them and ``quality/`` in the import floors.
 """
 
 from __future__ import annotations
@@ -18,24 +21,27 @@ from .args import check_probe_steps, parse_triple, positive_int
 from .errors import CliError
 
 OBJECTIVES = ("attention", "video")
-# One line for --help: the small-wan H200 study (128 blocks, 50 steps, 8 held-out prompts x 2
-# seeds; benchmarks/results/quality-nvidia-h200-small-wan.json), PSNR vs dense.
+# One line for --help: the small-wan GPU study in tile order (128 blocks, 50 steps, 8 held-out
+# prompts x 2 seeds; benchmarks/results/quality-small-wan-tile-pareto.json), PSNR vs dense.
 VIDEO_MEASURED = ("measured on small-wan, PSNR vs dense at density 0.5/0.35/0.25/0.15: "
-                  "41.3/35.6/29.8/24.4 dB against 33.3/29.7/27.7/21.7 for 'attention' and "
-                  "33.4/28.3/24.7/20.0 for uniform density")
+                  "42.0/36.4/32.0/26.6 dB against 36.1/32.0/29.9/23.7 for 'attention' and "
+                  "36.2/31.2/27.2/22.4 for uniform density")
 PROBED_CLASSES = ("WanTransformer3DModel",)  # MeasuredAttention computes q/k/v as Wan's processor
 
 
 def add_objective_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--objective", default="attention", choices=list(OBJECTIVES),
-                   help="what the lagrange fit minimises: 'attention', the summed profiled "
-                        "attention error (default); 'video', that error weighted per (layer, "
-                        "step bucket) by its measured effect on the final video, which costs "
-                        "L + T + 1 extra generations of the calibration video (L layers, T "
-                        f"profiled steps; small-wan: 40 s on an H200); {VIDEO_MEASURED}")
+    p.add_argument("--objective", default=None, choices=list(OBJECTIVES),
+                   help="what the lagrange fit minimises: 'video' (the default where it can "
+                        "run: Wan, --method fast), the summed profiled attention error weighted "
+                        "per (layer, step bucket) by its measured effect on the final video, "
+                        "which costs L + T + 1 extra generations of the calibration video (L "
+                        "layers, T profiled steps), by default at half its height and width and "
+                        "half its steps (small-wan: 35 s on an H100); 'attention', the "
+                        f"unweighted sum (cheaper; the fallback elsewhere); {VIDEO_MEASURED}")
     p.add_argument("--probe-latent", type=parse_triple, default=None, metavar="F,H,W",
                    help="--objective video: run the probes (and a profile for them) on this "
-                        "smaller latent (F, H, W) instead of the calibration's, and weight the "
+                        "latent (F, H, W) instead of the default (the calibration's with half "
+                        "its H and W), and weight the "
                         "full profile's fit with their gains (through a pipeline: that "
                         "latent times the VAE's strides, e.g. 21,30,52 -> 81x240x416). On "
                         "small-wan at the CPU demo grid, gains from 1/4 of the tokens and half "
@@ -43,16 +49,21 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
                         "probe time")
     p.add_argument("--probe-steps", type=positive_int, default=None, metavar="N",
                    help="--objective video: the probes' sampler steps, a coarser version of "
-                        "the calibration's schedule (at least the profiled step count)")
+                        "the calibration's schedule (at least the profiled step count; default "
+                        "half the steps)")
     p.add_argument("--error", default="output_error", choices=["output_error", "fidelity"],
                    help="lagrange: the attention error, relative attention-output error "
                         "(default) or 1 - Hellinger fidelity")
 
 
 def check_objective(args: argparse.Namespace) -> None:
-    """Refuse option mixes the video objective cannot serve, before any model is loaded."""
+    """Refuse option mixes the video objective cannot serve, before any model is loaded. A
+    ``--probe-*`` option without ``--objective`` asks for the video objective; with neither,
+    :func:`resolve_objective` picks once the model is loaded."""
     probes = [f for f, v in (("--probe-latent", args.probe_latent),
                              ("--probe-steps", args.probe_steps)) if v is not None]
+    if probes and args.objective is None:
+        args.objective = "video"
     if probes and args.objective != "video":
         raise CliError(f"{probes[0]}: sets where the video objective's probes run; pass "
                        f"--objective video, or drop {probes[0]}")
@@ -74,6 +85,48 @@ def check_objective(args: argparse.Namespace) -> None:
     if args.levels is not None and REF_LEVEL not in args.levels:
         raise CliError(f"--levels {','.join(f'{x:g}' for x in args.levels)}: --objective video "
                        f"probes at level {REF_LEVEL}, which must be one of them; add {REF_LEVEL}")
+
+
+def resolve_objective(args: argparse.Namespace, model, *, latent, num_steps: int,
+                      num_profiled: int, num_layers: int) -> None:
+    """``--objective`` left out: ``video`` where it can run, else ``attention`` with one line
+    saying why. The video objective's probes run on ``fast_response.cheap_probe_setting``
+    unless ``--probe-*`` says otherwise. ``latent``: the calibration latent ``(F, H, W)``. One
+    line names the probe cost and the way out."""
+    from .models.fingerprint import _unwrap
+    from .offline.fast_response import REF_LEVEL, cheap_probe_setting
+
+    if args.objective == "attention":
+        return
+    name = type(_unwrap(model)).__name__
+    why = None
+    if args.objective == "video":  # asked for: check_objective refused the option misfits
+        if name not in PROBED_CLASSES:
+            raise CliError(f"--objective video: the video probes run sparse attention through "
+                           f"{', '.join(PROBED_CLASSES)}'s processor, got {name}; pass "
+                           f"--objective attention")
+    elif args.method != "fast":
+        why = f"--method {args.method} fits nothing"
+    elif args.allocation != "lagrange":
+        why = f"--allocation {args.allocation} is not the lagrange fit the gains weight"
+    elif args.error != "output_error":
+        why = f"--error {args.error} is not the output error the gains are fitted on"
+    elif args.levels is not None and REF_LEVEL not in args.levels:
+        why = f"--levels lacks the probes' reference level {REF_LEVEL}"
+    elif name not in PROBED_CLASSES:
+        why = f"its probes run {', '.join(PROBED_CLASSES)}'s processor, not {name}'s"
+    if why is not None:
+        args.objective = "attention"
+        print(f"--objective attention: the video objective (the default) cannot run here: {why}")
+        return
+    args.objective = "video"
+    if args.probe_latent is None and args.probe_steps is None:
+        args.probe_latent, args.probe_steps = cheap_probe_setting(
+            latent, _unwrap(model).config.patch_size, num_steps, num_profiled)
+    size = "x".join(map(str, args.probe_latent or latent))
+    print(f"--objective video: {num_layers + num_profiled + 1} probe generations "
+          f"at latent {size}, {args.probe_steps or num_steps} steps, before the fit; "
+          f"--objective attention skips them")
 
 
 def fit_kwargs(args: argparse.Namespace) -> dict:
@@ -136,9 +189,8 @@ def _video_fit(model, plan, profile, sample, target: float, fit_kw: dict, probe_
                               progress="FAST video probes" if progress else False)
     seconds = time.perf_counter() - t0
     sched = R.fit_video_schedule(profile, target, resp, seconds, **fit_kw)
-    if probe_profile is not None:
-        sched.info["response"].update(probe_grid=list(probe.info["grid"]),
-                                      probe_steps=probe.info["num_steps"])
+    sched.info["response"].update(probe_grid=list(probe.info["grid"]),
+                                  probe_steps=probe.info["num_steps"])
     return sched
 
 
@@ -181,6 +233,9 @@ def fit_builtin(args: argparse.Namespace, plan, model, calibration_input, target
     from .offline import fast
 
     guidance = args.guidance_scale or 5.0
+    resolve_objective(args, model, latent=latent[1:], num_steps=len(timesteps),
+                      num_profiled=len(timesteps) if capture is None else len(capture),
+                      num_layers=plan.num_layers)
     prof = fast.profile_fidelity(plan, model, calibration_input, timesteps=timesteps,
                                  latent_shape=latent, capture_steps=capture, levels=levels,
                                  rows_per_block=args.rows_per_block, seed=args.seed,

@@ -142,11 +142,12 @@ def run_west_pipeline(args: argparse.Namespace, folder: Path) -> int:
 
 
 def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: float, *,
-                      video_fit=None):
+                      video_fit=None, resolve_objective=None):
     """FAST profile through the pipeline at the plan's calibration video size; returns the
     plan with its schedule. ``--objective video``: ``video_fit(model, plan, profile, sample,
     target, args)`` fits it (``cli_fast.video_schedule``), its probes calling the pipeline as
-    the profile did (same scheduler, timesteps and noise)."""
+    the profile did (same scheduler, timesteps and noise). ``resolve_objective``:
+    ``cli_fast.resolve_objective``, which picks the objective once the pipeline is loaded."""
     from .errors import PlanModelMismatch
     from .offline import fast
     from .offline.calibrate import evenly_spaced
@@ -183,6 +184,14 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
     fit = dict(allocation=args.allocation, objective=args.error, gamma=args.gamma,
                omega=args.omega, rho=args.rho, reduce=args.reduce)
     levels = args.levels or list(fast.DEFAULT_LEVELS)
+    st, ss = vae_strides(pipe)
+    if resolve_objective is None:  # called without the CLI's objective rule: as asked
+        args.objective = args.objective or "attention"
+    else:
+        resolve_objective(args, getattr(pipe, args.component),
+                          latent=((frames - 1) // st + 1, height // ss, width // ss),
+                          num_steps=steps, num_profiled=steps if capture is None else len(capture),
+                          num_layers=plan.num_layers)
     if args.objective != "video":
         return build_fast_plan_pipeline(
             plan, pipe, call, target, capture_steps=capture, component=args.component,
@@ -200,7 +209,6 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
     if args.probe_latent is not None or args.probe_steps is not None:
         # The probes' own, cheaper video: --probe-latent times the VAE's strides, and/or
         # --probe-steps of the pipeline's scheduler; a profile of their own at that setting.
-        st, ss = vae_strides(pipe)
         if args.probe_latent is not None:
             f, h, w = args.probe_latent
             frames, height, width = (f - 1) * st + 1, h * ss, w * ss

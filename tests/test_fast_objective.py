@@ -188,11 +188,15 @@ def _fast(folder, west, out, *extra):
 
 
 def test_cli_video_objective_writes_the_gains(wan_folder, tmp_path, capsys):
+    """The video objective is `fast`'s default on Wan; --objective attention skips the probes."""
     folder, west = wan_folder
-    assert _fast(folder, west, tmp_path / "a.plan.safetensors") == 0  # --objective attention
-    assert _fast(folder, west, tmp_path / "v.plan.safetensors", "--objective", "video") == 0
-    err = capsys.readouterr().err
-    assert "FAST video probes" in err  # the probes' progress bar
+    assert _fast(folder, west, tmp_path / "a.plan.safetensors", "--objective", "attention") == 0
+    assert "FAST video probes" not in capsys.readouterr().err
+    assert _fast(folder, west, tmp_path / "v.plan.safetensors") == 0  # the default
+    cap = capsys.readouterr()
+    assert "FAST video probes" in cap.err  # the probes' progress bar
+    # 3 blocks: half the height and width would leave 1, so full size; 3 of the 4 steps
+    assert "--objective video: 6 probe generations at latent 2x16x48, 3 steps" in cap.out
     att = load_plan(tmp_path / "a.plan.safetensors").schedule
     vid = load_plan(tmp_path / "v.plan.safetensors").schedule
     assert not torch.equal(att.level_tables, vid.level_tables)
@@ -258,7 +262,41 @@ def test_help_says_what_video_costs(capsys):
     with pytest.raises(SystemExit):
         main(["fast", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "L + T + 1 extra generations" in text and "41.3/35.6/29.8/24.4 dB" in text
+    assert "L + T + 1 extra generations" in text and "42.0/36.4/32.0/26.6 dB" in text
+
+
+def test_default_objective_falls_back_with_a_line(capsys):
+    """--objective left out: the video objective where its probes can run, else the attention
+    objective and one line saying why; the cheap probe setting halves H, W and the steps."""
+    import argparse
+
+    from scaling_attn_compile.cli_fast import resolve_objective
+    from scaling_attn_compile.offline.fast_response import cheap_probe_setting
+
+    def args(**kw):
+        base = dict(objective=None, method="fast", allocation="lagrange", error="output_error",
+                    levels=None, probe_latent=None, probe_steps=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    kw = dict(latent=(21, 60, 104), num_steps=50, num_profiled=6, num_layers=30)
+    for a, says in ((args(), "not Linear's"), (args(allocation="curve"), "--allocation curve"),
+                    (args(error="fidelity"), "--error fidelity"),
+                    (args(levels=[0.1, 1.0]), "reference level 0.2")):
+        resolve_objective(a, torch.nn.Linear(2, 2), **kw)
+        out = capsys.readouterr().out
+        assert a.objective == "attention" and out.count("\n") == 1 and says in out, out
+    a = args(objective="attention")
+    resolve_objective(a, torch.nn.Linear(2, 2), **kw)
+    assert a.objective == "attention" and capsys.readouterr().out == ""
+    with pytest.raises(CliError, match="got Linear; pass --objective attention"):
+        resolve_objective(args(objective="video"), torch.nn.Linear(2, 2), **kw)
+    # Wan 1.3B at 480p (latent 21x60x104, patch 1x2x2): probes at 21x30x52 and 25 steps
+    assert cheap_probe_setting((21, 60, 104), (1, 2, 2), 50, 6) == ((21, 30, 52), 25)
+    # 720p (latent 90 high): 45 rounds down to the patch
+    assert cheap_probe_setting((21, 90, 160), (1, 2, 2), 50, 6) == ((21, 44, 80), 25)
+    # few steps: at least the profiled ones; a tiny grid (under 8 blocks at half size): full
+    assert cheap_probe_setting((21, 60, 104), (1, 2, 2), 8, 6) == ((21, 30, 52), 6)
+    assert cheap_probe_setting((2, 16, 48), (1, 2, 2), 4, 4) == (None, None)
 
 
 # ---- through a diffusers pipeline: the probes run its scheduler ------------------------------

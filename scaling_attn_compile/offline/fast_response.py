@@ -37,6 +37,31 @@ from .fast_fit import bucket_bounds_for, fit_schedule, steps_to_buckets
 
 REF_LEVEL = 0.2  # sparse enough to move the video measurably, dense enough to stay near-linear
 FIT_ITERS = 20  # alternating updates of (g, h); the study's fit, same numbers
+# The probes' default, cheaper setting: half the latent height and width (1/4 of the tokens) and
+# half the steps. Gains measured there and applied to the full-size fit gave, on small-wan at its
+# native grid (16x128x128, 50 steps, 8 held-out prompts x 2 seeds, GPU), 36.12 / 32.49 dB at
+# density 0.35 / 0.25 against 36.44 / 31.96 with full-size probes
+# (benchmarks/results/quality-nvidia-h100-80gb-hbm3-small-wan-probe.json), and at the CPU demo
+# grid 30.35 against 30.02 dB. Below 8 blocks a probe at the reference level barely changes the
+# video, so small grids probe at full size.
+PROBE_MIN_BLOCKS = 8
+
+
+def cheap_probe_setting(latent: Sequence[int], patch: Sequence[int], num_steps: int,
+                        num_profiled: int) -> tuple[tuple[int, int, int] | None, int | None]:
+    """The probes' default ``(latent (F, H, W), steps)`` for a calibration latent ``(F, H, W)``
+    on ``num_steps`` sampler steps with ``num_profiled`` profiled: H and W halved (rounded down
+    to the patch), steps halved (at least the profiled count); ``None`` for what stays full
+    size."""
+    from ..contract.masks import num_blocks
+
+    f, h, w = (int(x) for x in latent)
+    pf, ph, pw = (int(x) for x in patch)
+    small = (f, max(ph, h // 2 // ph * ph), max(pw, w // 2 // pw * pw))
+    tokens = (f // pf) * (small[1] // ph) * (small[2] // pw)
+    probe_latent = None if num_blocks(tokens) < PROBE_MIN_BLOCKS or small == (f, h, w) else small
+    probe_steps = max(num_profiled, num_steps // 2)
+    return probe_latent, (None if probe_steps >= num_steps else probe_steps)
 
 
 def probe_schedule(num_layers: int, num_heads: int, sparse_cells: torch.Tensor,

@@ -203,28 +203,22 @@ def _auto_model(device_type: str, model_path: Path | None) -> str:
     return DEFAULT_MODEL.get(device_type, "small-wan")
 
 
-# The video objective's probes run on a cheaper setting: half the height and width (1/4 of the
-# tokens) and half the steps. On small-wan at the CPU grid (4x128x128, 16 steps, density 0.35)
-# that gave 30.35 dB against 30.02 with full-size probes and 26.85 for the attention objective
-# (benchmarks/results/quality-cpu-small-wan-4x128x128*.json). Below 8 blocks the probes would
-# barely be sparse, so small grids probe at full size.
-PROBE_MIN_BLOCKS = 8
+# The video objective's probes run on a cheaper setting (offline/fast_response.cheap_probe_setting,
+# as `scaling-attn fast`): half the height and width and half the steps, full size below 8 blocks.
 
 
 def _video_schedule(args, video_fit, spec, model, plan, prof, cal_in, target, ts_all, latent):
     """FAST's schedule with the video objective, or ``None`` (with a line saying why) where the
     probes cannot run: no probe function (called outside the CLI), or probes that change
     nothing (a grid so small that the reference level keeps every block)."""
-    from ..contract.masks import num_blocks
+    from ..offline.fast_response import cheap_probe_setting
 
     if video_fit is None:
         print("[demo] --objective video needs the probes `scaling-attn demo` wires in; fitting "
               "the attention objective", flush=True)
         return None
-    probe = (latent[1], latent[2] // 2, latent[3] // 2)
-    if num_blocks(math.prod(spec.token_grid(probe))) < PROBE_MIN_BLOCKS:
-        probe = tuple(latent[1:])
-    probe_steps = max(len(prof.timesteps), len(ts_all) // 2)
+    probe, probe_steps = cheap_probe_setting(latent[1:], model.config.patch_size, len(ts_all),
+                                             len(prof.timesteps))
     try:
         return video_fit(model, plan, prof, cal_in, target, timesteps=ts_all, latent=latent,
                          guidance_scale=args.guidance_scale, probe_latent=probe,
