@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
 
@@ -84,6 +85,7 @@ class Record:
     speedup_vs_cudnn_dense: float | None = None
     time_over_d_dense: float | None = None
     rel_l2_vs_ours_bf16: float | None = None
+    ms_rounds: list[float] | None = None  # --rounds: each interleaved round's median
 
 
 def environment() -> dict:
@@ -124,7 +126,18 @@ def mask_plan(families, densities):
     return plan + [(f, d) for f in families for d in densities if d < 1.0]
 
 
-def run_shape(key: str, families, densities, impls: set[str], records: list[Record]) -> None:
+def interleaved(runs: list, rounds: int) -> list[list[float]]:
+    """Each of ``runs`` timed ``rounds`` times, round-robin (A B C A B C ...), so a clock or
+    thermal drift over the run lands on every impl alike: one list of medians per run."""
+    out = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, fn in enumerate(runs):
+            out[i].append(bench(fn))
+    return out
+
+
+def run_shape(key: str, families, densities, impls: set[str], records: list[Record],
+              rounds: int = 1) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -168,41 +181,46 @@ def run_shape(key: str, families, densities, impls: set[str], records: list[Reco
         masks, lt, bb = (t.cuda() for t in MF.mask_tables(block, grid).layer(0))
         block = block.cuda()[None]  # (1, H, NB, NB)
         density, ragged = block.float().mean().item(), MF.row_raggedness(block)
-        rec = lambda impl, ms, **kw: record(impl, mask, target, density, ragged, ms, **kw)  # noqa: B023, E731
+        timed = []  # (impl, run, extra): timed together, interleaved, after every impl is built
+        rec = lambda impl, run, **kw: timed.append((impl, run, kw))  # noqa: B023, E731
         ref = None
         if "ours-triton" in impls:
             out = torch.empty_like(q)
             run = lambda: block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, out, scale)  # noqa: B023, E731
             ref = run().clone()  # autotunes once per shape
-            rec("ours-triton", bench(run))
+            rec("ours-triton", run)
         order = launch_order(masks, lt, S)  # what the backend binds with these tables
         if "ours-triton-lpt" in impls:
             out = torch.empty_like(q)
             run = lambda: block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, out, scale,  # noqa: B023, E731
                                                          launch_order=order)  # noqa: B023
             o = run().clone()
-            rec("ours-triton-lpt", bench(run),
+            rec("ours-triton-lpt", run,
                 rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         if "ours" in impls:  # as the backend binds it: the order only with the env switch on
             bound = order if launch_order_enabled() else None
             run = lambda: sparse_attention(q, k, v, masks, lt, bb, ts, scale, launch_order=bound)  # noqa: B023, E731
             o = run()
-            rec("ours", bench(run), rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
+            rec("ours", run, rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         if use_fa4:
             K = max_row_blocks(masks, S)  # host sync, once per mask: the bound a backend binds
             conv = lambda: fa4_block_sparse_tensors(masks, lt, bb, ts, B, S, K)  # noqa: B023, E731
             lists = conv()
             o = fa4_forward(q, k, v, scale, lists)  # JIT-compiles the sparse kernel
-            rec("fa4", bench(lambda: fa4_forward(q, k, v, scale, lists)), convert_ms=bench(conv),  # noqa: B023
+            rec("fa4", lambda: fa4_forward(q, k, v, scale, lists), convert_ms=bench(conv),  # noqa: B023
                 rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         if "flex" in impls:
             bm = flex_block_mask(block, S)
             o = flex(q, k, v, block_mask=bm, scale=scale)
-            rec("flex", bench(lambda: flex(q, k, v, block_mask=bm, scale=scale)),  # noqa: B023
+            rec("flex", lambda: flex(q, k, v, block_mask=bm, scale=scale),  # noqa: B023
                 rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         for prec in ("int8", "fp8"):
             if f"ours-{prec}" in impls or f"ours-{prec}-op" in impls:
                 run_q8(prec, q, k, v, masks, lt, bb, ts, scale, ref, impls, rec)
+        times = interleaved([run for _, run, _ in timed], rounds)
+        for (impl, _, kw), ms in zip(timed, times, strict=True):
+            record(impl, mask, target, density, ragged, statistics.median(ms),
+                   ms_rounds=ms if rounds > 1 else None, **kw)
 
 
 def derive(records: list[Record]) -> list[Record]:
@@ -286,7 +304,8 @@ def plot(records: list[Record], path: str) -> None:
 
 
 def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
-    """The 8-bit kernel alone (inputs quantized once) and the op (pre-pass + kernel)."""
+    """The 8-bit kernel alone (inputs quantized once) and the op (pre-pass + kernel); ``rec``
+    takes (impl, the call to time, record fields)."""
     from scaling_attn_compile.contract.quant import rel_l2 as q_rel_l2
     from scaling_attn_compile.kernels.launch_q8 import (
         launch_quantized,
@@ -301,10 +320,10 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
     rel = q_rel_l2(o8, out_bf16) if out_bf16 is not None else None
     op = torch.ops.scaling_attn.sparse_attention_q8
     if f"ours-{prec}" in impls:
-        rec(f"ours-{prec}", bench(lambda: launch_quantized(
-            quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg)), rel_l2_vs_ours_bf16=rel)
+        rec(f"ours-{prec}", lambda: launch_quantized(
+            quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg), rel_l2_vs_ours_bf16=rel)
     if f"ours-{prec}-op" in impls:
-        rec(f"ours-{prec}-op", bench(lambda: op(q, k, v, masks, lt, bb, ts, scale, prec)),
+        rec(f"ours-{prec}-op", lambda: op(q, k, v, masks, lt, bb, ts, scale, prec),
             rel_l2_vs_ours_bf16=rel)
 
 
@@ -316,9 +335,16 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=[*IMPLS, "sdpa-flash", *Q8_IMPLS],
                     help=f"default {' '.join(IMPLS)}; also sdpa-flash and the 8-bit rows "
                          f"{' '.join(Q8_IMPLS)} (ours-triton gives their bf16 reference)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every impl of a mask this many times, interleaved (A B A B ...), "
+                         "and record the median of the rounds' medians: an A/B whose gap is a "
+                         "few percent needs it (the launch-order A/B's dense pair, identical "
+                         "work, differed by 2.8%% timed one after the other)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/attention-masks-<gpu>.json)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds: at least 1, got {args.rounds}")
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -327,7 +353,7 @@ def main(argv=None) -> int:
     records: list[Record] = []
     for key in args.shapes:
         print(f"== {SHAPES[key][0]}", flush=True)
-        run_shape(key, args.masks, args.densities, set(args.impls), records)
+        run_shape(key, args.masks, args.densities, set(args.impls), records, args.rounds)
     records = derive(records)
     print("\n" + table(records) + "\n\n" + versus_fa4(records))
     tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}

@@ -133,15 +133,16 @@ def finite(obj):
     return obj
 
 
-def merge(paths: list[Path], times_from: Path | None = None) -> dict:
+def merge(paths: list[Path], times_from: list[Path] | None = None) -> dict:
     """One result from runs of one study split over calls: other densities or methods, or a
     run without timing (``--no-time``) and one with timing only (``--timing-only``). Rows are
     joined by (method, target): the first run with videos gives the quality, the first with a
     time gives ``ms_per_step``; the bars are recomputed. Each run's PSNR is against its own
     dense videos, so rows stay comparable when the runs share model, grid, steps, prompts, seeds
     and calibration captions, which is checked (the calibration is deterministic in them).
-    ``times_from`` (one of ``paths``): every row's time comes from that run alone, replacing the
-    others' (a re-timing with a new clock; rows it did not time have none)."""
+    ``times_from`` (some of ``paths``): every row's time comes from those runs alone (the first
+    of them that timed it), replacing the others' (a re-timing with a new clock; rows none of
+    them timed have none)."""
     import copy
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
@@ -189,15 +190,25 @@ def merge(paths: list[Path], times_from: Path | None = None) -> dict:
             elif have.get("ms_per_step") is None and e.get("ms_per_step") is not None:
                 have.update(ms_per_step=e["ms_per_step"], timing=e.get("timing"))
     clock = base  # the run whose clock the times (and the dense reference) come from
-    if times_from is not None:
-        if str(times_from) not in map(str, paths):
-            raise SystemExit(f"--times-from {times_from}: not one of the merged runs")
-        timed = {(e["method"], e["target_density"]): e
-                 for e in runs[[str(p) for p in paths].index(str(times_from))]["results"]}
+    if times_from:
+        names = [str(p) for p in paths]
+        for t in times_from:
+            if str(t) not in names:
+                raise SystemExit(f"--times-from {t}: not one of the merged runs")
+        clocks = [runs[names.index(str(t))] for t in times_from]
+        timed: dict[tuple, dict] = {}
+        for c in clocks:
+            for e in c["results"]:
+                if e.get("ms_per_step") is not None:
+                    timed.setdefault((e["method"], e["target_density"]), e)
         for key, e in rows.items():
             t = timed.get(key, {})
             e.update(ms_per_step=t.get("ms_per_step"), timing=t.get("timing"))
-        clock = runs[[str(p) for p in paths].index(str(times_from))]
+        devices = {c.get("env", {}).get("device") for c in clocks}
+        if len(devices) > 1:
+            raise SystemExit(f"--times-from: the runs timed on different GPUs {sorted(map(str, devices))}; "
+                             "times from one GPU only")
+        clock = clocks[0]
     for key, e in rows.items():
         for x in recs.get(key, []):
             x["ms_per_step"] = e.get("ms_per_step")
@@ -295,9 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="join quality records of one study split over calls into "
                         "--out-quality (bars recomputed, plot redrawn); runs nothing")
-    p.add_argument("--times-from", type=Path, default=None, metavar="JSON",
-                   help="--merge: take every row's ms/step from this one of the merged runs "
-                        "(a re-timing), not from whichever run timed it first")
+    p.add_argument("--times-from", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="--merge: take every row's ms/step from these of the merged runs (one "
+                        "GPU; a re-timing), not from whichever run timed it first")
     args = p.parse_args(argv)
     if args.times_from is not None and not args.merge:
         p.error("--times-from: only with --merge")

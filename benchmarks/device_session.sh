@@ -85,9 +85,12 @@ newtests)  # limits are guesses: none of these has run on a GPU since it was wri
     tests/test_families.py tests/test_few_steps.py tests/test_quality_timing.py \
     tests/test_pipeline.py tests/test_model_check.py
   ;;
-lpt)  # contract/masks.launch_order: predicted <= 3% at 1.3B (benchmarks/launch_order_sim.py)
+lpt)  # contract/masks.launch_order: predicted <= 3% at 1.3B (benchmarks/launch_order_sim.py);
+  # H100 2026-12-05, one pass each: 0.3-9% kernel, 2.0% step, but 2.8% at dense (no-op order):
+  # hence 7 interleaved rounds (31 s for 16 rows without them)
   step 330 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced bernoulli local \
-    --densities 0.05 0.1 0.25 1.0 --impls ours-triton ours-triton-lpt --out "$OUT/attention-lpt-1.3b.json"
+    --densities 0.05 0.1 0.25 1.0 --impls ours-triton ours-triton-lpt --rounds 7 \
+    --out "$OUT/attention-lpt-1.3b.json"
   step 120 python3 benchmarks/bench_compile.py --models 1.3b --rows ours-0.25 --pattern windows \
     --out "$OUT/compile-windows.json"
   step 120 env SCALING_ATTN_LAUNCH_ORDER=1 python3 benchmarks/bench_compile.py --models 1.3b \
@@ -95,7 +98,8 @@ lpt)  # contract/masks.launch_order: predicted <= 3% at 1.3B (benchmarks/launch_
   ;;
 lpt14)  # predicted < 0.5% at 14B
   step 540 python3 benchmarks/bench_attention.py --shapes 14b --masks bernoulli local \
-    --densities 0.05 0.1 0.25 1.0 --impls ours-triton ours-triton-lpt --out "$OUT/attention-lpt-14b.json"
+    --densities 0.05 0.1 0.25 1.0 --impls ours-triton ours-triton-lpt --rounds 5 \
+    --out "$OUT/attention-lpt-14b.json"
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \

@@ -100,3 +100,15 @@ def test_bench_compile_ragged_patterns_are_per_layer_mask_families():
     flat = bc.plan_tables("local", 2, 4, grid, 0.25)
     assert torch.equal(unpack_blocks(flat.masks[0][:, 0], 16).sum(-1).unique(),
                        torch.tensor([4]))
+
+
+def test_interleaved_rounds_alternate_the_impls(BA, monkeypatch):
+    """--rounds: A B A B ..., so a drift of the GPU's clock over the run falls on every impl
+    alike; one list of per-round medians per impl, in the impls' order."""
+    calls = []
+    monkeypatch.setattr(BA, "bench", lambda fn: fn())
+    runs = [lambda: calls.append("a") or 1.0, lambda: calls.append("b") or 2.0]
+    assert BA.interleaved(runs, 3) == [[1.0] * 3, [2.0] * 3]
+    assert calls == ["a", "b"] * 3
+    with pytest.raises(SystemExit, match="2"):  # argparse's error exit, before any GPU check
+        BA.main(["--rounds", "0"])

@@ -472,6 +472,18 @@ def test_merge_fills_times_from_a_timing_only_run(tmp_path):
                     "--times-from", str(pt)]) == 0
     got = {r["method"]: r["ms_per_step"] for r in json.loads(out.read_text())["results"]}
     assert got == {"west_fast": 4.0, "sta": None}
+    pt2 = tmp_path / "t2.json"  # a second re-timing: the rows the first lacks
+    pt2.write_text(json.dumps(run([dict(t[1], ms_per_step=3.5)])))
+    assert bq.main(["--merge", str(pq2), str(pt), str(pt2), "--out-quality", str(out),
+                    "--times-from", str(pt), str(pt2)]) == 0
+    got = {r["method"]: r["ms_per_step"] for r in json.loads(out.read_text())["results"]}
+    assert got == {"west_fast": 4.0, "sta": 3.5}
+    other_gpu = run([dict(t[1], ms_per_step=3.5)])
+    other_gpu["env"] = {"device": "another GPU"}
+    pt2.write_text(json.dumps(other_gpu))
+    with pytest.raises(SystemExit, match="different GPUs"):
+        bq.main(["--merge", str(pq2), str(pt), str(pt2), "--out-quality", str(out),
+                 "--times-from", str(pt), str(pt2)])
     with pytest.raises(SystemExit, match="not one of the merged runs"):
         bq.main(["--merge", str(pq2), "--out-quality", str(out), "--times-from", str(pt)])
     # A timing-only run makes no videos, so its prompts and seeds may differ (another GPU call
