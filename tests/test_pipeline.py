@@ -150,6 +150,10 @@ def _west_fast(folders, kind, tmp_path, capsys, guidance="5.0"):
     out = capsys.readouterr().out
     assert "S = 192 tokens, 2 blocks of 128" in out  # printed before calibration starts
     assert f"--model not given: profiling the plan's model {folder}" in out
+    # fast's default objective through the pipeline, I2V's image conditioning included: the
+    # video probes: 2 blocks, so full size; all 4 steps profiled, so all 4; 2 layers + 4 + 1
+    assert "--objective video: 7 probe generations at latent 2x16x24, 4 steps" in out, out
+    assert load_plan(fast).schedule.info["objective"] == "video"
     return load_plan(west), load_plan(fast)
 
 
