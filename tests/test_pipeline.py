@@ -407,3 +407,35 @@ def test_two_experts_each_get_their_steps_and_their_plan(tmp_path):
                  "--prompts", str(prompts), "--out", str(out)]) == 0
     calib = load_plan(out).meta.calibration
     assert calib["component"] == "transformer_2" and calib["pipeline_timesteps"] == ran[2:]
+
+
+def test_two_experts_compile_once_each_over_a_40_step_cfg_loop(tmp_path):
+    """Issue 19's Wan2.2 bar: enable_sparse_attention gives one compiled graph per expert and no
+    recompile over a 40-step loop with CFG (two transformer calls a step, the timestep new each
+    step, the expert switched at boundary_ratio)."""
+    from scaling_attn_compile.offline.pipeline import calibrate_west_pipeline, pipeline_calls
+
+    folder = build_pipeline_folder(tmp_path / "experts", experts=True)
+    pipe = _load(folder)
+    call = pipeline_calls(["a cat runs"], **VIDEO, num_inference_steps=STEPS,
+                          max_sequence_length=TEXT_LEN, guidance_scale=1.0)[0]
+    plans = {name: calibrate_west_pipeline(pipe, [call], component=name, progress=False)
+             for name in ("transformer", "transformer_2")}
+    calls = {"transformer": 0, "transformer_2": 0}
+    for name in calls:  # outside the compiled graphs (a traced hook would guard on the count)
+        count = torch._dynamo.disable(lambda m, a, n=name: calls.__setitem__(n, calls[n] + 1))
+        getattr(pipe, name).register_forward_pre_hook(count)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backends = enable_sparse_attention(pipe, plans, density=0.7, compiler="eager")
+    # Not error_on_recompile: the experts share WanTransformer3DModel.forward's code object, so
+    # dynamo files the second expert's first compile (its own backend) as a recompile of it. The
+    # count of graphs compiled over the whole loop is the check.
+    pipe(prompt="a dog runs", negative_prompt="night", **VIDEO, num_inference_steps=40,
+         guidance_scale=5.0, guidance_scale_2=3.0, max_sequence_length=TEXT_LEN,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert set(backends) == {"transformer", "transformer_2"}
+    # CFG: a conditional and an unconditional call per step, split between the experts
+    assert calls["transformer"] + calls["transformer_2"] == 80 and min(calls.values()) > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per expert
+    assert all(b.reports[-1].per_layer == {0: 1, 1: 1} for b in backends.values())
