@@ -19,6 +19,8 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt14      # launch order A/B, 14B (kernel)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh q8         # the 8-bit kernel against bf16, 1.3B
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh families   # issue 19: a step per family, eager vs ours
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-q   # issue 13: energy methods' PSNR, tile order
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-t   # issue 13: graph times of the untimed methods
 #
 # Several stages run in order in one call: `device_session.sh tests west40`.
 #
@@ -34,7 +36,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | families}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | families | pareto-q | pareto-t}"; do
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
@@ -116,6 +118,20 @@ families)  # issue 19: one step per family at its default resolution, eager vs o
     --regional --repeats 3 --out "$OUT/families.json"
   step 140 python3 benchmarks/bench_hunyuan.py --double 2 --single 4 --rows eager ours-0.25 \
     --repeats 3 --out "$OUT/hunyuan.json"
+  ;;
+pareto-q)  # issue 13: the Pareto's methods without a tile-order PSNR (CPU-checked on tiny-wan);
+  # then `bench_quality.py --merge` with quality-*-small-wan-tile*.json and the timing runs
+  OUT=$OUT/pq PART=quality TAG=-tile-energy BUDGET_MINUTES=7 EXTRA="--token-order tile" \
+    METHODS=energy_cumulative,energy_blasst,west_fast_energy DENSITIES=0.5,0.35,0.25,0.15 \
+    bash "$(dirname "$0")/gpu_quality.sh" small-wan
+  ;;
+pareto-t)  # issue 13: CUDA-graph times of the methods the first diagnosis did not time (dense
+  # warm-up at 0.35 estimated at 4.1 ms against WEST+FAST's 4.06: too close to call). Energy
+  # methods compile once per threshold (~40 s each), so 0.35 and 0.25 first. Same GPU kind as
+  # timing-diag-*-small-wan.json, or re-time every method (--times-from refuses mixed GPUs).
+  OUT=$OUT/pt LIMIT_S=540 DENSITIES=0.35,0.25,0.15 RETUNE= \
+    METHODS=dense_warmup,west_fast_warmup,west_fast_energy,energy_cumulative,energy_blasst \
+    bash "$(dirname "$0")/gpu_timing_diag.sh"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -21,7 +21,7 @@
 #   config_sweep       every kernel config on this method's tables, eager launcher, summed over
 #                      the 8 layers, vs on all-blocks masks (what the autotune benchmarks): if
 #                      the best differs and wins by much, the one shared choice is the cause (b).
-#   timing_retuned     sta and radial at 0.25 / 0.15 once more in a fresh Inductor cache (own
+#   timing_retuned     sta and radial at 0.25 / 0.15 (RETUNE=, empty: none) once more in a fresh Inductor cache (own
 #                      autotune, ~30 s of compile each).
 # Expected time on the H200 (from the c6c3987 records): ~2 min setup (load, calibration 8 s,
 # response fit 22-40 s, 3 dense references 45-55 s), ~10 s per (method, density) (4 s compile,
@@ -38,7 +38,7 @@ timeout --signal=INT --kill-after=20 "${LIMIT_S:-480}" \
   python3 benchmarks/bench_quality.py --model small-wan --timing-only --prompts 2 --seeds 1 \
     --steps 50 --densities "${DENSITIES:-0.35,0.25,0.15}" \
     --methods "${METHODS:-west_fast,west_uniform,sta,radial,svg_split,west_fast_weighted}" \
-    --retune-also "${RETUNE:-sta@0.25,sta@0.15,radial@0.25,radial@0.15}" --sweep-configs \
+    --retune-also "${RETUNE-sta@0.25,sta@0.15,radial@0.25,radial@0.15}" --sweep-configs \
     --skip-claims --out-quality "$JSON" ${EXTRA:-} 2>&1 | tee -a "$OUT/log.txt"
 echo "=== rc ${PIPESTATUS[0]}" | tee -a "$OUT/log.txt"
 python3 -c "
