@@ -275,10 +275,23 @@ def test_default_objective_falls_back_with_a_line(capsys):
 
     def args(**kw):
         base = dict(objective=None, method="fast", allocation="lagrange", error="output_error",
-                    levels=None, probe_latent=None, probe_steps=None)
+                    levels=None, probe_latent=None, probe_steps=None, capture_steps=6)
         return argparse.Namespace(**{**base, **kw})
 
     kw = dict(latent=(21, 60, 104), num_steps=50, num_profiled=6, num_layers=30)
+    class WanTransformer3DModel(torch.nn.Module):  # the probed class, by name, with a patch
+        config = argparse.Namespace(patch_size=(1, 2, 2))
+
+    a = args(capture_steps=None)  # every one of 50 steps profiled: the line says how to cut it
+    resolve_objective(a, WanTransformer3DModel(), **{**kw, "num_profiled": 50})
+    out = capsys.readouterr().out
+    assert a.objective == "video" and (a.probe_latent, a.probe_steps) == ((21, 30, 52), None)
+    assert "81 probe generations at latent 21x30x52, 50 steps" in out
+    assert out.rstrip().endswith("--capture-steps 6 makes 37"), out
+    a = args()  # --capture-steps 6: no hint
+    resolve_objective(a, WanTransformer3DModel(), **kw)
+    out = capsys.readouterr().out
+    assert "37 probe generations at latent 21x30x52, 25 steps" in out and "makes" not in out
     for a, says in ((args(), "not Linear's"), (args(allocation="curve"), "--allocation curve"),
                     (args(error="fidelity"), "--error fidelity"),
                     (args(levels=[0.1, 1.0]), "reference level 0.2")):
