@@ -233,6 +233,14 @@ def merge(paths: list[Path], times_from: list[Path] | None = None) -> dict:
     return out
 
 
+def print_result(res: dict) -> None:
+    """The table, then both objectives' bar verdicts and the Pareto verdict (no per-row detail)."""
+    print(quality_table(res))
+    print(json.dumps({key: {k: v for k, v in res[key].items() if k != "rows"}
+                      for key in ("bar", "bar_video_objective")}
+                     | {"pareto_met": res["pareto"]["met"]}, indent=2))
+
+
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
@@ -318,10 +326,7 @@ def main(argv=None) -> int:
         res = merge(args.merge, args.times_from)
         args.out_quality.write_text(json.dumps(finite(res), indent=2, allow_nan=False))
         png = plot_pareto(res, args.out_quality.with_suffix(".png"))
-        print(quality_table(res))
-        print(json.dumps({key: {k: v for k, v in res[key].items() if k != "rows"}
-                          for key in ("bar", "bar_video_objective")}
-                         | {"pareto_met": res["pareto"]["met"]}, indent=2))
+        print_result(res)
         print(f"wrote {args.out_quality}, {png}")
         return 0
     methods = [m for m in args.methods.split(",") if m]
@@ -367,10 +372,7 @@ def main(argv=None) -> int:
                           on_result=write)
         write(res)
         png = out.with_suffix(".png")
-        print(quality_table(res))
-        print(json.dumps({key: {k: v for k, v in res[key].items() if k != "rows"}
-                          for key in ("bar", "bar_video_objective")}
-                         | {"pareto_met": res["pareto"]["met"]}, indent=2))
+        print_result(res)
         print(f"wrote {out}, {png}")
     if not args.skip_claims:
         res = run_claims(model, spec, grid=args.grid, steps=args.steps or spec.steps,
