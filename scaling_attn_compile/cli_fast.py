@@ -7,9 +7,10 @@ sampler the profile ran, each with one bucket or one layer sparse, run through
 :class:`.quality.measure.MeasuredAttention` (the op's semantics: the Triton kernel on CUDA, the
 reference on the CPU); by default at half the height and width and half the steps.
 ``--objective attention``: the unweighted sum (``fast.fit_schedule``), the fallback (with a line
-saying why) where the probes cannot run: another model class, ``--method`` other than fast, or a
-fit the gains do not weight. ``cli.py`` and ``cli_pipeline.py`` call in here; this module sits
-between them and ``quality/`` in the import floors.
+saying why) where the probes cannot run: another model class, or a fit the gains do not
+weight (``--method uniform`` / ``dense-first`` fit nothing, so they need no objective).
+``cli.py`` and ``cli_pipeline.py`` call in here; this module sits between them and
+``quality/`` in the import floors.
 """
 
 from __future__ import annotations
@@ -72,20 +73,32 @@ def check_objective(args: argparse.Namespace) -> None:
         return
     if args.probe_steps is not None and args.capture_steps is not None:  # before any loading
         check_probe_steps(args.probe_steps, args.capture_steps)
-    if args.method != "fast":
-        raise CliError(f"--objective video: weights FAST's fit; --method {args.method} fits "
-                       f"nothing; drop --objective or pass --method fast")
-    if args.allocation != "lagrange":
-        raise CliError(f"--objective video: weights the lagrange allocation's errors, got "
-                       f"--allocation {args.allocation}; pass --allocation lagrange")
-    if args.error != "output_error":
-        raise CliError("--objective video: the gains are fitted on the profiled output error, "
-                       f"got --error {args.error}; pass --error output_error")
+    if (misfit := _option_misfit(args)) is not None:
+        raise CliError(misfit[0])
+
+
+def _option_misfit(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The first option the video objective cannot serve, or ``None``: (the refusal when
+    ``--objective video`` was asked for, the reason the default's fallback line gives)."""
     from .offline.fast_response import REF_LEVEL
 
+    if args.method != "fast":
+        why = f"--method {args.method} fits nothing"
+        return (f"--objective video: weights FAST's fit; {why}; drop --objective or pass "
+                f"--method fast"), why
+    if args.allocation != "lagrange":
+        return (f"--objective video: weights the lagrange allocation's errors, got "
+                f"--allocation {args.allocation}; pass --allocation lagrange",
+                f"--allocation {args.allocation} is not the lagrange fit the gains weight")
+    if args.error != "output_error":
+        return ("--objective video: the gains are fitted on the profiled output error, "
+                f"got --error {args.error}; pass --error output_error",
+                f"--error {args.error} is not the output error the gains are fitted on")
     if args.levels is not None and REF_LEVEL not in args.levels:
-        raise CliError(f"--levels {','.join(f'{x:g}' for x in args.levels)}: --objective video "
-                       f"probes at level {REF_LEVEL}, which must be one of them; add {REF_LEVEL}")
+        return (f"--levels {','.join(f'{x:g}' for x in args.levels)}: --objective video "
+                f"probes at level {REF_LEVEL}, which must be one of them; add {REF_LEVEL}",
+                f"--levels lacks the probes' reference level {REF_LEVEL}")
+    return None
 
 
 def resolve_objective(args: argparse.Namespace, model, *, latent, num_steps: int,
@@ -95,7 +108,7 @@ def resolve_objective(args: argparse.Namespace, model, *, latent, num_steps: int
     unless ``--probe-*`` says otherwise. ``latent``: the calibration latent ``(F, H, W)``. One
     line names the probe cost and the way out."""
     from .models.fingerprint import _unwrap
-    from .offline.fast_response import REF_LEVEL, cheap_probe_setting
+    from .offline.fast_response import cheap_probe_setting
 
     if args.objective == "attention":
         return
@@ -106,14 +119,8 @@ def resolve_objective(args: argparse.Namespace, model, *, latent, num_steps: int
             raise CliError(f"--objective video: the video probes run sparse attention through "
                            f"{', '.join(PROBED_CLASSES)}'s processor, got {name}; pass "
                            f"--objective attention")
-    elif args.method != "fast":
-        why = f"--method {args.method} fits nothing"
-    elif args.allocation != "lagrange":
-        why = f"--allocation {args.allocation} is not the lagrange fit the gains weight"
-    elif args.error != "output_error":
-        why = f"--error {args.error} is not the output error the gains are fitted on"
-    elif args.levels is not None and REF_LEVEL not in args.levels:
-        why = f"--levels lacks the probes' reference level {REF_LEVEL}"
+    elif (misfit := _option_misfit(args)) is not None:
+        why = misfit[1]
     elif name not in PROBED_CLASSES:
         why = f"its probes run {', '.join(PROBED_CLASSES)}'s processor, not {name}'s"
     if why is not None:
