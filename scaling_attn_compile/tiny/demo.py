@@ -92,8 +92,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", default="video", choices=["video", "attention"],
                    help="FAST's fit: 'video' (default) weights each (layer, step)'s attention "
                         "error by its measured cost in the video, from probes at half the "
-                        "height and width and half the steps; 'attention' is scaling-attn "
-                        "fast's default (small-wan, CPU grid, density 0.35: 30.35 vs 26.85 dB)")
+                        "height and width and half the steps, as scaling-attn fast's default; "
+                        "'attention' skips the probes (small-wan, CPU grid, density 0.35: "
+                        "30.35 vs 26.85 dB)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_token_order_argument(p)
 
@@ -207,7 +208,7 @@ def _auto_model(device_type: str, model_path: Path | None) -> str:
 # as `scaling-attn fast`): half the height and width and half the steps, full size below 8 blocks.
 
 
-def _video_schedule(args, video_fit, spec, model, plan, prof, cal_in, target, ts_all, latent):
+def _video_schedule(args, video_fit, model, plan, prof, cal_in, target, ts_all, latent):
     """FAST's schedule with the video objective, or ``None`` (with a line saying why) where the
     probes cannot run: no probe function (called outside the CLI), or probes that change
     nothing (a grid so small that the reference level keeps every block)."""
@@ -305,7 +306,7 @@ def run_demo(args: argparse.Namespace, video_fit=None) -> dict:
         if args.objective == "video":
             # The probes run the model the demo generates with (bf16 on CUDA): they go through
             # the op's semantics, whose CUDA kernel takes fp16/bf16, not the fp32 copy.
-            schedule = _video_schedule(args, video_fit, spec, model, plan, prof, cal_in,
+            schedule = _video_schedule(args, video_fit, model, plan, prof, cal_in,
                                        target, ts_all, latent)
         if schedule is None:
             schedule = fast.fit_schedule(prof, target)
