@@ -75,13 +75,20 @@ def vae_strides(pipe) -> tuple[int, int]:
     return st, ss
 
 
+def latent_grid(pipe, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent grid ``(F, H, W)`` of a ``frames x height x width`` video through this
+    pipeline's causal VAE (unchecked: :func:`token_grid` checks the size)."""
+    st, ss = vae_strides(pipe)
+    return ((frames - 1) // st + 1, height // ss, width // ss)
+
+
 def token_grid(pipe, frames: int, height: int, width: int) -> tuple[int, int, int]:
     """Self-attention token grid of a ``frames x height x width`` video in this pipeline."""
     from .models.registry import adapter_for
 
-    st, ss = vae_strides(pipe)
+    ss = vae_strides(pipe)[1]
     pt, ph, pw = adapter_for(pipe.transformer, "scaling-attn west").patch_size(pipe.transformer)
-    lat = ((frames - 1) // st + 1, height // ss, width // ss)
+    lat = latent_grid(pipe, frames, height, width)
     if lat[0] % pt or lat[1] % ph or lat[2] % pw or height % ss or width % ss:
         raise CliError(f"--height {height} --width {width}: must be multiples of {ss * ph} "
                        f"pixels for this pipeline (VAE {ss}x, patch {ph}x{pw})")
@@ -184,13 +191,12 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
     fit = dict(allocation=args.allocation, objective=args.error, gamma=args.gamma,
                omega=args.omega, rho=args.rho, reduce=args.reduce)
     levels = args.levels or list(fast.DEFAULT_LEVELS)
-    st, ss = vae_strides(pipe)
     if resolve_objective is None:  # called without the CLI's objective rule: as asked
         args.objective = args.objective or "attention"
     else:
         resolve_objective(args, getattr(pipe, args.component),
-                          latent=((frames - 1) // st + 1, height // ss, width // ss),
-                          num_steps=steps, num_profiled=steps if capture is None else len(capture),
+                          latent=latent_grid(pipe, frames, height, width), num_steps=steps,
+                          num_profiled=steps if capture is None else len(capture),
                           num_layers=plan.num_layers)
     if args.objective != "video":
         return build_fast_plan_pipeline(
@@ -210,6 +216,7 @@ def run_fast_pipeline(args: argparse.Namespace, folder: Path, plan, target: floa
         # The probes' own, cheaper video: --probe-latent times the VAE's strides, and/or
         # --probe-steps of the pipeline's scheduler; a profile of their own at that setting.
         if args.probe_latent is not None:
+            st, ss = vae_strides(pipe)
             f, h, w = args.probe_latent
             frames, height, width = (f - 1) * st + 1, h * ss, w * ss
         p_steps = args.probe_steps or steps
