@@ -315,7 +315,10 @@ def test_gpu_compiled_op_with_fa4_choice_matches_reference(density):
     torch._dynamo.reset()
     del lowering.PICKS[:]
     f = torch.compile(lambda *a: OP(*a, d**-0.5), fullgraph=True, dynamic=False)
-    out, codes = run_and_get_code(f, q, k, v, masks, lt, bb, ts)
+    # The densities share one graph (the tables are inputs): without this, the FX graph cache
+    # serves the 2nd and 3rd compile and the lowering (which fills PICKS) never runs.
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out, codes = run_and_get_code(f, q, k, v, masks, lt, bb, ts)
     pick = lowering.PICKS[-1]
     assert pick["fa4"] is None and lowering.FA4_CHOICE_NAME in pick["choices"], pick
     assert pick["choices"].count(lowering.FA4_CHOICE_NAME) == 1
@@ -358,7 +361,8 @@ def test_gpu_fa4_choice_and_template_agree_and_switch_works(monkeypatch):
             def choose(n, choices, *a, **kw):
                 return select(n, [c for c in choices if c.name == lowering.FA4_CHOICE_NAME],
                               *a, **kw)
-        with mock.patch.object(lowering, "autotune_select_algorithm", choose):
+        with mock.patch.object(lowering, "autotune_select_algorithm", choose), \
+                torch._inductor.config.patch(fx_graph_cache=False):  # else a cache hit skips the lowering
             outs[name] = torch.compile(lambda *a: OP(*a, d**-0.5), fullgraph=True,
                                        dynamic=False)(q, k, v, masks, lt, bb, ts)
         expect_fa4 = name == "fa4"
