@@ -319,6 +319,12 @@ def test_pareto_check_on_synthetic_points():
     # Faster than every family point: nothing of the family fits that budget.
     chk = bq.pareto_check(fam + [_row("energy_blasst", 0.15, 0.15, 10.0, ms=3.0)])
     assert not chk["met"] and len(chk["uncovered"]) == 1
+    # A WEST+FAST fit with a dense first bucket is the family, not a rival (methods.py says
+    # why): it covers the dense warm-up's budget here and is never a row itself.
+    chk = bq.pareto_check(fam + [_row("west_fast_warmup", 0.25, 0.21, 27.0, ms=3.4),
+                                 _row("dense_warmup", 0.25, 0.24, 26.5, ms=3.5)])
+    assert chk["met"] and [r["method"] for r in chk["rows"]] == ["dense_warmup"]
+    assert chk["rows"][0]["family_best_psnr_db_within"] == 27.0
     # Untimed points (CPU runs) are not judged.
     assert bq.pareto_check([_row("west_fast", 0.25, 0.25, 26.0)])["timed"] is False
 
