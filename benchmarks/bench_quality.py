@@ -306,6 +306,13 @@ def main(argv=None) -> int:
                         "would still overrun (the record says which)")
     p.add_argument("--claims-sets", type=int, default=3)
     p.add_argument("--claims-profiles", type=int, default=3)
+    p.add_argument("--claims-per-set", type=int, default=2,
+                   help="training captions per WEST calibration set (topology stability)")
+    p.add_argument("--claims-capture-steps", type=int, default=4,
+                   help="steps captured per WEST calibration (each costs ~95 s for small-wan "
+                        "at its native grid on 2 CPU cores, 13 s uncaptured)")
+    p.add_argument("--claims-fast-capture-steps", type=int, default=6,
+                   help="steps profiled per FAST profile (schedule stability)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-claims", action="store_true")
     p.add_argument("--out-quality", type=Path, default=None)
@@ -377,6 +384,8 @@ def main(argv=None) -> int:
     if not args.skip_claims:
         res = run_claims(model, spec, grid=args.grid, steps=args.steps or spec.steps,
                          n_sets=args.claims_sets, n_profiles=args.claims_profiles,
+                         per_set=args.claims_per_set, capture_steps=args.claims_capture_steps,
+                         fast_capture_steps=args.claims_fast_capture_steps,
                          token_order=args.token_order)
         res["env"] = env
         out = args.out_claims or RESULTS / f"claims-{slug}-{spec.name}.json"

@@ -72,12 +72,19 @@ def python_fa4_rows(full_cnt, full_idx, mask_cnt):
 @pytest.mark.parametrize("S,extra_words", [(100, 0), (128 * 32, 0), (128 * 37 + 5, 0),
                                            (128 * 37 + 5, 1), (128 * 70 - 1, 0)])
 @pytest.mark.parametrize("timestep", [[950.0, 10.0], [float("nan"), 1e9], [400.0]])
-def test_conversion_matches_python_decoding(S, extra_words, timestep):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_conversion_matches_python_decoding(S, extra_words, timestep, impl):
     H, L, NT = 3, 3, 4
     masks, lt, bb = raw_tables(H, S, L, NT, seed=S + extra_words, extra_words=extra_words)
     ts = torch.tensor(timestep)
     B = 2
-    full_cnt, full_idx, mask_cnt, mask_idx = fa4_block_sparse_tensors(masks, lt, bb, ts, B, S)
+    full_cnt, full_idx, mask_cnt, mask_idx = fa4_block_sparse_tensors(masks, lt, bb, ts, B, S,
+                                                                       impl=impl)
+    if impl == "triton":  # the same tensors as the torch form, zeros past each count included
+        for got, want in zip((full_cnt, full_idx, mask_cnt, mask_idx),
+                             fa4_block_sparse_tensors(masks, lt, bb, ts, B, S, impl="torch"),
+                             strict=True):
+            assert torch.equal(got, want)
     nb = num_blocks(S)
     assert full_cnt.shape == mask_cnt.shape == (B, H, nb) and full_idx.shape == (B, H, nb, nb)
     assert mask_idx.shape == (B, H, nb, 1)
@@ -111,6 +118,15 @@ def test_max_blocks_shortens_lists_and_max_row_blocks_fits_every_level():
     # Too short a list: counts are clamped so nothing past the list is read.
     clipped = fa4_block_sparse_tensors(masks, lt, bb, torch.tensor([0.0]), 1, S, max_blocks=2)
     assert int(clipped[0].max()) == 2
+    # The kernel keeps the first K blocks of a row and clamps the count the same way.
+    for kk in (2, k):
+        for t in (0.0, 999.0):
+            ts = torch.tensor([t])
+            for got, want in zip(
+                    fa4_block_sparse_tensors(masks, lt, bb, ts, 1, S, kk, impl="triton"),
+                    fa4_block_sparse_tensors(masks, lt, bb, ts, 1, S, kk, impl="torch"),
+                    strict=True):
+                assert torch.equal(got, want)
     with pytest.raises(ValueError, match="max_blocks"):
         fa4_block_sparse_tensors(masks, lt, bb, torch.tensor([0.0]), 1, S, max_blocks=nb + 1)
 
@@ -217,3 +233,27 @@ def test_gpu_fa4_conversion_has_no_host_sync_and_graph_captures():
         torch.cuda.synchronize()
         check(q, k, v, masks, lt, bb, ts, out, D**-0.5)
 
+
+
+COMPILE_LISTS = r'''
+import json
+from scaling_attn_compile.kernels import fa4
+from scaling_attn_compile.testing import compile_for_sm90, sm90_ptx_facts
+POINTERS = {"MASKS": "*i32", "LEVEL_TABLE": "*i32", "BOUNDS": "*fp32", "TS": "*fp32",
+            "CNT": "*i32", "IDX": "*i32"}
+# Wan 14B/720p: NB = 591 blocks (NB_P2 1024), 10 levels, 6 buckets
+kernel = compile_for_sm90(fa4._fa4_lists_kernel, POINTERS, set(), set(POINTERS),
+                          {"stride_mw": 1, "NUM_BOUNDS": 5, "BOUNDS_P2": 8, "NB_P2": 1024},
+                          num_warps=4, num_stages=1)
+print(json.dumps(sm90_ptx_facts(kernel)))
+'''
+
+
+@pytest.mark.slow
+def test_list_kernel_compiles_for_sm90():
+    """The list-building kernel compiles for Hopper at the 14B row length (the interpreter,
+    which the tests above run, cannot see GPU-only compile errors)."""
+    from scaling_attn_compile.testing import run_script_compiled
+
+    result = run_script_compiled(COMPILE_LISTS)
+    assert result["cubin"] and result["spills"] == 0, result

@@ -29,8 +29,6 @@ signature has it.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
 import logging
 import math
@@ -56,7 +54,7 @@ from ..kernels import block_sparse_attention as _kernel
 from ..kernels import fa4 as _fa4
 from ..kernels import launch as _launch
 from ..ops import op as _op  # noqa: F401  (registers torch.ops.scaling_attn.sparse_attention)
-from ..ops.fa4_op import FA4_OP
+from ..ops.fa4_op import FA4_ENV, FA4_OP, fa4_choice, fa4_enabled, fa4_switch_off  # noqa: F401
 from . import template_source as _template_source
 from .template_source import _TILE_FN, template_source
 
@@ -216,33 +214,7 @@ def _tma_ok(device, k, v) -> bool:
 
 # -- FlashAttention-4 as an extern choice -------------------------------------------------------
 
-# "0" / "false" / "off" / "no" turn the FA4 choice off (A/B timing, or to rule FA4 out).
-FA4_ENV = "SCALING_ATTN_FA4"
 FA4_CHOICE_NAME = "scaling_attn_fa4"
-
-
-# Set by fa4_choice(False) for the compiles under it (a backend option's hook).
-_FA4_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("scaling_attn_fa4_off",
-                                                                default=False)
-
-
-def fa4_enabled() -> bool:
-    """The user's switch: on unless ``SCALING_ATTN_FA4`` is 0/false/off/no or the compile runs
-    under ``fa4_choice(False)``."""
-    return not _FA4_OFF.get() and os.environ.get(FA4_ENV, "1").strip().lower() not in (
-        "0", "false", "off", "no")
-
-
-@contextlib.contextmanager
-def fa4_choice(enabled: bool):
-    """Offer FA4 (``True``: where it can run) or not, for the compiles inside: a backend option
-    ``fa4=False`` is ``with fa4_choice(self.fa4): compile_fx(...)`` (the lowering and the
-    cache key are computed in that call, in this thread)."""
-    token = _FA4_OFF.set(not enabled)
-    try:
-        yield
-    finally:
-        _FA4_OFF.reset(token)
 
 
 def _fa4_device(device) -> bool:
@@ -254,8 +226,9 @@ def fa4_refusal(device, q, k, v, energy_rule=0, kv_lens=None) -> str | None:
     """Why FA4 is not offered for this call (``None``: it is). Checked in the order of cost:
     the switch, what FA4's full blocks cannot express, dtype and head dim, layout, then the
     device (which imports ``flash_attn.cute``)."""
-    if not fa4_enabled():
-        return "fa4_choice(False)" if _FA4_OFF.get() else f"{FA4_ENV}={os.environ.get(FA4_ENV)}"
+    off = fa4_switch_off()  # the switch the eager op reads too (ops/fa4_op.py)
+    if off:
+        return off
     if energy_rule:
         return "energy filter"  # an online, per-tile skip decision: not a fixed block list
     if kv_lens is not None:

@@ -32,9 +32,12 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 from ..contract.masks import BLOCK, num_blocks
 from ..contract.reference import block_masks_for
+from .block_sparse_attention import bsa_select_level
 
 FA4_SPARSE_ARCHS = (9,)  # compute-capability majors where 128-row sparse query blocks work
 FA4_DENSE_ARCHS = (9, 10)  # sm90 (H100/H200) and sm100 (B200) have FA4 forward kernels
@@ -81,7 +84,8 @@ def max_row_blocks(masks: torch.Tensor, seq_len: int) -> int:
 
 def fa4_block_sparse_tensors(masks: torch.Tensor, level_table: torch.Tensor,
                              bucket_bounds: torch.Tensor, timestep: torch.Tensor, batch: int,
-                             seq_len: int, max_blocks: int | None = None):
+                             seq_len: int, max_blocks: int | None = None, *,
+                             impl: str | None = None):
     """Our tables -> FA4's block-sparse lists, on the tables' device, without a host sync.
 
     Returns ``(full_cnt, full_idx, mask_cnt, mask_idx)``, int32: ``full_cnt (B, H, NB)`` the
@@ -91,12 +95,22 @@ def fa4_block_sparse_tensors(masks: torch.Tensor, level_table: torch.Tensor,
     blocks). ``K = max_blocks`` (default NB, which fits any table; :func:`max_row_blocks` gives
     the least K that fits these tables). A smaller K than a row needs drops that row's highest
     blocks (the count is clamped so FA4 never reads past the list).
+
+    ``impl``: ``"triton"`` (:func:`_fa4_lists_kernel`, one launch; the default on CUDA) or
+    ``"torch"`` (the default elsewhere, and the spec the kernel is tested against). The torch
+    form is ~25 small ops: on the H100 (2026-12-05) building the lists took 0.52-0.82 ms per
+    call with the GPU idle, as long as FA4's own kernel at density 0.05 (0.59 ms, 1.3B shape).
     """
     nb = num_blocks(seq_len)
     k = nb if max_blocks is None else int(max_blocks)
     if not 1 <= k <= nb:
         raise ValueError(f"fa4_block_sparse_tensors: max_blocks must be in [1, NB={nb}] for "
                          f"S={seq_len}, got {max_blocks}; pass None for NB")
+    impl = impl or ("triton" if masks.is_cuda else "torch")
+    if impl == "triton":
+        return _fa4_lists_triton(masks, level_table, bucket_bounds, timestep, batch, seq_len, k)
+    if impl != "torch":
+        raise ValueError(f"fa4_block_sparse_tensors: impl must be 'triton' or 'torch', got {impl!r}")
     blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, batch, seq_len)
     dev = blocks.device
     cnt = blocks.sum(-1, dtype=torch.int32)  # (B, H, NB)
@@ -110,6 +124,54 @@ def fa4_block_sparse_tensors(masks: torch.Tensor, level_table: torch.Tensor,
     full_cnt = cnt.clamp(max=k)
     mask_cnt = torch.zeros_like(full_cnt)
     mask_idx = torch.zeros(*blocks.shape[:3], 1, dtype=torch.int32, device=dev)
+    return full_cnt, full_idx, mask_cnt, mask_idx
+
+
+@triton.jit
+def _fa4_lists_kernel(MASKS, LEVEL_TABLE, BOUNDS, TS, CNT, IDX,
+                      stride_mh, stride_ml, stride_mu, stride_mw, stride_lt_t, stride_lt_h,
+                      stride_ts, num_levels, num_words, num_heads, NB, K,
+                      NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr, NB_P2: tl.constexpr):
+    """One (query block, head, batch element) row: the kept blocks of the level the timestep
+    selects (clamped), bits past NB dropped, the diagonal on; their indices ascending at
+    ``IDX[row, :K]``, zeros after; the count (clamped to K) at ``CNT[row]``. The place of each
+    kept block in the list is the running count of kept blocks before it (a prefix sum)."""
+    qblock, off_h, off_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    level = bsa_select_level(TS, stride_ts, BOUNDS, LEVEL_TABLE, stride_lt_t, stride_lt_h,
+                             off_b, off_h, num_levels, NUM_BOUNDS, BOUNDS_P2)
+    cols = tl.arange(0, NB_P2)
+    word_of = cols // 32
+    row = MASKS + off_h * stride_mh + level * stride_ml + qblock * stride_mu
+    words = tl.load(row + word_of * stride_mw, mask=(cols < NB) & (word_of < num_words), other=0)
+    bits = (words.to(tl.uint32, bitcast=True) >> (cols % 32).to(tl.uint32)) & 1
+    keep = ((bits != 0) | (cols == qblock)) & (cols < NB)
+    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    count = tl.sum(keep.to(tl.int32), axis=0)
+    out_row = (off_b * num_heads + off_h) * NB + qblock
+    tl.store(CNT + out_row, tl.minimum(count, K))
+    tl.store(IDX + out_row * K + pos, cols, mask=keep & (pos < K))
+    tl.store(IDX + out_row * K + cols, tl.zeros([NB_P2], tl.int32),
+             mask=(cols >= count) & (cols < K))  # never a place the line above writes
+
+
+def _fa4_lists_triton(masks, level_table, bucket_bounds, timestep, batch, seq_len, k):
+    """:func:`fa4_block_sparse_tensors` in one kernel launch (on the tables' device; the Triton
+    interpreter runs it on the CPU)."""
+    nb = num_blocks(seq_len)
+    heads = masks.shape[0]  # the caller passes masks[:H] and level_table[:, :H]
+    dev = masks.device
+    full_cnt = torch.empty(batch, heads, nb, dtype=torch.int32, device=dev)
+    full_idx = torch.empty(batch, heads, nb, k, dtype=torch.int32, device=dev)
+    ts = timestep.reshape(-1).to(device=dev, dtype=torch.float32)
+    bounds = bucket_bounds.to(device=dev, dtype=torch.float32).contiguous()
+    nbounds = bounds.numel()
+    _fa4_lists_kernel[(nb, heads, batch)](
+        masks, level_table, bounds, ts, full_cnt, full_idx, *masks.stride(),
+        *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0), masks.shape[1],
+        masks.shape[3], heads, nb, k, NUM_BOUNDS=nbounds,
+        BOUNDS_P2=max(triton.next_power_of_2(nbounds), 1), NB_P2=triton.next_power_of_2(nb))
+    mask_cnt = torch.zeros_like(full_cnt)
+    mask_idx = torch.zeros(batch, heads, nb, 1, dtype=torch.int32, device=dev)
     return full_cnt, full_idx, mask_cnt, mask_idx
 
 

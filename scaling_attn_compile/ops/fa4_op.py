@@ -18,20 +18,89 @@ full blocks cannot express them, so the lowering never offers this op for such c
 ``out`` has q's fill order, as the fake (``empty_like(q)``) promises; FA4 writes ``(B, S, H, D)``
 memory, which is q's order for the ``(B, H, S, D)`` views of ``(B, S, H, D)`` memory diffusers
 passes (no copy then); any other q order costs one copy.
+
+The eager op (``op.py``) takes the same path on CUDA where :func:`fa4_eager_refusal` finds no
+reason against it: FA4's block-sparse kernel was faster than the Triton kernel at every mask
+family and density measured (H100, 2026-12-05: 0.78-0.85x at the 1.3B shape, 0.84-0.95x at
+14B, ``benchmarks/results/attention-fa4-*``). One switch rules both paths: ``SCALING_ATTN_FA4=0``
+or ``with fa4_choice(False):`` (the backend's ``fa4=False``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+
 import torch
 
-from ..kernels.fa4 import fa4_block_sparse_attention
+from ..kernels.fa4 import fa4_available, fa4_block_sparse_attention
+
+# "0" / "false" / "off" / "no" turn FA4 off (A/B timing, or to rule FA4 out).
+FA4_ENV = "SCALING_ATTN_FA4"
+
+# Set by fa4_choice(False) for the calls and compiles under it (a backend option's hook).
+_FA4_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("scaling_attn_fa4_off",
+                                                                default=False)
 
 
-@torch.library.custom_op("scaling_attn::sparse_attention_fa4", mutates_args=())
-def sparse_attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
-                         level_table: torch.Tensor, bucket_bounds: torch.Tensor,
-                         timestep: torch.Tensor, launch_order: torch.Tensor | None = None, *,
-                         scale: float) -> torch.Tensor:
+def fa4_switch_off() -> str | None:
+    """Why the user's switch rules FA4 out (``None``: it does not): ``SCALING_ATTN_FA4`` set to
+    0/false/off/no, or a call under ``fa4_choice(False)``."""
+    if _FA4_OFF.get():
+        return "fa4_choice(False)"
+    if os.environ.get(FA4_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        return f"{FA4_ENV}={os.environ.get(FA4_ENV)}"
+    return None
+
+
+def fa4_enabled() -> bool:
+    """The user's switch: on unless ``SCALING_ATTN_FA4`` is 0/false/off/no or the call runs
+    under ``fa4_choice(False)``."""
+    return fa4_switch_off() is None
+
+
+@contextlib.contextmanager
+def fa4_choice(enabled: bool):
+    """Use FA4 (``True``: where it can run) or not, for the op calls and compiles inside: a
+    backend option ``fa4=False`` is ``with fa4_choice(self.fa4): compile_fx(...)`` (the lowering
+    and the cache key are computed in that call, in this thread)."""
+    token = _FA4_OFF.set(not enabled)
+    try:
+        yield
+    finally:
+        _FA4_OFF.reset(token)
+
+
+def fa4_eager_refusal(q, k, v, energy_rule: int = 0, kv_lens=None,
+                      launch_order=None) -> str | None:
+    """Why the eager op keeps the Triton kernel for this call (``None``: it runs FA4). The same
+    rules as the lowering's ``fa4_refusal``, on tensors, plus a launch order (a schedule of the
+    Triton kernel's programs, asked for by name). Cheapest checks first; the device check last
+    (it imports ``flash_attn.cute`` once)."""
+    off = fa4_switch_off()
+    if off:
+        return off
+    if energy_rule:
+        return "energy filter"  # an online, per-tile skip decision: not a fixed block list
+    if kv_lens is not None:
+        return "kv_lens"  # per-batch key lengths: FA4's lists are per (b, h), no key mask
+    if launch_order is not None:
+        return "launch_order"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    if q.shape[-1] > 128 or q.shape[-1] % 8:  # sm90 keeps 128-wide KV tiles only up to D = 128
+        return f"head_dim {q.shape[-1]}"
+    if any(x.stride(-1) != 1 for x in (q, k, v)):
+        return "q/k/v last dim not contiguous"
+    if not fa4_available(q.device):  # False for a CPU tensor
+        return "flash_attn.cute not importable or not an sm90 GPU"
+    return None
+
+
+def fa4_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale: float):
+    """FA4 block-sparse attention with the op's inputs, returned with the strides
+    ``torch.empty_like(q)`` gives (what both ops' fakes promise)."""
     out = fa4_block_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale)
     # The strides empty_like(q) gives (q's, or q's fill order when q is not dense), without
     # allocating: a meta tensor.
@@ -39,6 +108,14 @@ def sparse_attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if out.stride() == want:
         return out
     return torch.empty_like(q).copy_(out)
+
+
+@torch.library.custom_op("scaling_attn::sparse_attention_fa4", mutates_args=())
+def sparse_attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
+                         level_table: torch.Tensor, bucket_bounds: torch.Tensor,
+                         timestep: torch.Tensor, launch_order: torch.Tensor | None = None, *,
+                         scale: float) -> torch.Tensor:
+    return fa4_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale)
 
 
 @sparse_attention_fa4.register_fake

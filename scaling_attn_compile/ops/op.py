@@ -23,7 +23,10 @@
 * ``out``: same shape, dtype and strides as ``q``.
 
 Semantics: :func:`scaling_attn_compile.contract.reference.sparse_attention_reference`. On CUDA the op
-launches the Triton kernel in ``kernels/``; on the CPU it runs
+runs FlashAttention-4's block-sparse forward where it is installed and can express the call
+(``ops/fa4_op.fa4_eager_refusal``: sm90, fp16/bf16, D <= 128, no energy filter, key lengths or
+launch order; ``SCALING_ATTN_FA4=0`` turns it off), else the Triton kernel in ``kernels/``; on
+the CPU it runs
 :func:`scaling_attn_compile.kernels.block_gather_cpu.block_sparse_attention_cpu` (the reference's
 semantics, computing only the kept blocks; the energy filter runs its reference).
 
@@ -59,6 +62,7 @@ from ..contract.validate import (
     validate_launch_order,
 )
 from ..kernels.block_gather_cpu import block_sparse_attention_cpu
+from .fa4_op import fa4_attention, fa4_eager_refusal
 
 CHECK_TABLES_ENV = "SCALING_ATTN_CHECK_TABLES"  # "1": every eager op call runs check_tables
 
@@ -77,6 +81,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
     if os.environ.get(CHECK_TABLES_ENV) == "1":
         check_tables(masks, level_table, bucket_bounds, q.shape[2], timestep,
                      launch_order=launch_order)
+    if fa4_eager_refusal(q, k, v, energy_rule, kv_lens, launch_order) is None:  # never on CPU
+        return fa4_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale)
     out = torch.empty_like(q)  # same strides as q, as the fake promises
     if q.is_cuda:
         validate_kernel_inputs(q)
