@@ -1,0 +1,113 @@
+"""Why is the 8-bit kernel slower than the bf16 one? Their sm_90 machine code, side by side,
+on any machine (Triton's compiler, ptxas and nvdisasm need no GPU).
+
+Issue 15 measured (H100, 2026-12-05, ``results/attention-q8-nvidia-h100-80gb-hbm3.json``) the
+8-bit kernel at 0.65-0.69x the bf16 one (dense 1.3B: FP8 17.6 ms, INT8 18.3, bf16 12.0 with TMA
+and 13.7 without). This compiles both kernels as a launch at the Wan 1.3B shape specialises them
+(``testing.compile_for_sm90``), disassembles the cubin and counts, per kernel: instructions by
+opcode (tensor-core ``HGMMA`` / ``QGMMA`` / ``IGMMA``, byte permutes ``PRMT`` and shuffles
+``SHFL``, which move P from the accumulator layout into the 8-bit operand layout, float
+multiplies and adds), shared memory, and the async-copy wait at the top of the KV loop
+(``DEPBAR.LE SB0, N``: how many copy groups may still be in flight when a block's math starts;
+0 means the next block's K/V load does not overlap this block's math).
+
+    python benchmarks/kernel_sass.py [--out benchmarks/results/kernel-sass-sm90.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+
+import triton  # noqa: E402
+
+from scaling_attn_compile.kernels import block_sparse_attention as KB  # noqa: E402
+from scaling_attn_compile.kernels import block_sparse_attention_q8 as KQ  # noqa: E402
+from scaling_attn_compile.kernels import launch as L  # noqa: E402
+from scaling_attn_compile.testing import compile_for_sm90  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+S = 32760  # Wan 1.3B/480p
+KEYS = ("HGMMA", "QGMMA", "IGMMA", "PRMT", "SHFL", "I2FP", "F2FP", "FMUL", "FFMA", "FADD",
+        "MUFU", "LDGSTS", "LDG", "LDS", "STS", "BAR")
+
+
+def bf16_kernel(stages: int):
+    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "MASKS": "*i32",
+                "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32",
+                "KV_LENS": "*i32", "LAUNCH_ORDER": "*i32"}
+    unit = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_mw": 1}
+    div16 = set(pointers) | {f"stride_{t}{d}" for t in "qkvo" for d in "bhs"}
+    const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, USE_TMA=False, WARP_SPECIALIZE=False,
+                 ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False, HAS_LAUNCH_ORDER=False,
+                 **unit)
+    return compile_for_sm90(KB._bsa_forward_kernel, pointers, {"qk_scale", "energy_thr"}, div16,
+                            const, num_warps=8, num_stages=stages)
+
+
+def q8_kernel(precision: str, stages: int):
+    qk_ty = "*i8" if precision == "int8" else "*fp8e4nv"
+    pointers = {"Q": qk_ty, "K": qk_ty, "V": "*fp8e4nv", "OUT": "*bf16", "MASKS": "*i32",
+                "LEVEL_TABLE": "*i32", "BOUNDS": "*fp32", "TS": "*fp32", "QS": "*fp32",
+                "KS": "*fp32", "VS": "*fp32"}
+    # v8 is a (B, H, S, D) view of (B, H, D, S) memory: stride_vs = 1 (launch_q8.py says why)
+    unit = {"stride_qd": 1, "stride_kd": 1, "stride_vs": 1, "stride_od": 1, "stride_mw": 1}
+    div16 = set(pointers) | {"stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh",
+                             "stride_ks", "stride_vb", "stride_vh", "stride_vd", "stride_ob",
+                             "stride_oh", "stride_os"}
+    const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8", **unit)
+    return compile_for_sm90(KQ._bsa_q8_forward_kernel, pointers, {"qk_scale"}, div16, const,
+                            num_warps=8, num_stages=stages)
+
+
+def sass_facts(kernel) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(BIN / "nvdisasm"), "-c", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            ops[m.group(1).split(".")[0]] += 1
+    # The KV loop's first wait: the first DEPBAR after the first loop label.
+    loop = sass[sass.index(".L_x_1:"):] if ".L_x_1:" in sass else sass
+    wait = re.search(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", loop)
+    return {"shared_bytes": kernel.metadata.shared, "instructions": sum(ops.values()),
+            "kv_loop_copy_groups_in_flight": int(wait.group(1), 16) if wait else None,
+            **{k: ops.get(k, 0) for k in KEYS}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    rows = {}
+    for name, build in (("bf16 (no TMA), 3 stages", lambda: bf16_kernel(3)),
+                        ("fp8, 2 stages", lambda: q8_kernel("fp8", 2)),
+                        ("fp8, 3 stages", lambda: q8_kernel("fp8", 3)),
+                        ("int8, 3 stages", lambda: q8_kernel("int8", 3))):
+        rows[name] = sass_facts(build())
+        print(f"{name:26s} " + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
+    record = {"benchmark": "kernel_sass", "shape": "Wan 1.3B/480p, S=32760, D=128, 8 warps, "
+              "BLOCK_M=128", "triton": triton.__version__, "rows": rows,
+              "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
