@@ -52,6 +52,7 @@ from scaling_attn_compile.kernels.launch import (
     launch_order_enabled,
     tuned_configs,
 )
+from scaling_attn_compile.kernels.launch_q8 import tuned_configs_q8
 from scaling_attn_compile.testing import make_qkv
 
 SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
@@ -358,6 +359,8 @@ def main(argv=None) -> int:
     print("\n" + table(records) + "\n\n" + versus_fa4(records))
     tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
              for k, (v, times) in tuned_configs().items()}
+    tuned.update({f"q8 {k}": {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
+                  for k, (v, times) in tuned_configs_q8().items()})  # the 8-bit kernel's
     gpu = _common.gpu_slug(env["gpu"])
     path = args.out or os.path.join(os.path.dirname(__file__), "results",
                                     f"attention-masks-{gpu}.json")

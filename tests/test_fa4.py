@@ -257,3 +257,20 @@ def test_list_kernel_compiles_for_sm90():
 
     result = run_script_compiled(COMPILE_LISTS)
     assert result["cubin"] and result["spills"] == 0, result
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+@pytest.mark.parametrize("S", [128 * 256 - 8, 75600])  # Wan 1.3B/480p and 14B/720p lengths
+def test_gpu_list_kernel_equals_the_torch_form(S):
+    """On the GPU (no FA4 needed): the list kernel's tensors equal the torch form's, at both
+    Wan lengths, per-batch timesteps, a short K included."""
+    H, L, NT = 4, 3, 4
+    masks, lt, bb = (t.cuda() for t in raw_tables(H, S, L, NT, seed=11))
+    ts = torch.tensor([950.0, 10.0], device="cuda")
+    nb = num_blocks(S)
+    for k in (None, nb // 3):
+        got = fa4_block_sparse_tensors(masks, lt, bb, ts, 2, S, k, impl="triton")
+        want = fa4_block_sparse_tensors(masks, lt, bb, ts, 2, S, k, impl="torch")
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)

@@ -72,6 +72,13 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
 
 
 _TUNED_Q8: dict[tuple, KernelConfig] = {}
+TUNING_TIMES_Q8: dict[tuple, dict[KernelConfig, float]] = {}  # ms per config, for the records
+
+
+def tuned_configs_q8() -> dict[tuple, tuple[KernelConfig, dict]]:
+    """The 8-bit kernel's autotune winners and every config's time, per key (as
+    :func:`.launch.tuned_configs` for the bf16 kernel)."""
+    return {key: (cfg, dict(TUNING_TIMES_Q8.get(key, {}))) for key, cfg in _TUNED_Q8.items()}
 
 
 def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale, precision):
@@ -96,5 +103,6 @@ def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, s
         if not times:
             raise RuntimeError("block-sparse 8-bit kernel: no configuration compiled for shape "
                                f"{tuple(q.shape)} precision {precision}")
+        TUNING_TIMES_Q8[key] = times
         _TUNED_Q8[key] = min(times, key=times.get)
     return _TUNED_Q8[key]
