@@ -21,6 +21,9 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh families   # issue 19: a step per family, eager vs ours
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-q   # issue 13: energy methods' PSNR, tile order
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-t   # issue 13: graph times of the untimed methods
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh claims     # issue 13: the paper's claims on small-wan
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh fa4eager   # issue 14: eager op through FA4 (FA4 installed)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh compile14  # issue 14: 14B/720p step, eager vs ours (FA4 choice)
 #
 # Several stages run in order in one call: `device_session.sh tests west40`.
 #
@@ -36,7 +39,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | families | pareto-q | pareto-t}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | families | pareto-q | pareto-t | claims | fa4eager | compile14}"; do
 case "$stage" in
 tests)
   step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
@@ -132,6 +135,24 @@ pareto-t)  # issue 13: CUDA-graph times of the methods the first diagnosis did n
   OUT=$OUT/pt LIMIT_S=540 DENSITIES=0.35,0.25,0.15 RETUNE= \
     METHODS=dense_warmup,west_fast_warmup,west_fast_energy,energy_cumulative,energy_blasst \
     bash "$(dirname "$0")/gpu_timing_diag.sh"
+  ;;
+claims)  # issue 13 item 5 at small-wan's native grid (16x128x128, 128 blocks), the study's
+  # defaults (50 steps, 3 sets of 2 captions, 4 captured steps, 3 FAST profiles). Estimate from
+  # the CPU (a captured step 95 s there): a few minutes on an H100.
+  step 540 python3 benchmarks/bench_quality.py --model small-wan --skip-quality \
+    --out-claims "$OUT/claims-$SLUG-small-wan.json"
+  ;;
+fa4eager)  # issue 14, with FA4 installed (fa4_wheels.sh): the eager op and the list kernel on
+  # the GPU, then the op row (FA4 + the one-launch lists) against FA4's kernel alone
+  step 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fa4_eager.py tests/test_fa4.py
+  step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks bernoulli local \
+    --densities 0.05 0.1 0.25 1.0 --impls ours ours-triton fa4 --rounds 3 \
+    --out "$OUT/attention-fa4-eager-1.3b.json"
+  ;;
+compile14)  # issue 14 bar 4 (>= 2.4x eager at density 0.25): 14B/720p, 40 layers, cold caches;
+  # the autotuner races FA4 and the template where FA4 is installed (the record's picks)
+  step 560 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25 --repeats 3 \
+    --out "$OUT/compile-14b.json"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
