@@ -167,15 +167,18 @@ def plot_pareto(res: dict, path: Path) -> Path:
 
     results = res["results"]
     timed = any(r.get("ms_per_step") is not None for r in _ok(results))
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(13 if timed else 7, 4.8),
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(13 if timed else 7, 6.0 if timed else 4.8),
                              squeeze=False)
     ax = axes[0][0]
     shown = [m for m in METHODS if _curve(results, m)]
-    colors = {m: f"C{i % 10}" for i, m in enumerate(shown)}  # one colour per method, both panels
+    # One style per method, both panels: 10 colours, then the same colours with square markers
+    # and dashed lines (the merged small-wan study shows 11 methods).
+    colors = {m: dict(color=f"C{i % 10}", marker="os^"[i // 10 % 3], ls=("-", "--", ":")[i // 10 % 3])
+              for i, m in enumerate(shown)}
     for m, label in METHODS.items():
         pts = _curve(results, m)
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label, color=colors[m])
+            ax.plot(*zip(*pts, strict=True), label=label, **colors[m])
     ax.set_xlabel("achieved density (computed blocks / all blocks)")
     ax.set_ylabel("PSNR vs dense (dB)")
     cfg = res["config"]
@@ -185,13 +188,14 @@ def plot_pareto(res: dict, path: Path) -> Path:
                  f"seed{'s' if cfg.get('num_seeds', 1) != 1 else ''}",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if not timed:
+        ax.legend(fontsize=7)
     if timed:
         ax = axes[0][1]
         for m, label in METHODS.items():
             pts = _curve(results, m, key="ms_per_step")
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label, color=colors[m])
+                ax.plot(*zip(*pts, strict=True), label=label, **colors[m])
         front = res.get("pareto", {}).get("front") or []
         if front:
             xs = [p["ms_per_step"] for p in front]
@@ -205,8 +209,11 @@ def plot_pareto(res: dict, path: Path) -> Path:
         ax.set_ylabel("PSNR vs dense (dB)")
         ax.set_title("PSNR vs measured time per step", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        # One legend for both panels, below them: inside a panel it hid data points.
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+        fig.tight_layout(rect=(0, 0.16, 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
