@@ -54,7 +54,13 @@ from ..kernels import block_sparse_attention as _kernel
 from ..kernels import fa4 as _fa4
 from ..kernels import launch as _launch
 from ..ops import op as _op  # noqa: F401  (registers torch.ops.scaling_attn.sparse_attention)
-from ..ops.fa4_op import FA4_ENV, FA4_OP, fa4_choice, fa4_enabled, fa4_switch_off  # noqa: F401
+from ..ops.fa4_op import (  # noqa: F401  (FA4_ENV, fa4_choice, fa4_enabled: re-exported)
+    FA4_ENV,
+    FA4_OP,
+    fa4_choice,
+    fa4_enabled,
+    fa4_refusal_reason,
+)
 from . import template_source as _template_source
 from .template_source import _TILE_FN, template_source
 
@@ -223,26 +229,12 @@ def _fa4_device(device) -> bool:
 
 
 def fa4_refusal(device, q, k, v, energy_rule=0, kv_lens=None) -> str | None:
-    """Why FA4 is not offered for this call (``None``: it is). Checked in the order of cost:
-    the switch, what FA4's full blocks cannot express, dtype and head dim, layout, then the
-    device (which imports ``flash_attn.cute``)."""
-    off = fa4_switch_off()  # the switch the eager op reads too (ops/fa4_op.py)
-    if off:
-        return off
-    if energy_rule:
-        return "energy filter"  # an online, per-tile skip decision: not a fixed block list
-    if kv_lens is not None:
-        return "kv_lens"  # per-batch key lengths: FA4's lists are per (b, h), no key mask
-    if q.get_dtype() not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.get_dtype()}"
-    head_dim = _static(q.get_size()[-1])
-    if head_dim > 128 or head_dim % 8:  # sm90 keeps 128-wide KV tiles only up to D = 128
-        return f"head_dim {head_dim}"
-    if any(_static(x.get_stride()[-1]) != 1 for x in (q, k, v)):
-        return "q/k/v last dim not contiguous"
-    if device is None or not _fa4_device(device):
-        return "flash_attn.cute not importable or not an sm90 GPU"
-    return None
+    """Why FA4 is not offered for this call (``None``: it is): the rules the eager op applies
+    too (``ops/fa4_op.fa4_refusal_reason``), read off the IR nodes."""
+    return fa4_refusal_reason(
+        q.get_dtype(), _static(q.get_size()[-1]), [_static(x.get_stride()[-1]) for x in (q, k, v)],
+        lambda: device is not None and _fa4_device(device), energy_rule=energy_rule,
+        has_kv_lens=kv_lens is not None)
 
 
 def _fa4_extern_choice() -> ExternKernelChoice:

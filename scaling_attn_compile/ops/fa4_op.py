@@ -72,30 +72,41 @@ def fa4_choice(enabled: bool):
         _FA4_OFF.reset(token)
 
 
-def fa4_eager_refusal(q, k, v, energy_rule: int = 0, kv_lens=None,
-                      launch_order=None) -> str | None:
-    """Why the eager op keeps the Triton kernel for this call (``None``: it runs FA4). The same
-    rules as the lowering's ``fa4_refusal``, on tensors, plus a launch order (a schedule of the
-    Triton kernel's programs, asked for by name). Cheapest checks first; the device check last
-    (it imports ``flash_attn.cute`` once)."""
+def fa4_refusal_reason(dtype, head_dim: int, last_dim_strides, device_ok, *, energy_rule: int = 0,
+                       has_kv_lens: bool = False, has_launch_order: bool = False) -> str | None:
+    """Why FA4 cannot take a call (``None``: it can), from what both paths know of it: the
+    eager op's tensors (:func:`fa4_eager_refusal`) and the lowering's IR nodes
+    (``compile/lowering.fa4_refusal``). Cheapest checks first; ``device_ok()`` last (it imports
+    ``flash_attn.cute`` once)."""
     off = fa4_switch_off()
     if off:
         return off
     if energy_rule:
         return "energy filter"  # an online, per-tile skip decision: not a fixed block list
-    if kv_lens is not None:
+    if has_kv_lens:
         return "kv_lens"  # per-batch key lengths: FA4's lists are per (b, h), no key mask
-    if launch_order is not None:
+    if has_launch_order:
         return "launch_order"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype}"
-    if q.shape[-1] > 128 or q.shape[-1] % 8:  # sm90 keeps 128-wide KV tiles only up to D = 128
-        return f"head_dim {q.shape[-1]}"
-    if any(x.stride(-1) != 1 for x in (q, k, v)):
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype}"
+    if head_dim > 128 or head_dim % 8:  # sm90 keeps 128-wide KV tiles only up to D = 128
+        return f"head_dim {head_dim}"
+    if any(s != 1 for s in last_dim_strides):
         return "q/k/v last dim not contiguous"
-    if not fa4_available(q.device):  # False for a CPU tensor
+    if not device_ok():
         return "flash_attn.cute not importable or not an sm90 GPU"
     return None
+
+
+def fa4_eager_refusal(q, k, v, energy_rule: int = 0, kv_lens=None,
+                      launch_order=None) -> str | None:
+    """Why the eager op keeps the Triton kernel for this call (``None``: it runs FA4): the
+    lowering's rules, plus a launch order (a schedule of the Triton kernel's programs, asked
+    for by name; compiled, the autotuner races FA4 against the template either way)."""
+    return fa4_refusal_reason(q.dtype, q.shape[-1], [x.stride(-1) for x in (q, k, v)],
+                              lambda: fa4_available(q.device),  # False for a CPU tensor
+                              energy_rule=energy_rule, has_kv_lens=kv_lens is not None,
+                              has_launch_order=launch_order is not None)
 
 
 def fa4_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale: float):
