@@ -42,7 +42,8 @@ GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(
 for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | families | pareto-q | pareto-t | claims | fa4eager | compile14}"; do
 case "$stage" in
 tests)
-  step 170 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
+  # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
+  step 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernel.py tests/test_energy.py tests/test_op.py
   step 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend.py tests/test_lowering.py tests/test_west.py  # 89-94 s on the H200 (before the split)
   ;;
 kernel)
