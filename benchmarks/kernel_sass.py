@@ -33,7 +33,7 @@ import triton  # noqa: E402
 from scaling_attn_compile.kernels import block_sparse_attention as KB  # noqa: E402
 from scaling_attn_compile.kernels import block_sparse_attention_q8 as KQ  # noqa: E402
 from scaling_attn_compile.kernels import launch as L  # noqa: E402
-from scaling_attn_compile.testing import compile_for_sm90  # noqa: E402
+from scaling_attn_compile.testing import compile_for_sm90, sm90_launch_hints  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 S = 32760  # Wan 1.3B/480p
@@ -42,30 +42,18 @@ KEYS = ("HGMMA", "QGMMA", "IGMMA", "PRMT", "SHFL", "I2FP", "F2FP", "FMUL", "FFMA
 
 
 def bf16_kernel(stages: int):
-    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "MASKS": "*i32",
-                "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32",
-                "KV_LENS": "*i32", "LAUNCH_ORDER": "*i32"}
-    unit = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_mw": 1}
-    div16 = set(pointers) | {f"stride_{t}{d}" for t in "qkvo" for d in "bhs"}
+    pointers, floats, div16, unit = sm90_launch_hints("bf16")
     const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, USE_TMA=False, WARP_SPECIALIZE=False,
                  ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False, HAS_LAUNCH_ORDER=False,
                  **unit)
-    return compile_for_sm90(KB._bsa_forward_kernel, pointers, {"qk_scale", "energy_thr"}, div16,
-                            const, num_warps=8, num_stages=stages)
+    return compile_for_sm90(KB._bsa_forward_kernel, pointers, floats, div16, const, num_warps=8,
+                            num_stages=stages)
 
 
 def q8_kernel(precision: str, stages: int):
-    qk_ty = "*i8" if precision == "int8" else "*fp8e4nv"
-    pointers = {"Q": qk_ty, "K": qk_ty, "V": "*fp8e4nv", "OUT": "*bf16", "MASKS": "*i32",
-                "LEVEL_TABLE": "*i32", "BOUNDS": "*fp32", "TS": "*fp32", "QS": "*fp32",
-                "KS": "*fp32", "VS": "*fp32"}
-    # v8 is a (B, H, S, D) view of (B, H, D, S) memory: stride_vs = 1 (launch_q8.py says why)
-    unit = {"stride_qd": 1, "stride_kd": 1, "stride_vs": 1, "stride_od": 1, "stride_mw": 1}
-    div16 = set(pointers) | {"stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh",
-                             "stride_ks", "stride_vb", "stride_vh", "stride_vd", "stride_ob",
-                             "stride_oh", "stride_os"}
+    pointers, floats, div16, unit = sm90_launch_hints(precision)
     const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8", **unit)
-    return compile_for_sm90(KQ._bsa_q8_forward_kernel, pointers, {"qk_scale"}, div16, const,
+    return compile_for_sm90(KQ._bsa_q8_forward_kernel, pointers, floats, div16, const,
                             num_warps=8, num_stages=stages)
 
 

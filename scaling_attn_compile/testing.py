@@ -178,6 +178,31 @@ def compile_for_sm90(fn, pointers: dict, floats: set, div16: set, constexprs: di
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def sm90_launch_hints(kernel: str) -> tuple[dict, set, set, dict]:
+    """What a launch at the Wan 1.3B shape (S = 32,760, H = 12, D = 128) tells the compiler, as
+    :func:`compile_for_sm90`'s ``(pointers, floats, div16, unit strides)``: ``"bf16"`` for the
+    bf16 kernel (q/k/v/out ``(B, H, S, D)`` views of ``(B, S, H, D)`` memory), ``"int8"`` /
+    ``"fp8"`` for the 8-bit one (q8/k8 contiguous, v8 a view of ``(B, H, D, S)`` memory, so
+    ``stride_vs = 1``). Unit strides are specialised to 1 at launch; the other strides and the
+    pointers are multiples of 16."""
+    tables = {"MASKS": "*i32", "LEVEL_TABLE": "*i32", "BOUNDS": "*fp32", "TS": "*fp32"}
+    if kernel == "bf16":
+        pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", **tables,
+                    "SKIPPED": "*i32", "KV_LENS": "*i32", "LAUNCH_ORDER": "*i32"}
+        unit = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_mw": 1}
+        return (pointers, {"qk_scale", "energy_thr"},
+                set(pointers) - {"KV_LENS"} | {f"stride_{t}{d}" for t in "qkvo" for d in "bhs"},
+                unit)
+    if kernel not in ("int8", "fp8"):
+        raise ValueError(f"sm90_launch_hints: kernel must be 'bf16', 'int8' or 'fp8', got {kernel!r}")
+    qk = "*i8" if kernel == "int8" else "*fp8e4nv"
+    pointers = {"Q": qk, "K": qk, "V": "*fp8e4nv", "OUT": "*bf16", **tables, "QS": "*fp32",
+                "KS": "*fp32", "VS": "*fp32"}
+    unit = {"stride_qd": 1, "stride_kd": 1, "stride_vs": 1, "stride_od": 1, "stride_mw": 1}
+    strides = {f"stride_{t}{d}" for t in "qkvo" for d in "bhsd"} - set(unit)
+    return pointers, {"qk_scale"}, set(pointers) | strides, unit
+
+
 def sm90_ptx_facts(kernel) -> dict:
     """What the sm_90 compile tests check of a compiled kernel: a cubin, shared memory bytes,
     pipelined K/V copies (``cp.async.cg``) and local-memory spills, from its PTX."""

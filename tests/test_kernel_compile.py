@@ -23,19 +23,9 @@ COMPILE = r'''
 import json, sys
 from scaling_attn_compile.kernels import block_sparse_attention as K
 from scaling_attn_compile.kernels import launch as L
-from scaling_attn_compile.testing import compile_for_sm90, sm90_ptx_facts
+from scaling_attn_compile.testing import compile_for_sm90, sm90_launch_hints, sm90_ptx_facts
 
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "MASKS": "*i32",
-            "LEVEL_TABLE": "*i32", "SKIPPED": "*i32", "BOUNDS": "*fp32", "TS": "*fp32",
-            "KV_LENS": "*i32", "LAUNCH_ORDER": "*i32"}
-FLOATS = {"qk_scale", "energy_thr"}
-# (B, H, S, D) views of (B, S, H, D) memory at S = 32760, H = 12, D = 128: unit strides are
-# specialised to 1 at launch, the others are multiples of 16, as are the pointers.
-UNIT = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_mw": 1}
-DIV16 = {"Q", "K", "V", "OUT", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS", "SKIPPED", "LAUNCH_ORDER",
-         "stride_qb",
-         "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
-         "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_os"}
+POINTERS, FLOATS, DIV16, UNIT = sm90_launch_hints("bf16")  # the Wan 1.3B launch's hints
 constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, USE_TMA=False,
                   WARP_SPECIALIZE=False, ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False,
                   HAS_LAUNCH_ORDER=False, **UNIT)

@@ -11,19 +11,10 @@ COMPILE = r'''
 import json, sys
 from scaling_attn_compile.kernels import block_sparse_attention_q8 as K
 from scaling_attn_compile.kernels import launch as L
-from scaling_attn_compile.testing import compile_for_sm90, sm90_ptx_facts
+from scaling_attn_compile.testing import compile_for_sm90, sm90_launch_hints, sm90_ptx_facts
 
 qk_int8 = sys.argv[1] == "int8"
-qk_ty = "*i8" if qk_int8 else "*fp8e4nv"
-POINTERS = {"Q": qk_ty, "K": qk_ty, "V": "*fp8e4nv", "OUT": "*bf16", "MASKS": "*i32",
-            "LEVEL_TABLE": "*i32", "BOUNDS": "*fp32", "TS": "*fp32", "QS": "*fp32",
-            "KS": "*fp32", "VS": "*fp32"}
-FLOATS = {"qk_scale"}
-# q8/k8 (B, H, S, D) contiguous; v8 a (B, H, S, D) view of (B, H, D, S) memory: stride_vs = 1.
-UNIT = {"stride_qd": 1, "stride_kd": 1, "stride_vs": 1, "stride_od": 1, "stride_mw": 1}
-DIV16 = {"Q", "K", "V", "OUT", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS", "QS", "KS", "VS",
-         "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks",
-         "stride_vb", "stride_vh", "stride_vd", "stride_ob", "stride_oh", "stride_os"}
+POINTERS, FLOATS, DIV16, UNIT = sm90_launch_hints(sys.argv[1])  # the Wan 1.3B launch's hints
 constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, QK_INT8=qk_int8, **UNIT)
 kernel = compile_for_sm90(K._bsa_q8_forward_kernel, POINTERS, FLOATS, DIV16, constexprs,
                           num_warps=8, num_stages=2)
