@@ -359,10 +359,9 @@ def main(argv=None) -> int:
         run_shape(key, args.masks, args.densities, set(args.impls), records, args.rounds)
     records = derive(records)
     print("\n" + table(records) + "\n\n" + versus_fa4(records))
-    tuned = {str(k): {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
-             for k, (v, times) in tuned_configs().items()}
-    tuned.update({f"q8 {k}": {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
-                  for k, (v, times) in tuned_configs_q8().items()})  # the 8-bit kernel's
+    tuned = {f"{prefix}{k}": {"chosen": v, "ms_by_config": {str(c): t for c, t in times.items()}}
+             for prefix, configs in (("", tuned_configs()), ("q8 ", tuned_configs_q8()))
+             for k, (v, times) in configs.items()}  # the bf16 kernel's, then the 8-bit one's
     gpu = _common.gpu_slug(env["gpu"])
     path = args.out or os.path.join(os.path.dirname(__file__), "results",
                                     f"attention-masks-{gpu}.json")

@@ -38,6 +38,7 @@ import triton.language as tl
 from ..contract.masks import BLOCK, num_blocks
 from ..contract.reference import block_masks_for
 from .block_sparse_attention import bsa_select_level
+from .launch import _pow2
 
 FA4_SPARSE_ARCHS = (9,)  # compute-capability majors where 128-row sparse query blocks work
 FA4_DENSE_ARCHS = (9, 10)  # sm90 (H100/H200) and sm100 (B200) have FA4 forward kernels
@@ -169,7 +170,7 @@ def _fa4_lists_triton(masks, level_table, bucket_bounds, timestep, batch, seq_le
         masks, level_table, bounds, ts, full_cnt, full_idx, *masks.stride(),
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0), masks.shape[1],
         masks.shape[3], heads, nb, k, NUM_BOUNDS=nbounds,
-        BOUNDS_P2=max(triton.next_power_of_2(nbounds), 1), NB_P2=triton.next_power_of_2(nb))
+        BOUNDS_P2=_pow2(nbounds), NB_P2=_pow2(nb))
     mask_cnt = torch.zeros_like(full_cnt)
     mask_idx = torch.zeros(batch, heads, nb, 1, dtype=torch.int32, device=dev)
     return full_cnt, full_idx, mask_cnt, mask_idx

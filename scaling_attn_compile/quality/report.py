@@ -188,8 +188,6 @@ def plot_pareto(res: dict, path: Path) -> Path:
                  f"seed{'s' if cfg.get('num_seeds', 1) != 1 else ''}",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    if not timed:
-        ax.legend(fontsize=7)
     if timed:
         ax = axes[0][1]
         for m, label in METHODS.items():
@@ -213,6 +211,7 @@ def plot_pareto(res: dict, path: Path) -> Path:
         fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
         fig.tight_layout(rect=(0, 0.16, 1, 1))
     else:
+        ax.legend(fontsize=7)
         fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
