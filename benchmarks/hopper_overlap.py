@@ -1,0 +1,174 @@
+"""Question (issue 14): which of Triton 3.6's ways to overlap the softmax with the tensor cores on
+Hopper makes block-sparse attention faster than our kernel, on the same masks?
+
+Our kernel walks a row's mask bits and runs Q.K^T, softmax, P.V one after another; in its sm_90
+code no exponential runs while a wgmma is in flight (``benchmarks/kernel_sass.py``). FA4 (and
+FA3) overlap them, with warp specialisation and two consumer warpgroups. Triton 3.6 offers:
+
+* ``ws``: automatic warp specialisation (``tl.range(..., warp_specialize=True)``). Compiled for
+  sm_90 here it applies only with ``num_warps=4`` and a loop whose block index comes from memory
+  (an FA4-style block list); over our bit-walk, or with 8 warps, the compiler leaves the loop as
+  it is (no ``ttg.warp_specialize`` op in the TTGIR).
+* ``pipe``: the next block's Q.K^T issued before this block's softmax, in the source
+  (FlashAttention-3's intra-warpgroup overlap). Whether the exponentials then run under the
+  wgmma is up to ptxas; on this loop it interleaves them.
+* ``ours-overlap``: the same order inside our bit-walk kernel (``KernelConfig.overlap``).
+
+The list kernels below are study kernels, not the op: K/V through TMA, one program per
+(128-query tile, batch x head), the row's blocks from ``full_cnt`` / ``full_idx`` (the lists
+``kernels/fa4.fa4_block_sparse_tensors`` builds). ``S`` is a multiple of 128 (32,768 = the
+16x32x64 latent grid): no partial block. Every output is compared with our kernel's.
+
+    python benchmarks/hopper_overlap.py [--out FILE] [--heads 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from scaling_attn_compile.kernels.fa4 import fa4_block_sparse_tensors
+from scaling_attn_compile.kernels.launch import (KernelConfig, _ensure_tma_allocator,
+                                                 block_sparse_attention_forward)
+from scaling_attn_compile.testing import make_qkv
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v, qk_scale):
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
+                    BLOCK_M: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
+                    PIPE: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * S * D
+    q_desc = tl.make_tensor_descriptor(Q + base, shape=[S, D], strides=[D, 1],
+                                       block_shape=[BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(K + base, shape=[S, D], strides=[D, 1],
+                                       block_shape=[128, D])
+    v_desc = tl.make_tensor_descriptor(V + base, shape=[S, D], strides=[D, 1],
+                                       block_shape=[128, D])
+    q = q_desc.load([pid * BLOCK_M, 0])
+    row = bh * NB + (pid * BLOCK_M) // 128
+    n = tl.load(CNT + row)
+    idx = IDX + row.to(tl.int64) * MAXK
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if PIPE:
+        if n > 0:
+            cur = tl.load(idx) * 128
+            qk = tl.dot(q, k_desc.load([cur, 0]).T)
+            for j in tl.range(1, n):
+                nxt = tl.load(idx + j) * 128
+                qk_next = tl.dot(q, k_desc.load([nxt, 0]).T)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_desc.load([cur, 0]), qk_scale)
+                qk = qk_next
+                cur = nxt
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_desc.load([cur, 0]), qk_scale)
+    else:
+        for j in tl.range(0, n, warp_specialize=WS):
+            start = tl.load(idx + j) * 128
+            qk = tl.dot(q, k_desc.load([start, 0]).T)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    tl.store(O + base + offs_m[:, None] * D + offs_d[None, :],
+             (acc / l_i[:, None]).to(O.dtype.element_ty))
+
+
+# (name, num_warps, num_stages, WS, PIPE). Compiled for sm_90 with triton 3.6 (ptxas -v): the
+# plain list loop 188 registers; warp-specialised 168, 176 KiB of shared memory at 2 stages
+# (3 need 256 KiB, past the 227 KiB limit); 4 warps without it spill (1 KiB) and serialize the
+# wgmmas; the pipelined order 255 registers, no spill.
+LIST_VARIANTS = [("list w8s3", 8, 3, False, False),
+                 ("list-ws w4s2", 4, 2, True, False), ("list-pipe w8s2", 8, 2, False, True)]
+OURS = [("ours-tma", KernelConfig(128, 8, 3, use_tma=True)),
+        ("ours-overlap", KernelConfig(128, 8, 2, use_tma=True, overlap=True))]
+
+
+def run_list(variant, q, k, v, lists, out, scale):
+    name, warps, stages, ws, pipe = variant
+    cnt, idx = lists
+    B, H, S, D = q.shape
+    _list_attention[(S // 128, B * H)](q, k, v, out, cnt, idx, S, S // 128, idx.shape[-1],
+                                       scale * 1.4426950408889634, BLOCK_M=128, D=D, WS=ws,
+                                       PIPE=pipe, num_warps=warps, num_stages=stages)
+    return out
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from mask_families import block_mask, mask_tables
+    from triton.testing import do_bench
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--heads", type=int, default=12)
+    args = ap.parse_args(argv)
+    grid, B, H, D = (16, 32, 64), 1, args.heads, 128
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v = (t.contiguous() for t in make_qkv(B, H, S, D, dtype=torch.bfloat16, device="cuda"))
+    scale = D ** -0.5
+    ts = torch.tensor([500.0], device="cuda")
+    _ensure_tma_allocator()
+    rows = []
+    for family, density in (("balanced", 1.0), ("balanced", 0.25), ("bernoulli", 0.25),
+                            ("bernoulli", 0.1), ("local", 0.1), ("bernoulli", 0.05)):
+        block = block_mask(family, H, grid, density)
+        tables = mask_tables(block, grid).to("cuda")
+        masks, lt, bb = tables.layer(0)
+        full_cnt, full_idx, _, _ = fa4_block_sparse_tensors(masks, lt, bb, ts, B, S, impl="torch")
+        lists = (full_cnt.contiguous(), full_idx.contiguous())
+        kept = block.float().mean().item()
+        flops = 4 * B * H * S * S * D * kept
+        ref = torch.empty_like(q)
+        block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, ref, scale, OURS[0][1])
+        cases = [(n, lambda o, c=c: block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, o,
+                                                                  scale, c)) for n, c in OURS]
+        cases += [(var[0], lambda o, var=var: run_list(var, q, k, v, lists, o, scale))
+                  for var in LIST_VARIANTS]
+        for name, fn in cases:
+            out = torch.full_like(q, float("nan"))
+            try:
+                fn(out)
+                torch.cuda.synchronize()
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                ms = do_bench(lambda f=fn, o=out: f(o), warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # a variant that does not compile on this GPU: say so, go on
+                print(f"{family} {density} {name}: FAILED {type(e).__name__}: {str(e)[:200]}",
+                      flush=True)
+                rows.append({"mask": family, "density": density, "impl": name,
+                             "error": str(e)[:300]})
+                continue
+            tf = flops / ms / 1e9
+            print(f"{family:9s} {density:4.2f} (kept {kept:.3f}) {name:22s} {ms:8.3f} ms "
+                  f"{tf:6.0f} TFLOP/s  rel-L2 vs ours {err:.1e}", flush=True)
+            rows.append({"mask": family, "density": density, "kept": kept, "impl": name,
+                         "ms": ms, "tflops_active": tf, "rel_l2_vs_ours": err})
+    record = {"benchmark": "hopper_overlap", "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "shape": {"B": B, "H": H, "S": S, "D": D, "grid": grid}, "rows": rows,
+              "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
