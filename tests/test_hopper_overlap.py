@@ -23,6 +23,8 @@ HO = load_module(ROOT / "benchmarks" / "hopper_overlap.py", "hopper_overlap")
 @pytest.mark.parametrize("variant", HO.LIST_VARIANTS, ids=[v[0] for v in HO.LIST_VARIANTS])
 @pytest.mark.parametrize("density", [0.3, 1.0])
 def test_list_kernels_match_the_reference(variant, density):
+    if variant[5] and density < 1.0:
+        pytest.skip("the all-blocks loop is for all-blocks masks only")
     grid, B, H, D = (2, 8, 24), 1, 2, 64  # 384 tokens, 3 blocks a row: rows of 1 to 3 blocks
     S = grid[0] * grid[1] * grid[2]
     q, k, v = (t.contiguous() for t in make_qkv(B, H, S, D, dtype=torch.float32, seed=5))
