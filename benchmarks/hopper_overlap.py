@@ -170,6 +170,7 @@ def main(argv=None) -> int:
                 fn(out)
                 torch.cuda.synchronize()
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                nans = int(out.isnan().sum().item())  # elements left unwritten or NaN
                 ms = do_bench(lambda f=fn, o=out: f(o), warmup=25, rep=100, return_mode="median")
             except Exception as e:  # a variant that does not compile on this GPU: say so, go on
                 print(f"{family} {density} {name}: FAILED {type(e).__name__}: {str(e)[:200]}",
@@ -179,9 +180,10 @@ def main(argv=None) -> int:
                 continue
             tf = flops / ms / 1e9
             print(f"{family:9s} {density:4.2f} (kept {kept:.3f}) {name:22s} {ms:8.3f} ms "
-                  f"{tf:6.0f} TFLOP/s  rel-L2 vs ours {err:.1e}", flush=True)
+                  f"{tf:6.0f} TFLOP/s  rel-L2 vs ours {err:.1e}  NaNs {nans}", flush=True)
             rows.append({"mask": family, "density": density, "kept": kept, "impl": name,
-                         "ms": ms, "tflops_active": tf, "rel_l2_vs_ours": err})
+                         "ms": ms, "tflops_active": tf, "rel_l2_vs_ours": err,
+                         "nan_elements": nans})
     record = {"benchmark": "hopper_overlap", "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "triton": triton.__version__,
               "shape": {"B": B, "H": H, "S": S, "D": D, "grid": grid}, "rows": rows,
