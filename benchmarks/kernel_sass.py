@@ -50,9 +50,10 @@ def bf16_kernel(stages: int):
                             num_stages=stages)
 
 
-def q8_kernel(precision: str, stages: int):
+def q8_kernel(precision: str, stages: int, tma: bool = False):
     pointers, floats, div16, unit = sm90_launch_hints(precision)
-    const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8", **unit)
+    const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8",
+                 USE_TMA=tma, **unit)
     return compile_for_sm90(KQ._bsa_q8_forward_kernel, pointers, floats, div16, const,
                             num_warps=8, num_stages=stages)
 
@@ -84,7 +85,10 @@ def main(argv=None) -> int:
     for name, build in (("bf16 (no TMA), 3 stages", lambda: bf16_kernel(3)),
                         ("fp8, 2 stages", lambda: q8_kernel("fp8", 2)),
                         ("fp8, 3 stages", lambda: q8_kernel("fp8", 3)),
-                        ("int8, 3 stages", lambda: q8_kernel("int8", 3))):
+                        ("int8, 3 stages", lambda: q8_kernel("int8", 3)),
+                        ("fp8, TMA, 3 stages", lambda: q8_kernel("fp8", 3, True)),
+                        ("int8, TMA, 3 stages", lambda: q8_kernel("int8", 3, True)),
+                        ("int8, TMA, 4 stages", lambda: q8_kernel("int8", 4, True))):
         rows[name] = sass_facts(build())
         print(f"{name:26s} " + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
     record = {"benchmark": "kernel_sass", "shape": "Wan 1.3B/480p, S=32760, D=128, 8 warps, "

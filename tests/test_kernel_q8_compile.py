@@ -14,24 +14,33 @@ from scaling_attn_compile.kernels import launch as L
 from scaling_attn_compile.testing import compile_for_sm90, sm90_launch_hints, sm90_ptx_facts
 
 qk_int8 = sys.argv[1] == "int8"
+tma = sys.argv[2] == "tma"
 POINTERS, FLOATS, DIV16, UNIT = sm90_launch_hints(sys.argv[1])  # the Wan 1.3B launch's hints
-constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, QK_INT8=qk_int8, **UNIT)
+constexprs = dict(L.launch_meta(32760, 8, 2, 128), BLOCK_M=128, QK_INT8=qk_int8, USE_TMA=tma,
+                  **UNIT)
 kernel = compile_for_sm90(K._bsa_q8_forward_kernel, POINTERS, FLOATS, DIV16, constexprs,
-                          num_warps=8, num_stages=2)
-wg = [l.strip().split()[0] for l in kernel.asm["ptx"].splitlines() if "wgmma.mma_async" in l]
-print(json.dumps({"wgmma": sorted(set(wg)), **sm90_ptx_facts(kernel)}))
+                          num_warps=8, num_stages=4 if tma else 2)
+ptx = kernel.asm["ptx"]
+wg = [l.strip().split()[0] for l in ptx.splitlines() if "wgmma.mma_async" in l]
+print(json.dumps({"wgmma": sorted(set(wg)), "tma_copies": ptx.count("cp.async.bulk.tensor"),
+                  **sm90_ptx_facts(kernel)}))
 '''
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loads", ["plain", "tma"])
 @pytest.mark.parametrize("precision, qk_kind", [("int8", ".s32.s8.s8"), ("fp8", ".f32.e4m3.e4m3")])
-def test_q8_kernel_compiles_for_sm90_with_8bit_wgmma(precision, qk_kind):
-    result = run_script_compiled(COMPILE, precision)
+def test_q8_kernel_compiles_for_sm90_with_8bit_wgmma(precision, qk_kind, loads):
+    """Plain loads at 2 stages (cp.async) and the TMA config at its deepest, 4 stages."""
+    result = run_script_compiled(COMPILE, precision, loads)
     print(result)
     kinds = result["wgmma"]
     assert any(qk_kind in w for w in kinds), f"no {qk_kind} wgmma for Q.K^T in {kinds}"
     assert any(".f32.e4m3.e4m3" in w for w in kinds), f"no FP8 wgmma for P.V in {kinds}"
     assert result["cubin"], "ptxas produced no cubin"
     assert result["shared"] <= 232448, "more shared memory than an H100 block can have"
-    assert result["async_copies"] > 0, "the KV loop is not pipelined (no cp.async)"
+    if loads == "tma":
+        assert result["tma_copies"] > 0, "no TMA copy (cp.async.bulk.tensor) in the TMA config"
+    else:
+        assert result["async_copies"] > 0, "the KV loop is not pipelined (no cp.async)"
     assert result["spills"] == 0, f"{result['spills']} local-memory spill instructions"

@@ -133,39 +133,6 @@ def bsa_next_block(words, offs_w, NUM_WORDS_P2: tl.constexpr):
 
 
 @triton.jit
-def bsa_load_k(k_base, k_desc, start_n, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
-               PARTIAL: tl.constexpr, USE_TMA: tl.constexpr):
-    """K^T ``(HEAD_DIM, 128)`` of the 128 keys at ``start_n``; with ``PARTIAL`` keys past
-    ``SEQ_LEN`` read as zeros (TMA zero-fills them by itself)."""
-    if USE_TMA:
-        k = k_desc.load([start_n, 0]).T
-    else:
-        offs_n = start_n + offs_n0
-        if PARTIAL:
-            k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                        mask=(offs_n < SEQ_LEN)[None, :], other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
-    return k
-
-
-@triton.jit
-def bsa_load_v(v_base, v_desc, start_n, offs_n0, offs_d, SEQ_LEN, stride_vs, stride_vd,
-               PARTIAL: tl.constexpr, USE_TMA: tl.constexpr):
-    """V ``(128, HEAD_DIM)`` of the 128 keys at ``start_n`` (as :func:`bsa_load_k`)."""
-    if USE_TMA:
-        v = v_desc.load([start_n, 0])
-    else:
-        offs_n = start_n + offs_n0
-        if PARTIAL:
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=(offs_n < SEQ_LEN)[:, None], other=0.0)
-        else:
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
-    return v
-
-
-@triton.jit
 def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, offs_n0, offs_d,
                      SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped,
                      energy_thr, row_ok, PARTIAL: tl.constexpr, USE_TMA: tl.constexpr,
@@ -179,13 +146,26 @@ def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, 
     (cumulative energy) or ``m_blk - m < energy_thr`` (BLASST), all in log2 units. QK^T and the
     loads are done anyway (the decision needs QK^T; V stays in the pipeline).
     """
-    k = bsa_load_k(k_base, k_desc, start_n, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
-                   PARTIAL, USE_TMA)
-    v = bsa_load_v(v_base, v_desc, start_n, offs_n0, offs_d, SEQ_LEN, stride_vs, stride_vd,
-                   PARTIAL, USE_TMA)
-    qk = tl.dot(q, k)
-    if PARTIAL:
-        qk = tl.where((start_n + offs_n0 < SEQ_LEN)[None, :], qk, float("-inf"))
+    offs_n = start_n + offs_n0
+    if USE_TMA:
+        # The tensor-memory accelerator zero-fills rows past SEQ_LEN; the -inf mask is still ours.
+        k = k_desc.load([start_n, 0]).T
+        v = v_desc.load([start_n, 0])
+        qk = tl.dot(q, k)
+        if PARTIAL:
+            qk = tl.where((offs_n < SEQ_LEN)[None, :], qk, float("-inf"))
+    elif PARTIAL:
+        in_seq = offs_n < SEQ_LEN
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=in_seq[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=in_seq[:, None], other=0.0)
+        qk = tl.dot(q, k)
+        qk = tl.where(in_seq[None, :], qk, float("-inf"))
+    else:
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+        qk = tl.dot(q, k)
     # Scale folded into one FMA with the max subtraction, in exp2 (the Triton tutorial's trick).
     m_blk = tl.max(qk, axis=1) * qk_scale
     if ENERGY_RULE == 0:
@@ -216,56 +196,6 @@ def bsa_softmax_update(acc, l_i, m_i, qk, v, m_blk, qk_scale):
 
 
 @triton.jit
-def bsa_softmax_p(m_i, l_i, qk, qk_scale, dtype: tl.constexpr):
-    """The online-softmax step up to P: the new running max and sum, ``p`` in ``dtype`` and the
-    factor ``alpha`` that rescales the accumulator before ``p @ v`` is added."""
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    return m_new, l_i, p.to(dtype), alpha
-
-
-@triton.jit
-def bsa_overlapped_walk(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, words, offs_w, n_kept,
-                        offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd,
-                        qk_scale, NUM_WORDS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-                        USE_TMA: tl.constexpr):
-    """The row's ``n_kept`` full blocks, software-pipelined so that the tensor cores run the
-    next block's Q.K^T while the CUDA cores do this block's exponentials (FlashAttention-3's
-    intra-warpgroup overlap, written out in the source). One loop step: P.V of block t (its P
-    carried from the step before), issue Q.K^T of block t + 2, softmax of block t + 1.
-
-    Why this order: Triton (3.6) keeps a wgmma in flight across other work only when the uses of
-    its result from the previous step come after the step's first full wait
-    (``WGMMAPipeline.cpp``, rule 3b). P.V, whose A operand is in registers, is that wait; the
-    scores it carries in (issued one step earlier) are then ready, and the Q.K^T issued after it
-    runs under the softmax. Same math and block order as the plain walk: one more score tile
-    and one P tile in registers."""
-    dtype = q.dtype
-    if n_kept > 0:
-        blk, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-        qk = tl.dot(q, bsa_load_k(k_base, k_desc, blk * BLOCK_N, offs_n0, offs_d, SEQ_LEN,
-                                  stride_ks, stride_kd, False, USE_TMA))
-        v_words = words
-        for _ in tl.range(1, n_kept):
-            nxt, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-            qk_next = tl.dot(q, bsa_load_k(k_base, k_desc, nxt * BLOCK_N, offs_n0, offs_d,
-                                           SEQ_LEN, stride_ks, stride_kd, False, USE_TMA))
-            m_i, l_i, p, alpha = bsa_softmax_p(m_i, l_i, qk, qk_scale, dtype)
-            v = bsa_load_v(v_base, v_desc, blk * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_vs,
-                           stride_vd, False, USE_TMA)
-            acc = tl.dot(p, v, acc * alpha[:, None])
-            qk = qk_next
-            blk = nxt
-        m_i, l_i, p, alpha = bsa_softmax_p(m_i, l_i, qk, qk_scale, dtype)
-        v = bsa_load_v(v_base, v_desc, blk * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_vs,
-                       stride_vd, False, USE_TMA)
-        acc = tl.dot(p, v, acc * alpha[:, None])
-    return acc, l_i, m_i
-
-
-@triton.jit
 def bsa_forward_tile(
     Q, K, V, MASKS, LEVEL_TABLE, BOUNDS, TS,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -279,7 +209,6 @@ def bsa_forward_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
     ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0, KV_LENS=None, HAS_KV_LENS: tl.constexpr = False,
-    OVERLAP: tl.constexpr = False,
 ):
     """One (BLOCK_M, HEAD_DIM) output tile, normalised, in float32, and the number of visited
     blocks the energy filter skipped.
@@ -349,18 +278,12 @@ def bsa_forward_tile(
         words, last, has_last = bsa_split_last(words, offs_w, kv_len, NUM_WORDS_P2)
     n_kept = tl.sum(bsa_popcount(words), axis=0)
 
-    if OVERLAP and ENERGY_RULE == 0:
-        acc, l_i, m_i = bsa_overlapped_walk(
-            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, words, offs_w, n_kept, offs_n0,
-            offs_d, kv_len, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, NUM_WORDS_P2,
-            BLOCK_N, USE_TMA)
-    else:
-        for _ in tl.range(0, n_kept, warp_specialize=WARP_SPECIALIZE):
-            kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-            acc, l_i, m_i, n_skipped = bsa_attend_block(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_block * BLOCK_N, offs_n0,
-                offs_d, kv_len, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped,
-                energy_thr, row_ok, False, USE_TMA, ENERGY_RULE)
+    for _ in tl.range(0, n_kept, warp_specialize=WARP_SPECIALIZE):
+        kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
+        acc, l_i, m_i, n_skipped = bsa_attend_block(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kv_block * BLOCK_N, offs_n0, offs_d,
+            kv_len, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped, energy_thr,
+            row_ok, False, USE_TMA, ENERGY_RULE)
     if (not EVEN_S) or HAS_KV_LENS:
         if has_last:
             acc, l_i, m_i, n_skipped = bsa_attend_block(
@@ -389,7 +312,6 @@ def _bsa_forward_kernel(
     ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0, SKIPPED=None, WRITE_SKIPPED: tl.constexpr = False,
     KV_LENS=None, HAS_KV_LENS: tl.constexpr = False,
     LAUNCH_ORDER=None, stride_lo_t=0, HAS_LAUNCH_ORDER: tl.constexpr = False,
-    OVERLAP: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -408,7 +330,7 @@ def _bsa_forward_kernel(
         stride_lt_t, stride_lt_h, stride_ts,
         off_b, off_h, pid_m, SEQ_LEN, qk_scale, num_levels,
         NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
-        USE_TMA, WARP_SPECIALIZE, ENERGY_RULE, energy_thr, KV_LENS, HAS_KV_LENS, OVERLAP,
+        USE_TMA, WARP_SPECIALIZE, ENERGY_RULE, energy_thr, KV_LENS, HAS_KV_LENS,
     )
     if WRITE_SKIPPED:  # blocks the energy filter skipped, per (b, h, query tile)
         tl.store(SKIPPED + (off_b * NUM_HEADS + off_h) * tl.num_programs(0) + pid_m, n_skipped)

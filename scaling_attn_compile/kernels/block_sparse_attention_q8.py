@@ -39,13 +39,20 @@ from .block_sparse_attention import (
 
 
 @triton.jit
-def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, KS, start_n, offs_n0, offs_d,
-                        SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd,
-                        PARTIAL: tl.constexpr, QK_INT8: tl.constexpr):
+def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, KS, start_n,
+                        offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd,
+                        PARTIAL: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr):
     """One online-softmax step over the 128 keys at ``start_n``, 8-bit operands. ``qk_mult`` is
-    ``sq * scale * log2(e)`` for this tile; ``KS`` points at this (batch, head)'s K scales."""
+    ``sq * scale * log2(e)`` for this tile; ``KS`` points at this (batch, head)'s K scales.
+
+    The scale of the scores and the 448 of P are folded into the one FFMA before the exp2:
+    ``p * 448 = exp2(qk * s - (m - log2(448)))``; the row sum ``l_i`` then carries the 448 too,
+    and the epilogue's ``acc / l_i`` cancels it."""
     offs_n = start_n + offs_n0
-    if PARTIAL:
+    if USE_TMA:  # zero-fills keys past SEQ_LEN; V is (D, S) memory: its tile is (D, 128)
+        k = k_desc.load([start_n, 0]).T
+        v = v_desc.load([0, start_n]).T
+    elif PARTIAL:
         in_seq = offs_n < SEQ_LEN
         k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                     mask=in_seq[None, :], other=0.0)
@@ -58,15 +65,17 @@ def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, KS, start_n, 
         qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
     else:
         qk = tl.dot(q, k)
-    qk = qk * (qk_mult * tl.load(KS + start_n // 128))  # scores in log2 units
+    s = qk_mult * tl.load(KS + start_n // 128)  # > 0: scores in log2 units are qk * s
     if PARTIAL:
-        qk = tl.where(in_seq[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    p = tl.math.exp2(qk - m_new[:, None])
+        qk = tl.where((offs_n < SEQ_LEN)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * s)
+    p = tl.math.exp2(qk * s - (m_new - 8.807354922057604)[:, None])  # log2(448): p * 448
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)  # the row sum from the unrounded p
-    pv = tl.dot((p * 448.0).to(v.dtype), v)  # fresh fp32 accumulator: two-level accumulation
-    acc = acc * alpha[:, None] + pv
+    l_i = l_i * alpha + tl.sum(p, axis=1)  # the row sum (x 448) from the unrounded p
+    # Into the running fp32 accumulator, so the wgmma stays in flight like the bf16 kernel's.
+    # Hopper's FP8 wgmma adds its products into it with a 13-bit mantissa (SageAttention2's
+    # "FP22"); rel 2^-14 per 32-key step against the 2^-4 of the e4m3 P it multiplies.
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
 
 
@@ -83,7 +92,7 @@ def _bsa_q8_forward_kernel(
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EVEN_S: tl.constexpr, QK_INT8: tl.constexpr,
+    EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
     ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e)."""
@@ -109,6 +118,13 @@ def _bsa_q8_forward_kernel(
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     ks = KS + off_bh * NKB
+    k_desc = None
+    v_desc = None
+    if USE_TMA:  # K (S, D) rows; V stored (D, S): stride_vs = 1, stride_vd the row pitch
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[SEQ_LEN, HEAD_DIM],
+                                           strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[HEAD_DIM, SEQ_LEN],
+                                           strides=[stride_vd, 1], block_shape=[HEAD_DIM, BLOCK_N])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -119,15 +135,17 @@ def _bsa_q8_forward_kernel(
     for _ in tl.range(0, n_kept):
         kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
         acc, l_i, m_i = bsa_q8_attend_block(
-            acc, l_i, m_i, q, qk_mult, k_base, v_base, ks, kv_block * BLOCK_N, offs_n0, offs_d,
-            SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, False, QK_INT8)
+            acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, kv_block * BLOCK_N,
+            offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, False, QK_INT8,
+            USE_TMA)
     if not EVEN_S:
         if has_last:
             acc, l_i, m_i = bsa_q8_attend_block(
-                acc, l_i, m_i, q, qk_mult, k_base, v_base, ks, last * BLOCK_N, offs_n0, offs_d,
-                SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, True, QK_INT8)
+                acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, last * BLOCK_N,
+                offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, True,
+                QK_INT8, USE_TMA)
     v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)
-    out_tile = acc * (v_scale[None, :] / 448.0) / l_i[:, None]
+    out_tile = acc * v_scale[None, :] / l_i[:, None]  # l_i carries P's 448
     out = OUT + off_b * stride_ob + off_h * stride_oh
     tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              out_tile.to(OUT.dtype.element_ty), mask=offs_m[:, None] < SEQ_LEN)

@@ -27,9 +27,6 @@ class KernelConfig(NamedTuple):
     num_stages: int
     use_tma: bool = False  # K/V through device-side tensor descriptors (Hopper TMA)
     warp_specialize: bool = False
-    # Q.K^T of the next block issued before this block's softmax (bsa_overlapped_walk); a
-    # study variant until a GPU shows it pays (benchmarks/hopper_overlap.py).
-    overlap: bool = False
 
 
 # Tile configurations tried by the eager launcher's autotuner and by the Inductor template's
@@ -122,7 +119,7 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
         *level_table.stride(), stride_ts,
         H, S, scale * LOG2E, masks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize, OVERLAP=cfg.overlap,
+        USE_TMA=cfg.use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
         ENERGY_RULE=energy_rule, energy_thr=energy_threshold * LOG2E,
         SKIPPED=skipped, WRITE_SKIPPED=skipped is not None,
         KV_LENS=kv_lens, HAS_KV_LENS=kv_lens is not None,

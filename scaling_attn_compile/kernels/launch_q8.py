@@ -5,17 +5,21 @@ launcher. The math is :mod:`.block_sparse_attention_q8`; the spec
 
 from __future__ import annotations
 
+import torch
 import triton
 
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
 from .block_sparse_attention import LOG2E, MASK_BLOCK
 from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
-from .launch import KernelConfig, check_launch, launch_meta, tuning_tables
+from .launch import (KernelConfig, _ensure_tma_allocator, check_launch, launch_meta,
+                     tuning_tables)
 
-# Candidates: the bf16 kernel's plain configs (no TMA / warp specialisation variant exists for
-# the 8-bit kernel yet). Not measured on a GPU for this kernel: the autotuner picks per shape.
+# Candidates: the bf16 kernel's plain configs and K/V through TMA at 3 and 4 stages (an 8-bit
+# K and V stage is 32 KiB where bf16's is 64). The autotuner picks per shape; which won is in
+# the bench_attention record (tuned_configs_q8).
 CONFIGS_Q8 = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4, 2),
-              KernelConfig(64, 4, 2), KernelConfig(64, 4, 3)]
+              KernelConfig(64, 4, 2), KernelConfig(64, 4, 3),
+              KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4, use_tma=True)]
 DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
 
 
@@ -26,7 +30,12 @@ def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True):
     :func:`..contract.quant.quantize_qkv`'s, so kernel and reference see the same codes."""
     B, H, S, D = q.shape
     q8, qs, k8, ks, v8, vs = quantize_qkv(q, k, v, precision, smooth=smooth, k_block=K_BLOCK)
-    v8 = v8.transpose(-1, -2).contiguous().transpose(-1, -2)
+    # (B, H, D, S) memory with its rows padded to 16 bytes: TMA needs 16-byte row pitches, and
+    # S = 32,760 (Wan 1.3B) is not one.
+    pitch = -(-S // 16) * 16
+    vt = torch.empty(B, H, D, pitch, dtype=v8.dtype, device=v8.device)[..., :S]
+    vt.copy_(v8.transpose(-1, -2))
+    v8 = vt.transpose(-1, -2)
     return (q8, qs.reshape(B * H, -1).contiguous(), k8, ks.reshape(B * H, -1).contiguous(),
             v8, vs.reshape(B * H, D).contiguous())
 
@@ -60,13 +69,18 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
     meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
     grid = (triton.cdiv(S, cfg.block_m), B * H)
     assert Q_BLOCK == MASK_BLOCK == K_BLOCK  # the kernel indexes scales by 128-token block
+    if cfg.use_tma:
+        if k8.stride(-1) != 1 or v8.stride(-2) != 1 or (v8.stride(-1) % 16):
+            raise ValueError("block-sparse 8-bit kernel: a TMA config needs k8 rows and v8's "
+                             "(D, S) rows contiguous with 16-byte pitches (quantize_for_kernel)")
+        _ensure_tma_allocator()
     _bsa_q8_forward_kernel[grid](
         q8, k8, v8, qs, ks, vs, masks, level_table, bucket_bounds, ts, out,
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *masks.stride(),
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
         H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        QK_INT8=precision == "int8", **meta,
+        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, **meta,
     )
     return out
 
