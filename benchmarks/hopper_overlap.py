@@ -35,8 +35,11 @@ import triton
 import triton.language as tl
 
 from scaling_attn_compile.kernels.fa4 import fa4_block_sparse_tensors
-from scaling_attn_compile.kernels.launch import (KernelConfig, _ensure_tma_allocator,
-                                                 block_sparse_attention_forward)
+from scaling_attn_compile.kernels.launch import (
+    KernelConfig,
+    _ensure_tma_allocator,
+    block_sparse_attention_forward,
+)
 from scaling_attn_compile.testing import make_qkv
 
 
@@ -159,9 +162,11 @@ def main(argv=None) -> int:
         flops = 4 * B * H * S * S * D * kept
         ref = torch.empty_like(q)
         block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, ref, scale, OURS[0][1])
-        cases = [(n, lambda o, c=c: block_sparse_attention_forward(q, k, v, masks, lt, bb, ts, o,
-                                                                  scale, c)) for n, c in OURS]
-        cases += [(var[0], lambda o, var=var: run_list(var, q, k, v, lists, o, scale))
+        tabs = (masks, lt, bb)
+        cases = [(n, lambda o, c=c, t=tabs: block_sparse_attention_forward(q, k, v, *t, ts, o,
+                                                                          scale, c))
+                 for n, c in OURS]
+        cases += [(var[0], lambda o, var=var, li=lists: run_list(var, q, k, v, li, o, scale))
                   for var in LIST_VARIANTS if density == 1.0 or not var[5]]
         for name, fn in cases:
             if args.impls is not None and name not in args.impls:

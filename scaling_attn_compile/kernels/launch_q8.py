@@ -11,8 +11,7 @@ import triton
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
 from .block_sparse_attention import LOG2E, MASK_BLOCK
 from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
-from .launch import (KernelConfig, _ensure_tma_allocator, check_launch, launch_meta,
-                     tuning_tables)
+from .launch import KernelConfig, _ensure_tma_allocator, check_launch, launch_meta, tuning_tables
 
 # Candidates: the bf16 kernel's plain configs and K/V through TMA at 3 and 4 stages (an 8-bit
 # K and V stage is 32 KiB where bf16's is 64). The autotuner picks per shape; which won is in
