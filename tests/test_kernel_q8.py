@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from scaling_attn_compile.contract.masks import dense_tables
 from scaling_attn_compile.contract.quant import quantized_attention_reference, rel_l2
 from scaling_attn_compile.contract.reference import sparse_attention_reference
-from scaling_attn_compile.kernels.launch_q8 import block_sparse_attention_q8_forward
+from scaling_attn_compile.kernels.launch_q8 import CONFIGS_Q8, block_sparse_attention_q8_forward
 from scaling_attn_compile.testing import assert_close_to_oracle, make_outlier_qkv, make_qkv
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -122,6 +122,20 @@ def test_q8_kernel_gpu_bf16_wan_head(precision):
     masks, lt, bb = random_tables(4, S, 2, 3, 0, 0.3)
     ts = torch.tensor([700.0], device="cuda")
     out = run(q, k, v, masks, lt, bb, ts, precision, None)
+    check(out, q, k, v, masks, lt, bb, ts, precision)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS_Q8)
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_q8_kernel_gpu_every_config(precision, config):
+    """Each autotune candidate, TMA ones included, against the reference: a partial last block
+    (S = 3,000) and two batch elements on different levels."""
+    S = 3000
+    q, k, v = make_outlier_qkv(2, 3, S, 128, 2, dtype=torch.bfloat16, device="cuda")
+    masks, lt, bb = random_tables(3, S, 2, 2, 7, 0.5)
+    ts = torch.tensor([100.0, 900.0], device="cuda")
+    out = run(q, k, v, masks, lt, bb, ts, precision, config)
     check(out, q, k, v, masks, lt, bb, ts, precision)
 
 

@@ -7,21 +7,26 @@ per (query tile, batch x head), the level picked on the device from the timestep
 set bits walked with a known trip count, the partial last block done last with masking. What
 differs is one KV block's step, :func:`bsa_q8_attend_block`:
 
-* ``qk = dot(q8, k8)`` exact in int32 (INT8) or fp32 (FP8), then one multiply by
-  ``sq * sk[block] * scale * log2(e)``: the Q scale is per 128-row block (a scalar per tile), the
-  K scale per 128-key block (a scalar per visited block; ``contract/quant.py`` says why 128);
-* ``p = exp2(qk - m)`` in [0, 1] is stored as ``p * 448`` in e4m3 (the static P scale), and
-  ``dot(p8, v8)`` goes into a fresh fp32 accumulator that is then added to the running one:
-  Hopper's FP8 wgmma accumulates in reduced precision (SageAttention2's "FP22" finding), so a
-  128-key partial sum is the most it accumulates before an fp32 add (two-level accumulation);
-* the epilogue multiplies by the per-channel V scale and ``1 / (448 * l)``.
+* ``qk = dot(q8, k8)`` exact in int32 (INT8) or fp32 (FP8), scaled by
+  ``s = sq * sk[block] * scale * log2(e)``: the Q scale is per 128-row block (a scalar per tile),
+  the K scale per 128-key block (a scalar per visited block; ``contract/quant.py`` says why 128);
+* ``p = exp2(qk * s - m)`` in [0, 1] is stored as ``p * 448`` in e4m3 (the static P scale),
+  computed as ``exp2(qk * s - (m - log2 448))`` so the scale and the 448 cost no multiply of
+  their own (one FFMA per score, as in the bf16 kernel);
+* ``dot(p8, v8)`` adds into the running fp32 accumulator, so its wgmma stays in flight past the
+  loop's bookkeeping as the bf16 kernel's does. Hopper's FP8 wgmma adds with a 13-bit mantissa
+  (SageAttention2's "FP22"); until 2026-12-05 the sum went into a fresh accumulator and was
+  added in fp32 (two-level accumulation), which made every P.V wgmma wait at once. The GPU
+  tests hold the kernel to its reference and to 3% of the bf16 kernel either way;
+* the epilogue multiplies by the per-channel V scale and ``1 / l`` (``l`` carries the 448).
 
 The 448 is ``contract/quant.py``'s ``P_SCALE``. The quantize pre-pass is torch code
-(:func:`.launch_q8.quantize_for_kernel`): per-block amax,
-K smoothed first; V is written transposed (``(B, H, D, S)`` memory), because Hopper's FP8 and
+(:func:`.launch_q8.quantize_for_kernel`): per-block amax, K smoothed first; V is written
+transposed (``(B, H, D, S)`` memory, rows padded to 16 bytes for TMA), because Hopper's FP8 and
 INT8 wgmma need both operands K-major, and the reduction dim of P.V is the key index.
+``USE_TMA`` reads K and V^T through device-side tensor descriptors.
 
-Not here yet: the energy filter, TMA and warp specialisation variants, the Inductor template.
+Not here yet: the energy filter, warp specialisation, the Inductor template.
 """
 
 from __future__ import annotations
