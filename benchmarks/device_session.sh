@@ -18,6 +18,7 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt        # launch order A/B, 1.3B (kernel and step)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt14      # launch order A/B, 14B (kernel)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh q8         # the 8-bit kernel against bf16, 1.3B
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh overlap    # issue 14: softmax/MMA overlap study (hopper_overlap.py)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh families   # issue 19: a step per family, eager vs ours
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-q   # issue 13: energy methods' PSNR, tile order
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-t   # issue 13: graph times of the untimed methods
@@ -39,7 +40,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | families | pareto-q | pareto-t | claims | fa4eager | compile14}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | overlap | families | pareto-q | pareto-t | claims | fa4eager | compile14}"; do
 case "$stage" in
 tests)
   # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
@@ -106,6 +107,15 @@ lpt14)  # predicted < 0.5% at 14B
   step 540 python3 benchmarks/bench_attention.py --shapes 14b --masks bernoulli local \
     --densities 0.05 0.1 0.25 1.0 --impls ours-triton ours-triton-lpt --rounds 5 \
     --out "$OUT/attention-lpt-14b.json"
+  ;;
+overlap)  # issue 14: Triton 3.6's overlap mechanisms on our masks. The warp-specialised list
+  # loop faulted (illegal address) on the H100: each such kernel runs in a process of its own
+  step 150 python3 benchmarks/hopper_overlap.py --impls ours-tma "list w8s3" "list-pipe w8s2" \
+    "all w8s3" --out "$OUT/overlap.json"
+  for impl in "all-ws w4s2" "list-ws-tmastore w4s2" "list-ws w4s2"; do
+    step 100 python3 benchmarks/hopper_overlap.py --impls ours-tma "$impl" \
+      --out "$OUT/overlap-${impl// /-}.json"
+  done
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \

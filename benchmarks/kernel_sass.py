@@ -12,6 +12,11 @@ multiplies and adds), shared memory, and the async-copy wait at the top of the K
 0 means the next block's K/V load does not overlap this block's math).
 
     python benchmarks/kernel_sass.py [--out benchmarks/results/kernel-sass-sm90.json]
+
+The committed record was compiled with the GPU image's Triton (3.6.0) rather than this machine's:
+``pip install --no-deps --target /tmp/t36 triton==3.6.0`` then ``PYTHONPATH=/tmp/t36``.
+Counts are of the whole kernel: the masked byte loads of the partial last block (no TMA) account
+for most of the 8-bit rows' LDG and PRMT (with TMA, 26 LDG and 32 PRMT are left).
 """
 
 from __future__ import annotations
