@@ -65,7 +65,8 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
     "ltx": ("ltx-video-2B 704x480x161", 1, 32, (21, 15, 22), 64),
 }
 IMPLS = ("ours", "ours-triton", "ours-triton-lpt", "fa4", "flex", "sdpa-cudnn")
-Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op")
+Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op", "ours-int8-tma",
+            "ours-fp8-tma")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
@@ -89,6 +90,7 @@ class Record:
     time_over_d_dense: float | None = None
     rel_l2_vs_ours_bf16: float | None = None
     ms_rounds: list[float] | None = None  # --rounds: each interleaved round's median
+    config: dict | None = None  # the kernel config, where a row times one (ours-int8-tma)
 
 
 def environment() -> dict:
@@ -218,7 +220,7 @@ def run_shape(key: str, families, densities, impls: set[str], records: list[Reco
             rec("flex", lambda: flex(q, k, v, block_mask=bm, scale=scale),  # noqa: B023
                 rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         for prec in ("int8", "fp8"):
-            if f"ours-{prec}" in impls or f"ours-{prec}-op" in impls:
+            if any(f"ours-{prec}{tail}" in impls for tail in ("", "-op", "-tma")):
                 run_q8(prec, q, k, v, masks, lt, bb, ts, scale, ref, impls, rec)
         times = interleaved([run for _, run, _ in timed], rounds)
         for (impl, _, kw), ms in zip(timed, times, strict=True):
@@ -311,6 +313,7 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
     takes (impl, the call to time, record fields)."""
     from scaling_attn_compile.contract.quant import rel_l2 as q_rel_l2
     from scaling_attn_compile.kernels.launch_q8 import (
+        CONFIGS_Q8_TMA,
         launch_quantized,
         pick_config_q8,
         quantize_for_kernel,
@@ -328,6 +331,14 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
     if f"ours-{prec}-op" in impls:
         rec(f"ours-{prec}-op", lambda: op(q, k, v, masks, lt, bb, ts, scale, prec),
             rel_l2_vs_ours_bf16=rel)
+    if f"ours-{prec}-tma" in impls:  # the TMA configs, not yet autotune candidates: each timed
+        for c in CONFIGS_Q8_TMA:
+            ot = torch.empty_like(q)
+            launch_quantized(quant, q.shape, masks, lt, bb, ts, ot, scale, prec, c)
+            rec(f"ours-{prec}-tma", lambda c=c, ot=ot: launch_quantized(
+                quant, q.shape, masks, lt, bb, ts, ot, scale, prec, c),
+                config=c._asdict(), rel_l2_vs_ours_bf16=q_rel_l2(ot, out_bf16)
+                if out_bf16 is not None else None)
 
 
 def main(argv=None) -> int:

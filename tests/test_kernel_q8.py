@@ -20,7 +20,11 @@ from hypothesis import strategies as st
 from scaling_attn_compile.contract.masks import dense_tables
 from scaling_attn_compile.contract.quant import quantized_attention_reference, rel_l2
 from scaling_attn_compile.contract.reference import sparse_attention_reference
-from scaling_attn_compile.kernels.launch_q8 import CONFIGS_Q8, block_sparse_attention_q8_forward
+from scaling_attn_compile.kernels.launch_q8 import (
+    CONFIGS_Q8,
+    CONFIGS_Q8_TMA,
+    block_sparse_attention_q8_forward,
+)
 from scaling_attn_compile.testing import assert_close_to_oracle, make_outlier_qkv, make_qkv
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -142,7 +146,7 @@ def test_q8_kernel_gpu_bf16_wan_head(precision):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS_Q8)
+@pytest.mark.parametrize("config", CONFIGS_Q8 + CONFIGS_Q8_TMA)
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_q8_kernel_gpu_every_config(precision, config):
     """Each autotune candidate, TMA ones included, against the reference: a partial last block

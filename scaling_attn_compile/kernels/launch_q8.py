@@ -13,12 +13,15 @@ from .block_sparse_attention import LOG2E, MASK_BLOCK
 from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
 from .launch import KernelConfig, _ensure_tma_allocator, check_launch, launch_meta, tuning_tables
 
-# Candidates: the bf16 kernel's plain configs and K/V through TMA at 3 and 4 stages (an 8-bit
-# K and V stage is 32 KiB where bf16's is 64). The autotuner picks per shape; which won is in
+# Candidates: the bf16 kernel's plain configs. The autotuner picks per shape; which won is in
 # the bench_attention record (tuned_configs_q8).
 CONFIGS_Q8 = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4, 2),
-              KernelConfig(64, 4, 2), KernelConfig(64, 4, 3),
-              KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4, use_tma=True)]
+              KernelConfig(64, 4, 2), KernelConfig(64, 4, 3)]
+# K and V^T through TMA at 3 and 4 stages (an 8-bit stage is 32 KiB where bf16's is 64):
+# tested in the interpreter and compiled for sm_90, not yet run on a GPU (no device could be
+# had on 2026-12-05). They join CONFIGS_Q8 once `-m gpu tests/test_kernel_q8.py` has run them;
+# until then a caller passes one as ``config`` (bench_attention.py does, for its records).
+CONFIGS_Q8_TMA = [KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4, use_tma=True)]
 DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
 
 
