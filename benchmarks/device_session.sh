@@ -119,7 +119,8 @@ overlap)  # issue 14: Triton 3.6's overlap mechanisms on our masks. The warp-spe
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
-    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-op sdpa-cudnn --out "$OUT/attention-q8.json"
+    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-tma ours-fp8-tma ours-int8-op sdpa-cudnn \
+    --out "$OUT/attention-q8.json"
   ;;
 families)  # issue 19: one step per family at its default resolution, eager vs ours (regional
   # compile: one block compiled, ~17 s cold at 1.3B, instead of 100-150 s for the whole graph).
