@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from scaling_attn_compile.kernels.block_sparse_attention import bsa_softmax_update
 from scaling_attn_compile.kernels.fa4 import fa4_block_sparse_tensors
 from scaling_attn_compile.kernels.launch import (
     KernelConfig,
@@ -44,13 +45,9 @@ from scaling_attn_compile.testing import make_qkv
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v, qk_scale):
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+def _step(acc, l_i, m_i, qk, v, qk_scale):
+    """Our kernel's online-softmax step (``bsa_softmax_update``) on one block's scores."""
+    return bsa_softmax_update(acc, l_i, m_i, qk, v, tl.max(qk, 1) * qk_scale, qk_scale)
 
 
 @triton.jit
@@ -81,19 +78,19 @@ def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
             for j in tl.range(1, n):
                 nxt = tl.load(idx + j) * 128
                 qk_next = tl.dot(q, k_desc.load([nxt, 0]).T)
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_desc.load([cur, 0]), qk_scale)
+                acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([cur, 0]), qk_scale)
                 qk = qk_next
                 cur = nxt
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_desc.load([cur, 0]), qk_scale)
+            acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([cur, 0]), qk_scale)
     elif ALL_BLOCKS:  # every block, in order, no list read (the dense case)
         for start in tl.range(0, S, 128, warp_specialize=WS):
             qk = tl.dot(q, k_desc.load([start, 0]).T)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
+            acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
     else:
         for j in tl.range(0, n, warp_specialize=WS):
             start = tl.load(idx + j) * 128
             qk = tl.dot(q, k_desc.load([start, 0]).T)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
+            acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
     if TMA_STORE:
         o_desc = tl.make_tensor_descriptor(O + base, shape=[S, D], strides=[D, 1],
                                            block_shape=[BLOCK_M, D])
@@ -105,12 +102,11 @@ def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
                  (acc / l_i[:, None]).to(O.dtype.element_ty))
 
 
-# (name, num_warps, num_stages, WS, PIPE). Compiled for sm_90 with triton 3.6 (ptxas -v): the
-# plain list loop 188 registers; warp-specialised 168, 176 KiB of shared memory at 2 stages
-# (3 need 256 KiB, past the 227 KiB limit); 4 warps without it spill (1 KiB) and serialize the
-# wgmmas; the pipelined order 255 registers, no spill.
 # (name, num_warps, num_stages, WS, PIPE, ALL_BLOCKS, TMA_STORE); ALL_BLOCKS runs only on
-# all-blocks masks. On the H100 (2026-12-05) the first list-ws run wrote NaNs dense and then
+# all-blocks masks. Compiled for sm_90 with triton 3.6 (ptxas -v): the plain list loop 188
+# registers; warp-specialised 168, 176 KiB of shared memory at 2 stages (3 need 256 KiB, past the
+# 227 KiB limit); 4 warps without it spill (1 KiB) and serialize the wgmmas; the pipelined order
+# 255 registers, no spill. On the H100 (2026-12-05) the first list-ws run wrote NaNs dense and then
 # faulted (illegal address) on a Bernoulli mask, where the interpreter gives the reference:
 # the all-blocks loop and the TMA store isolate which part the compiler gets wrong.
 LIST_VARIANTS = [("list w8s3", 8, 3, False, False, False, False),
@@ -135,6 +131,7 @@ def run_list(variant, q, k, v, lists, out, scale):
 
 def main(argv=None) -> int:
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import _common
     from mask_families import block_mask, mask_tables
     from triton.testing import do_bench
 
@@ -190,8 +187,8 @@ def main(argv=None) -> int:
             rows.append({"mask": family, "density": density, "kept": kept, "impl": name,
                          "ms": ms, "tflops_active": tf, "rel_l2_vs_ours": err,
                          "nan_elements": nans})
-    record = {"benchmark": "hopper_overlap", "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "triton": triton.__version__,
+    record = {"benchmark": "hopper_overlap",
+              "env": _common.environment(torch.cuda.get_device_name()),
               "shape": {"B": B, "H": H, "S": S, "D": D, "grid": grid}, "rows": rows,
               "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])}
     if args.out:
