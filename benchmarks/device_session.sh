@@ -112,7 +112,7 @@ overlap)  # issue 14: Triton 3.6's overlap mechanisms on our masks. The warp-spe
   # loop faulted (illegal address) on the H100: each such kernel runs in a process of its own
   step 150 python3 benchmarks/hopper_overlap.py --impls ours-tma "list w8s3" "list-pipe w8s2" \
     "all w8s3" --out "$OUT/overlap.json"
-  for impl in "all-ws w4s2" "list-ws-tmastore w4s2" "list-ws w4s2"; do
+  for impl in "all-ws w4s2" "list-ws-regidx w4s2" "list-ws-tmastore w4s2" "list-ws w4s2"; do
     step 100 python3 benchmarks/hopper_overlap.py --impls ours-tma "$impl" \
       --out "$OUT/overlap-${impl// /-}.json"
   done

@@ -54,7 +54,8 @@ def _step(acc, l_i, m_i, qk, v, qk_scale):
 def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
                     BLOCK_M: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                     PIPE: tl.constexpr, ALL_BLOCKS: tl.constexpr = False,
-                    TMA_STORE: tl.constexpr = False):
+                    TMA_STORE: tl.constexpr = False, IDX_REGS: tl.constexpr = False,
+                    MAXK_P2: tl.constexpr = 16):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     base = bh.to(tl.int64) * S * D
@@ -86,6 +87,15 @@ def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
         for start in tl.range(0, S, 128, warp_specialize=WS):
             qk = tl.dot(q, k_desc.load([start, 0]).T)
             acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
+    elif IDX_REGS:  # the row's list read before the loop: no pointer load inside it
+        # (triton-lang/triton#8311: a warp-specialised loop mixing pointer loads with TMA loads
+        # computes wrong results; this variant tests whether that is our fault)
+        slots = tl.arange(0, MAXK_P2)
+        row_idx = tl.load(idx + slots, mask=slots < MAXK, other=0)
+        for j in tl.range(0, n, warp_specialize=WS):
+            start = tl.sum(tl.where(slots == j, row_idx, 0)) * 128
+            qk = tl.dot(q, k_desc.load([start, 0]).T)
+            acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
     else:
         for j in tl.range(0, n, warp_specialize=WS):
             start = tl.load(idx + j) * 128
@@ -102,29 +112,33 @@ def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
                  (acc / l_i[:, None]).to(O.dtype.element_ty))
 
 
-# (name, num_warps, num_stages, WS, PIPE, ALL_BLOCKS, TMA_STORE); ALL_BLOCKS runs only on
-# all-blocks masks. Compiled for sm_90 with triton 3.6 (ptxas -v): the plain list loop 188
+# (name, num_warps, num_stages, WS, PIPE, ALL_BLOCKS, TMA_STORE, IDX_REGS); ALL_BLOCKS runs only
+# on all-blocks masks. Compiled for sm_90 with triton 3.6 (ptxas -v): the plain list loop 188
 # registers; warp-specialised 168, 176 KiB of shared memory at 2 stages (3 need 256 KiB, past the
 # 227 KiB limit); 4 warps without it spill (1 KiB) and serialize the wgmmas; the pipelined order
 # 255 registers, no spill. On the H100 (2026-12-05) the first list-ws run wrote NaNs dense and then
 # faulted (illegal address) on a Bernoulli mask, where the interpreter gives the reference:
-# the all-blocks loop and the TMA store isolate which part the compiler gets wrong.
-LIST_VARIANTS = [("list w8s3", 8, 3, False, False, False, False),
-                 ("list-ws w4s2", 4, 2, True, False, False, False),
-                 ("list-ws-tmastore w4s2", 4, 2, True, False, False, True),
-                 ("all-ws w4s2", 4, 2, True, False, True, False),
-                 ("all w8s3", 8, 3, False, False, True, False),
-                 ("list-pipe w8s2", 8, 2, False, True, False, False)]
+# the all-blocks loop, the TMA store and the list held in registers isolate which part the
+# compiler gets wrong.
+LIST_VARIANTS = [("list w8s3", 8, 3, False, False, False, False, False),
+                 ("list-ws w4s2", 4, 2, True, False, False, False, False),
+                 ("list-ws-tmastore w4s2", 4, 2, True, False, False, True, False),
+                 ("list-ws-regidx w4s2", 4, 2, True, False, False, False, True),
+                 ("all-ws w4s2", 4, 2, True, False, True, False, False),
+                 ("all w8s3", 8, 3, False, False, True, False, False),
+                 ("list-pipe w8s2", 8, 2, False, True, False, False, False)]
 OURS = [("ours-tma", KernelConfig(128, 8, 3, use_tma=True))]
 
 
 def run_list(variant, q, k, v, lists, out, scale):
-    name, warps, stages, ws, pipe, all_blocks, tma_store = variant
+    name, warps, stages, ws, pipe, all_blocks, tma_store, idx_regs = variant
     cnt, idx = lists
     B, H, S, D = q.shape
     _list_attention[(S // 128, B * H)](q, k, v, out, cnt, idx, S, S // 128, idx.shape[-1],
                                        scale * 1.4426950408889634, BLOCK_M=128, D=D, WS=ws,
                                        PIPE=pipe, ALL_BLOCKS=all_blocks, TMA_STORE=tma_store,
+                                       IDX_REGS=idx_regs,
+                                       MAXK_P2=max(16, triton.next_power_of_2(idx.shape[-1])),
                                        num_warps=warps, num_stages=stages)
     return out
 
