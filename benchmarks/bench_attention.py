@@ -2,7 +2,8 @@
 block-sparse), SDPA (cuDNN) and compiled FlexAttention given the identical block mask, at Wan2.1
 self-attention shapes, on balanced and on ragged rows? And the 8-bit kernel
 (issue 15): ``ours-int8`` / ``ours-fp8`` time the kernel on pre-quantized inputs,
-``ours-int8-op`` / ``ours-fp8-op`` the op with its quantize pre-pass; their
+``ours-int8-op`` / ``ours-fp8-op`` the op with its quantize pre-pass (one Triton launch),
+``ours-int8-torchprep`` / ``ours-fp8-torchprep`` the same with the spec's torch pre-pass; their
 ``rel_l2_vs_ours_bf16`` is the output's rel-L2 against the bf16 kernel's (bar: 0.03).
 
     python benchmarks/bench_attention.py                       # both Wan shapes, every family
@@ -66,7 +67,7 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
 }
 IMPLS = ("ours", "ours-triton", "ours-triton-lpt", "fa4", "flex", "sdpa-cudnn")
 Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op", "ours-int8-tma",
-            "ours-fp8-tma")
+            "ours-fp8-tma", "ours-int8-torchprep", "ours-fp8-torchprep")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
@@ -331,6 +332,10 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
     if f"ours-{prec}-op" in impls:
         rec(f"ours-{prec}-op", lambda: op(q, k, v, masks, lt, bb, ts, scale, prec),
             rel_l2_vs_ours_bf16=rel)
+    if f"ours-{prec}-torchprep" in impls:  # the op's work with the torch pre-pass (the spec's)
+        rec(f"ours-{prec}-torchprep", lambda: launch_quantized(
+            quantize_for_kernel(q, k, v, prec, impl="torch"), q.shape, masks, lt, bb, ts, o8,
+            scale, prec, cfg), rel_l2_vs_ours_bf16=rel)
     if f"ours-{prec}-tma" in impls:  # the TMA configs, not yet autotune candidates: each timed
         for c in CONFIGS_Q8_TMA:
             ot = torch.empty_like(q)

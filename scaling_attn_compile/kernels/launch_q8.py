@@ -1,5 +1,5 @@
-"""Launching the 8-bit block-sparse kernel: the quantize pre-pass (torch), configurations and the
-launcher. The math is :mod:`.block_sparse_attention_q8`; the spec
+"""Launching the 8-bit block-sparse kernel: the quantize pre-pass (:mod:`.quantize_q8`),
+configurations and the launcher. The math is :mod:`.block_sparse_attention_q8`; the spec
 :func:`scaling_attn_compile.contract.quant.quantized_attention_reference`.
 """
 
@@ -12,6 +12,7 @@ from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
 from .block_sparse_attention import LOG2E, MASK_BLOCK
 from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
 from .launch import KernelConfig, _ensure_tma_allocator, check_launch, launch_meta, tuning_tables
+from .quantize_q8 import quantize_qkv_fused
 
 # Candidates: the bf16 kernel's plain configs. The autotuner picks per shape; which won is in
 # the bench_attention record (tuned_configs_q8).
@@ -25,15 +26,22 @@ CONFIGS_Q8_TMA = [KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4,
 DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
 
 
-def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True):
+def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: str = "triton"):
     """The pre-pass: ``(q8, qs, k8, ks, v8, vs)`` as the kernel reads them. Scales float32,
     contiguous ``(B * H, nblocks)`` / ``(B * H, D)``; ``v8`` is a ``(B, H, S, D)`` view of
-    ``(B, H, D, S)`` memory (K-major for the P.V wgmma). Quantization is
-    :func:`..contract.quant.quantize_qkv`'s, so kernel and reference see the same codes."""
+    ``(B, H, D, S)`` memory (K-major for the P.V wgmma) with its rows padded to 16 bytes (TMA
+    needs 16-byte row pitches, and S = 32,760, Wan 1.3B, is not one).
+
+    ``impl="triton"``: one launch after two torch reductions (:mod:`.quantize_q8`; the torch form
+    took 3.6-4.0 ms on an H100 at the Wan 1.3B shape). ``"torch"``: the spec,
+    :func:`..contract.quant.quantize_qkv`, laid out the same way. Both give the same codes, but
+    for K's mean, summed in another order (a code may differ by one step)."""
+    if impl == "triton":
+        return quantize_qkv_fused(q, k, v, precision, smooth=smooth)
+    if impl != "torch":
+        raise ValueError(f"quantize_for_kernel: impl must be 'triton' or 'torch', got {impl!r}")
     B, H, S, D = q.shape
     q8, qs, k8, ks, v8, vs = quantize_qkv(q, k, v, precision, smooth=smooth, k_block=K_BLOCK)
-    # (B, H, D, S) memory with its rows padded to 16 bytes: TMA needs 16-byte row pitches, and
-    # S = 32,760 (Wan 1.3B) is not one.
     pitch = -(-S // 16) * 16
     vt = torch.empty(B, H, D, pitch, dtype=v8.dtype, device=v8.device)[..., :S]
     vt.copy_(v8.transpose(-1, -2))
