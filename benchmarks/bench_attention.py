@@ -3,7 +3,8 @@ block-sparse), SDPA (cuDNN) and compiled FlexAttention given the identical block
 self-attention shapes, on balanced and on ragged rows? And the 8-bit kernel
 (issue 15): ``ours-int8`` / ``ours-fp8`` time the kernel on pre-quantized inputs,
 ``ours-int8-op`` / ``ours-fp8-op`` the op with its quantize pre-pass (one Triton launch),
-``ours-int8-torchprep`` / ``ours-fp8-torchprep`` the same with the spec's torch pre-pass; their
+``ours-int8-torchprep`` / ``ours-fp8-torchprep`` the same with the spec's torch pre-pass,
+``ours-int8-i2f`` the INT8 kernel converting its scores with I2F (the default adds); their
 ``rel_l2_vs_ours_bf16`` is the output's rel-L2 against the bf16 kernel's (bar: 0.03).
 
     python benchmarks/bench_attention.py                       # both Wan shapes, every family
@@ -67,7 +68,7 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
 }
 IMPLS = ("ours", "ours-triton", "ours-triton-lpt", "fa4", "flex", "sdpa-cudnn")
 Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op", "ours-int8-tma",
-            "ours-fp8-tma", "ours-int8-torchprep", "ours-fp8-torchprep")
+            "ours-fp8-tma", "ours-int8-torchprep", "ours-fp8-torchprep", "ours-int8-i2f")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
@@ -221,7 +222,7 @@ def run_shape(key: str, families, densities, impls: set[str], records: list[Reco
             rec("flex", lambda: flex(q, k, v, block_mask=bm, scale=scale),  # noqa: B023
                 rel_l2_vs_triton=rel_l2(o, ref) if ref is not None else None)
         for prec in ("int8", "fp8"):
-            if any(f"ours-{prec}{tail}" in impls for tail in ("", "-op", "-tma")):
+            if any(i.startswith(f"ours-{prec}") for i in impls):
                 run_q8(prec, q, k, v, masks, lt, bb, ts, scale, ref, impls, rec)
         times = interleaved([run for _, run, _ in timed], rounds)
         for (impl, _, kw), ms in zip(timed, times, strict=True):
@@ -332,6 +333,12 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
     if f"ours-{prec}-op" in impls:
         rec(f"ours-{prec}-op", lambda: op(q, k, v, masks, lt, bb, ts, scale, prec),
             rel_l2_vs_ours_bf16=rel)
+    if f"ours-{prec}-i2f" in impls:  # INT8 scores through I2F, not the integer add
+        oi = torch.empty_like(q)
+        launch_quantized(quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg, i2f_by_add=False)
+        rec(f"ours-{prec}-i2f", lambda: launch_quantized(
+            quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg, i2f_by_add=False),
+            rel_l2_vs_ours_bf16=q_rel_l2(oi, out_bf16) if out_bf16 is not None else None)
     if f"ours-{prec}-torchprep" in impls:  # the op's work with the torch pre-pass (the spec's)
         rec(f"ours-{prec}-torchprep", lambda: launch_quantized(
             quantize_for_kernel(q, k, v, prec, impl="torch"), q.shape, masks, lt, bb, ts, o8,

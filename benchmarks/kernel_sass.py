@@ -46,9 +46,9 @@ KEYS = ("HGMMA", "QGMMA", "IGMMA", "PRMT", "SHFL", "I2FP", "F2FP", "FMUL", "FFMA
         "MUFU", "LDGSTS", "LDG", "LDS", "STS", "BAR")
 
 
-def bf16_kernel(stages: int):
+def bf16_kernel(stages: int, tma: bool = False):
     pointers, floats, div16, unit = sm90_launch_hints("bf16")
-    const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, USE_TMA=False, WARP_SPECIALIZE=False,
+    const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, USE_TMA=tma, WARP_SPECIALIZE=False,
                  ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False, HAS_LAUNCH_ORDER=False,
                  **unit)
     return compile_for_sm90(KB._bsa_forward_kernel, pointers, floats, div16, const, num_warps=8,
@@ -63,6 +63,40 @@ def q8_kernel(precision: str, stages: int, tma: bool = False):
                             num_warps=8, num_stages=stages)
 
 
+MMA = ("HGMMA", "QGMMA", "IGMMA")
+OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+# Hopper, per SM and clock: 4 warp schedulers issue one warp instruction each; the MUFU unit
+# (EX2) returns 16 results, so one warp instruction of it holds it 2 clocks.
+ISSUE_PER_CLK, MUFU_LANES_PER_CLK = 4, 16
+
+
+def kv_loop_budget(sass: str, warps: int = 8) -> dict:
+    """The KV loop's body (the shortest backward branch whose range holds tensor-core ops: one
+    block's Q.K^T, softmax and P.V) and what it costs one SM per block, where one CTA of
+    ``warps`` warps is resident: issue clocks (``warps`` x instructions / 4 schedulers) and MUFU
+    clocks (``warps`` x MUFU x 32 lanes / 16). The larger of the two bounds the softmax phase
+    where nothing overlaps it with the MMA (the bf16 MMA of one block: about 1,970 clocks)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"(\.L_x_\d+):", line.strip()))}
+    best = None
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = lines[labels[m.group(1)]:i + 1]
+            if any(op in b for b in body for op in MMA) and (best is None or len(body) < len(best)):
+                best = body
+    if best is None:
+        return {}
+    ops = collections.Counter(m.group(1).split(".")[0] for b in best if (m := OPCODE.match(b)))
+    n = sum(ops.values())
+    return {"loop_instructions": n, "loop_MUFU": ops.get("MUFU", 0),
+            "loop_mma": sum(ops.get(op, 0) for op in MMA),
+            "loop_issue_clocks_per_sm": warps * n // ISSUE_PER_CLK,
+            "loop_mufu_clocks_per_sm": warps * ops.get("MUFU", 0) * 32 // MUFU_LANES_PER_CLK,
+            "loop_top": dict(ops.most_common(8))}
+
+
 def sass_facts(kernel) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -71,15 +105,14 @@ def sass_facts(kernel) -> dict:
                               text=True, check=True).stdout
     ops = collections.Counter()
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if m:
+        if m := OPCODE.match(line):
             ops[m.group(1).split(".")[0]] += 1
     # The KV loop's first wait: the first DEPBAR after the first loop label.
     loop = sass[sass.index(".L_x_1:"):] if ".L_x_1:" in sass else sass
     wait = re.search(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", loop)
     return {"shared_bytes": kernel.metadata.shared, "instructions": sum(ops.values()),
             "kv_loop_copy_groups_in_flight": int(wait.group(1), 16) if wait else None,
-            **{k: ops.get(k, 0) for k in KEYS}}
+            **{k: ops.get(k, 0) for k in KEYS}, **kv_loop_budget(sass)}
 
 
 def main(argv=None) -> int:
@@ -88,6 +121,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = {}
     for name, build in (("bf16 (no TMA), 3 stages", lambda: bf16_kernel(3)),
+                        ("bf16, TMA, 3 stages", lambda: bf16_kernel(3, True)),
                         ("fp8, 2 stages", lambda: q8_kernel("fp8", 2)),
                         ("fp8, 3 stages", lambda: q8_kernel("fp8", 3)),
                         ("int8, 3 stages", lambda: q8_kernel("int8", 3)),

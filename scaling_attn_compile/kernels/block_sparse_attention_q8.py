@@ -47,7 +47,8 @@ from .block_sparse_attention import (
 @triton.jit
 def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, KS, start_n,
                         offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd,
-                        PARTIAL: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr):
+                        PARTIAL: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr,
+                        I2F_BY_ADD: tl.constexpr = True):
     """One online-softmax step over the 128 keys at ``start_n``, 8-bit operands. ``qk_mult`` is
     ``sq * scale * log2(e)`` for this tile; ``KS`` points at this (batch, head)'s K scales.
 
@@ -67,7 +68,15 @@ def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_des
     else:
         k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
-    if QK_INT8:
+    if QK_INT8 and I2F_BY_ADD:
+        # int32 -> float32 without I2F, which Hopper runs at 16 a clock per SM (MUFU's rate): a
+        # 64-per-thread I2F per block cost the INT8 kernel 1,024 clocks per SM against MUFU's
+        # 1,056 (benchmarks/kernel_sass.py). |q8 . k8| <= 127^2 x HEAD_DIM < 2^22, so the bits
+        # of i + 0x4B400000 are the float 1.5 x 2^23 + i exactly, and the subtraction is exact:
+        # one integer add and one float add, on the 64- and 128-a-clock pipes.
+        qk = (tl.dot(q, k, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
+        qk = qk - 12582912.0
+    elif QK_INT8:  # I2F: kept to time against the add (bench_attention.py's ours-int8-i2f)
         qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
     else:
         qk = tl.dot(q, k)
@@ -99,11 +108,13 @@ def _bsa_q8_forward_kernel(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
+    I2F_BY_ADD: tl.constexpr = True,
 ):
     """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
     ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e)."""
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
+    tl.static_assert(HEAD_DIM <= 256, "INT8 scores: 127^2 x HEAD_DIM must stay under 2^22")
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // NUM_HEADS
@@ -143,13 +154,13 @@ def _bsa_q8_forward_kernel(
         acc, l_i, m_i = bsa_q8_attend_block(
             acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, kv_block * BLOCK_N,
             offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, False, QK_INT8,
-            USE_TMA)
+            USE_TMA, I2F_BY_ADD)
     if not EVEN_S:
         if has_last:
             acc, l_i, m_i = bsa_q8_attend_block(
                 acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, last * BLOCK_N,
                 offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, True,
-                QK_INT8, USE_TMA)
+                QK_INT8, USE_TMA, I2F_BY_ADD)
     v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)
     out_tile = acc * v_scale[None, :] / l_i[:, None]  # l_i carries P's 448
     out = OUT + off_b * stride_ob + off_h * stride_oh

@@ -70,9 +70,10 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                     precision, cfg: KernelConfig):
+                     precision, cfg: KernelConfig, *, i2f_by_add: bool = True):
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
-    the kernel alone, as benchmarks time it."""
+    the kernel alone, as benchmarks time it. ``i2f_by_add=False``: INT8 scores converted with
+    I2F instead of the exact integer-add trick (kept to time the two against each other)."""
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
     ts = timestep.reshape(-1)
@@ -90,7 +91,7 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
         H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, **meta,
+        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, I2F_BY_ADD=i2f_by_add, **meta,
     )
     return out
 
