@@ -4,7 +4,8 @@ self-attention shapes, on balanced and on ragged rows? And the 8-bit kernel
 (issue 15): ``ours-int8`` / ``ours-fp8`` time the kernel on pre-quantized inputs,
 ``ours-int8-op`` / ``ours-fp8-op`` the op with its quantize pre-pass (one Triton launch),
 ``ours-int8-torchprep`` / ``ours-fp8-torchprep`` the same with the spec's torch pre-pass,
-``ours-int8-i2f`` the INT8 kernel converting its scores with I2F (the default adds); their
+``ours-int8-runacc`` / ``ours-fp8-runacc`` the kernel with P.V into the running accumulator
+(opt-in: faster, outside its accuracy bound on an H200); their
 ``rel_l2_vs_ours_bf16`` is the output's rel-L2 against the bf16 kernel's (bar: 0.03).
 
     python benchmarks/bench_attention.py                       # both Wan shapes, every family
@@ -68,7 +69,8 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
 }
 IMPLS = ("ours", "ours-triton", "ours-triton-lpt", "fa4", "flex", "sdpa-cudnn")
 Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op", "ours-int8-tma",
-            "ours-fp8-tma", "ours-int8-torchprep", "ours-fp8-torchprep", "ours-int8-i2f")
+            "ours-fp8-tma", "ours-int8-torchprep", "ours-fp8-torchprep", "ours-int8-runacc",
+            "ours-fp8-runacc")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
@@ -333,11 +335,12 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
     if f"ours-{prec}-op" in impls:
         rec(f"ours-{prec}-op", lambda: op(q, k, v, masks, lt, bb, ts, scale, prec),
             rel_l2_vs_ours_bf16=rel)
-    if f"ours-{prec}-i2f" in impls:  # INT8 scores through I2F, not the integer add
+    if f"ours-{prec}-runacc" in impls:  # P.V into the running accumulator (opt-in, inexact)
         oi = torch.empty_like(q)
-        launch_quantized(quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg, i2f_by_add=False)
-        rec(f"ours-{prec}-i2f", lambda: launch_quantized(
-            quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg, i2f_by_add=False),
+        launch_quantized(quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg,
+                         pv_two_level=False)
+        rec(f"ours-{prec}-runacc", lambda: launch_quantized(
+            quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg, pv_two_level=False),
             rel_l2_vs_ours_bf16=q_rel_l2(oi, out_bf16) if out_bf16 is not None else None)
     if f"ours-{prec}-torchprep" in impls:  # the op's work with the torch pre-pass (the spec's)
         rec(f"ours-{prec}-torchprep", lambda: launch_quantized(

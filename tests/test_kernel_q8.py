@@ -160,26 +160,26 @@ def test_q8_kernel_gpu_every_config(precision, config):
 
 
 @needs_kernel
-@pytest.mark.parametrize("S", [128, 300])
-def test_q8_int8_scores_by_add_equal_i2f(S):
-    """The INT8 kernel's integer-add conversion of its int32 scores (the default) gives the
-    I2F conversion's output bit for bit: both are exact for |q8 . k8| < 2^22."""
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_q8_running_accumulator_matches_reference_here(precision):
+    """The opt-in ``pv_two_level=False`` (P.V into the running accumulator) against the
+    reference where accumulation is exact fp32 (the interpreter, or a GPU's wgmma: on an H200 it
+    failed this bound at S = 3,000, see the kernel's comment, so on a GPU this only documents
+    it: skipped there)."""
+    if torch.cuda.is_available():
+        pytest.skip("the FP8 wgmma's truncated accumulation fails this bound (H200, 38c6b54)")
     from scaling_attn_compile.kernels.launch import KernelConfig
     from scaling_attn_compile.kernels.launch_q8 import launch_quantized, quantize_for_kernel
 
-    q, k, v = make_outlier_qkv(1, 2, S, 128, 4, device=DEVICE)  # HEAD_DIM 128: |i| <= 2.06M
+    S = 300
+    q, k, v = make_outlier_qkv(1, 2, S, 64, 4)
     masks, lt, bb = random_tables(2, S, 2, 2, 3, 0.5)
-    ts = torch.tensor([300.0], device=DEVICE)
-    quant = quantize_for_kernel(q, k, v, "int8")
-    outs = []
-    for by_add in (True, False):
-        out = torch.full_like(q, float("nan"))
-        launch_quantized(quant, q.shape, masks, lt, bb, ts, out, 128**-0.5, "int8",
-                         KernelConfig(128, 8 if torch.cuda.is_available() else 4, 2),
-                         i2f_by_add=by_add)
-        outs.append(out)
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[0], outs[1])
+    ts = torch.tensor([300.0])
+    out = torch.full_like(q, float("nan"))
+    launch_quantized(quantize_for_kernel(q, k, v, precision), q.shape, masks, lt, bb, ts, out,
+                     64**-0.5, precision, KernelConfig(128, 4, 1), pv_two_level=False)
+    assert not out.isnan().any()
+    check(out, q, k, v, masks, lt, bb, ts, precision)
 
 
 @pytest.mark.gpu

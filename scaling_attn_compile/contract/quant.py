@@ -88,6 +88,13 @@ def check_precision(precision: str, where: str = "precision") -> str:
     return precision
 
 
+def true_div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` rounded once, on every device: torch's CUDA division by a Python number
+    multiplies by its reciprocal (two roundings; seen on an H200: scales 1 ulp off the CPU's and
+    the kernel pre-pass's ``div_rn``), a division by a tensor does not."""
+    return x / torch.full((), c, dtype=x.dtype, device=x.device)
+
+
 def smooth_k(k: torch.Tensor) -> torch.Tensor:
     """``k`` minus its per-channel mean over the tokens: ``(B, H, S, D)`` -> float32, same shape.
 
@@ -109,7 +116,7 @@ def quantize_blocks(x: torch.Tensor, block: int, kind: str) -> tuple[torch.Tenso
     xf = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - S)).view(B, H, nb, block, D)
     amax = xf.abs().amax(dim=(-2, -1))
     top = INT8_MAX if kind == "int8" else FP8_MAX
-    scales = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    scales = torch.where(amax > 0, true_div(amax, top), torch.ones_like(amax))
     y = (xf / scales[..., None, None]).reshape(B, H, nb * block, D)[:, :, :S]
     if kind == "int8":
         return y.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scales
@@ -122,7 +129,7 @@ def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel FP8 e4m3 quantization of ``v`` ``(B, H, S, D)``: ``(v8, scales)`` with
     ``scales`` float32 ``(B, H, D)`` = amax over the tokens / 448 (1 for an all-zero channel)."""
     amax = v.float().abs().amax(dim=-2)
-    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scales = torch.where(amax > 0, true_div(amax, FP8_MAX), torch.ones_like(amax))
     return (v.float() / scales[..., None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scales
 
 

@@ -18,10 +18,9 @@ from .quantize_q8 import quantize_qkv_fused
 # the bench_attention record (tuned_configs_q8).
 CONFIGS_Q8 = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128, 4, 2),
               KernelConfig(64, 4, 2), KernelConfig(64, 4, 3)]
-# K and V^T through TMA at 3 and 4 stages (an 8-bit stage is 32 KiB where bf16's is 64):
-# tested in the interpreter and compiled for sm_90, not yet run on a GPU (no device could be
-# had on 2026-12-05). They join CONFIGS_Q8 once `-m gpu tests/test_kernel_q8.py` has run them;
-# until then a caller passes one as ``config`` (bench_attention.py does, for its records).
+# K and V^T through TMA at 3 and 4 stages (an 8-bit stage is 32 KiB where bf16's is 64): on an
+# H200 (commit 38c6b54, running accumulator) slower than the plain loads, 9.38-9.60 ms against
+# 9.17 dense FP8 at Wan 1.3B, so not autotune candidates; a caller may pass one as ``config``.
 CONFIGS_Q8_TMA = [KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4, use_tma=True)]
 DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
 
@@ -70,10 +69,11 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                     precision, cfg: KernelConfig, *, i2f_by_add: bool = True):
+                     precision, cfg: KernelConfig, *, pv_two_level: bool = True):
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
-    the kernel alone, as benchmarks time it. ``i2f_by_add=False``: INT8 scores converted with
-    I2F instead of the exact integer-add trick (kept to time the two against each other)."""
+    the kernel alone, as benchmarks time it. ``pv_two_level=False``: P.V into the running
+    accumulator (its wgmma stays in flight; faster, but fails the accuracy bound on an H200:
+    the kernel module's comment)."""
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
     ts = timestep.reshape(-1)
@@ -91,7 +91,7 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
         H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, I2F_BY_ADD=i2f_by_add, **meta,
+        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_TWO_LEVEL=pv_two_level, **meta,
     )
     return out
 
