@@ -13,16 +13,16 @@ differs is one KV block's step, :func:`bsa_q8_attend_block`:
 * ``p = exp2(qk * s - m)`` in [0, 1] is stored as ``p * 448`` in e4m3 (the static P scale),
   computed as ``exp2(qk * s - (m - log2 448))`` so the scale and the 448 cost no multiply of
   their own (one FFMA per score, as in the bf16 kernel);
-* ``dot(p8, v8)`` adds into the running fp32 accumulator, so its wgmma stays in flight past the
-  loop's bookkeeping as the bf16 kernel's does. Hopper's FP8 wgmma adds with a 13-bit mantissa
-  (SageAttention2's "FP22"); until 2026-12-05 the sum went into a fresh accumulator and was
-  added in fp32 (two-level accumulation), which made every P.V wgmma wait at once. The GPU
-  tests (``-m gpu tests/test_kernel_q8.py``: the reference, and 3% of the bf16 kernel) passed
-  on the two-level form; this one has not yet run on a GPU;
+* ``dot(p8, v8)`` starts from zero for each block and is added into the fp32 accumulator
+  (two-level accumulation, the default). Hopper's FP8 wgmma truncates its accumulator to about
+  13 mantissa bits (SageAttention2's "FP22"). Adding into the running accumulator instead
+  (``PV_TWO_LEVEL=False``) keeps the wgmma in flight and measured 1.31-1.35x the bf16 kernel on
+  an H200, but it failed the GPU accuracy tests there (the comment in the block step);
 * the epilogue multiplies by the per-channel V scale and ``1 / l`` (``l`` carries the 448).
 
-The 448 is ``contract/quant.py``'s ``P_SCALE``. The quantize pre-pass is torch code
-(:func:`.launch_q8.quantize_for_kernel`): per-block amax, K smoothed first; V is written
+The 448 is ``contract/quant.py``'s ``P_SCALE``. The quantize pre-pass is one Triton launch
+(:mod:`.quantize_q8`, via :func:`.launch_q8.quantize_for_kernel`): per-block amax, K smoothed
+first; V is written
 transposed (``(B, H, D, S)`` memory, rows padded to 16 bytes for TMA), because Hopper's FP8 and
 INT8 wgmma need both operands K-major, and the reduction dim of P.V is the key index.
 ``USE_TMA`` reads K and V^T through device-side tensor descriptors.
