@@ -118,8 +118,10 @@ overlap)  # issue 14: Triton 3.6's overlap mechanisms on our masks. The warp-spe
   done
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
+  # (ours-triton gives the rows' rel-L2 against bf16; *-runacc: P.V into the running accumulator)
+  step 150 python3 benchmarks/q8_accumulation.py --out "$OUT/q8-accumulation.json"
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
-    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-tma ours-fp8-tma ours-int8-op sdpa-cudnn \
+    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-runacc ours-fp8-runacc ours-int8-op \
     --out "$OUT/attention-q8.json"
   ;;
 families)  # issue 19: one step per family at its default resolution, eager vs ours (regional
