@@ -133,6 +133,23 @@ def bsa_next_block(words, offs_w, NUM_WORDS_P2: tl.constexpr):
 
 
 @triton.jit
+def bsa_load_kv(k_base, v_base, offs_n, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
+                stride_vd, PARTIAL: tl.constexpr):
+    """K^T ``(D, 128)`` and V ``(128, D)`` of the keys ``offs_n`` through pointers (the kernels'
+    non-TMA path, bf16 and 8-bit alike); ``PARTIAL``: keys past ``SEQ_LEN`` read as 0."""
+    if PARTIAL:
+        in_seq = offs_n < SEQ_LEN
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                    mask=in_seq[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+    return k, v
+
+
+@triton.jit
 def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, offs_n0, offs_d,
                      SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale, n_skipped,
                      energy_thr, row_ok, PARTIAL: tl.constexpr, USE_TMA: tl.constexpr,
@@ -151,21 +168,12 @@ def bsa_attend_block(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, start_n, 
         # The tensor-memory accelerator zero-fills rows past SEQ_LEN; the -inf mask is still ours.
         k = k_desc.load([start_n, 0]).T
         v = v_desc.load([start_n, 0])
-        qk = tl.dot(q, k)
-        if PARTIAL:
-            qk = tl.where((offs_n < SEQ_LEN)[None, :], qk, float("-inf"))
-    elif PARTIAL:
-        in_seq = offs_n < SEQ_LEN
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=in_seq[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=in_seq[:, None], other=0.0)
-        qk = tl.dot(q, k)
-        qk = tl.where(in_seq[None, :], qk, float("-inf"))
     else:
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
-        qk = tl.dot(q, k)
+        k, v = bsa_load_kv(k_base, v_base, offs_n, offs_d, SEQ_LEN, stride_ks, stride_kd,
+                           stride_vs, stride_vd, PARTIAL)
+    qk = tl.dot(q, k)
+    if PARTIAL:
+        qk = tl.where((offs_n < SEQ_LEN)[None, :], qk, float("-inf"))
     # Scale folded into one FMA with the max subtraction, in exp2 (the Triton tutorial's trick).
     m_blk = tl.max(qk, axis=1) * qk_scale
     if ENERGY_RULE == 0:

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .block_sparse_attention import (
+    bsa_load_kv,
     bsa_next_block,
     bsa_popcount,
     bsa_row_words,
@@ -59,15 +60,9 @@ def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_des
     if USE_TMA:  # zero-fills keys past SEQ_LEN; V is (D, S) memory: its tile is (D, 128)
         k = k_desc.load([start_n, 0]).T
         v = v_desc.load([0, start_n]).T
-    elif PARTIAL:
-        in_seq = offs_n < SEQ_LEN
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=in_seq[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=in_seq[:, None], other=0.0)
     else:
-        k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
+        k, v = bsa_load_kv(k_base, v_base, offs_n, offs_d, SEQ_LEN, stride_ks, stride_kd,
+                           stride_vs, stride_vd, PARTIAL)
     if QK_INT8:
         # I2F, not the exact integer-add trick (bits of i + 0x4B400000 minus 1.5 x 2^23): on an
         # H200 the add was 1.6-2.2% slower (commit 38c6b54, attention-q8-nvidia-h200.json), so
