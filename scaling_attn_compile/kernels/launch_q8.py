@@ -5,14 +5,13 @@ configurations and the launcher. The math is :mod:`.block_sparse_attention_q8`; 
 
 from __future__ import annotations
 
-import torch
 import triton
 
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
 from .block_sparse_attention import LOG2E, MASK_BLOCK
 from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
 from .launch import KernelConfig, _ensure_tma_allocator, check_launch, launch_meta, tuning_tables
-from .quantize_q8 import quantize_qkv_fused
+from .quantize_q8 import empty_vt8, quantize_qkv_fused
 
 # Candidates: the bf16 kernel's plain configs. The autotuner picks per shape; which won is in
 # the bench_attention record (tuned_configs_q8).
@@ -41,8 +40,7 @@ def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: s
         raise ValueError(f"quantize_for_kernel: impl must be 'triton' or 'torch', got {impl!r}")
     B, H, S, D = q.shape
     q8, qs, k8, ks, v8, vs = quantize_qkv(q, k, v, precision, smooth=smooth, k_block=K_BLOCK)
-    pitch = -(-S // 16) * 16
-    vt = torch.empty(B, H, D, pitch, dtype=v8.dtype, device=v8.device)[..., :S]
+    vt = empty_vt8(B, H, S, D, v8.device)[..., :S]
     vt.copy_(v8.transpose(-1, -2))
     v8 = vt.transpose(-1, -2)
     return (q8, qs.reshape(B * H, -1).contiguous(), k8, ks.reshape(B * H, -1).contiguous(),

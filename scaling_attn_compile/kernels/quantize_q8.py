@@ -84,6 +84,12 @@ def _quantize_qkv_kernel(Q, K, V, KMEAN, VSCALE, Q8, K8, VT8, QS, KS,
              mask=inside)
 
 
+def empty_vt8(B: int, H: int, S: int, D: int, device) -> torch.Tensor:
+    """The FP8 V^T buffer the kernel reads: ``(B, H, D, pitch)``, pitch = S rounded up to 16
+    bytes (TMA needs 16-byte row pitches; S = 32,760, Wan 1.3B, is not one)."""
+    return torch.empty(B, H, D, -(-S // 16) * 16, dtype=FP8, device=device)
+
+
 def quantize_qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, *,
                        smooth: bool = True):
     """``(q8, qs, k8, ks, v8, vs)`` as :func:`.launch_q8.quantize_for_kernel` returns them:
@@ -105,16 +111,15 @@ def quantize_qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precis
     # inf-norm over the tokens = amax |v|, in v's dtype: exact, one pass, no |v| copy.
     v_amax = torch.linalg.vector_norm(v, float("inf"), dim=-2).float()
     v_scale = torch.where(v_amax > 0, true_div(v_amax, FP8_MAX), torch.ones_like(v_amax))
-    pitch = -(-S // 16) * 16
     q8 = torch.empty(B, H, S, D, dtype=code, device=dev)
     k8 = torch.empty(B, H, S, D, dtype=code, device=dev)
-    vt8 = torch.empty(B, H, D, pitch, dtype=FP8, device=dev)
+    vt8 = empty_vt8(B, H, S, D, dev)
     qs = torch.empty(B * H, nb, dtype=torch.float32, device=dev)
     ks = torch.empty(B * H, nb, dtype=torch.float32, device=dev)
     k_mean = k_mean.reshape(B * H, D).contiguous()
     v_scale = v_scale.reshape(B * H, D).contiguous()
     _quantize_qkv_kernel[(nb, B * H)](
         q, k, v, k_mean, v_scale, q8, k8, vt8, qs, ks, *q.stride(), *k.stride(), *v.stride(),
-        H, S, nb, pitch, D=D, BLOCK=Q_BLOCK, INT8=precision == "int8",
+        H, S, nb, vt8.shape[-1], D=D, BLOCK=Q_BLOCK, INT8=precision == "int8",
         TOP=INT8_MAX if precision == "int8" else FP8_MAX, SMOOTH=smooth, num_warps=8)
     return q8, qs, k8, ks, vt8[..., :S].transpose(-1, -2), v_scale
