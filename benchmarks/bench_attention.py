@@ -335,25 +335,24 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
     if f"ours-{prec}-op" in impls:
         rec(f"ours-{prec}-op", lambda: op(q, k, v, masks, lt, bb, ts, scale, prec),
             rel_l2_vs_ours_bf16=rel)
+
+    def variant(name, c, config=None, **kw):  # a kernel variant on the same codes, own output
+        o = torch.empty_like(q)
+        launch_quantized(quant, q.shape, masks, lt, bb, ts, o, scale, prec, c, **kw)
+        rec(name, lambda: launch_quantized(quant, q.shape, masks, lt, bb, ts, o, scale, prec, c,
+                                           **kw),
+            rel_l2_vs_ours_bf16=q_rel_l2(o, out_bf16) if out_bf16 is not None else None,
+            config=config)
+
     if f"ours-{prec}-runacc" in impls:  # P.V into the running accumulator (opt-in, inexact)
-        oi = torch.empty_like(q)
-        launch_quantized(quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg,
-                         pv_two_level=False)
-        rec(f"ours-{prec}-runacc", lambda: launch_quantized(
-            quant, q.shape, masks, lt, bb, ts, oi, scale, prec, cfg, pv_two_level=False),
-            rel_l2_vs_ours_bf16=q_rel_l2(oi, out_bf16) if out_bf16 is not None else None)
+        variant(f"ours-{prec}-runacc", cfg, pv_two_level=False)
     if f"ours-{prec}-torchprep" in impls:  # the op's work with the torch pre-pass (the spec's)
         rec(f"ours-{prec}-torchprep", lambda: launch_quantized(
             quantize_for_kernel(q, k, v, prec, impl="torch"), q.shape, masks, lt, bb, ts, o8,
             scale, prec, cfg), rel_l2_vs_ours_bf16=rel)
-    if f"ours-{prec}-tma" in impls:  # the TMA configs, not yet autotune candidates: each timed
+    if f"ours-{prec}-tma" in impls:  # the TMA configs, not autotune candidates: each timed
         for c in CONFIGS_Q8_TMA:
-            ot = torch.empty_like(q)
-            launch_quantized(quant, q.shape, masks, lt, bb, ts, ot, scale, prec, c)
-            rec(f"ours-{prec}-tma", lambda c=c, ot=ot: launch_quantized(
-                quant, q.shape, masks, lt, bb, ts, ot, scale, prec, c),
-                config=c._asdict(), rel_l2_vs_ours_bf16=q_rel_l2(ot, out_bf16)
-                if out_bf16 is not None else None)
+            variant(f"ours-{prec}-tma", c, config=c._asdict())
 
 
 def main(argv=None) -> int:
