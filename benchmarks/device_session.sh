@@ -18,6 +18,7 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt        # launch order A/B, 1.3B (kernel and step)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh lpt14      # launch order A/B, 14B (kernel)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh q8         # the 8-bit kernel against bf16, 1.3B
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh q8step14   # issue 15: 14B step, FP8 attention (+ FP8 linears)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh overlap    # issue 14: softmax/MMA overlap study (hopper_overlap.py)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh families   # issue 19: a step per family, eager vs ours
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-q   # issue 13: energy methods' PSNR, tile order
@@ -40,7 +41,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | overlap | families | pareto-q | pareto-t | claims | fa4eager | compile14}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | families | pareto-q | pareto-t | claims | fa4eager | compile14}"; do
 case "$stage" in
 tests)
   # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
@@ -123,6 +124,14 @@ q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
     --impls ours ours-triton ours-int8 ours-fp8 ours-int8-runacc ours-fp8-runacc ours-int8-op \
     --out "$OUT/attention-q8.json"
+  ;;
+q8step14)  # issue 15 bar 3 (>= 3.0x eager): 14B/720p, 40 layers, bf16 eager vs sparse 0.25 in bf16,
+  # with FP8 attention, and with FP8 attention + torchao FP8 linears (carry torchao 0.17.0 in .whl:
+  # the wheel built for torch 2.11). Regional compile: one block graph (~17 s cold at 1.3B)
+  # instead of ~150 s a row for the whole 14B graph. Estimate: eager 4 x 12.3 s, each other row
+  # ~20 s compile + 4 x 4-5.4 s, the model's build ~60 s: ~250 s
+  step 560 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25 ours-0.25-fp8 \
+    ours-0.25-fp8-fp8lin --regional --repeats 3 --out "$OUT/compile-q8-14b.json"
   ;;
 families)  # issue 19: one step per family at its default resolution, eager vs ours (regional
   # compile: one block compiled, ~17 s cold at 1.3B, instead of 100-150 s for the whole graph).

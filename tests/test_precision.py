@@ -74,6 +74,35 @@ def test_int8_compiled_equals_its_eager_graph_and_stays_near_bf16():
     assert 0 < err < 0.03, f"int8 attention moved the model output by {err:.2e} (rel-L2)"
 
 
+@pytest.mark.parametrize("precision", ["fp8"])
+def test_regional_8bit_equals_the_whole_graph_and_runs_the_8bit_op(precision):
+    """Regional compilation (one block graph for every layer) binds the 8-bit op to each layer's
+    attached tables: the same output as the whole-graph compile, at both timestep buckets."""
+    model, inputs = sharpen_self_attention(make_model()), make_inputs()
+    tables = two_level_tables()
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    outs = {}
+    for t in (700, 300):  # the tables' bucket bound is 500
+        outs[t] = run(model, inputs, scaling_attn_backend(tables, precision=precision), t=t)
+    torch._dynamo.reset()
+    be = scaling_attn_backend(tables, precision=precision, compiler=keep_graph)
+    be.attach(model)
+    model.compile_repeated_blocks(backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for t, whole in outs.items():
+            out = model(**inputs, timestep=torch.tensor([t]), return_dict=False)[0]
+            torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5, msg=f"t={t}")
+    assert len(graphs) == 1  # one block graph for both layers and both timesteps
+    (op,) = [n for n in graphs[0].graph.nodes if n.target in (OP, OP_Q8)]
+    assert op.target == OP_Q8 and op.args[-1] == precision and not op.kwargs
+    assert (outs[700] - outs[300]).abs().max() > 1e-3  # the buckets differ
+
+
 def test_unknown_precision_and_unsupported_combinations_are_one_line_errors():
     tables = two_level_tables()
     with pytest.raises(ValueError, match=r"precision must be one of \('bf16', 'fp8', 'int8'\), "

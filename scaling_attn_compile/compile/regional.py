@@ -250,11 +250,13 @@ def module_path(node: torch.fx.Node) -> str:
 
 
 def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *, attached,
-                        head_dim, energy, op, warn_stacklevel: int = 4) -> None:
+                        head_dim, energy, op, precision: str = "bf16",
+                        warn_stacklevel: int = 4) -> None:
     """The regional FX pass: each self-attention site of a block graph (no layer index) becomes
     the op bound to the ``bind_tables`` arguments of the same module (graph inputs: the block's
     buffers). ``attached``: the :class:`RegionalTables` whose forward is running. Sites with no
-    tables attached stay dense with a warning."""
+    tables attached stay dense with a warning. ``precision`` ``"int8"``/``"fp8"``: ``op`` is the
+    8-bit op, which takes the precision as its last argument and has no launch order."""
     g = gm.graph
     binds = {module_path(n): n for n in g.nodes if n.target in BIND_TABLES}
     for n, _layer, path, qn, kn, vn, scale in sites:
@@ -295,6 +297,8 @@ def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *,
                 args = (*args, rule, threshold)
         order = bind.args[4] if len(bind.args) > 4 else bind.kwargs.get("launch_order")
         kwargs = {"launch_order": order} if order is not None else {}
+        if precision != "bf16":  # the eager 8-bit op: no template, so no launch order
+            args, kwargs = (*args, precision), {}
         with g.inserting_before(n):
             new = g.call_function(op, args, kwargs)
         new.meta.update(n.meta)

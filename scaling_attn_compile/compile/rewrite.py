@@ -152,14 +152,14 @@ def rewrite_self_attention(
         raise PlanMismatchError(
             "scaling_attn_backend: a graph holds self-attention with and without a layer index "
             f"({ad.SELF_ATTENTION_PATH}); compile the whole transformer or its blocks, not a mix")
-    if precision != "bf16" and (block or energy is not None):
+    if precision != "bf16" and energy is not None:
         raise ValueError(
-            f"scaling_attn_backend: precision={precision!r} runs the whole-graph rewrite without "
-            "the energy filter only, got " + ("regional compilation" if block else
-                                              "an energy_filter") + "; drop it or use bf16")
+            f"scaling_attn_backend: precision={precision!r} runs without the energy filter, got "
+            "an energy_filter; drop it or use bf16")
     if block:
         rewrite_block_sites(gm, block, report, attached=attached, head_dim=head_dim,
-                            energy=energy, op=OP)
+                            energy=energy, op=OP if precision == "bf16" else OP_Q8,
+                            precision=precision)
     if drop_bind_calls(gm) or block:  # the regional markers go; a whole graph binds constants
         gm.graph.lint()
         gm.recompile()
