@@ -43,7 +43,7 @@ from scaling_attn_compile.testing import compile_for_sm90, sm90_launch_hints  # 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 S = 32760  # Wan 1.3B/480p
 KEYS = ("HGMMA", "QGMMA", "IGMMA", "PRMT", "SHFL", "I2FP", "F2FP", "FMUL", "FFMA", "FADD",
-        "MUFU", "LDGSTS", "LDG", "LDS", "STS", "BAR")
+        "MUFU", "LDGSTS", "LDG", "LDS", "STS", "BAR", "LDL", "STL")  # LDL/STL: register spills
 
 
 def bf16_kernel(stages: int, tma: bool = False):
@@ -55,10 +55,10 @@ def bf16_kernel(stages: int, tma: bool = False):
                             num_stages=stages)
 
 
-def q8_kernel(precision: str, stages: int, tma: bool = False):
+def q8_kernel(precision: str, stages: int, tma: bool = False, pv_flush: int = 1):
     pointers, floats, div16, unit = sm90_launch_hints(precision)
     const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8",
-                 USE_TMA=tma, **unit)
+                 USE_TMA=tma, PV_FLUSH=pv_flush, **unit)
     return compile_for_sm90(KQ._bsa_q8_forward_kernel, pointers, floats, div16, const,
                             num_warps=8, num_stages=stages)
 
@@ -127,7 +127,15 @@ def main(argv=None) -> int:
                         ("int8, 3 stages", lambda: q8_kernel("int8", 3)),
                         ("fp8, TMA, 3 stages", lambda: q8_kernel("fp8", 3, True)),
                         ("int8, TMA, 3 stages", lambda: q8_kernel("int8", 3, True)),
-                        ("int8, TMA, 4 stages", lambda: q8_kernel("int8", 4, True))):
+                        ("int8, TMA, 4 stages", lambda: q8_kernel("int8", 4, True)),
+                        # P.V accumulation (issue 15): the running accumulator, and flushed
+                        # into fp32 every 4 / 8 blocks (the rows above are two-level)
+                        ("int8, 3 stages, running P.V", lambda: q8_kernel("int8", 3, pv_flush=0)),
+                        ("int8, 3 stages, flush every 4",
+                         lambda: q8_kernel("int8", 3, pv_flush=4)),
+                        ("int8, 3 stages, flush every 8",
+                         lambda: q8_kernel("int8", 3, pv_flush=8)),
+                        ("fp8, 2 stages, flush every 4", lambda: q8_kernel("fp8", 2, pv_flush=4))):
         rows[name] = sass_facts(build())
         print(f"{name:26s} " + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
     record = {"benchmark": "kernel_sass", "shape": "Wan 1.3B/480p, S=32760, D=128, 8 warps, "

@@ -168,6 +168,11 @@ def compile_for_sm90(fn, pointers: dict, floats: set, div16: set, constexprs: di
     from triton.compiler import ASTSource
 
     params = list(inspect.signature(fn.fn).parameters)
+    # A constexpr left at its default is still a constexpr at launch; omitted here it would be
+    # compiled as a runtime i32 and its `if` kept as a branch (seen: the 8-bit kernel's
+    # PV_TWO_LEVEL default compiled both P.V forms into one loop, 707 instructions, not 551).
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default},
+                  **constexprs}
     sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in floats else "i32")
            for p in params}
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params

@@ -92,6 +92,15 @@ def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_des
 
 
 @triton.jit
+def bsa_q8_flush(acc, m_acc, acc_run, m_i):
+    """``acc`` (fp32, relative to the row max ``m_acc``) plus ``acc_run`` (relative to ``m_i``),
+    relative to ``m_i``. ``m_acc = -inf`` (nothing added yet, ``acc`` zero) gives factor 0, not
+    the NaN of ``exp2(-inf - -inf)``."""
+    factor = tl.where(m_acc == float("-inf"), 0.0, tl.math.exp2(m_acc - m_i))
+    return acc * factor[:, None] + acc_run, m_i
+
+
+@triton.jit
 def _bsa_q8_forward_kernel(
     Q, K, V, QS, KS, VS, MASKS, LEVEL_TABLE, BOUNDS, TS, OUT,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -105,10 +114,12 @@ def _bsa_q8_forward_kernel(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
-    PV_TWO_LEVEL: tl.constexpr = True,
+    PV_FLUSH: tl.constexpr = 1,
 ):
     """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
-    ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e)."""
+    ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e).
+    ``PV_FLUSH``: 1 two-level P.V (each block's from zero, added in fp32; the default), 0 into
+    the running accumulator, N >= 2 into a running accumulator added into fp32 every N blocks."""
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
     pid_m = tl.program_id(0)
@@ -145,18 +156,50 @@ def _bsa_q8_forward_kernel(
     if not EVEN_S:  # the partial last block after the walk, with the key mask
         words, last, has_last = bsa_split_last(words, offs_w, SEQ_LEN, NUM_WORDS_P2)
     n_kept = tl.sum(bsa_popcount(words), axis=0)
-    for _ in tl.range(0, n_kept):
-        kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-        acc, l_i, m_i = bsa_q8_attend_block(
-            acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, kv_block * BLOCK_N,
-            offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, False, QK_INT8,
-            USE_TMA, PV_TWO_LEVEL)
-    if not EVEN_S:
-        if has_last:
+    if PV_FLUSH >= 2:
+        # P.V into a running accumulator ``acc_run`` (its wgmma stays in flight), added into the
+        # fp32 ``acc`` every PV_FLUSH blocks: the FP8 wgmma's truncation is then relative to at
+        # most PV_FLUSH blocks' sum. ``acc`` is rescaled only at a flush (``m_acc``: the max it
+        # is relative to), so a block costs what the running accumulator costs, plus 1/PV_FLUSH
+        # of an FFMA per output.
+        acc_run = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_acc = m_i
+        n_groups = n_kept // PV_FLUSH
+        for _g in tl.range(0, n_groups):
+            for _j in tl.range(0, PV_FLUSH):
+                kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
+                acc_run, l_i, m_i = bsa_q8_attend_block(
+                    acc_run, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
+                    kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
+                    stride_vs, stride_vd, False, QK_INT8, USE_TMA, False)
+            acc, m_acc = bsa_q8_flush(acc, m_acc, acc_run, m_i)
+            acc_run = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for _ in tl.range(0, n_kept - n_groups * PV_FLUSH):
+            kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
+            acc_run, l_i, m_i = bsa_q8_attend_block(
+                acc_run, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
+                kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
+                stride_vd, False, QK_INT8, USE_TMA, False)
+        if not EVEN_S:
+            if has_last:
+                acc_run, l_i, m_i = bsa_q8_attend_block(
+                    acc_run, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
+                    last * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
+                    stride_vd, True, QK_INT8, USE_TMA, False)
+        acc, m_acc = bsa_q8_flush(acc, m_acc, acc_run, m_i)
+    else:
+        for _ in tl.range(0, n_kept):
+            kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
             acc, l_i, m_i = bsa_q8_attend_block(
-                acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, last * BLOCK_N,
-                offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, True,
-                QK_INT8, USE_TMA, PV_TWO_LEVEL)
+                acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
+                kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
+                stride_vd, False, QK_INT8, USE_TMA, PV_FLUSH == 1)
+        if not EVEN_S:
+            if has_last:
+                acc, l_i, m_i = bsa_q8_attend_block(
+                    acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
+                    last * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
+                    stride_vd, True, QK_INT8, USE_TMA, PV_FLUSH == 1)
     v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)
     out_tile = acc * v_scale[None, :] / l_i[:, None]  # l_i carries P's 448
     out = OUT + off_b * stride_ob + off_h * stride_oh

@@ -67,11 +67,15 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                     precision, cfg: KernelConfig, *, pv_two_level: bool = True):
+                     precision, cfg: KernelConfig, *, pv_flush: int = 1):
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
-    the kernel alone, as benchmarks time it. ``pv_two_level=False``: P.V into the running
-    accumulator (its wgmma stays in flight; faster, but fails the accuracy bound on an H200:
-    the kernel module's comment)."""
+    the kernel alone, as benchmarks time it. ``pv_flush``: 1 (default) two-level P.V; 0 P.V into
+    the running accumulator (its wgmma stays in flight; faster, but fails the accuracy bound on
+    an H200: the kernel module's comment); N >= 2 a running accumulator added into fp32 every N
+    blocks."""
+    if not (isinstance(pv_flush, int) and pv_flush >= 0):
+        raise ValueError(f"block-sparse 8-bit kernel: pv_flush must be an int >= 0, got "
+                         f"{pv_flush!r}")
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
     ts = timestep.reshape(-1)
@@ -89,7 +93,7 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
         H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_TWO_LEVEL=pv_two_level, **meta,
+        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_FLUSH=pv_flush, **meta,
     )
     return out
 
