@@ -131,7 +131,7 @@ q8step14)  # issue 15 bar 3 (>= 3.0x eager): 14B/720p, 40 layers, bf16 eager vs 
   # the wheel built for torch 2.11). Regional compile: one block graph (~17 s cold at 1.3B)
   # instead of ~150 s a row for the whole 14B graph. Estimate: eager 4 x 12.3 s, each other row
   # ~20 s compile + 4 x 4-5.4 s, the model's build ~60 s: ~250 s
-  step 560 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25 ours-0.25-fp8 \
+  step 450 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25 ours-0.25-fp8 \
     ours-0.25-fp8-fp8lin --regional --repeats 3 --out "$OUT/compile-q8-14b.json"
   ;;
 families)  # issue 19: one step per family at its default resolution, eager vs ours (regional
