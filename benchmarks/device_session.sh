@@ -122,8 +122,8 @@ q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre
   # (ours-triton gives the rows' rel-L2 against bf16; *-runacc: P.V into the running accumulator)
   step 150 python3 benchmarks/q8_accumulation.py --out "$OUT/q8-accumulation.json"
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
-    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-runacc ours-fp8-runacc ours-int8-flush4 \
-    ours-fp8-flush4 ours-int8-flush8 ours-int8-op \
+    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-runacc ours-fp8-runacc ours-int8-twolevel \
+    ours-fp8-twolevel ours-int8-flush8 ours-int8-op \
     --out "$OUT/attention-q8.json"
   ;;
 q8step14)  # issue 15 bar 3 (>= 3.0x eager): 14B/720p, 40 layers, bf16 eager vs sparse 0.25 in bf16,

@@ -13,11 +13,11 @@ differs is one KV block's step, :func:`bsa_q8_attend_block`:
 * ``p = exp2(qk * s - m)`` in [0, 1] is stored as ``p * 448`` in e4m3 (the static P scale),
   computed as ``exp2(qk * s - (m - log2 448))`` so the scale and the 448 cost no multiply of
   their own (one FFMA per score, as in the bf16 kernel);
-* ``dot(p8, v8)`` starts from zero for each block and is added into the fp32 accumulator
-  (two-level accumulation, the default). Hopper's FP8 wgmma truncates its accumulator to about
-  13 mantissa bits (SageAttention2's "FP22"). Adding into the running accumulator instead
-  (``PV_TWO_LEVEL=False``) keeps the wgmma in flight and measured 1.31-1.35x the bf16 kernel on
-  an H200, but it failed the GPU accuracy tests there (the comment in the block step);
+* ``dot(p8, v8)`` goes into a running accumulator that is added into the fp32 one every
+  ``PV_FLUSH`` blocks (4 by default). Hopper's FP8 wgmma truncates its accumulator to about 13
+  mantissa bits (SageAttention2's "FP22"): never flushed (``PV_FLUSH=0``) the kernel measured
+  1.31-1.35x the bf16 one on an H200 but failed the GPU accuracy tests there (the comment in
+  the block step); flushed every block (``PV_FLUSH=1``, two-level) each P.V wgmma is waited on;
 * the epilogue multiplies by the per-channel V scale and ``1 / l`` (``l`` carries the 448).
 
 The 448 is ``contract/quant.py``'s ``P_SCALE``. The quantize pre-pass is one Triton launch
@@ -114,12 +114,13 @@ def _bsa_q8_forward_kernel(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
-    PV_FLUSH: tl.constexpr = 1,
+    PV_FLUSH: tl.constexpr = 4,
 ):
     """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
     ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e).
-    ``PV_FLUSH``: 1 two-level P.V (each block's from zero, added in fp32; the default), 0 into
-    the running accumulator, N >= 2 into a running accumulator added into fp32 every N blocks."""
+    ``PV_FLUSH``: N >= 2 P.V into a running accumulator added into fp32 every N blocks (4, the
+    default: ``launch_q8.PV_FLUSH`` says why), 1 two-level (each block's from zero, added in
+    fp32), 0 into the running accumulator."""
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
     pid_m = tl.program_id(0)

@@ -22,6 +22,13 @@ CONFIGS_Q8 = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128
 # 9.17 dense FP8 at Wan 1.3B, so not autotune candidates; a caller may pass one as ``config``.
 CONFIGS_Q8_TMA = [KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4, use_tma=True)]
 DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
+# P.V accumulation (the kernel's PV_FLUSH): a running accumulator added into fp32 every 4 blocks.
+# The FP8 wgmma truncates its accumulator to ~13 mantissa bits: never flushed (0), the error grows
+# with the row (failed the GPU bound at S = 3,000 on an H200); flushed every block (1, two-level)
+# each P.V wgmma is waited on at once. Every 4: one wait in 4, truncation bounded by 4 blocks' sum
+# whatever S (16 wgmma steps of 2^-13), and one FFMA per output in 4 blocks (sm_90 loop: 550
+# instructions a thread, as the running accumulator's).
+PV_FLUSH = 4
 
 
 def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: str = "triton"):
@@ -67,12 +74,12 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                     precision, cfg: KernelConfig, *, pv_flush: int = 1):
+                     precision, cfg: KernelConfig, *, pv_flush: int = PV_FLUSH):
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
-    the kernel alone, as benchmarks time it. ``pv_flush``: 1 (default) two-level P.V; 0 P.V into
-    the running accumulator (its wgmma stays in flight; faster, but fails the accuracy bound on
-    an H200: the kernel module's comment); N >= 2 a running accumulator added into fp32 every N
-    blocks."""
+    the kernel alone, as benchmarks time it. ``pv_flush``: N >= 2 a running accumulator added
+    into fp32 every N blocks (default :data:`PV_FLUSH`); 1 two-level P.V (each block's from
+    zero); 0 P.V into the running accumulator (its wgmma stays in flight; fails the accuracy
+    bound on an H200: the kernel module's comment)."""
     if not (isinstance(pv_flush, int) and pv_flush >= 0):
         raise ValueError(f"block-sparse 8-bit kernel: pv_flush must be an int >= 0, got "
                          f"{pv_flush!r}")
