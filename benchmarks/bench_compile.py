@@ -126,10 +126,16 @@ def row_parts(row: str) -> tuple[str, str | None, bool]:
 
 
 def quantize_linears_fp8(model) -> None:
-    """torchao float8 (rowwise) on every ``blocks.*`` Linear, in place (README's one-liner)."""
+    """torchao float8 (rowwise) on every ``blocks.*`` Linear, in place (README's one-liner).
+
+    ``set_inductor_config=False``: torchao's default turns on Inductor's coordinate-descent
+    tuning of every kernel, process-wide; at 14B/720p (H200, 2026-12-06) one block's compile was
+    still tuning after 205 s, past the device's limits, and it would also retune the other
+    rows' kernels run after it."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                               set_inductor_config=False),
               filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith("blocks."))
 
 

@@ -37,13 +37,18 @@ def fp8_linears(model):
     import torchao.quantization.quant_api as qa
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                       set_inductor_config=False)
+    tuning = torch._inductor.config.coordinate_descent_tuning
     blocks_only = lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith("blocks.")
     if CUDA_FP8:
         quantize_(model, config, filter_fn=blocks_only)
     else:
         with mock.patch.object(qa, "_check_hardware_support", lambda granularity: None):
             quantize_(model, config, filter_fn=blocks_only)
+    # the one-liner leaves Inductor's settings alone (torchao's default would turn this on for
+    # the whole process, and every later compile in the test session would tune)
+    assert torch._inductor.config.coordinate_descent_tuning == tuning
     return model
 
 

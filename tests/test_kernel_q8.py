@@ -160,16 +160,15 @@ def test_q8_kernel_gpu_every_config(precision, config):
 
 
 @needs_kernel
-@pytest.mark.parametrize("pv_flush", [0, 1, 2, 3])
+@pytest.mark.parametrize("two_level", [False, True])
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_q8_running_accumulators_match_reference_here(precision, pv_flush):
-    """The opt-in P.V accumulations against the reference where accumulation is exact fp32 (the
-    interpreter): ``pv_flush=0`` (the running accumulator; on a GPU's FP8 wgmma it failed this
-    bound at S = 3,000 on an H200, see the kernel's comment, so skipped there), ``1``
-    (two-level) and ``2``/``3`` (flushed into fp32 every N blocks; the default 4 is the other
-    tests'). Six full blocks and a partial one at density 0.5: whole
-    groups, a remainder and the partial block, on two levels."""
-    if torch.cuda.is_available() and pv_flush == 0:
+def test_q8_both_accumulations_match_reference_here(precision, two_level):
+    """Both P.V accumulations against the reference where accumulation is exact fp32 (the
+    interpreter): two-level (the default, also every other test's) and the opt-in running
+    accumulator (``pv_two_level=False``; on a GPU's FP8 wgmma it failed this bound at S = 3,000
+    on an H200, see the kernel's comment, so skipped there). Six full blocks and a partial one
+    at density 0.5, on two levels."""
+    if torch.cuda.is_available() and not two_level:
         pytest.skip("the FP8 wgmma's truncated accumulation fails this bound (H200, 38c6b54)")
     from scaling_attn_compile.kernels.launch import KernelConfig
     from scaling_attn_compile.kernels.launch_q8 import launch_quantized, quantize_for_kernel
@@ -180,28 +179,8 @@ def test_q8_running_accumulators_match_reference_here(precision, pv_flush):
     ts = torch.tensor([300.0, 800.0], device=DEVICE)
     out = torch.full_like(q, float("nan"))
     launch_quantized(quantize_for_kernel(q, k, v, precision), q.shape, masks, lt, bb, ts, out,
-                     64**-0.5, precision, KernelConfig(128, 4, 1), pv_flush=pv_flush)
+                     64**-0.5, precision, KernelConfig(128, 4, 1), pv_two_level=two_level)
     assert not out.isnan().any()
-    check(out, q, k, v, masks, lt, bb, ts, precision)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pv_flush", [1, 2, 8])
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_q8_flushed_accumulator_gpu_meets_the_bound(precision, pv_flush):
-    """Two-level P.V and the running accumulator flushed into fp32 every 2 / 8 blocks (the
-    default 4 is ``test_q8_kernel_gpu_every_config``'s), on the inputs on which the
-    never-flushed one failed (``test_q8_kernel_gpu_every_config``'s, H200, 38c6b54)."""
-    from scaling_attn_compile.kernels.launch import KernelConfig
-    from scaling_attn_compile.kernels.launch_q8 import launch_quantized, quantize_for_kernel
-
-    S = 3000
-    q, k, v = make_outlier_qkv(2, 3, S, 128, 2, dtype=torch.bfloat16, device="cuda")
-    masks, lt, bb = random_tables(3, S, 2, 2, 7, 0.5)
-    ts = torch.tensor([100.0, 900.0], device="cuda")
-    out = torch.full_like(q, float("nan"))
-    launch_quantized(quantize_for_kernel(q, k, v, precision), q.shape, masks, lt, bb, ts, out,
-                     128**-0.5, precision, KernelConfig(128, 8, 2), pv_flush=pv_flush)
     check(out, q, k, v, masks, lt, bb, ts, precision)
 
 

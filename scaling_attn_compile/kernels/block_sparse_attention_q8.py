@@ -13,11 +13,11 @@ differs is one KV block's step, :func:`bsa_q8_attend_block`:
 * ``p = exp2(qk * s - m)`` in [0, 1] is stored as ``p * 448`` in e4m3 (the static P scale),
   computed as ``exp2(qk * s - (m - log2 448))`` so the scale and the 448 cost no multiply of
   their own (one FFMA per score, as in the bf16 kernel);
-* ``dot(p8, v8)`` goes into a running accumulator that is added into the fp32 one every
-  ``PV_FLUSH`` blocks (4 by default). Hopper's FP8 wgmma truncates its accumulator to about 13
-  mantissa bits (SageAttention2's "FP22"): never flushed (``PV_FLUSH=0``) the kernel measured
-  1.31-1.35x the bf16 one on an H200 but failed the GPU accuracy tests there (the comment in
-  the block step); flushed every block (``PV_FLUSH=1``, two-level) each P.V wgmma is waited on;
+* ``dot(p8, v8)`` starts from zero for each block and is added into the fp32 accumulator
+  (two-level accumulation, the default). Hopper's FP8 wgmma truncates its accumulator to about
+  13 mantissa bits (SageAttention2's "FP22"). Adding into the running accumulator instead
+  (``PV_TWO_LEVEL=False``) keeps the wgmma in flight and measured 1.31-1.35x the bf16 kernel on
+  an H200, but it failed the GPU accuracy tests there (the comment in the block step);
 * the epilogue multiplies by the per-channel V scale and ``1 / l`` (``l`` carries the 448).
 
 The 448 is ``contract/quant.py``'s ``P_SCALE``. The quantize pre-pass is one Triton launch
@@ -83,21 +83,18 @@ def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_des
     # at once. Into the running accumulator (PV_TWO_LEVEL=False) the wgmma stays in flight (1.31x
     # the bf16 kernel dense on an H200), but the truncation is relative to the whole running sum:
     # every `-m gpu test_q8_kernel_gpu_every_config` case failed its bound (max error vs float64
-    # 3.8e-2 / 4.0e-2 against 2 x (8.3e-3 + 7.7e-3), S = 3,000 dense rows; H200, commit 38c6b54).
+    # 3.8e-2 / 4.0e-2 against 2 x (8.3e-3 + 7.7e-3), S = 3,000 dense rows; H200, commit 38c6b54);
+    # rel-L2 against the bf16 kernel 2.6% at S = 3,000 and 7.8% at S = 8,192, where two-level
+    # gives 0.34% / 0.31% (H200, 3bf582a, results/q8-accumulation-nvidia-h200.json). Two-level
+    # cost 8% against it at Wan 1.3B dense (FP8 10.91 vs 10.08 ms, config 128/8/2). Tried and
+    # removed: a running accumulator added into fp32 every N blocks, as a loop of N inside a
+    # loop of groups: N = 2, 4, 8 took 11.84, 11.21, 10.82 ms, no faster than two-level, since
+    # the inner loop's software pipeline starts over in every group.
     if PV_TWO_LEVEL:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
-
-
-@triton.jit
-def bsa_q8_flush(acc, m_acc, acc_run, m_i):
-    """``acc`` (fp32, relative to the row max ``m_acc``) plus ``acc_run`` (relative to ``m_i``),
-    relative to ``m_i``. ``m_acc = -inf`` (nothing added yet, ``acc`` zero) gives factor 0, not
-    the NaN of ``exp2(-inf - -inf)``."""
-    factor = tl.where(m_acc == float("-inf"), 0.0, tl.math.exp2(m_acc - m_i))
-    return acc * factor[:, None] + acc_run, m_i
 
 
 @triton.jit
@@ -114,13 +111,10 @@ def _bsa_q8_forward_kernel(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
-    PV_FLUSH: tl.constexpr = 4,
+    PV_TWO_LEVEL: tl.constexpr = True,
 ):
     """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
-    ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e).
-    ``PV_FLUSH``: N >= 2 P.V into a running accumulator added into fp32 every N blocks (4, the
-    default: ``launch_q8.PV_FLUSH`` says why), 1 two-level (each block's from zero, added in
-    fp32), 0 into the running accumulator."""
+    ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e)."""
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
     pid_m = tl.program_id(0)
@@ -157,50 +151,18 @@ def _bsa_q8_forward_kernel(
     if not EVEN_S:  # the partial last block after the walk, with the key mask
         words, last, has_last = bsa_split_last(words, offs_w, SEQ_LEN, NUM_WORDS_P2)
     n_kept = tl.sum(bsa_popcount(words), axis=0)
-    if PV_FLUSH >= 2:
-        # P.V into a running accumulator ``acc_run`` (its wgmma stays in flight), added into the
-        # fp32 ``acc`` every PV_FLUSH blocks: the FP8 wgmma's truncation is then relative to at
-        # most PV_FLUSH blocks' sum. ``acc`` is rescaled only at a flush (``m_acc``: the max it
-        # is relative to), so a block costs what the running accumulator costs, plus 1/PV_FLUSH
-        # of an FFMA per output.
-        acc_run = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        m_acc = m_i
-        n_groups = n_kept // PV_FLUSH
-        for _g in tl.range(0, n_groups):
-            for _j in tl.range(0, PV_FLUSH):
-                kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-                acc_run, l_i, m_i = bsa_q8_attend_block(
-                    acc_run, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
-                    kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
-                    stride_vs, stride_vd, False, QK_INT8, USE_TMA, False)
-            acc, m_acc = bsa_q8_flush(acc, m_acc, acc_run, m_i)
-            acc_run = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for _ in tl.range(0, n_kept - n_groups * PV_FLUSH):
-            kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-            acc_run, l_i, m_i = bsa_q8_attend_block(
-                acc_run, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
-                kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
-                stride_vd, False, QK_INT8, USE_TMA, False)
-        if not EVEN_S:
-            if has_last:
-                acc_run, l_i, m_i = bsa_q8_attend_block(
-                    acc_run, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
-                    last * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
-                    stride_vd, True, QK_INT8, USE_TMA, False)
-        acc, m_acc = bsa_q8_flush(acc, m_acc, acc_run, m_i)
-    else:
-        for _ in tl.range(0, n_kept):
-            kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
+    for _ in tl.range(0, n_kept):
+        kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
+        acc, l_i, m_i = bsa_q8_attend_block(
+            acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, kv_block * BLOCK_N,
+            offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, False, QK_INT8,
+            USE_TMA, PV_TWO_LEVEL)
+    if not EVEN_S:
+        if has_last:
             acc, l_i, m_i = bsa_q8_attend_block(
-                acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
-                kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
-                stride_vd, False, QK_INT8, USE_TMA, PV_FLUSH == 1)
-        if not EVEN_S:
-            if has_last:
-                acc, l_i, m_i = bsa_q8_attend_block(
-                    acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
-                    last * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
-                    stride_vd, True, QK_INT8, USE_TMA, PV_FLUSH == 1)
+                acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, last * BLOCK_N,
+                offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, True,
+                QK_INT8, USE_TMA, PV_TWO_LEVEL)
     v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)
     out_tile = acc * v_scale[None, :] / l_i[:, None]  # l_i carries P's 448
     out = OUT + off_b * stride_ob + off_h * stride_oh

@@ -22,13 +22,6 @@ CONFIGS_Q8 = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128
 # 9.17 dense FP8 at Wan 1.3B, so not autotune candidates; a caller may pass one as ``config``.
 CONFIGS_Q8_TMA = [KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4, use_tma=True)]
 DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
-# P.V accumulation (the kernel's PV_FLUSH): a running accumulator added into fp32 every 4 blocks.
-# The FP8 wgmma truncates its accumulator to ~13 mantissa bits: never flushed (0), the error grows
-# with the row (failed the GPU bound at S = 3,000 on an H200); flushed every block (1, two-level)
-# each P.V wgmma is waited on at once. Every 4: one wait in 4, truncation bounded by 4 blocks' sum
-# whatever S (16 wgmma steps of 2^-13), and one FFMA per output in 4 blocks (sm_90 loop: 550
-# instructions a thread, as the running accumulator's).
-PV_FLUSH = 4
 
 
 def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: str = "triton"):
@@ -74,15 +67,11 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                     precision, cfg: KernelConfig, *, pv_flush: int = PV_FLUSH):
+                     precision, cfg: KernelConfig, *, pv_two_level: bool = True):
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
-    the kernel alone, as benchmarks time it. ``pv_flush``: N >= 2 a running accumulator added
-    into fp32 every N blocks (default :data:`PV_FLUSH`); 1 two-level P.V (each block's from
-    zero); 0 P.V into the running accumulator (its wgmma stays in flight; fails the accuracy
-    bound on an H200: the kernel module's comment)."""
-    if not (isinstance(pv_flush, int) and pv_flush >= 0):
-        raise ValueError(f"block-sparse 8-bit kernel: pv_flush must be an int >= 0, got "
-                         f"{pv_flush!r}")
+    the kernel alone, as benchmarks time it. ``pv_two_level=False``: P.V into the running
+    accumulator (its wgmma stays in flight; faster, but fails the accuracy bound on an H200:
+    the kernel module's comment)."""
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
     ts = timestep.reshape(-1)
@@ -100,7 +89,7 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
         H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_FLUSH=pv_flush, **meta,
+        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_TWO_LEVEL=pv_two_level, **meta,
     )
     return out
 
