@@ -4,6 +4,9 @@
 # /tmp/site), unbuffered Python, GIT_SHA (the device's copy has no .git), SLUG: the GPU's name
 # as a file-name part (nvidia-h200), LOG ($OUT/log.txt), and two functions: `step` (one
 # command with a time limit, logged) and `log_device` (GPU, driver, torch, Triton, commit).
+# Sourced by hand, export the commit first: `export GIT_SHA=<sha>; source benchmarks/_device_env.sh`.
+# A prefix (`GIT_SHA=<sha> source ...`) lasts only while the file runs, so the steps after it saw
+# none and the records took whatever `git rev-parse` found (2026-12-06: a stale commit).
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
