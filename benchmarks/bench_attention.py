@@ -5,7 +5,8 @@ self-attention shapes, on balanced and on ragged rows? And the 8-bit kernel
 ``ours-int8-op`` / ``ours-fp8-op`` the op with its quantize pre-pass (one Triton launch),
 ``ours-int8-torchprep`` / ``ours-fp8-torchprep`` the same with the spec's torch pre-pass,
 ``ours-int8-runacc`` / ``ours-fp8-runacc`` the kernel with P.V into the running accumulator
-(opt-in: faster, outside its accuracy bound on an H200); their
+(opt-in: faster, outside its accuracy bound on an H200), ``ours-int8-deferred`` /
+``ours-fp8-deferred`` two-level P.V with each block's add a trip late; their
 ``rel_l2_vs_ours_bf16`` is the output's rel-L2 against the bf16 kernel's (bar: 0.03).
 
     python benchmarks/bench_attention.py                       # both Wan shapes, every family
@@ -70,7 +71,7 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
 IMPLS = ("ours", "ours-triton", "ours-triton-lpt", "fa4", "flex", "sdpa-cudnn")
 Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op", "ours-int8-tma",
             "ours-fp8-tma", "ours-int8-torchprep", "ours-fp8-torchprep", "ours-int8-runacc",
-            "ours-fp8-runacc")
+            "ours-fp8-runacc", "ours-int8-deferred", "ours-fp8-deferred")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
@@ -345,7 +346,9 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
             config=config)
 
     if f"ours-{prec}-runacc" in impls:  # P.V into the running accumulator (opt-in, inexact)
-        variant(f"ours-{prec}-runacc", cfg, pv_two_level=False)
+        variant(f"ours-{prec}-runacc", cfg, pv="running")
+    if f"ours-{prec}-deferred" in impls:  # two-level, each block's P.V added a trip late
+        variant(f"ours-{prec}-deferred", cfg, pv="deferred")
     if f"ours-{prec}-torchprep" in impls:  # the op's work with the torch pre-pass (the spec's)
         rec(f"ours-{prec}-torchprep", lambda: launch_quantized(
             quantize_for_kernel(q, k, v, prec, impl="torch"), q.shape, masks, lt, bb, ts, o8,

@@ -119,10 +119,14 @@ overlap)  # issue 14: Triton 3.6's overlap mechanisms on our masks. The warp-spe
   done
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
-  # (ours-triton gives the rows' rel-L2 against bf16; *-runacc: P.V into the running accumulator)
+  # (ours-triton gives the rows' rel-L2 against bf16; *-runacc: P.V into the running accumulator;
+  # *-deferred: two-level with the add a trip late). First the deferred form's GPU tests.
+  step 120 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_kernel_q8.py \
+    -k "deferred or every_config or accumulation"
   step 150 python3 benchmarks/q8_accumulation.py --out "$OUT/q8-accumulation.json"
   step 300 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
-    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-runacc ours-fp8-runacc ours-int8-op \
+    --impls ours ours-triton ours-int8 ours-fp8 ours-int8-runacc ours-fp8-runacc ours-int8-deferred \
+    ours-fp8-deferred ours-int8-op \
     --out "$OUT/attention-q8.json"
   ;;
 q8step14)  # issue 15 bar 3 (>= 3.0x eager): 14B/720p, 40 layers, bf16 eager vs sparse 0.25 in bf16,

@@ -55,10 +55,12 @@ def bf16_kernel(stages: int, tma: bool = False):
                             num_stages=stages)
 
 
-def q8_kernel(precision: str, stages: int, tma: bool = False, two_level: bool = True):
+def q8_kernel(precision: str, stages: int, tma: bool = False, pv: str = "two-level"):
+    from scaling_attn_compile.kernels.launch_q8 import PV_MODES
+
     pointers, floats, div16, unit = sm90_launch_hints(precision)
     const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8",
-                 USE_TMA=tma, PV_TWO_LEVEL=two_level, **unit)
+                 USE_TMA=tma, PV_MODE=PV_MODES[pv], **unit)
     return compile_for_sm90(KQ._bsa_q8_forward_kernel, pointers, floats, div16, const,
                             num_warps=8, num_stages=stages)
 
@@ -128,12 +130,15 @@ def main(argv=None) -> int:
                         ("fp8, TMA, 3 stages", lambda: q8_kernel("fp8", 3, True)),
                         ("int8, TMA, 3 stages", lambda: q8_kernel("int8", 3, True)),
                         ("int8, TMA, 4 stages", lambda: q8_kernel("int8", 4, True)),
-                        # the rows above: two-level P.V (the default); the opt-in running
-                        # accumulator (issue 15)
-                        ("int8, 3 stages, running P.V",
-                         lambda: q8_kernel("int8", 3, two_level=False)),
-                        ("fp8, 2 stages, running P.V",
-                         lambda: q8_kernel("fp8", 2, two_level=False))):
+                        # the rows above: two-level P.V (the default); the opt-in forms
+                        # (issue 15): the running accumulator, and deferred two-level
+                        ("int8, 3 stages, running P.V", lambda: q8_kernel("int8", 3, pv="running")),
+                        ("fp8, 2 stages, running P.V", lambda: q8_kernel("fp8", 2, pv="running")),
+                        ("int8, 3 stages, deferred P.V",
+                         lambda: q8_kernel("int8", 3, pv="deferred")),
+                        ("fp8, 2 stages, deferred P.V", lambda: q8_kernel("fp8", 2, pv="deferred")),
+                        ("fp8, 3 stages, deferred P.V",
+                         lambda: q8_kernel("fp8", 3, pv="deferred"))):
         rows[name] = sass_facts(build())
         print(f"{name:26s} " + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
     record = {"benchmark": "kernel_sass", "shape": "Wan 1.3B/480p, S=32760, D=128, 8 warps, "

@@ -1,7 +1,7 @@
 """Question (issue 15): does the 8-bit kernel's P.V, added into the running accumulator by the
 FP8 wgmma (Hopper keeps about 13 mantissa bits there), cost accuracy against a fresh
-accumulator per block added in fp32 (``pv_two_level``, the default), and what does each cost
-in time?
+accumulator per block added in fp32 (two-level, the default), or the same added a trip late
+(``pv="deferred"``), and what does each cost in time?
 
 On an H200 (commit 38c6b54) every ``-m gpu tests/test_kernel_q8.py::test_q8_kernel_gpu_every_config``
 case failed its bound (max error vs float64 2.4-4.5x the 8-bit reference's) with the running
@@ -24,7 +24,7 @@ from scaling_attn_compile.contract.masks import dense_tables
 from scaling_attn_compile.contract.quant import quantized_attention_reference, rel_l2
 from scaling_attn_compile.contract.reference import sparse_attention_reference
 from scaling_attn_compile.kernels.launch import KernelConfig, block_sparse_attention_forward
-from scaling_attn_compile.kernels.launch_q8 import launch_quantized, quantize_for_kernel
+from scaling_attn_compile.kernels.launch_q8 import PV_MODES, launch_quantized, quantize_for_kernel
 from scaling_attn_compile.testing import make_outlier_qkv, make_qkv
 
 
@@ -50,11 +50,11 @@ def main(argv=None) -> int:
         for prec in ("int8", "fp8"):
             ref = quantized_attention_reference(q, k, v, masks, lt, bb, ts, precision=prec)
             quant = quantize_for_kernel(q, k, v, prec)
-            for two in (False, True):
+            for pv in PV_MODES:
                 out = torch.empty_like(q)
                 launch_quantized(quant, q.shape, masks, lt, bb, ts, out, 128**-0.5, prec, cfg,
-                                 pv_two_level=two)
-                row = {"case": name, "precision": prec, "pv_two_level": two,
+                                 pv=pv)
+                row = {"case": name, "precision": prec, "pv": pv,
                        "max_err": (out.double() - gold).abs().max().item(),
                        "ref_max_err": (ref.double() - gold).abs().max().item(),
                        "rel_l2_vs_fp64": rel_l2(out, gold), "ref_rel_l2_vs_fp64": rel_l2(ref, gold),
@@ -69,12 +69,14 @@ def main(argv=None) -> int:
     for prec in ("int8", "fp8"):
         quant = quantize_for_kernel(q, k, v, prec)
         out = torch.empty_like(q)
-        for two in (False, True):
-            ms = do_bench(lambda t=two, qu=quant, o=out, p=prec: launch_quantized(
-                qu, q.shape, masks, lt, bb, ts, o, 128**-0.5, p, cfg, pv_two_level=t),
-                          warmup=10, rep=50, return_mode="median")
-            rows.append({"time_1.3b_dense_ms": ms, "precision": prec, "pv_two_level": two})
-            print(f"1.3B dense {prec} two_level={two}: {ms:.3f} ms", flush=True)
+        for cfg_t in (cfg, KernelConfig(64, 4, 3)):  # 64/4/3: the autotuner's H200 pick
+            for pv in PV_MODES:
+                ms = do_bench(lambda v=pv, c=cfg_t, qu=quant, o=out, p=prec: launch_quantized(
+                    qu, q.shape, masks, lt, bb, ts, o, 128**-0.5, p, c, pv=v),
+                              warmup=10, rep=50, return_mode="median")
+                rows.append({"time_1.3b_dense_ms": ms, "precision": prec, "pv": pv,
+                             "config": cfg_t._asdict()})
+                print(f"1.3B dense {prec} {tuple(cfg_t)[:3]} pv={pv}: {ms:.3f} ms", flush=True)
     bf16_ms = do_bench(lambda: block_sparse_attention_forward(
         q, k, v, masks, lt, bb, ts, torch.empty_like(q), 128**-0.5),  # autotuned
                        warmup=10, rep=50, return_mode="median")

@@ -160,15 +160,15 @@ def test_q8_kernel_gpu_every_config(precision, config):
 
 
 @needs_kernel
-@pytest.mark.parametrize("two_level", [False, True])
+@pytest.mark.parametrize("pv", ["two-level", "deferred", "running"])
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_q8_both_accumulations_match_reference_here(precision, two_level):
-    """Both P.V accumulations against the reference where accumulation is exact fp32 (the
-    interpreter): two-level (the default, also every other test's) and the opt-in running
-    accumulator (``pv_two_level=False``; on a GPU's FP8 wgmma it failed this bound at S = 3,000
-    on an H200, see the kernel's comment, so skipped there). Six full blocks and a partial one
-    at density 0.5, on two levels."""
-    if torch.cuda.is_available() and not two_level:
+def test_q8_every_accumulation_matches_reference_here(precision, pv):
+    """Each P.V accumulation against the reference where accumulation is exact fp32 (the
+    interpreter): two-level (the default, also every other test's), deferred (two-level's sums,
+    each added a trip late) and the opt-in running accumulator (on a GPU's FP8 wgmma it failed
+    this bound at S = 3,000 on an H200, see the kernel's comment, so skipped there). Six full
+    blocks and a partial one at density 0.5, on two levels."""
+    if torch.cuda.is_available() and pv == "running":
         pytest.skip("the FP8 wgmma's truncated accumulation fails this bound (H200, 38c6b54)")
     from scaling_attn_compile.kernels.launch import KernelConfig
     from scaling_attn_compile.kernels.launch_q8 import launch_quantized, quantize_for_kernel
@@ -179,9 +179,33 @@ def test_q8_both_accumulations_match_reference_here(precision, two_level):
     ts = torch.tensor([300.0, 800.0], device=DEVICE)
     out = torch.full_like(q, float("nan"))
     launch_quantized(quantize_for_kernel(q, k, v, precision), q.shape, masks, lt, bb, ts, out,
-                     64**-0.5, precision, KernelConfig(128, 4, 1), pv_two_level=two_level)
+                     64**-0.5, precision, KernelConfig(128, 4, 1), pv=pv)
     assert not out.isnan().any()
     check(out, q, k, v, masks, lt, bb, ts, precision)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(128, 8, 2), (64, 4, 3)])
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_q8_deferred_gpu_equals_two_level(precision, config):
+    """Deferred P.V is two-level's arithmetic in another order of issue: on the GPU it must meet
+    the bound and equal two-level's output (inputs of ``test_q8_kernel_gpu_every_config``, on
+    which the running accumulator failed)."""
+    from scaling_attn_compile.kernels.launch import KernelConfig
+    from scaling_attn_compile.kernels.launch_q8 import launch_quantized, quantize_for_kernel
+
+    S = 3000
+    q, k, v = make_outlier_qkv(2, 3, S, 128, 2, dtype=torch.bfloat16, device="cuda")
+    masks, lt, bb = random_tables(3, S, 2, 2, 7, 0.5)
+    ts = torch.tensor([100.0, 900.0], device="cuda")
+    quant = quantize_for_kernel(q, k, v, precision)
+    outs = {}
+    for pv in ("two-level", "deferred"):
+        outs[pv] = torch.full_like(q, float("nan"))
+        launch_quantized(quant, q.shape, masks, lt, bb, ts, outs[pv], 128**-0.5, precision,
+                         KernelConfig(*config), pv=pv)
+    check(outs["deferred"], q, k, v, masks, lt, bb, ts, precision)
+    torch.testing.assert_close(outs["deferred"], outs["two-level"], rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -14,10 +14,11 @@ differs is one KV block's step, :func:`bsa_q8_attend_block`:
   computed as ``exp2(qk * s - (m - log2 448))`` so the scale and the 448 cost no multiply of
   their own (one FFMA per score, as in the bf16 kernel);
 * ``dot(p8, v8)`` starts from zero for each block and is added into the fp32 accumulator
-  (two-level accumulation, the default). Hopper's FP8 wgmma truncates its accumulator to about
-  13 mantissa bits (SageAttention2's "FP22"). Adding into the running accumulator instead
-  (``PV_TWO_LEVEL=False``) keeps the wgmma in flight and measured 1.31-1.35x the bf16 kernel on
-  an H200, but it failed the GPU accuracy tests there (the comment in the block step);
+  (two-level accumulation, the default), either at once or on the next trip (``PV_DEFERRED``,
+  which keeps the wgmma in flight). Hopper's FP8 wgmma truncates its accumulator to about 13
+  mantissa bits (SageAttention2's "FP22"). Adding into the running accumulator instead
+  (``PV_RUNNING``) measured 1.31-1.35x the bf16 kernel on an H200, but failed the GPU accuracy
+  tests there (the comment in the block step);
 * the epilogue multiplies by the per-channel V scale and ``1 / l`` (``l`` carries the 448).
 
 The 448 is ``contract/quant.py``'s ``P_SCALE``. The quantize pre-pass is one Triton launch
@@ -44,14 +45,21 @@ from .block_sparse_attention import (
     bsa_split_last,
 )
 
+# P.V accumulation (the kernel's PV_MODE; launch_q8.PV_MODES names them)
+PV_RUNNING = tl.constexpr(0)    # into the running accumulator: fast, inexact on Hopper
+PV_TWO_LEVEL = tl.constexpr(1)  # each block's from zero, added in fp32 at once
+PV_DEFERRED = tl.constexpr(2)   # each block's from zero, added in fp32 on the next trip
+
 
 @triton.jit
-def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, KS, start_n,
-                        offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd,
-                        PARTIAL: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr,
-                        PV_TWO_LEVEL: tl.constexpr = True):
+def bsa_q8_attend_block(acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, v_base, k_desc,
+                        v_desc, KS, start_n, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
+                        stride_vs, stride_vd, PARTIAL: tl.constexpr, QK_INT8: tl.constexpr,
+                        USE_TMA: tl.constexpr, PV_MODE: tl.constexpr):
     """One online-softmax step over the 128 keys at ``start_n``, 8-bit operands. ``qk_mult`` is
     ``sq * scale * log2(e)`` for this tile; ``KS`` points at this (batch, head)'s K scales.
+    ``pv_prev`` / ``alpha_prev``: the previous block's P.V and rescale, not yet in ``acc``
+    (``PV_DEFERRED``; carried unchanged otherwise).
 
     The scale of the scores and the 448 of P are folded into the one FFMA before the exp2:
     ``p * 448 = exp2(qk * s - (m - log2(448)))``; the row sum ``l_i`` then carries the 448 too,
@@ -70,6 +78,8 @@ def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_des
         qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
     else:
         qk = tl.dot(q, k)
+    if PV_MODE == PV_DEFERRED:  # after this block's Q.K^T is issued: the wait covers both
+        acc = acc * alpha_prev[:, None] + pv_prev
     s = qk_mult * tl.load(KS + start_n // 128)  # > 0: scores in log2 units are qk * s
     if PARTIAL:
         qk = tl.where((offs_n < SEQ_LEN)[None, :], qk, float("-inf"))
@@ -78,23 +88,25 @@ def bsa_q8_attend_block(acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_des
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)  # the row sum (x 448) from the unrounded p
     # Hopper's FP8 wgmma adds into its accumulator keeping about 13 mantissa bits (truncated;
-    # SageAttention2's "FP22"). Two-level (the default): each block's P.V starts from zero and
-    # is added in fp32, so the truncation is relative to one block's sum; the wgmma is waited on
-    # at once. Into the running accumulator (PV_TWO_LEVEL=False) the wgmma stays in flight (1.31x
-    # the bf16 kernel dense on an H200), but the truncation is relative to the whole running sum:
-    # every `-m gpu test_q8_kernel_gpu_every_config` case failed its bound (max error vs float64
-    # 3.8e-2 / 4.0e-2 against 2 x (8.3e-3 + 7.7e-3), S = 3,000 dense rows; H200, commit 38c6b54);
-    # rel-L2 against the bf16 kernel 2.6% at S = 3,000 and 7.8% at S = 8,192, where two-level
-    # gives 0.34% / 0.31% (H200, 3bf582a, results/q8-accumulation-nvidia-h200.json). Two-level
-    # cost 8% against it at Wan 1.3B dense (FP8 10.91 vs 10.08 ms, config 128/8/2). Tried and
-    # removed: a running accumulator added into fp32 every N blocks, as a loop of N inside a
-    # loop of groups: N = 2, 4, 8 took 11.84, 11.21, 10.82 ms, no faster than two-level, since
-    # the inner loop's software pipeline starts over in every group.
-    if PV_TWO_LEVEL:
+    # SageAttention2's "FP22"). Into the running accumulator (PV_RUNNING) the wgmma stays in
+    # flight, but the truncation is relative to the whole running sum: every `-m gpu
+    # test_q8_kernel_gpu_every_config` case failed its bound (H200, 38c6b54), and rel-L2 against
+    # the bf16 kernel was 2.6% at S = 3,000 and 7.8% at 8,192 where two-level gave 0.34% /
+    # 0.31% (H200, 3bf582a, results/q8-accumulation-nvidia-h200.json). Two-level starts each
+    # block's P.V from zero and adds it in fp32 at once, so its wgmma is waited on before the
+    # next block: 8% slower at Wan 1.3B dense (FP8 10.91 vs 10.08 ms, config 128/8/2). Deferred
+    # is two-level's arithmetic with the add moved to the next trip, after that block's Q.K^T
+    # is issued: in the sm_90 code the P.V wgmma then stays in flight across the back-edge, as
+    # the running accumulator's does (one wait a trip; 553 loop instructions FP8, 621 INT8).
+    # Tried and removed: a running accumulator flushed into fp32 every N blocks (DESIGN.md).
+    if PV_MODE == PV_DEFERRED:
+        pv_prev = tl.dot(p.to(v.dtype), v)
+        alpha_prev = alpha
+    elif PV_MODE == PV_TWO_LEVEL:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+    return acc, pv_prev, alpha_prev, l_i, m_new
 
 
 @triton.jit
@@ -111,10 +123,12 @@ def _bsa_q8_forward_kernel(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
-    PV_TWO_LEVEL: tl.constexpr = True,
+    PV_MODE: tl.constexpr = 1,
 ):
     """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
-    ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e)."""
+    ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e).
+    ``PV_MODE``: the P.V accumulation (:data:`PV_TWO_LEVEL`, :data:`PV_DEFERRED`,
+    :data:`PV_RUNNING`)."""
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
     pid_m = tl.program_id(0)
@@ -148,21 +162,25 @@ def _bsa_q8_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    pv_prev = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # PV_DEFERRED's pending P.V
+    alpha_prev = tl.zeros([BLOCK_M], dtype=tl.float32)
     if not EVEN_S:  # the partial last block after the walk, with the key mask
         words, last, has_last = bsa_split_last(words, offs_w, SEQ_LEN, NUM_WORDS_P2)
     n_kept = tl.sum(bsa_popcount(words), axis=0)
     for _ in tl.range(0, n_kept):
         kv_block, words = bsa_next_block(words, offs_w, NUM_WORDS_P2)
-        acc, l_i, m_i = bsa_q8_attend_block(
-            acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, kv_block * BLOCK_N,
-            offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, False, QK_INT8,
-            USE_TMA, PV_TWO_LEVEL)
+        acc, pv_prev, alpha_prev, l_i, m_i = bsa_q8_attend_block(
+            acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
+            kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
+            stride_vd, False, QK_INT8, USE_TMA, PV_MODE)
     if not EVEN_S:
         if has_last:
-            acc, l_i, m_i = bsa_q8_attend_block(
-                acc, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks, last * BLOCK_N,
-                offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs, stride_vd, True,
-                QK_INT8, USE_TMA, PV_TWO_LEVEL)
+            acc, pv_prev, alpha_prev, l_i, m_i = bsa_q8_attend_block(
+                acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc,
+                ks, last * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
+                stride_vd, True, QK_INT8, USE_TMA, PV_MODE)
+    if PV_MODE == PV_DEFERRED:  # the last block's P.V
+        acc = acc * alpha_prev[:, None] + pv_prev
     v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)
     out_tile = acc * v_scale[None, :] / l_i[:, None]  # l_i carries P's 448
     out = OUT + off_b * stride_ob + off_h * stride_oh

@@ -9,7 +9,7 @@ import triton
 
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
 from .block_sparse_attention import LOG2E, MASK_BLOCK
-from .block_sparse_attention_q8 import _bsa_q8_forward_kernel
+from .block_sparse_attention_q8 import PV_DEFERRED, PV_RUNNING, PV_TWO_LEVEL, _bsa_q8_forward_kernel
 from .launch import KernelConfig, _ensure_tma_allocator, check_launch, launch_meta, tuning_tables
 from .quantize_q8 import empty_vt8, quantize_qkv_fused
 
@@ -22,6 +22,9 @@ CONFIGS_Q8 = [KernelConfig(128, 8, 2), KernelConfig(128, 8, 3), KernelConfig(128
 # 9.17 dense FP8 at Wan 1.3B, so not autotune candidates; a caller may pass one as ``config``.
 CONFIGS_Q8_TMA = [KernelConfig(128, 8, 3, use_tma=True), KernelConfig(128, 8, 4, use_tma=True)]
 DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
+# the kernel's PV_MODE by name
+PV_MODES = {"two-level": PV_TWO_LEVEL.value, "deferred": PV_DEFERRED.value,
+            "running": PV_RUNNING.value}
 
 
 def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: str = "triton"):
@@ -67,11 +70,16 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                     precision, cfg: KernelConfig, *, pv_two_level: bool = True):
+                     precision, cfg: KernelConfig, *, pv: str = "two-level"):
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
-    the kernel alone, as benchmarks time it. ``pv_two_level=False``: P.V into the running
-    accumulator (its wgmma stays in flight; faster, but fails the accuracy bound on an H200:
-    the kernel module's comment)."""
+    the kernel alone, as benchmarks time it. ``pv``, the P.V accumulation (:data:`PV_MODES`):
+    ``"two-level"`` (each block's added in fp32 at once), ``"deferred"`` (the same sums, each
+    added on the next trip so the wgmma stays in flight; not yet run on a GPU) or
+    ``"running"`` (into the running accumulator: fails the accuracy bound on an H200, the
+    kernel module's comment)."""
+    if pv not in PV_MODES:
+        raise ValueError(f"block-sparse 8-bit kernel: pv must be one of {tuple(PV_MODES)}, "
+                         f"got {pv!r}")
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
     ts = timestep.reshape(-1)
@@ -89,7 +97,7 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
         H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_TWO_LEVEL=pv_two_level, **meta,
+        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_MODE=PV_MODES[pv], **meta,
     )
     return out
 
