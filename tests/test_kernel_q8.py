@@ -133,6 +133,18 @@ def test_q8_launcher_refuses_bf16_precision():
                                           torch.empty_like(q), 0.125, "bf16", (128, 4, 1))
 
 
+def test_q8_launcher_refuses_an_unknown_accumulation():
+    from scaling_attn_compile.kernels.launch import KernelConfig
+    from scaling_attn_compile.kernels.launch_q8 import launch_quantized
+
+    q = torch.zeros(1, 1, 128, 64)
+    masks, lt, bb = dense_tables(1, 128)
+    with pytest.raises(ValueError, match=r"pv must be one of \('two-level', 'deferred', "
+                                         r"'running'\), got 'fp32'"):
+        launch_quantized((None,) * 6, q.shape, masks, lt, bb, torch.tensor(0.0), q, 0.125,
+                         "int8", KernelConfig(128, 4, 1), pv="fp32")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_q8_kernel_gpu_bf16_wan_head(precision):
