@@ -112,3 +112,21 @@ def test_interleaved_rounds_alternate_the_impls(BA, monkeypatch):
     assert calls == ["a", "b"] * 3
     with pytest.raises(SystemExit, match="2"):  # argparse's error exit, before any GPU check
         BA.main(["--rounds", "0"])
+
+
+def test_bench_compile_tiny_runs_the_8bit_rows_regional(tmp_path):
+    """The command the 14B 8-bit step runs on the GPU (``device_session.sh q8step14``), on the
+    tiny CPU config: eager, bf16 sparse and FP8-attention rows under regional compilation each
+    record a time and the density of their tables (test_precision.py checks which op the
+    block binds)."""
+    import json
+
+    bc = load_benchmark("bench_compile")
+    out = tmp_path / "compile.json"
+    assert bc.main(["--tiny", "--rows", "eager", "ours-0.25", "ours-0.25-fp8", "--regional",
+                    "--rep-ms", "1", "--out", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(rows) == {"eager", "ours-0.25/regional", "ours-0.25-fp8/regional"}
+    assert all(r["ms"] > 0 and r["error"] is None for r in rows.values())
+    for name in ("ours-0.25/regional", "ours-0.25-fp8/regional"):
+        assert rows[name]["density"] is not None and rows[name]["rewritten_layers"] == 2
