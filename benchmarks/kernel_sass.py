@@ -38,6 +38,7 @@ import triton  # noqa: E402
 from scaling_attn_compile.kernels import block_sparse_attention as KB  # noqa: E402
 from scaling_attn_compile.kernels import block_sparse_attention_q8 as KQ  # noqa: E402
 from scaling_attn_compile.kernels import launch as L  # noqa: E402
+from scaling_attn_compile.kernels.launch_q8 import PV_MODES  # noqa: E402
 from scaling_attn_compile.testing import compile_for_sm90, sm90_launch_hints  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -56,8 +57,6 @@ def bf16_kernel(stages: int, tma: bool = False):
 
 
 def q8_kernel(precision: str, stages: int, tma: bool = False, pv: str = "two-level"):
-    from scaling_attn_compile.kernels.launch_q8 import PV_MODES
-
     pointers, floats, div16, unit = sm90_launch_hints(precision)
     const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8",
                  USE_TMA=tma, PV_MODE=PV_MODES[pv], **unit)
