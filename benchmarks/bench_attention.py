@@ -6,7 +6,9 @@ self-attention shapes, on balanced and on ragged rows? And the 8-bit kernel
 ``ours-int8-torchprep`` / ``ours-fp8-torchprep`` the same with the spec's torch pre-pass,
 ``ours-int8-runacc`` / ``ours-fp8-runacc`` the kernel with P.V into the running accumulator
 (opt-in: faster, outside its accuracy bound on an H200), ``ours-int8-deferred`` /
-``ours-fp8-deferred`` two-level P.V with each block's add a trip late; their
+``ours-fp8-deferred`` two-level P.V with each block's add a trip late and
+``ours-int8-twolevel`` / ``ours-fp8-twolevel`` added at once (``ours-int8`` / ``ours-fp8`` run
+the autotuner's pick of config and of these two exact forms; the variants run its config); their
 ``rel_l2_vs_ours_bf16`` is the output's rel-L2 against the bf16 kernel's (bar: 0.03).
 
     python benchmarks/bench_attention.py                       # both Wan shapes, every family
@@ -71,7 +73,8 @@ SHAPES = {  # key: (name, B, H, latent grid, head dim); S = F * H * W
 IMPLS = ("ours", "ours-triton", "ours-triton-lpt", "fa4", "flex", "sdpa-cudnn")
 Q8_IMPLS = ("ours-int8", "ours-fp8", "ours-int8-op", "ours-fp8-op", "ours-int8-tma",
             "ours-fp8-tma", "ours-int8-torchprep", "ours-fp8-torchprep", "ours-int8-runacc",
-            "ours-fp8-runacc", "ours-int8-deferred", "ours-fp8-deferred")
+            "ours-fp8-runacc", "ours-int8-deferred", "ours-fp8-deferred", "ours-int8-twolevel",
+            "ours-fp8-twolevel")
 RAGGED_BAR = 1.15  # issue 14: time at density d <= 1.15 x d x dense time on ragged rows
 
 
@@ -95,7 +98,7 @@ class Record:
     time_over_d_dense: float | None = None
     rel_l2_vs_ours_bf16: float | None = None
     ms_rounds: list[float] | None = None  # --rounds: each interleaved round's median
-    config: dict | None = None  # the kernel config, where a row times one (ours-int8-tma)
+    config: dict | None = None  # the kernel config (+ pv), where a row pins one (ours-int8)
 
 
 def environment() -> dict:
@@ -326,13 +329,14 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
 
     quant = quantize_for_kernel(q, k, v, prec)
     o8 = torch.empty_like(q)
-    cfg = pick_config_q8(quant, q, masks, lt, bb, ts, o8, scale, prec)
-    launch_quantized(quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg)
+    cfg, pv = pick_config_q8(quant, q, masks, lt, bb, ts, o8, scale, prec)  # what the op runs
+    launch_quantized(quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg, pv=pv)
     rel = q_rel_l2(o8, out_bf16) if out_bf16 is not None else None
     op = torch.ops.scaling_attn.sparse_attention_q8
     if f"ours-{prec}" in impls:
         rec(f"ours-{prec}", lambda: launch_quantized(
-            quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg), rel_l2_vs_ours_bf16=rel)
+            quant, q.shape, masks, lt, bb, ts, o8, scale, prec, cfg, pv=pv),
+            rel_l2_vs_ours_bf16=rel, config={**cfg._asdict(), "pv": pv})
     if f"ours-{prec}-op" in impls:
         rec(f"ours-{prec}-op", lambda: op(q, k, v, masks, lt, bb, ts, scale, prec),
             rel_l2_vs_ours_bf16=rel)
@@ -345,14 +349,17 @@ def run_q8(prec, q, k, v, masks, lt, bb, ts, scale, out_bf16, impls, rec):
             rel_l2_vs_ours_bf16=q_rel_l2(o, out_bf16) if out_bf16 is not None else None,
             config=config)
 
+    # The P.V forms at the autotuned config (which raced two-level and deferred with each)
     if f"ours-{prec}-runacc" in impls:  # P.V into the running accumulator (opt-in, inexact)
         variant(f"ours-{prec}-runacc", cfg, pv="running")
     if f"ours-{prec}-deferred" in impls:  # two-level, each block's P.V added a trip late
         variant(f"ours-{prec}-deferred", cfg, pv="deferred")
+    if f"ours-{prec}-twolevel" in impls:  # each block's P.V added in fp32 at once
+        variant(f"ours-{prec}-twolevel", cfg, pv="two-level")
     if f"ours-{prec}-torchprep" in impls:  # the op's work with the torch pre-pass (the spec's)
         rec(f"ours-{prec}-torchprep", lambda: launch_quantized(
             quantize_for_kernel(q, k, v, prec, impl="torch"), q.shape, masks, lt, bb, ts, o8,
-            scale, prec, cfg), rel_l2_vs_ours_bf16=rel)
+            scale, prec, cfg, pv=pv), rel_l2_vs_ours_bf16=rel)
     if f"ours-{prec}-tma" in impls:  # the TMA configs, not autotune candidates: each timed
         for c in CONFIGS_Q8_TMA:
             variant(f"ours-{prec}-tma", c, config=c._asdict())

@@ -145,6 +145,59 @@ def test_q8_launcher_refuses_an_unknown_accumulation():
                          "int8", KernelConfig(128, 4, 1), pv="fp32")
 
 
+def test_q8_autotuner_races_only_the_exact_accumulations():
+    """The autotuner's choice names a config and an exact P.V form; off CUDA it is the default
+    config with the first form asked for; a form it does not know is a one-line error, from
+    the autotuner and from the launcher."""
+    from scaling_attn_compile.kernels.launch_q8 import (
+        DEFAULT_CONFIG_Q8,
+        PV_EXACT,
+        Q8Choice,
+        pick_config_q8,
+    )
+
+    assert PV_EXACT == ("two-level", "deferred")  # never "running": it fails the bound on GPUs
+    q = torch.zeros(1, 1, 128, 64)
+    masks, lt, bb = dense_tables(1, 128)
+    ts = torch.tensor(0.0)
+    pick = lambda **kw: pick_config_q8(None, q, masks, lt, bb, ts, q, 0.125, "int8", **kw)  # noqa: E731
+    assert pick() == Q8Choice(DEFAULT_CONFIG_Q8, "two-level")
+    assert pick(pvs=("deferred",)) == Q8Choice(DEFAULT_CONFIG_Q8, "deferred")
+    with pytest.raises(ValueError, match=r"pvs must name P.V forms of .*got \('fp32',\)"):
+        pick(pvs=("fp32",))
+    with pytest.raises(ValueError, match=r"pv must be one of .* got 'fp32'"):
+        block_sparse_attention_q8_forward(q, q, q, masks, lt, bb, ts, torch.empty_like(q), 0.125,
+                                          "int8", pv="fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_q8_autotuned_gpu_equals_two_level_at_its_config(precision):
+    """What the op runs (config and P.V form autotuned) is two-level's output at that config,
+    bit for bit, whichever exact form won; the choice is recorded with its time."""
+    from scaling_attn_compile.kernels.launch_q8 import (
+        PV_EXACT,
+        launch_quantized,
+        quantize_for_kernel,
+        tuned_configs_q8,
+    )
+
+    S = 4096 + 120
+    q, k, v = make_outlier_qkv(1, 4, S, 128, 3, dtype=torch.bfloat16, device="cuda")
+    masks, lt, bb = random_tables(4, S, 2, 3, 1, 0.4)
+    ts = torch.tensor([300.0], device="cuda")
+    out = run(q, k, v, masks, lt, bb, ts, precision, None)
+    key = next(key for key in tuned_configs_q8()
+               if key[0] == tuple(q.shape) and key[4] == precision and key[5] == PV_EXACT)
+    choice, times = tuned_configs_q8()[key]
+    assert choice.pv in PV_EXACT and times[choice] == min(times.values())
+    assert {c.pv for c in times} == set(PV_EXACT)  # both forms were timed
+    two_level = torch.full_like(q, float("nan"))
+    launch_quantized(quantize_for_kernel(q, k, v, precision), q.shape, masks, lt, bb, ts,
+                     two_level, 128**-0.5, precision, choice.config, pv="two-level")
+    torch.testing.assert_close(out, two_level, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_q8_kernel_gpu_bf16_wan_head(precision):

@@ -5,6 +5,8 @@ configurations and the launcher. The math is :mod:`.block_sparse_attention_q8`; 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton
 
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
@@ -25,6 +27,20 @@ DEFAULT_CONFIG_Q8 = KernelConfig(128, 8, 2)
 # the kernel's PV_MODE by name
 PV_MODES = {"two-level": PV_TWO_LEVEL.value, "deferred": PV_DEFERRED.value,
             "running": PV_RUNNING.value}
+# The exact P.V forms, raced by the autotuner with each config: they add the same fp32 sums in
+# the same order (bit-identical outputs: tests/test_kernel_q8.py, passed on an H100), and which
+# is faster depends on the config. H100, commit 7b044a5, Wan 1.3B dense
+# (benchmarks/results/q8-accumulation-nvidia-h100-80gb-hbm3.json): at 128/8/2 deferred took
+# 10.72 / 9.93 ms (INT8 / FP8) where two-level took 11.94 / 11.19; at 64/4/3 8.92 / 9.28 where
+# two-level took 9.32 / 8.94. "running" is never raced: it fails the accuracy bound.
+PV_EXACT = ("two-level", "deferred")
+
+
+class Q8Choice(NamedTuple):
+    """What the 8-bit autotuner picks: a tile config and the P.V accumulation to run it with."""
+
+    config: KernelConfig
+    pv: str = "two-level"
 
 
 def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: str = "triton"):
@@ -52,21 +68,27 @@ def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: s
 
 def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
                                       scale: float, precision: str = "int8",
-                                      config: tuple | None = None, *, smooth: bool = True):
+                                      config: tuple | None = None, *, smooth: bool = True,
+                                      pv: str | None = None):
     """8-bit attention into ``out`` (q's shape and dtype). ``precision``: ``"int8"`` or
     ``"fp8"`` (the Q.K^T format; P.V is FP8 either way). ``config`` pins a
-    :class:`.launch.KernelConfig`; ``None`` autotunes on CUDA (the interpreter takes the default).
+    :class:`.launch.KernelConfig` (with ``pv``, default ``"two-level"``); ``None`` autotunes the
+    config and the exact P.V form (:data:`PV_EXACT`) on CUDA, or takes the pinned ``pv`` with
+    each config (the interpreter takes the defaults).
     """
     if check_precision(precision, "block-sparse 8-bit kernel: precision") == "bf16":
         raise ValueError("block-sparse 8-bit kernel: precision must be 'int8' or 'fp8', got "
                          "'bf16'; the bf16 kernel is launch.block_sparse_attention_forward")
     check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out)
+    if pv is not None and pv not in PV_MODES:
+        raise ValueError(f"block-sparse 8-bit kernel: pv must be one of {tuple(PV_MODES)}, "
+                         f"got {pv!r}")
     quant = quantize_for_kernel(q, k, v, precision, smooth=smooth)
     if config is None:
-        config = pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale,
-                                precision)
+        config, pv = pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out,
+                                    scale, precision, pvs=PV_EXACT if pv is None else (pv,))
     return launch_quantized(quant, q.shape, masks, level_table, bucket_bounds, timestep, out,
-                            scale, precision, KernelConfig(*config))
+                            scale, precision, KernelConfig(*config), pv=pv or "two-level")
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
@@ -74,7 +96,8 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
     the kernel alone, as benchmarks time it. ``pv``, the P.V accumulation (:data:`PV_MODES`):
     ``"two-level"`` (each block's added in fp32 at once), ``"deferred"`` (the same sums, each
-    added on the next trip so the wgmma stays in flight; not yet run on a GPU) or
+    added on the next trip so the wgmma stays in flight; bit-identical, faster at some configs:
+    :data:`PV_EXACT`) or
     ``"running"`` (into the running accumulator: fails the accuracy bound on an H200, the
     kernel module's comment)."""
     if pv not in PV_MODES:
@@ -102,33 +125,40 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
     return out
 
 
-_TUNED_Q8: dict[tuple, KernelConfig] = {}
-TUNING_TIMES_Q8: dict[tuple, dict[KernelConfig, float]] = {}  # ms per config, for the records
+_TUNED_Q8: dict[tuple, Q8Choice] = {}
+TUNING_TIMES_Q8: dict[tuple, dict[Q8Choice, float]] = {}  # ms per choice, for the records
 
 
-def tuned_configs_q8() -> dict[tuple, tuple[KernelConfig, dict]]:
+def tuned_configs_q8() -> dict[tuple, tuple[Q8Choice, dict]]:
     """The 8-bit kernel's autotune winners and every config's time, per key (as
     :func:`.launch.tuned_configs` for the bf16 kernel)."""
     return {key: (cfg, dict(TUNING_TIMES_Q8.get(key, {}))) for key, cfg in _TUNED_Q8.items()}
 
 
-def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale, precision):
-    """Time :data:`CONFIGS_Q8` once per (shape, table shape, precision) on CUDA, on all-blocks
-    tables (``launch.tuning_tables``: the choice does not depend on the first call), keep the
-    best."""
-    key = (tuple(q.shape), tuple(masks.shape), bucket_bounds.numel(), str(q.device), precision)
+def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale, precision,
+                   pvs: tuple[str, ...] = PV_EXACT) -> Q8Choice:
+    """Time every :data:`CONFIGS_Q8` config with every P.V form of ``pvs`` once per (shape,
+    table shape, precision, pvs) on CUDA, on all-blocks tables (``launch.tuning_tables``: the
+    choice does not depend on the first call), keep the best (a :class:`Q8Choice`)."""
+    bad = [pv for pv in pvs if pv not in PV_MODES]
+    if not pvs or bad:
+        raise ValueError(f"block-sparse 8-bit kernel: pvs must name P.V forms of "
+                         f"{tuple(PV_MODES)}, got {pvs!r}")
+    key = (tuple(q.shape), tuple(masks.shape), bucket_bounds.numel(), str(q.device), precision,
+           tuple(pvs))
     if q.device.type != "cuda":
-        return DEFAULT_CONFIG_Q8
+        return Q8Choice(DEFAULT_CONFIG_Q8, pvs[0])
     if key not in _TUNED_Q8:
         from triton.testing import do_bench
 
         masks, level_table = tuning_tables(masks, level_table)
         times = {}
-        for cfg in CONFIGS_Q8:
-            fn = lambda c=cfg: launch_quantized(quant, q.shape, masks, level_table,
-                                                bucket_bounds, timestep, out, scale, precision, c)
+        for choice in (Q8Choice(cfg, pv) for cfg in CONFIGS_Q8 for pv in pvs):
+            fn = lambda c=choice: launch_quantized(quant, q.shape, masks, level_table,
+                                                   bucket_bounds, timestep, out, scale,
+                                                   precision, c.config, pv=c.pv)
             try:
-                times[cfg] = do_bench(fn, warmup=5, rep=20, return_mode="median")
+                times[choice] = do_bench(fn, warmup=5, rep=20, return_mode="median")
             except Exception:  # a config that does not fit (shared memory, registers)
                 continue
         if not times:
