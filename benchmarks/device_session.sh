@@ -28,6 +28,7 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh compile14  # issue 14: 14B/720p step, eager vs ours (FA4 choice)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh fa4op      # issue 14: the op's time beyond FA4's kernel (FA4 installed)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh q8tune     # issue 15: P.V form raced by the autotuner
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh q8energy   # issue 15: the 8-bit kernel with the energy filter
 #
 # Several stages run in order in one call: `device_session.sh tests west40`.
 #
@@ -43,7 +44,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy}"; do
 case "$stage" in
 tests)
   # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
@@ -189,14 +190,18 @@ compile14)  # issue 14 bar 4 (>= 2.4x eager at density 0.25): 14B/720p, 40 layer
   step 560 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25 --repeats 3 \
     --out "$OUT/compile-14b.json"
   ;;
-fa4op)  # issue 14 bar 1: lists padding, host time, CUDA-graph replay (limit a guess)
+fa4op)  # issue 14 bar 1: lists padding, host time, CUDA-graph replay (31 s on an H100)
   step 150 python3 benchmarks/fa4_op_overhead.py --out "$OUT/fa4-op-overhead.json"
   ;;
-q8tune)  # issue 15: the autotuner races two-level and deferred P.V (limits guesses)
+q8tune)  # issue 15: the autotuner races two-level and deferred P.V (H100: 28 s, then 80 s)
   step 120 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_kernel_q8.py -k autotune
   step 150 python3 benchmarks/bench_attention.py --shapes 1.3b --masks balanced \
     --densities 0.05 0.25 1.0 --impls ours-triton ours-int8 ours-fp8 ours-int8-twolevel \
     ours-fp8-twolevel ours-int8-deferred ours-fp8-deferred --rounds 3 --out "$OUT/attention-q8tune.json"
+  ;;
+q8energy)  # issue 15: the energy filter in the 8-bit kernel (not yet run; limits guesses)
+  step 150 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_kernel_q8.py -k energy
+  step 120 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_precision.py
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

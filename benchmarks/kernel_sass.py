@@ -47,19 +47,20 @@ KEYS = ("HGMMA", "QGMMA", "IGMMA", "PRMT", "SHFL", "I2FP", "F2FP", "FMUL", "FFMA
         "MUFU", "LDGSTS", "LDG", "LDS", "STS", "BAR", "LDL", "STL")  # LDL/STL: register spills
 
 
-def bf16_kernel(stages: int, tma: bool = False):
+def bf16_kernel(stages: int, tma: bool = False, energy: int = 0):
     pointers, floats, div16, unit = sm90_launch_hints("bf16")
     const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, USE_TMA=tma, WARP_SPECIALIZE=False,
-                 ENERGY_RULE=0, WRITE_SKIPPED=False, HAS_KV_LENS=False, HAS_LAUNCH_ORDER=False,
-                 **unit)
+                 ENERGY_RULE=energy, WRITE_SKIPPED=False, HAS_KV_LENS=False,
+                 HAS_LAUNCH_ORDER=False, **unit)
     return compile_for_sm90(KB._bsa_forward_kernel, pointers, floats, div16, const, num_warps=8,
                             num_stages=stages)
 
 
-def q8_kernel(precision: str, stages: int, tma: bool = False, pv: str = "two-level"):
+def q8_kernel(precision: str, stages: int, tma: bool = False, pv: str = "two-level",
+              energy: int = 0):
     pointers, floats, div16, unit = sm90_launch_hints(precision)
     const = dict(L.launch_meta(S, 8, 2, 128), BLOCK_M=128, QK_INT8=precision == "int8",
-                 USE_TMA=tma, PV_MODE=PV_MODES[pv], **unit)
+                 USE_TMA=tma, PV_MODE=PV_MODES[pv], ENERGY_RULE=energy, **unit)
     return compile_for_sm90(KQ._bsa_q8_forward_kernel, pointers, floats, div16, const,
                             num_warps=8, num_stages=stages)
 
@@ -137,7 +138,13 @@ def main(argv=None) -> int:
                          lambda: q8_kernel("int8", 3, pv="deferred")),
                         ("fp8, 2 stages, deferred P.V", lambda: q8_kernel("fp8", 2, pv="deferred")),
                         ("fp8, 3 stages, deferred P.V",
-                         lambda: q8_kernel("fp8", 3, pv="deferred"))):
+                         lambda: q8_kernel("fp8", 3, pv="deferred")),
+                        # the energy filter (BLASST; the loop's extra compare and branch); with
+                        # it the 8-bit autotuner races two-level only: deferred spills
+                        ("bf16, TMA, 3 stages, BLASST", lambda: bf16_kernel(3, True, 2)),
+                        ("int8, 3 stages, BLASST", lambda: q8_kernel("int8", 3, energy=2)),
+                        ("int8, 3 stages, deferred P.V, BLASST",
+                         lambda: q8_kernel("int8", 3, pv="deferred", energy=2))):
         rows[name] = sass_facts(build())
         print(f"{name:26s} " + " ".join(f"{k}={v}" for k, v in rows[name].items()), flush=True)
     record = {"benchmark": "kernel_sass", "shape": "Wan 1.3B/480p, S=32760, D=128, 8 warps, "

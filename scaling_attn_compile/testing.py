@@ -205,7 +205,7 @@ def sm90_launch_hints(kernel: str) -> tuple[dict, set, set, dict]:
                 "KS": "*fp32", "VS": "*fp32"}
     unit = {"stride_qd": 1, "stride_kd": 1, "stride_vs": 1, "stride_od": 1, "stride_mw": 1}
     strides = {f"stride_{t}{d}" for t in "qkvo" for d in "bhsd"} - set(unit)
-    return pointers, {"qk_scale"}, set(pointers) | strides, unit
+    return pointers, {"qk_scale", "energy_thr"}, set(pointers) | strides, unit
 
 
 def sm90_ptx_facts(kernel) -> dict:

@@ -103,16 +103,44 @@ def test_regional_8bit_equals_the_whole_graph_and_runs_the_8bit_op(precision):
     assert (outs[700] - outs[300]).abs().max() > 1e-3  # the buckets differ
 
 
-def test_unknown_precision_and_unsupported_combinations_are_one_line_errors():
-    tables = two_level_tables()
+def test_unknown_precision_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"precision must be one of \('bf16', 'fp8', 'int8'\), "
                                          r"got 'fp16'"):
-        scaling_attn_backend(tables, precision="fp16")
+        scaling_attn_backend(two_level_tables(), precision="fp16")
+
+
+def test_8bit_takes_the_energy_filter_whole_graph_and_regional():
+    """``precision="int8"`` with an energy filter: every layer's 8-bit op carries the rule and
+    threshold (whole graph and regional), and the compiled model equals the same graph run
+    eagerly, whose op is the 8-bit reference with the filter."""
     from scaling_attn_compile.ops.energy import EnergyFilter
 
-    with pytest.raises(ValueError, match="has no energy filter yet"):
-        scaling_attn_backend(tables, precision="int8",
-                             energy_filter=EnergyFilter("blasst", threshold=-2.0))
+    energy = EnergyFilter("blasst", threshold=-2.0)
+    ops = graph_ops("int8", energy_filter=energy)
+    assert [n.target for n in ops] == [OP_Q8] * LAYERS
+    assert all(n.args[8:] == ("int8", 2, -2.0) for n in ops), [n.args[8:] for n in ops]
+    model, inputs = sharpen_self_attention(make_model()), make_inputs()
+    tables = two_level_tables()
+    out = run(model, inputs, scaling_attn_backend(tables, precision="int8", energy_filter=energy))
+    eager = run(model, inputs, scaling_attn_backend(tables, precision="int8",
+                                                    energy_filter=energy, compiler="eager"))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    be = scaling_attn_backend(tables, precision="int8", energy_filter=energy,
+                              compiler=keep_graph)
+    be.attach(model)
+    model.compile_repeated_blocks(backend=be, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        regional = model(**inputs, timestep=torch.tensor([700]), return_dict=False)[0]
+    torch.testing.assert_close(regional, out, rtol=1e-5, atol=1e-5)
+    (op,) = [n for n in graphs[0].graph.nodes if n.target in (OP, OP_Q8)]
+    assert op.target == OP_Q8 and op.args[8:] == ("int8", 2, -2.0)
 
 
 def test_plan_carries_precision_through_save_and_load(tmp_path):

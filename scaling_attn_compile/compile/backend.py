@@ -149,10 +149,6 @@ class ScalingAttnBackend:
         if precision is None:  # the plan may carry one (Plan.with_precision)
             precision = getattr(getattr(plan, "meta", None), "precision", None) or "bf16"
         self.precision = check_precision(precision, "scaling_attn_backend: precision")
-        if self.precision != "bf16" and energy_filter is not None:
-            raise ValueError(f"scaling_attn_backend: precision={self.precision!r} has no energy "
-                             "filter yet, got an energy_filter; pass energy_filter=None (or a "
-                             "plan without one) or precision='bf16'")
         if self.materialize_kwargs and not hasattr(plan, "materialize"):
             raise ValueError("scaling_attn_backend: materialize_kwargs needs a plan with "
                              f".materialize(grid, **kwargs), got {type(plan).__name__}")
@@ -379,8 +375,8 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
             error.
         precision: ``"bf16"`` (default: the op in the input dtype, lowered to the Triton
             template), or ``"int8"`` / ``"fp8"``: 8-bit attention (Q.K^T in that format, P.V in
-            FP8; ``contract/quant.py``), run as the eager 8-bit op (no template yet; no energy
-            filter or regional compilation with it). ``None`` uses the plan's
+            FP8; ``contract/quant.py``), run as the eager 8-bit op (no template yet), with the
+            energy filter where one is given. ``None`` uses the plan's
             (``Plan.with_precision``), else bf16.
         fa4: offer FlashAttention-4 block-sparse to Inductor's autotuner beside the Triton
             template (default ``True``; it is offered only where ``flash_attn.cute`` imports on

@@ -285,6 +285,7 @@ def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *,
                 f"got {tuple(ts.shape)} (a per-token timestep, as in Wan2.2 TI2V, is not "
                 "supported)")
         args = (qn, kn, vn, *bind.args[:3], bind.args[3], scale)
+        filtered = ()
         if energy is not None:
             per_layer = {energy(layer, s) for layer in range(attached.num_layers)}
             if len(per_layer) != 1:
@@ -293,12 +294,13 @@ def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *,
                     f"({sorted(per_layer)}), which one compiled block cannot hold; compile the "
                     "whole transformer, or use one threshold for every layer")
             (rule, threshold), = per_layer
-            if rule:
-                args = (*args, rule, threshold)
+            filtered = (rule, threshold) if rule else ()
         order = bind.args[4] if len(bind.args) > 4 else bind.kwargs.get("launch_order")
         kwargs = {"launch_order": order} if order is not None else {}
         if precision != "bf16":  # the eager 8-bit op: no template, so no launch order
-            args, kwargs = (*args, precision), {}
+            args, kwargs = (*args, precision, *filtered), {}
+        else:
+            args = (*args, *filtered)
         with g.inserting_before(n):
             new = g.call_function(op, args, kwargs)
         new.meta.update(n.meta)

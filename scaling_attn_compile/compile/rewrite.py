@@ -152,10 +152,6 @@ def rewrite_self_attention(
         raise PlanMismatchError(
             "scaling_attn_backend: a graph holds self-attention with and without a layer index "
             f"({ad.SELF_ATTENTION_PATH}); compile the whole transformer or its blocks, not a mix")
-    if precision != "bf16" and energy is not None:
-        raise ValueError(
-            f"scaling_attn_backend: precision={precision!r} runs without the energy filter, got "
-            "an energy_filter; drop it or use bf16")
     if block:
         rewrite_block_sites(gm, block, report, attached=attached, head_dim=head_dim,
                             energy=energy, op=OP if precision == "bf16" else OP_Q8,
@@ -391,12 +387,12 @@ def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list,
             b_node = _register_constant(gm, BUFFER_PREFIX + "bucket_bounds", bounds, fake_mode)
             args = (qn, kn, vn, m_node, l_node, b_node, ts, scale)
             rule, threshold = energy(layer, s) if energy is not None else (0, 0.0)
-            if rule:  # the 8-argument form stays the default: it is what the template lowers
-                args = (*args, rule, threshold)
+            # The 8-argument form stays the default: it is what the template lowers
+            filtered = (rule, threshold) if rule else ()
             if precision != "bf16":  # the 8-bit op: no lowering, Inductor calls it eagerly
-                new = g.call_function(OP_Q8, (*args, precision))
+                new = g.call_function(OP_Q8, (*args, precision, *filtered))
             else:
-                new = g.call_function(OP, args, launch_order_kwargs(
+                new = g.call_function(OP, (*args, *filtered), launch_order_kwargs(
                     gm, f"{BUFFER_PREFIX}launch_order_{layer}", masks, level_table,
                     _val(qn).shape[2], fake_mode))
         new.meta.update(n.meta)

@@ -65,7 +65,11 @@ from __future__ import annotations
 import torch
 
 from .masks import BLOCK
-from .reference import block_masks_for, sparse_attention_reference
+from .reference import (
+    block_masks_for,
+    energy_filtered_attention_reference,
+    sparse_attention_reference,
+)
 
 PRECISIONS = ("bf16", "fp8", "int8")
 FP8 = torch.float8_e4m3fn
@@ -157,7 +161,8 @@ def quantized_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   scale: float | None = None, *, precision: str = "fp8",
                                   smooth: bool = True, smooth_v: bool = False,
                                   k_block: int = K_BLOCK, quantize_pv: bool = True,
-                                  max_chunk_elements: int = 2**26) -> torch.Tensor:
+                                  max_chunk_elements: int = 2**26, energy_rule: int = 0,
+                                  energy_threshold: float = float("-inf")) -> torch.Tensor:
     """Block-sparse attention with 8-bit Q.K^T and P.V, written for clarity (see the module doc).
 
     Args:
@@ -166,16 +171,24 @@ def quantized_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         smooth: subtract K's per-channel token mean first (does not change the softmax).
         k_block: key rows per K scale (128 or 64; 128 is the kernel's).
         quantize_pv: ``False`` keeps P.V unquantized (isolates the Q.K^T error; measurements).
+        energy_rule, energy_threshold: the online energy filter
+            (:func:`.reference.energy_filtered_attention_reference`'s rule and natural-log
+            threshold), decided on the dequantized scores in its visit order; the blocks it
+            skips are then dropped from the mask. ``precision="bf16"`` takes it too.
 
     Returns:
         ``(B, H, S, D)`` in ``q.dtype``. The quantized products are exact in float64 here; the
         kernel's float32 accumulation adds one float32 rounding.
     """
-    if check_precision(precision) == "bf16":
-        return sparse_attention_reference(q, k, v, masks, level_table, bucket_bounds, timestep,
-                                          scale, max_chunk_elements=max_chunk_elements)
     B, H, S, D = q.shape
     scale = D**-0.5 if scale is None else scale
+    if check_precision(precision) == "bf16":
+        if energy_rule:
+            blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, B, S)
+            return energy_filtered_attention_reference(q, k, v, blocks, scale, energy_rule,
+                                                       energy_threshold).to(q.dtype)
+        return sparse_attention_reference(q, k, v, masks, level_table, bucket_bounds, timestep,
+                                          scale, max_chunk_elements=max_chunk_elements)
     v_mean = v.double().mean(-2, keepdim=True) if smooth_v else torch.zeros_like(v[..., :1, :],
                                                                                  dtype=torch.float64)
     q8, sq, k8, sk, v8, sv = quantize_qkv(q, k, (v.double() - v_mean).float(), precision,
@@ -183,6 +196,8 @@ def quantized_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     qd = dequantize_blocks(q8, sq, Q_BLOCK)
     kd = dequantize_blocks(k8, sk, k_block)
     blocks = block_masks_for(masks, level_table, bucket_bounds, timestep, B, S)  # (B,H,NB,NB)
+    if energy_rule:
+        blocks = blocks & ~energy_skips(qd, kd, blocks, scale, energy_rule, energy_threshold)
     if quantize_pv:
         vd = v8.double()
     else:
@@ -201,6 +216,33 @@ def quantized_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             p = (p.float() * P_SCALE).to(FP8).double() / P_SCALE
         out[:, :, start:stop] = torch.einsum("bhqk,bhkd->bhqd", p, vd) / l_
     return (out * sv.double()[..., None, :] + v_mean).to(q.dtype)
+
+
+def energy_skips(qd: torch.Tensor, kd: torch.Tensor, blocks: torch.Tensor, scale: float,
+                 rule: int, threshold: float) -> torch.Tensor:
+    """The blocks the online energy filter skips, decided on the dequantized (and, as the kernel
+    does, smoothed) ``qd`` / ``kd`` in float64: boolean ``(B, H, NB, NB)``. The decisions are
+    :func:`.reference.energy_filtered_attention_reference`'s (its visit order and rule); V does
+    not enter them."""
+    _, skipped = energy_filtered_attention_reference(
+        qd.double(), kd.double(), torch.zeros_like(qd, dtype=torch.float64), blocks, scale, rule,
+        threshold, return_skipped=True)
+    return skipped
+
+
+def quantized_energy_skips(q: torch.Tensor, k: torch.Tensor, blocks: torch.Tensor,
+                           precision: str, scale: float, rule: int, threshold: float, *,
+                           smooth: bool = True, k_block: int = K_BLOCK) -> torch.Tensor:
+    """:func:`energy_skips` on ``q`` / ``k`` quantized as :func:`quantized_attention_reference`
+    quantizes them: the blocks its ``energy_rule`` drops (tests build their float64 oracle on
+    the kept rest)."""
+    kind = check_precision(precision)
+    if kind == "bf16":
+        raise ValueError("quantized_energy_skips: precision must be 'int8' or 'fp8'")
+    q8, sq = quantize_blocks(q, Q_BLOCK, kind)
+    k8, sk = quantize_blocks(smooth_k(k) if smooth else k, k_block, kind)
+    return energy_skips(dequantize_blocks(q8, sq, Q_BLOCK), dequantize_blocks(k8, sk, k_block),
+                        blocks, scale, rule, threshold)
 
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:

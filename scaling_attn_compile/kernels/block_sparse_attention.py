@@ -121,6 +121,17 @@ def bsa_split_last(words, offs_w, kv_len, NUM_WORDS_P2: tl.constexpr):
 
 
 @triton.jit
+def bsa_take_block(words, offs_w, blk, NUM_WORDS_P2: tl.constexpr):
+    """Take KV block ``blk`` out of a row's walk, if the row keeps it: ``(words without its
+    bit, whether it was kept)``. ``blk`` may be -1 or past the row (the diagonal's neighbours
+    at the edges): not kept, words unchanged (its bit is never computed from a negative shift)."""
+    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
+    word_bit = tl.where(offs_w == blk // 32, one << (blk % 32).to(tl.uint32), 0)
+    kept = (blk >= 0) & (tl.sum((words & word_bit) != 0, axis=0) > 0)
+    return tl.where(kept, words & ~word_bit, words), kept
+
+
+@triton.jit
 def bsa_next_block(words, offs_w, NUM_WORDS_P2: tl.constexpr):
     """Find-first-set over a row's words: returns (KV block index of the lowest set bit, words
     with that bit cleared)."""
@@ -243,7 +254,6 @@ def bsa_forward_tile(
                              off_b, off_h, num_levels, NUM_BOUNDS, BOUNDS_P2)
     qblock = (pid_m * BLOCK_M) // 128
     offs_w = tl.arange(0, NUM_WORDS_P2)
-    one = tl.full([NUM_WORDS_P2], 1, tl.uint32)
     words = bsa_row_words(MASKS, stride_mh, stride_ml, stride_mu, stride_mw, off_h, level,
                           qblock, SEQ_LEN, NUM_WORDS, NUM_WORDS_P2)
     kv_len = SEQ_LEN  # keys at index >= kv_len are masked
@@ -272,10 +282,8 @@ def bsa_forward_tile(
         # Diagonal, then its left and right neighbours (where kept), before everything else.
         for j in tl.static_range(3):
             blk = qblock + (j + 1) // 2 * (1 - 2 * (j % 2))  # j = 0, 1, 2: u, u - 1, u + 1
-            word_bit = tl.where(offs_w == blk // 32, one << (blk % 32).to(tl.uint32), 0)
-            kept = (blk >= 0) & (tl.sum((words & word_bit) != 0, axis=0) > 0)
+            words, kept = bsa_take_block(words, offs_w, blk, NUM_WORDS_P2)
             if kept:
-                words = words & ~word_bit
                 acc, l_i, m_i, n_skipped = bsa_attend_block(
                     acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, blk * BLOCK_N, offs_n0,
                     offs_d, kv_len, stride_ks, stride_kd, stride_vs, stride_vd, qk_scale,

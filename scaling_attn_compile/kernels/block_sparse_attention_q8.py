@@ -28,7 +28,10 @@ transposed (``(B, H, D, S)`` memory, rows padded to 16 bytes for TMA), because H
 INT8 wgmma need both operands K-major, and the reduction dim of P.V is the key index.
 ``USE_TMA`` reads K and V^T through device-side tensor descriptors.
 
-Not here yet: the energy filter, warp specialisation, the Inductor template.
+The energy filter (``ENERGY_RULE``) is the bf16 kernel's rule on the dequantized scores, in
+the same visit order (diagonal, its neighbours, the rest); the spec is
+:func:`scaling_attn_compile.contract.quant.quantized_attention_reference` with
+``energy_rule``. Not here yet: warp specialisation, the Inductor template.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .block_sparse_attention import (
     bsa_row_words,
     bsa_select_level,
     bsa_split_last,
+    bsa_take_block,
 )
 
 # P.V accumulation (the kernel's PV_MODE; launch_q8.PV_MODES names them)
@@ -55,7 +59,8 @@ PV_DEFERRED = tl.constexpr(2)   # each block's from zero, added in fp32 on the n
 def bsa_q8_attend_block(acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, v_base, k_desc,
                         v_desc, KS, start_n, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
                         stride_vs, stride_vd, PARTIAL: tl.constexpr, QK_INT8: tl.constexpr,
-                        USE_TMA: tl.constexpr, PV_MODE: tl.constexpr):
+                        USE_TMA: tl.constexpr, PV_MODE: tl.constexpr,
+                        ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0, row_ok=None):
     """One online-softmax step over the 128 keys at ``start_n``, 8-bit operands. ``qk_mult`` is
     ``sq * scale * log2(e)`` for this tile; ``KS`` points at this (batch, head)'s K scales.
     ``pv_prev`` / ``alpha_prev``: the previous block's P.V and rescale, not yet in ``acc``
@@ -63,7 +68,12 @@ def bsa_q8_attend_block(acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, 
 
     The scale of the scores and the 448 of P are folded into the one FFMA before the exp2:
     ``p * 448 = exp2(qk * s - (m - log2(448)))``; the row sum ``l_i`` then carries the 448 too,
-    and the epilogue's ``acc / l_i`` cancels it."""
+    and the epilogue's ``acc / l_i`` cancels it.
+
+    ``ENERGY_RULE`` (0 off, 1 cumulative energy, 2 BLASST; threshold ``energy_thr`` in log2
+    units) skips the block's exp and P.V when every row of ``row_ok`` agrees, as the bf16
+    kernel's :func:`.block_sparse_attention.bsa_attend_block` does; the log-sum-exp takes the
+    448 out of ``l_i``."""
     offs_n = start_n + offs_n0
     if USE_TMA:  # zero-fills keys past SEQ_LEN; V is (D, S) memory: its tile is (D, 128)
         k = k_desc.load([start_n, 0]).T
@@ -83,7 +93,33 @@ def bsa_q8_attend_block(acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, 
     s = qk_mult * tl.load(KS + start_n // 128)  # > 0: scores in log2 units are qk * s
     if PARTIAL:
         qk = tl.where((offs_n < SEQ_LEN)[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * s)
+    m_blk = tl.max(qk, axis=1) * s
+    if ENERGY_RULE == 0:
+        acc, pv_prev, alpha_prev, l_i, m_i = bsa_q8_softmax_update(
+            acc, pv_prev, alpha_prev, l_i, m_i, qk, s, v, m_blk, PV_MODE)
+    else:
+        if ENERGY_RULE == 1:  # vs the running log-sum-exp; l_i carries 448 (l_i = 0: +inf)
+            gap = m_blk - (m_i + tl.math.log2(l_i) - 8.807354922057604)
+        else:
+            gap = m_blk - m_i  # vs the running max
+        gap = tl.where(row_ok, gap, float("-inf"))  # padding rows past SEQ_LEN have no vote
+        if tl.max(gap, axis=0) < energy_thr:  # every row agrees: skip the exp and P.V
+            if PV_MODE == PV_DEFERRED:  # nothing pending for the next trip's add
+                pv_prev = tl.zeros(pv_prev.shape, tl.float32)
+                alpha_prev = tl.full(alpha_prev.shape, 1.0, tl.float32)
+        else:
+            acc, pv_prev, alpha_prev, l_i, m_i = bsa_q8_softmax_update(
+                acc, pv_prev, alpha_prev, l_i, m_i, qk, s, v, m_blk, PV_MODE)
+    return acc, pv_prev, alpha_prev, l_i, m_i
+
+
+@triton.jit
+def bsa_q8_softmax_update(acc, pv_prev, alpha_prev, l_i, m_i, qk, s, v, m_blk,
+                          PV_MODE: tl.constexpr):
+    """Online softmax with 8-bit P: fold one block's scores ``qk`` (scaled by ``s`` into log2
+    units; ``m_blk`` their row max) and FP8 values ``v`` into the state, P.V as ``PV_MODE``
+    says."""
+    m_new = tl.maximum(m_i, m_blk)
     p = tl.math.exp2(qk * s - (m_new - 8.807354922057604)[:, None])  # log2(448): p * 448
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)  # the row sum (x 448) from the unrounded p
@@ -123,12 +159,13 @@ def _bsa_q8_forward_kernel(
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
-    PV_MODE: tl.constexpr = 1,
+    PV_MODE: tl.constexpr = 1, ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0,
 ):
     """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
     ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e).
     ``PV_MODE``: the P.V accumulation (:data:`PV_TWO_LEVEL`, :data:`PV_DEFERRED`,
-    :data:`PV_RUNNING`)."""
+    :data:`PV_RUNNING`). ``ENERGY_RULE`` / ``energy_thr`` (log2 units): the energy filter, which
+    visits the diagonal block and its two neighbours first, as the bf16 kernel does."""
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
     pid_m = tl.program_id(0)
@@ -164,6 +201,17 @@ def _bsa_q8_forward_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     pv_prev = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # PV_DEFERRED's pending P.V
     alpha_prev = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_ok = offs_m < SEQ_LEN
+    if ENERGY_RULE != 0:  # the diagonal, then its left and right neighbours (where kept)
+        for j in tl.static_range(3):
+            blk = qblock + (j + 1) // 2 * (1 - 2 * (j % 2))  # j = 0, 1, 2: u, u - 1, u + 1
+            words, kept = bsa_take_block(words, offs_w, blk, NUM_WORDS_P2)
+            if kept:
+                acc, pv_prev, alpha_prev, l_i, m_i = bsa_q8_attend_block(
+                    acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, v_base, k_desc,
+                    v_desc, ks, blk * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd,
+                    stride_vs, stride_vd, not EVEN_S, QK_INT8, USE_TMA, PV_MODE, ENERGY_RULE,
+                    energy_thr, row_ok)
     if not EVEN_S:  # the partial last block after the walk, with the key mask
         words, last, has_last = bsa_split_last(words, offs_w, SEQ_LEN, NUM_WORDS_P2)
     n_kept = tl.sum(bsa_popcount(words), axis=0)
@@ -172,13 +220,13 @@ def _bsa_q8_forward_kernel(
         acc, pv_prev, alpha_prev, l_i, m_i = bsa_q8_attend_block(
             acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc, ks,
             kv_block * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
-            stride_vd, False, QK_INT8, USE_TMA, PV_MODE)
+            stride_vd, False, QK_INT8, USE_TMA, PV_MODE, ENERGY_RULE, energy_thr, row_ok)
     if not EVEN_S:
         if has_last:
             acc, pv_prev, alpha_prev, l_i, m_i = bsa_q8_attend_block(
                 acc, pv_prev, alpha_prev, l_i, m_i, q, qk_mult, k_base, v_base, k_desc, v_desc,
                 ks, last * BLOCK_N, offs_n0, offs_d, SEQ_LEN, stride_ks, stride_kd, stride_vs,
-                stride_vd, True, QK_INT8, USE_TMA, PV_MODE)
+                stride_vd, True, QK_INT8, USE_TMA, PV_MODE, ENERGY_RULE, energy_thr, row_ok)
     if PV_MODE == PV_DEFERRED:  # the last block's P.V
         acc = acc * alpha_prev[:, None] + pv_prev
     v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)

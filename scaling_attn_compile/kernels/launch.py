@@ -74,6 +74,16 @@ def launch_meta(seq_len: int, num_words: int, num_bounds: int, head_dim: int) ->
                 EVEN_S=seq_len % MASK_BLOCK == 0)
 
 
+def check_energy(energy_rule: int, block_m: int, where: str) -> None:
+    """The energy filter's rule id is one the kernels know, and the config's query tile is the
+    128-row mask block it decides for (both kernels: bf16 and 8-bit)."""
+    if energy_rule not in ENERGY_RULES.values():
+        raise ValueError(f"{where}: energy_rule must be one of {ENERGY_RULES}, got {energy_rule}")
+    if energy_rule and block_m != MASK_BLOCK:
+        raise ValueError(f"{where}: the energy filter decides per 128-row query tile; config "
+                         f"block_m must be 128, got {block_m}")
+
+
 def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
                                    scale: float, config: tuple | None = None, *,
                                    energy_rule: int = 0, energy_threshold: float = float("-inf"),
@@ -97,12 +107,7 @@ def block_sparse_attention_forward(q, k, v, masks, level_table, bucket_bounds, t
     meta = launch_meta(S, masks.shape[-1], bucket_bounds.numel(), D)
     cfg = KernelConfig(*(config or pick_config(q, k, v, masks, level_table, bucket_bounds, ts,
                                                out, scale, energy_rule, kv_lens, launch_order)))
-    if energy_rule not in ENERGY_RULES.values():
-        raise ValueError(f"block-sparse kernel: energy_rule must be one of {ENERGY_RULES}, "
-                         f"got {energy_rule}")
-    if energy_rule and cfg.block_m != MASK_BLOCK:
-        raise ValueError("block-sparse kernel: the energy filter decides per 128-row query tile; "
-                         f"config block_m must be 128, got {cfg.block_m}")
+    check_energy(energy_rule, cfg.block_m, "block-sparse kernel")
     if cfg.use_tma:
         if k.stride(-1) != 1 or v.stride(-1) != 1:
             raise ValueError("block-sparse kernel: a TMA config reads K/V rows as contiguous; "

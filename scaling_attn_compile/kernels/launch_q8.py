@@ -12,7 +12,14 @@ import triton
 from ..contract.quant import K_BLOCK, Q_BLOCK, check_precision, quantize_qkv
 from .block_sparse_attention import LOG2E, MASK_BLOCK
 from .block_sparse_attention_q8 import PV_DEFERRED, PV_RUNNING, PV_TWO_LEVEL, _bsa_q8_forward_kernel
-from .launch import KernelConfig, _ensure_tma_allocator, check_launch, launch_meta, tuning_tables
+from .launch import (
+    KernelConfig,
+    _ensure_tma_allocator,
+    check_energy,
+    check_launch,
+    launch_meta,
+    tuning_tables,
+)
 from .quantize_q8 import empty_vt8, quantize_qkv_fused
 
 # Candidates: the bf16 kernel's plain configs. The autotuner picks per shape; which won is in
@@ -34,6 +41,11 @@ PV_MODES = {"two-level": PV_TWO_LEVEL.value, "deferred": PV_DEFERRED.value,
 # 10.72 / 9.93 ms (INT8 / FP8) where two-level took 11.94 / 11.19; at 64/4/3 8.92 / 9.28 where
 # two-level took 9.32 / 8.94. "running" is never raced: it fails the accuracy bound.
 PV_EXACT = ("two-level", "deferred")
+# With the energy filter only two-level is raced: deferred's pending P.V (64 more fp32 registers
+# a thread at 128 rows and 8 warps) on top of the filter's branch spills in sm_90 code (INT8, 3
+# stages: 118 LDL / 194 STL, 855 loop instructions against two-level's 645 and no spill;
+# Triton 3.6, benchmarks/kernel_sass.py).
+PV_EXACT_ENERGY = ("two-level",)
 
 
 class Q8Choice(NamedTuple):
@@ -69,12 +81,16 @@ def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: s
 def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds, timestep, out,
                                       scale: float, precision: str = "int8",
                                       config: tuple | None = None, *, smooth: bool = True,
-                                      pv: str | None = None):
+                                      pv: str | None = None, energy_rule: int = 0,
+                                      energy_threshold: float = float("-inf")):
     """8-bit attention into ``out`` (q's shape and dtype). ``precision``: ``"int8"`` or
     ``"fp8"`` (the Q.K^T format; P.V is FP8 either way). ``config`` pins a
     :class:`.launch.KernelConfig` (with ``pv``, default ``"two-level"``); ``None`` autotunes the
-    config and the exact P.V form (:data:`PV_EXACT`) on CUDA, or takes the pinned ``pv`` with
-    each config (the interpreter takes the defaults).
+    config and the exact P.V form (:data:`PV_EXACT`; :data:`PV_EXACT_ENERGY` with the energy
+    filter) on CUDA, or takes the pinned ``pv`` with
+    each config (the interpreter takes the defaults). ``energy_rule`` / ``energy_threshold``
+    (natural-log units): the energy filter, as :func:`.launch.block_sparse_attention_forward`
+    takes it (128-row configs only).
     """
     if check_precision(precision, "block-sparse 8-bit kernel: precision") == "bf16":
         raise ValueError("block-sparse 8-bit kernel: precision must be 'int8' or 'fp8', got "
@@ -83,16 +99,21 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
     if pv is not None and pv not in PV_MODES:
         raise ValueError(f"block-sparse 8-bit kernel: pv must be one of {tuple(PV_MODES)}, "
                          f"got {pv!r}")
+    check_energy(energy_rule, MASK_BLOCK, "block-sparse 8-bit kernel")
     quant = quantize_for_kernel(q, k, v, precision, smooth=smooth)
     if config is None:
+        races = PV_EXACT_ENERGY if energy_rule else PV_EXACT
         config, pv = pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out,
-                                    scale, precision, pvs=PV_EXACT if pv is None else (pv,))
+                                    scale, precision, pvs=races if pv is None else (pv,),
+                                    energy_rule=energy_rule, energy_threshold=energy_threshold)
     return launch_quantized(quant, q.shape, masks, level_table, bucket_bounds, timestep, out,
-                            scale, precision, KernelConfig(*config), pv=pv or "two-level")
+                            scale, precision, KernelConfig(*config), pv=pv or "two-level",
+                            energy_rule=energy_rule, energy_threshold=energy_threshold)
 
 
 def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, out, scale,
-                     precision, cfg: KernelConfig, *, pv: str = "two-level"):
+                     precision, cfg: KernelConfig, *, pv: str = "two-level", energy_rule: int = 0,
+                     energy_threshold: float = float("-inf")):
     """Launch on the pre-pass's output ``quant`` (:func:`quantize_for_kernel`) with ``cfg``:
     the kernel alone, as benchmarks time it. ``pv``, the P.V accumulation (:data:`PV_MODES`):
     ``"two-level"`` (each block's added in fp32 at once), ``"deferred"`` (the same sums, each
@@ -103,6 +124,7 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
     if pv not in PV_MODES:
         raise ValueError(f"block-sparse 8-bit kernel: pv must be one of {tuple(PV_MODES)}, "
                          f"got {pv!r}")
+    check_energy(energy_rule, cfg.block_m, "block-sparse 8-bit kernel")
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
     ts = timestep.reshape(-1)
@@ -120,7 +142,8 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
         *level_table.stride(), 0 if ts.numel() == 1 else ts.stride(0),
         H, S, scale * LOG2E, masks.shape[1], qs.shape[1], ks.shape[1],
         BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_MODE=PV_MODES[pv], **meta,
+        QK_INT8=precision == "int8", USE_TMA=cfg.use_tma, PV_MODE=PV_MODES[pv],
+        ENERGY_RULE=energy_rule, energy_thr=energy_threshold * LOG2E, **meta,
     )
     return out
 
@@ -136,16 +159,19 @@ def tuned_configs_q8() -> dict[tuple, tuple[Q8Choice, dict]]:
 
 
 def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, scale, precision,
-                   pvs: tuple[str, ...] = PV_EXACT) -> Q8Choice:
+                   pvs: tuple[str, ...] = PV_EXACT, *, energy_rule: int = 0,
+                   energy_threshold: float = float("-inf")) -> Q8Choice:
     """Time every :data:`CONFIGS_Q8` config with every P.V form of ``pvs`` once per (shape,
-    table shape, precision, pvs) on CUDA, on all-blocks tables (``launch.tuning_tables``: the
-    choice does not depend on the first call), keep the best (a :class:`Q8Choice`)."""
+    table shape, precision, pvs, energy rule) on CUDA, on all-blocks tables
+    (``launch.tuning_tables``: the choice does not depend on the first call), keep the best (a
+    :class:`Q8Choice`). With the energy filter, only the 128-row configs (it decides per
+    128-row tile)."""
     bad = [pv for pv in pvs if pv not in PV_MODES]
     if not pvs or bad:
         raise ValueError(f"block-sparse 8-bit kernel: pvs must name P.V forms of "
                          f"{tuple(PV_MODES)}, got {pvs!r}")
     key = (tuple(q.shape), tuple(masks.shape), bucket_bounds.numel(), str(q.device), precision,
-           tuple(pvs))
+           tuple(pvs), energy_rule)
     if q.device.type != "cuda":
         return Q8Choice(DEFAULT_CONFIG_Q8, pvs[0])
     if key not in _TUNED_Q8:
@@ -153,10 +179,13 @@ def pick_config_q8(quant, q, masks, level_table, bucket_bounds, timestep, out, s
 
         masks, level_table = tuning_tables(masks, level_table)
         times = {}
-        for choice in (Q8Choice(cfg, pv) for cfg in CONFIGS_Q8 for pv in pvs):
+        configs = [c for c in CONFIGS_Q8 if not energy_rule or c.block_m == MASK_BLOCK]
+        for choice in (Q8Choice(cfg, pv) for cfg in configs for pv in pvs):
             fn = lambda c=choice: launch_quantized(quant, q.shape, masks, level_table,
                                                    bucket_bounds, timestep, out, scale,
-                                                   precision, c.config, pv=c.pv)
+                                                   precision, c.config, pv=c.pv,
+                                                   energy_rule=energy_rule,
+                                                   energy_threshold=energy_threshold)
             try:
                 times[choice] = do_bench(fn, warmup=5, rep=20, return_mode="median")
             except Exception:  # a config that does not fit (shared memory, registers)

@@ -116,31 +116,42 @@ def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, energy_rule=0
 @torch.library.custom_op("scaling_attn::sparse_attention_q8", mutates_args=())
 def sparse_attention_q8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor,
                         level_table: torch.Tensor, bucket_bounds: torch.Tensor,
-                        timestep: torch.Tensor, scale: float, precision: str) -> torch.Tensor:
+                        timestep: torch.Tensor, scale: float, precision: str,
+                        energy_rule: int = 0, energy_threshold: float = 0.0) -> torch.Tensor:
     """8-bit block-sparse attention (``precision`` ``"int8"`` or ``"fp8"``: the Q.K^T format;
-    P.V in FP8), spec :func:`scaling_attn_compile.contract.quant.quantized_attention_reference`.
-    CUDA launches the 8-bit kernel, the CPU runs the reference. No Inductor lowering: compiled
-    graphs call this eager op (an extern kernel), quantize pre-pass included."""
-    _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision)
+    P.V in FP8), spec :func:`scaling_attn_compile.contract.quant.quantized_attention_reference`,
+    with the energy filter as :func:`sparse_attention` takes it. CUDA launches the 8-bit kernel,
+    the CPU runs the reference. No Inductor lowering: compiled graphs call this eager op (an
+    extern kernel), quantize pre-pass included."""
+    _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision, energy_rule,
+              energy_threshold)
     out = torch.empty_like(q)
     if q.is_cuda:
         validate_kernel_inputs(q)
         from ..kernels.launch_q8 import block_sparse_attention_q8_forward
 
         return block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds,
-                                                 timestep, out, scale, precision)
+                                                 timestep, out, scale, precision,
+                                                 energy_rule=energy_rule,
+                                                 energy_threshold=energy_threshold)
     return out.copy_(quantized_attention_reference(q, k, v, masks, level_table, bucket_bounds,
-                                                   timestep, scale, precision=precision))
+                                                   timestep, scale, precision=precision,
+                                                   energy_rule=energy_rule,
+                                                   energy_threshold=energy_threshold))
 
 
 @sparse_attention_q8.register_fake
-def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, precision):
-    _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision)
+def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, precision, energy_rule=0,
+      energy_threshold=0.0):
+    _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision, energy_rule,
+              energy_threshold)
     return torch.empty_like(q)
 
 
-def _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision):
+def _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision, energy_rule,
+              energy_threshold):
     validate_inputs(q, k, v, masks, level_table, bucket_bounds, timestep)
+    validate_energy(energy_rule, energy_threshold)
     if check_precision(precision, "sparse_attention_q8: precision") == "bf16":
         raise ValueError("sparse_attention_q8: precision must be 'int8' or 'fp8', got 'bf16'; "
                          "bf16 is torch.ops.scaling_attn.sparse_attention")

@@ -44,7 +44,8 @@ def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: i
     (int64 ``(S,)``): the tables' token order (``token_order.permutation``) for raster q/k/v:
     they are permuted into it and the output back, as the backend's order pass does.
     ``precision``: ``"int8"`` / ``"fp8"`` run the 8-bit op (``scaling_attn::sparse_attention_q8``,
-    no energy filter), as the backend's ``precision=`` does."""
+    without the energy filter here: its skips are not counted), as the backend's ``precision=``
+    does."""
     if perm is not None:
         perm = perm.to(q.device)
         inv = torch.empty_like(perm)
@@ -61,7 +62,9 @@ def attend_counted(q, k, v, masks, level_table, bucket_bounds, timestep, rule: i
     visited = blocks.sum(dim=(1, 2, 3)).double()
     if precision not in (None, "bf16"):
         if rule:
-            raise ValueError(f"attend_counted: precision={precision!r} has no energy filter")
+            raise ValueError(f"attend_counted: precision={precision!r} with the energy filter "
+                             "cannot count skipped blocks (the 8-bit kernel does not report "
+                             "them); count with bf16")
         out = torch.ops.scaling_attn.sparse_attention_q8(q, k, v, masks, level_table,
                                                          bucket_bounds, ts, scale, precision)
         return out, visited.cpu(), float(blocks[0].numel())
