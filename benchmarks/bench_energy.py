@@ -5,6 +5,7 @@ threshold, alone (dense mask) and on top of a static mask at density 0.25?
 
     python benchmarks/bench_energy.py                       # 1.3B / 480p shape, on the GPU
     python benchmarks/bench_energy.py --shapes 1.3b 14b     # and 14B / 720p
+    python benchmarks/bench_energy.py --precision int8      # the 8-bit kernel (issue 15)
 
 Two kinds of input, because what the filter can skip depends entirely on how peaked attention is:
 ``random`` (i.i.d. Gaussian q, k, v: attention close to uniform, nothing is negligible) and
@@ -16,7 +17,9 @@ model's activations: read the numbers as what the kernel does for a given attent
 Writes ``benchmarks/results/energy-<gpu>.json`` (or ``--out``): one record per (shape, input,
 static density, rule, threshold) with median ms (``triton.testing.do_bench``), skipped / visited
 blocks, speedup over the unfiltered kernel on the same mask, and relative L2 error against dense
-SDPA and against the unfiltered kernel on the same mask.
+SDPA and against the unfiltered kernel on the same mask. With ``--precision int8`` / ``fp8`` the
+8-bit kernel runs on inputs quantized once (config 128/8/2, two-level P.V: what its autotuner
+races with the filter); it reports no skipped-block count (``skipped_fraction`` is null).
 """
 
 from __future__ import annotations
@@ -68,8 +71,11 @@ def local_qkv(H: int, grid: tuple[int, int, int], D: int, logit_range: float, se
     return to(torch.stack(qs, 1)), to(torch.stack(ks, 1)), to(v)
 
 
-def run(shape: str, inputs: str, densities, logit_range: float, records: list) -> None:
+def run(shape: str, inputs: str, densities, logit_range: float, records: list,
+        precision: str = "bf16") -> None:
     from triton.testing import do_bench
+
+    from scaling_attn_compile.kernels import launch_q8
 
     label, H, grid, D = SHAPES[shape]
     S = math.prod(grid)
@@ -81,6 +87,10 @@ def run(shape: str, inputs: str, densities, logit_range: float, records: list) -
     ts = torch.tensor([500.0], device="cuda")
     dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
     cfg = kernel.KernelConfig(128, 8, 3)  # the filter needs BLOCK_M 128; pinned for comparability
+    quant = None
+    if precision != "bf16":
+        cfg = kernel.KernelConfig(128, 8, 2)
+        quant = launch_q8.quantize_for_kernel(q, k, v, precision)
     skipped = torch.zeros(H, num_blocks(S), dtype=torch.int32, device="cuda")  # per program
     for density in densities:
         tables = uniform_tables(1, H, grid, density, pattern="local").to("cuda")
@@ -89,6 +99,10 @@ def run(shape: str, inputs: str, densities, logit_range: float, records: list) -
 
         def launch(rule=0, thr=float("-inf"), out=None, skip=None):  # used in this iteration only
             out = torch.empty_like(q) if out is None else out
+            if quant is not None:  # the 8-bit kernel: no skipped counts
+                return launch_q8.launch_quantized(
+                    quant, q.shape, masks, lt, bb, ts, out, scale, precision, cfg,  # noqa: B023
+                    energy_rule=rule, energy_threshold=thr)
             return kernel.block_sparse_attention_forward(
                 q, k, v, masks, lt, bb, ts, out, scale, cfg, energy_rule=rule,  # noqa: B023
                 energy_threshold=thr, skipped=skip)
@@ -104,14 +118,18 @@ def run(shape: str, inputs: str, densities, logit_range: float, records: list) -
             out = launch(code, thr, skip=skipped)
             ms = base_ms if rule == "off" else do_bench(
                 lambda: launch(code, thr, out=out), warmup=25, rep=100, return_mode="median")  # noqa: B023
+            counted = quant is None
             rec = dict(shape=label, S=S, H=H, D=D, inputs=inputs, logit_range=logit_range,
+                       precision=precision,
                        static_density=visited / (H * masks.shape[2] ** 2), rule=rule, knob=knob,
-                       threshold=thr, ms=ms, skipped_fraction=skipped.sum().item() / visited,
+                       threshold=thr, ms=ms,
+                       skipped_fraction=skipped.sum().item() / visited if counted else None,
                        speedup_vs_unfiltered=base_ms / ms, rel_l2_vs_dense=rel_l2(out, dense),
                        rel_l2_vs_unfiltered=rel_l2(out, base))
             records.append(rec)
-            print(f"{shape} {inputs:6s} density {rec['static_density']:.3f} {rule:10s} "
-                  f"knob {knob!s:7s} {ms:7.3f} ms  skipped {rec['skipped_fraction']:6.1%}  "
+            frac = "   n/a" if not counted else f"{rec['skipped_fraction']:6.1%}"
+            print(f"{shape} {precision} {inputs:6s} density {rec['static_density']:.3f} "
+                  f"{rule:10s} knob {knob!s:7s} {ms:7.3f} ms  skipped {frac}  "
                   f"x{rec['speedup_vs_unfiltered']:.2f}  relL2 vs dense {rec['rel_l2_vs_dense']:.2e} "
                   f"vs unfiltered {rec['rel_l2_vs_unfiltered']:.2e}", flush=True)
 
@@ -123,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.25])
     ap.add_argument("--logit-range", type=float, default=12.0,
                     help="local inputs: nats between the nearest and the far keys (default 12)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "int8", "fp8"],
+                    help="the bf16 kernel (default) or the 8-bit one")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -133,7 +153,7 @@ def main(argv=None) -> int:
     records: list = []
     for shape in args.shapes:
         for inputs in args.inputs:
-            run(shape, inputs, args.densities, args.logit_range, records)
+            run(shape, inputs, args.densities, args.logit_range, records, args.precision)
     out = args.out or RESULTS / f"energy-{torch.cuda.get_device_name().lower().replace(' ', '-')}.json"
     out.write_text(json.dumps({**environment(), "records": records},
                               indent=1))

@@ -202,6 +202,8 @@ q8tune)  # issue 15: the autotuner races two-level and deferred P.V (H100: 28 s,
 q8energy)  # issue 15: the energy filter in the 8-bit kernel (not yet run; limits guesses)
   step 150 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_kernel_q8.py -k energy
   step 120 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_precision.py
+  step 150 python3 benchmarks/bench_energy.py --precision int8 --inputs local \
+    --out "$OUT/energy-int8.json"
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
