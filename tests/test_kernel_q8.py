@@ -289,12 +289,13 @@ ENERGY_CASES = [(1, -3.0, 1.5), (2, -2.0, 1.0)]
 @needs_kernel
 @pytest.mark.parametrize("pv", ["two-level", "deferred"])
 @pytest.mark.parametrize("rule,threshold,sharp", ENERGY_CASES)
-def test_q8_energy_filter_matches_its_reference_here(rule, threshold, sharp, pv):
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_q8_energy_filter_matches_its_reference_here(precision, rule, threshold, sharp, pv):
     """The 8-bit kernel with the energy filter (cumulative energy, BLASST) against the 8-bit
     reference with the same filter, whose decisions are the bf16 filter's rule on the
     dequantized scores in the bf16 kernel's visit order. Six full blocks and a partial one;
     deferred P.V must leave nothing pending when it skips."""
-    S, precision = 830, "int8"
+    S = 830
     q, k, v, masks, lt, bb, ts = energy_case(S, DEVICE, torch.float32, sharp)
     golden, ref, unfiltered = energy_oracle(q, k, v, masks, lt, bb, ts, precision, rule,
                                             threshold)
