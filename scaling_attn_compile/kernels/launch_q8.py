@@ -55,6 +55,13 @@ class Q8Choice(NamedTuple):
     pv: str = "two-level"
 
 
+def check_pv(pv: str) -> None:
+    """``pv`` names a P.V accumulation of :data:`PV_MODES`."""
+    if pv not in PV_MODES:
+        raise ValueError(f"block-sparse 8-bit kernel: pv must be one of {tuple(PV_MODES)}, "
+                         f"got {pv!r}")
+
+
 def quantize_for_kernel(q, k, v, precision: str, *, smooth: bool = True, impl: str = "triton"):
     """The pre-pass: ``(q8, qs, k8, ks, v8, vs)`` as the kernel reads them. Scales float32,
     contiguous ``(B * H, nblocks)`` / ``(B * H, D)``; ``v8`` is a ``(B, H, S, D)`` view of
@@ -96,9 +103,8 @@ def block_sparse_attention_q8_forward(q, k, v, masks, level_table, bucket_bounds
         raise ValueError("block-sparse 8-bit kernel: precision must be 'int8' or 'fp8', got "
                          "'bf16'; the bf16 kernel is launch.block_sparse_attention_forward")
     check_launch(q, k, v, masks, level_table, bucket_bounds, timestep, out)
-    if pv is not None and pv not in PV_MODES:
-        raise ValueError(f"block-sparse 8-bit kernel: pv must be one of {tuple(PV_MODES)}, "
-                         f"got {pv!r}")
+    if pv is not None:  # before the pre-pass, as the energy rule's id
+        check_pv(pv)
     check_energy(energy_rule, MASK_BLOCK, "block-sparse 8-bit kernel")
     quant = quantize_for_kernel(q, k, v, precision, smooth=smooth)
     if config is None:
@@ -121,9 +127,7 @@ def launch_quantized(quant, shape, masks, level_table, bucket_bounds, timestep, 
     :data:`PV_EXACT`) or
     ``"running"`` (into the running accumulator: fails the accuracy bound on an H200, the
     kernel module's comment)."""
-    if pv not in PV_MODES:
-        raise ValueError(f"block-sparse 8-bit kernel: pv must be one of {tuple(PV_MODES)}, "
-                         f"got {pv!r}")
+    check_pv(pv)
     check_energy(energy_rule, cfg.block_m, "block-sparse 8-bit kernel")
     q8, qs, k8, ks, v8, vs = quant
     B, H, S, D = shape
