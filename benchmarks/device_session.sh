@@ -20,6 +20,7 @@
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh q8         # the 8-bit kernel against bf16, 1.3B
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh q8step14   # issue 15: 14B step, FP8 attention (+ FP8 linears)
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh overlap    # issue 14: softmax/MMA overlap study (hopper_overlap.py)
+#   GIT_SHA=<sha> bash benchmarks/device_session.sh overlap2   # issue 14: the TMA-store WS list kernel's tiles
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh families   # issue 19: a step per family, eager vs ours
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-q   # issue 13: energy methods' PSNR, tile order
 #   GIT_SHA=<sha> bash benchmarks/device_session.sh pareto-t   # issue 13: graph times of the untimed methods
@@ -44,7 +45,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | overlap2 | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy}"; do
 case "$stage" in
 tests)
   # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
@@ -119,6 +120,13 @@ overlap)  # issue 14: Triton 3.6's overlap mechanisms on our masks. The warp-spe
   for impl in "all-ws w4s2" "list-ws-regidx w4s2" "list-ws-tmastore w4s2" "list-ws w4s2"; do
     step 100 python3 benchmarks/hopper_overlap.py --impls ours-tma "$impl" \
       --out "$OUT/overlap-${impl// /-}.json"
+  done
+  ;;
+overlap2)  # issue 14: the correct warp-specialised form (TMA store) with other tiles and stages
+  for impl in "list-ws-tmastore w4s2" "list-ws-tmastore-n64 w4s3" "list-ws-tmastore-n64 w4s4" \
+      "list-ws-tmastore w4s1" "list-tmastore w4s2" "list-ws-tmastore w8s2"; do
+    step 60 python3 benchmarks/hopper_overlap.py --impls ours-tma "$impl" \
+      --out "$OUT/overlap2-${impl// /-}.json"
   done
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16

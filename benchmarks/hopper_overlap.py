@@ -55,16 +55,17 @@ def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
                     BLOCK_M: tl.constexpr, D: tl.constexpr, WS: tl.constexpr,
                     PIPE: tl.constexpr, ALL_BLOCKS: tl.constexpr = False,
                     TMA_STORE: tl.constexpr = False, IDX_REGS: tl.constexpr = False,
-                    MAXK_P2: tl.constexpr = 16):
+                    MAXK_P2: tl.constexpr = 16, BLOCK_N: tl.constexpr = 128):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     base = bh.to(tl.int64) * S * D
     q_desc = tl.make_tensor_descriptor(Q + base, shape=[S, D], strides=[D, 1],
                                        block_shape=[BLOCK_M, D])
     k_desc = tl.make_tensor_descriptor(K + base, shape=[S, D], strides=[D, 1],
-                                       block_shape=[128, D])
+                                       block_shape=[BLOCK_N, D])
     v_desc = tl.make_tensor_descriptor(V + base, shape=[S, D], strides=[D, 1],
-                                       block_shape=[128, D])
+                                       block_shape=[BLOCK_N, D])
+    SUB: tl.constexpr = 128 // BLOCK_N  # loop trips per 128-key mask block
     q = q_desc.load([pid * BLOCK_M, 0])
     row = bh * NB + (pid * BLOCK_M) // 128
     n = tl.load(CNT + row)
@@ -97,8 +98,8 @@ def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
             qk = tl.dot(q, k_desc.load([start, 0]).T)
             acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
     else:
-        for j in tl.range(0, n, warp_specialize=WS):
-            start = tl.load(idx + j) * 128
+        for j in tl.range(0, n * SUB, warp_specialize=WS):
+            start = tl.load(idx + j // SUB) * 128 + (j % SUB) * BLOCK_N
             qk = tl.dot(q, k_desc.load([start, 0]).T)
             acc, l_i, m_i = _step(acc, l_i, m_i, qk, v_desc.load([start, 0]), qk_scale)
     if TMA_STORE:
@@ -112,7 +113,7 @@ def _list_attention(Q, K, V, O, CNT, IDX, S, NB, MAXK, qk_scale,
                  (acc / l_i[:, None]).to(O.dtype.element_ty))
 
 
-# (name, num_warps, num_stages, WS, PIPE, ALL_BLOCKS, TMA_STORE, IDX_REGS); ALL_BLOCKS runs only
+# (name, num_warps, num_stages, WS, PIPE, ALL_BLOCKS, TMA_STORE, IDX_REGS[, BLOCK_N]); ALL_BLOCKS runs only
 # on all-blocks masks. Compiled for sm_90 with triton 3.6 (ptxas -v): the plain list loop 188
 # registers; warp-specialised 168, 176 KiB of shared memory at 2 stages (3 need 256 KiB, past the
 # 227 KiB limit); 4 warps without it spill (1 KiB) and serialize the wgmmas; the pipelined order
@@ -126,12 +127,20 @@ LIST_VARIANTS = [("list w8s3", 8, 3, False, False, False, False, False),
                  ("list-ws-regidx w4s2", 4, 2, True, False, False, False, True),
                  ("all-ws w4s2", 4, 2, True, False, True, False, False),
                  ("all w8s3", 8, 3, False, False, True, False, False),
-                 ("list-pipe w8s2", 8, 2, False, True, False, False, False)]
+                 ("list-pipe w8s2", 8, 2, False, True, False, False, False),
+                 # first H100 run (2026-12-06): list-ws-tmastore w4s2 was the one correct
+                 # warp-specialised variant, 1.09x ours-tma dense, 1.14x at Bernoulli 0.1; the
+                 # tl.store forms left half the output unwritten. Keys of 64: 3-4 stages fit.
+                 ("list-ws-tmastore-n64 w4s3", 4, 3, True, False, False, True, False, 64),
+                 ("list-ws-tmastore-n64 w4s4", 4, 4, True, False, False, True, False, 64),
+                 ("list-ws-tmastore w4s1", 4, 1, True, False, False, True, False),
+                 ("list-tmastore w4s2", 4, 2, False, False, False, True, False),
+                 ("list-ws-tmastore w8s2", 8, 2, True, False, False, True, False)]
 OURS = [("ours-tma", KernelConfig(128, 8, 3, use_tma=True))]
 
 
 def run_list(variant, q, k, v, lists, out, scale):
-    name, warps, stages, ws, pipe, all_blocks, tma_store, idx_regs = variant
+    name, warps, stages, ws, pipe, all_blocks, tma_store, idx_regs, *block_n = variant
     cnt, idx = lists
     B, H, S, D = q.shape
     _list_attention[(S // 128, B * H)](q, k, v, out, cnt, idx, S, S // 128, idx.shape[-1],
@@ -139,6 +148,7 @@ def run_list(variant, q, k, v, lists, out, scale):
                                        PIPE=pipe, ALL_BLOCKS=all_blocks, TMA_STORE=tma_store,
                                        IDX_REGS=idx_regs,
                                        MAXK_P2=max(16, triton.next_power_of_2(idx.shape[-1])),
+                                       BLOCK_N=block_n[0] if block_n else 128,
                                        num_warps=warps, num_stages=stages)
     return out
 
