@@ -45,7 +45,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | overlap2 | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | overlap2 | overlapfa4 | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy}"; do
 case "$stage" in
 tests)
   # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
@@ -128,6 +128,10 @@ overlap2)  # issue 14: the correct warp-specialised form (TMA store) with other 
     step 60 python3 benchmarks/hopper_overlap.py --impls ours-tma "$impl" \
       --out "$OUT/overlap2-${impl// /-}.json"
   done
+  ;;
+overlapfa4)  # issue 14: the best warp-specialised list kernel beside FA4 (FA4 installed)
+  step 120 python3 benchmarks/hopper_overlap.py --impls ours-tma fa4 "list-ws-tmastore w4s2" \
+    --out "$OUT/overlap-fa4.json"
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
   # (ours-triton gives the rows' rel-L2 against bf16; *-runacc: P.V into the running accumulator;

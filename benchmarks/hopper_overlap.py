@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from scaling_attn_compile.kernels.block_sparse_attention import bsa_softmax_update
-from scaling_attn_compile.kernels.fa4 import fa4_block_sparse_tensors
+from scaling_attn_compile.kernels.fa4 import fa4_available, fa4_block_sparse_tensors, fa4_forward
 from scaling_attn_compile.kernels.launch import (
     KernelConfig,
     _ensure_tma_allocator,
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
         block = block_mask(family, H, grid, density)
         tables = mask_tables(block, grid).to("cuda")
         masks, lt, bb = tables.layer(0)
-        full_cnt, full_idx, _, _ = fa4_block_sparse_tensors(masks, lt, bb, ts, B, S, impl="torch")
-        lists = (full_cnt.contiguous(), full_idx.contiguous())
+        fa4_lists = fa4_block_sparse_tensors(masks, lt, bb, ts, B, S, impl="torch")
+        lists = (fa4_lists[0].contiguous(), fa4_lists[1].contiguous())
         kept = block.float().mean().item()
         flops = 4 * B * H * S * S * D * kept
         ref = torch.empty_like(q)
@@ -187,6 +187,8 @@ def main(argv=None) -> int:
         cases = [(n, lambda o, c=c, t=tabs: block_sparse_attention_forward(q, k, v, *t, ts, o,
                                                                           scale, c))
                  for n, c in OURS]
+        if fa4_available():  # FlashAttention-4 block-sparse on the same lists, side by side
+            cases.append(("fa4", lambda o, li=fa4_lists: fa4_forward(q, k, v, scale, li)))
         cases += [(var[0], lambda o, var=var, li=lists: run_list(var, q, k, v, li, o, scale))
                   for var in LIST_VARIANTS if density == 1.0 or not var[5]]
         for name, fn in cases:
@@ -194,10 +196,10 @@ def main(argv=None) -> int:
                 continue
             out = torch.full_like(q, float("nan"))
             try:
-                fn(out)
+                res = fn(out)  # `out`, or FA4's own output tensor
                 torch.cuda.synchronize()
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                nans = int(out.isnan().sum().item())  # elements left unwritten or NaN
+                err = ((res.float() - ref.float()).norm() / ref.float().norm()).item()
+                nans = int(res.isnan().sum().item())  # elements left unwritten or NaN
                 ms = do_bench(lambda f=fn, o=out: f(o), warmup=25, rep=100, return_mode="median")
             except Exception as e:  # a variant that does not compile on this GPU: say so, go on
                 print(f"{family} {density} {name}: FAILED {type(e).__name__}: {str(e)[:200]}",
