@@ -16,6 +16,16 @@ FA3) overlap them, with warp specialisation and two consumer warpgroups. Triton 
   bit-walk kernel. Its loads then fit 2 stages, not 3 (256 KiB), and ptxas put the exponentials
   before the wgmma rather than under it; 23% slower dense, 9% at 0.25. Removed from the kernel.
 
+Measured on one H100 (2026-12-06, torch 2.11, Triton 3.6, FA4 4.0.0b36; records
+``results/overlap*-nvidia-h100-80gb-hbm3.json``). Of the warp-specialised forms only the one
+that stores through a TMA descriptor (``list-ws-tmastore w4s2``) is correct: the ``tl.store``
+forms leave exactly half of the output unwritten, the 64-key forms write wrong rows (NaNs). It is
+1.00-1.14x ``ours-tma`` (median about 1.05x; run to run the same row moves 5%), and beside FA4 in
+one process 0.82-0.84x FA4 at densities 0.05-0.1 and 0.87-0.93x at 0.25. 8 warps with
+``warp_specialize`` lose (0.80-0.94x ours), 4 warps without it spill (0.41-0.44x), the pipelined
+order loses (0.83-0.90x). FA4's lead is what Triton 3.6 cannot express on sm_90: two consumer
+warpgroups in ping-pong with register reallocation.
+
 The list kernels below are study kernels, not the op: K/V through TMA, one program per
 (128-query tile, batch x head), the row's blocks from ``full_cnt`` / ``full_idx`` (the lists
 ``kernels/fa4.fa4_block_sparse_tensors`` builds). ``S`` is a multiple of 128 (32,768 = the
