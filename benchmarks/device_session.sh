@@ -45,7 +45,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | overlap2 | overlapfa4 | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | overlap2 | overlapfa4 | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy | q8tmpl | q8step14t}"; do
 case "$stage" in
 tests)
   # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
@@ -132,6 +132,17 @@ overlap2)  # issue 14: the correct warp-specialised form (TMA store) with other 
 overlapfa4)  # issue 14: the best warp-specialised list kernel beside FA4 (FA4 installed)
   step 120 python3 benchmarks/hopper_overlap.py --impls ours-tma fa4 "list-ws-tmastore w4s2" \
     --out "$OUT/overlap-fa4.json"
+  ;;
+q8tmpl)  # issue 15: the 8-bit Inductor template (pre-pass + template), GPU tests; the eager
+  # kernel's after its tile refactor
+  step 200 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_lowering_q8.py \
+    tests/test_precision.py
+  step 150 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_kernel_q8.py \
+    -k "every_config or deferred or autotuned or wan_head"
+  ;;
+q8step14t)  # issue 15 bar 3 with the 8-bit template: eager vs FP8 attention + FP8 linears
+  step 420 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25-fp8-fp8lin \
+    --regional --repeats 3 --out "$OUT/compile-q8tmpl-14b.json"
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
   # (ours-triton gives the rows' rel-L2 against bf16; *-runacc: P.V into the running accumulator;

@@ -162,7 +162,7 @@ def test_plan_carries_precision_through_save_and_load(tmp_path):
 
 @pytest.mark.gpu
 def test_int8_on_cuda_runs_the_8bit_kernel_inside_the_compiled_graph():
-    # bf16 model, head_dim 64: Inductor calls the eager 8-bit op, which launches the kernel.
+    # bf16 model, head_dim 64: Inductor lowers the 8-bit op to its pre-pass and the 8-bit template.
     model = sharpen_self_attention(make_model(head_dim=64)).to("cuda", torch.bfloat16)
     inputs = make_inputs(device="cuda", dtype=torch.bfloat16)
     tables = two_level_tables()

@@ -19,12 +19,15 @@ import types
 from torch._inductor.select_algorithm import TritonTemplateKernel
 
 from ..kernels import block_sparse_attention as _kernel
+from ..kernels import block_sparse_attention_q8 as _kernel_q8
 
 # The entry point of the kernel math; it and every jit function it calls (found by walking the
 # globals its code names) are pasted into the template, and so is the launch-order lookup the
 # stub calls before it (with its callees).
 _TILE_FN = _kernel.bsa_forward_tile
 _SLOT_FN = _kernel.bsa_launch_slot
+# The 8-bit kernel's tile (its template reads the quantize pre-pass's outputs).
+_TILE_FN_Q8 = _kernel_q8.bsa_q8_forward_tile
 
 
 def _is_jit(obj) -> bool:
@@ -92,15 +95,35 @@ def _jit_source(fn, allowed_globals: set[str]) -> str:
     return "@triton.jit\n" + src
 
 
-def _helpers_source() -> str:
-    fns = _jit_closure(_TILE_FN)
-    names = {getattr(f, "fn", f).__name__ for f in fns}
-    fns += [f for f in _jit_closure(_SLOT_FN) if getattr(f, "fn", f).__name__ not in names]
-    allowed = {getattr(f, "fn", f).__name__ for f in fns}
-    return "\n\n".join(_jit_source(f, allowed) for f in fns)
+def _constexpr_globals(fns) -> dict:
+    """Module-level ``tl.constexpr`` values the pasted functions read (the 8-bit kernel's
+    ``PV_DEFERRED``, ...): the template defines them before the functions, with the same value."""
+    out = {}
+    for fn in fns:
+        raw = getattr(fn, "fn", fn)
+        for name in _global_names(raw.__code__):
+            value = raw.__globals__.get(name)
+            if type(value).__name__ == "constexpr" and isinstance(
+                    getattr(value, "value", None), (int, float, bool)):
+                out[name] = value.value
+    return out
 
 
-def _tile_call() -> str:
+def _helpers_source(roots=(_TILE_FN, _SLOT_FN)) -> str:
+    fns: list = []
+    names: set[str] = set()
+    for root in roots:
+        for f in _jit_closure(root):
+            if getattr(f, "fn", f).__name__ not in names:
+                names.add(getattr(f, "fn", f).__name__)
+                fns.append(f)
+    consts = _constexpr_globals(fns)
+    header = "".join(f"{name} = tl.constexpr({value!r})\n" for name, value in sorted(consts.items()))
+    return (header + "\n\n" if header else "") + "\n\n".join(
+        _jit_source(f, names | set(consts)) for f in fns)
+
+
+def _tile_call(tile_fn=_TILE_FN) -> str:
     """``acc, offs_m, offs_d[, extra...] = bsa_forward_tile(<its parameter names>)``.
 
     The stub defines a local or a constexpr for every parameter name, so the call follows the
@@ -108,7 +131,7 @@ def _tile_call() -> str:
     first; anything after (e.g. a skipped-block count) is ignored here, and its count is read
     from the ``return`` statement so the unpacking matches.
     """
-    raw = getattr(_TILE_FN, "fn", _TILE_FN)
+    raw = getattr(tile_fn, "fn", tile_fn)
     names = list(inspect.signature(raw).parameters)
     tree = ast.parse(textwrap.dedent(inspect.getsource(raw)))
     returns = [n for n in ast.walk(tree) if isinstance(n, ast.Return) and n.value is not None]
@@ -185,3 +208,45 @@ def template_source(kv_lens: bool = False, launch_order: bool = False) -> str:
             .replace("BIND_LAUNCH_ORDER", _LAUNCH_ORDER if launch_order else "")
             .replace("STORE_OUTPUT", _store_output_call()).replace("TILE_CALL", _tile_call()))
     return stub + "\n\n{% raw %}\n" + _helpers_source() + "\n{% endraw %}\n"
+
+
+# The 8-bit stub: the same grid and store as the bf16 one; Q and K are the pre-pass's 8-bit
+# codes (B, H, S, D), V its FP8 V^T in (B, H, D, pitch) memory (K-major for the P.V wgmma,
+# rows padded to 16 bytes), QS / KS / VS its float32 scales ((B * H, blocks) and (B * H, D)).
+_STUB_Q8 = r'''
+DEF_KERNEL
+    stride_qb, stride_qh, stride_qs, stride_qd = {{stride("Q")}}
+    stride_kb, stride_kh, stride_ks, stride_kd = {{stride("K")}}
+    stride_vb, stride_vh, stride_vd, stride_vs = {{stride("V")}}
+    stride_mh, stride_ml, stride_mu, stride_mw = {{stride("MASKS")}}
+    stride_lt_t, stride_lt_h = {{stride("LEVEL_TABLE")}}
+    stride_ts = STRIDE_TS
+    qk_scale = QK_SCALE
+    SEQ_LEN = {{size("Q", 2)}}
+    NUM_HEADS = {{size("Q", 1)}}
+    num_levels = {{size("MASKS", 1)}}
+    NQB = {{size("QS", 1)}}
+    NKB = {{size("KS", 1)}}
+    pid_m = tl.program_id(0)
+    off_b = tl.program_id(1)
+    off_h = tl.program_id(2)
+    TILE_CALL
+    idx_b = off_b.to(INDEX_DTYPE)
+    idx_h = off_h.to(INDEX_DTYPE)
+    idx_m = offs_m[:, None].to(INDEX_DTYPE)
+    idx_d = offs_d[None, :].to(INDEX_DTYPE)
+    mask = (idx_m < SEQ_LEN) & (idx_d < HEAD_DIM)
+    STORE_OUTPUT
+'''
+
+INPUTS_Q8 = ("Q", "K", "V", "QS", "KS", "VS", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS")
+
+
+def template_source_q8() -> str:
+    """The 8-bit kernel's Jinja source: :data:`_STUB_Q8`, then :func:`bsa_q8_forward_tile`
+    and its callees (the bf16 kernel's walk helpers among them), as :func:`template_source`."""
+    inputs = ", ".join(f'"{name}"' for name in INPUTS_Q8)
+    stub = (_STUB_Q8.replace("DEF_KERNEL", f"{{{{def_kernel({inputs})}}}}")
+            .replace("STORE_OUTPUT", _store_output_call())
+            .replace("TILE_CALL", _tile_call(_TILE_FN_Q8)))
+    return stub + "\n\n{% raw %}\n" + _helpers_source((_TILE_FN_Q8,)) + "\n{% endraw %}\n"

@@ -31,7 +31,8 @@ INT8 wgmma need both operands K-major, and the reduction dim of P.V is the key i
 The energy filter (``ENERGY_RULE``) is the bf16 kernel's rule on the dequantized scores, in
 the same visit order (diagonal, its neighbours, the rest); the spec is
 :func:`scaling_attn_compile.contract.quant.quantized_attention_reference` with
-``energy_rule``. Not here yet: warp specialisation, the Inductor template.
+``energy_rule``. The Inductor template (``compile/template_source``) pastes
+:func:`bsa_q8_forward_tile` and its callees; the eager kernel below calls the same tile.
 """
 
 from __future__ import annotations
@@ -146,32 +147,32 @@ def bsa_q8_softmax_update(acc, pv_prev, alpha_prev, l_i, m_i, qk, s, v, m_blk,
 
 
 @triton.jit
-def _bsa_q8_forward_kernel(
-    Q, K, V, QS, KS, VS, MASKS, LEVEL_TABLE, BOUNDS, TS, OUT,
+def bsa_q8_forward_tile(
+    Q, K, V, QS, KS, VS, MASKS, LEVEL_TABLE, BOUNDS, TS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ob, stride_oh, stride_os, stride_od,
     stride_mh, stride_ml, stride_mu, stride_mw,
     stride_lt_t, stride_lt_h, stride_ts,
-    NUM_HEADS, SEQ_LEN, qk_scale, num_levels, NQB, NKB,
+    off_b, off_h, pid_m, NUM_HEADS, SEQ_LEN, qk_scale, num_levels, NQB, NKB,
     NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
     NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
     PV_MODE: tl.constexpr = 1, ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0,
 ):
-    """``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
+    """One (BLOCK_M, HEAD_DIM) output tile in float32, V-scaled and normalised, with its row
+    and column offsets: the body of :func:`_bsa_q8_forward_kernel` and of the Inductor
+    template (``compile/template_source``), which store it.
+
+    ``QS`` float32 ``(B * H, NQB)`` Q scales, ``KS`` ``(B * H, NKB)`` K scales, ``VS``
     ``(B * H, HEAD_DIM)`` V scales, all contiguous; ``qk_scale`` is the softmax scale x log2(e).
     ``PV_MODE``: the P.V accumulation (:data:`PV_TWO_LEVEL`, :data:`PV_DEFERRED`,
     :data:`PV_RUNNING`). ``ENERGY_RULE`` / ``energy_thr`` (log2 units): the energy filter, which
     visits the diagonal block and its two neighbours first, as the bf16 kernel does."""
     tl.static_assert(BLOCK_N == 128, "BLOCK_N must equal the 128-token mask block")
     tl.static_assert(128 % BLOCK_M == 0, "BLOCK_M must divide the 128-token mask block")
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // NUM_HEADS
-    off_h = off_bh % NUM_HEADS
+    off_bh = off_b * NUM_HEADS + off_h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -230,7 +231,42 @@ def _bsa_q8_forward_kernel(
     if PV_MODE == PV_DEFERRED:  # the last block's P.V
         acc = acc * alpha_prev[:, None] + pv_prev
     v_scale = tl.load(VS + off_bh * HEAD_DIM + offs_d)
-    out_tile = acc * v_scale[None, :] / l_i[:, None]  # l_i carries P's 448
+    return acc * v_scale[None, :] / l_i[:, None], offs_m, offs_d  # l_i carries P's 448
+
+
+@triton.jit
+def _bsa_q8_forward_kernel(
+    Q, K, V, QS, KS, VS, MASKS, LEVEL_TABLE, BOUNDS, TS, OUT,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_mh, stride_ml, stride_mu, stride_mw,
+    stride_lt_t, stride_lt_h, stride_ts,
+    NUM_HEADS, SEQ_LEN, qk_scale, num_levels, NQB, NKB,
+    NUM_WORDS: tl.constexpr, NUM_WORDS_P2: tl.constexpr,
+    NUM_BOUNDS: tl.constexpr, BOUNDS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    EVEN_S: tl.constexpr, QK_INT8: tl.constexpr, USE_TMA: tl.constexpr = False,
+    PV_MODE: tl.constexpr = 1, ENERGY_RULE: tl.constexpr = 0, energy_thr=0.0,
+):
+    """The eager launcher's kernel: one program per (query tile, batch x head), the tile from
+    :func:`bsa_q8_forward_tile`, stored in ``OUT``'s dtype."""
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // NUM_HEADS
+    off_h = off_bh % NUM_HEADS
+    out_tile, offs_m, offs_d = bsa_q8_forward_tile(
+        Q, K, V, QS, KS, VS, MASKS, LEVEL_TABLE, BOUNDS, TS,
+        stride_qb, stride_qh, stride_qs, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_mh, stride_ml, stride_mu, stride_mw,
+        stride_lt_t, stride_lt_h, stride_ts,
+        off_b, off_h, pid_m, NUM_HEADS, SEQ_LEN, qk_scale, num_levels, NQB, NKB,
+        NUM_WORDS, NUM_WORDS_P2, NUM_BOUNDS, BOUNDS_P2, BLOCK_M, BLOCK_N, HEAD_DIM, EVEN_S,
+        QK_INT8, USE_TMA, PV_MODE, ENERGY_RULE, energy_thr,
+    )
     out = OUT + off_b * stride_ob + off_h * stride_oh
     tl.store(out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              out_tile.to(OUT.dtype.element_ty), mask=offs_m[:, None] < SEQ_LEN)

@@ -86,8 +86,12 @@ def _quantize_qkv_kernel(Q, K, V, KMEAN, VSCALE, Q8, K8, VT8, QS, KS,
 
 def empty_vt8(B: int, H: int, S: int, D: int, device) -> torch.Tensor:
     """The FP8 V^T buffer the kernel reads: ``(B, H, D, pitch)``, pitch = S rounded up to 16
-    bytes (TMA needs 16-byte row pitches; S = 32,760, Wan 1.3B, is not one)."""
-    return torch.empty(B, H, D, -(-S // 16) * 16, dtype=FP8, device=device)
+    bytes (TMA needs 16-byte row pitches; S = 32,760, Wan 1.3B, is not one). The padding
+    columns are zeros, never read by the kernel: defined values for ``ops.op.quantize_q8``,
+    which returns the whole buffer."""
+    vt8 = torch.empty(B, H, D, -(-S // 16) * 16, dtype=FP8, device=device)
+    vt8[..., S:].zero_()
+    return vt8
 
 
 def quantize_qkv_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, precision: str, *,

@@ -121,8 +121,8 @@ def sparse_attention_q8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks
     """8-bit block-sparse attention (``precision`` ``"int8"`` or ``"fp8"``: the Q.K^T format;
     P.V in FP8), spec :func:`scaling_attn_compile.contract.quant.quantized_attention_reference`,
     with the energy filter as :func:`sparse_attention` takes it. CUDA launches the 8-bit kernel,
-    the CPU runs the reference. No Inductor lowering: compiled graphs call this eager op (an
-    extern kernel), quantize pre-pass included."""
+    the CPU runs the reference. Compiled on CUDA, Inductor lowers it to :func:`quantize_q8` (an
+    extern call) and the 8-bit Triton template (``compile/lowering``)."""
     _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision, energy_rule,
               energy_threshold)
     out = torch.empty_like(q)
@@ -146,6 +146,48 @@ def _(q, k, v, masks, level_table, bucket_bounds, timestep, scale, precision, en
     _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision, energy_rule,
               energy_threshold)
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("scaling_attn::quantize_q8", mutates_args=())
+def quantize_q8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor, torch.Tensor]:
+    """The 8-bit kernel's quantize pre-pass as a compiled graph runs it before the 8-bit
+    template: ``(q8, qs, k8, ks, vt8, vs)``. ``q8`` / ``k8`` ``(B, H, S, D)`` codes (K smoothed
+    by its per-channel mean), ``qs`` / ``ks`` float32 ``(B * H, ceil(S / 128))`` block scales,
+    ``vt8`` FP8 V^T in ``(B, H, D, pitch)`` memory (pitch = S rounded up to 16 bytes, for TMA),
+    ``vs`` float32 ``(B * H, D)`` V scales. CUDA: one Triton launch
+    (``kernels/quantize_q8``); the CPU: the spec (``contract/quant.quantize_qkv``)."""
+    if check_precision(precision, "quantize_q8: precision") == "bf16":
+        raise ValueError("quantize_q8: precision must be 'int8' or 'fp8', got 'bf16'")
+    from ..kernels.launch_q8 import quantize_for_kernel
+
+    q8, qs, k8, ks, v8, vs = quantize_for_kernel(q, k, v, precision,
+                                                 impl="triton" if q.is_cuda else "torch")
+    # v8 is a (B, H, S, D) view of (B, H, D, pitch) memory (kernels/quantize_q8.empty_vt8):
+    # return that whole buffer, which is what the template reads
+    shape = _vt8_shape(q)
+    vt8 = v8.as_strided(shape, (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1),
+                        v8.storage_offset())
+    return q8, qs, k8, ks, vt8, vs
+
+
+def _vt8_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
+    B, H, S, D = q.shape
+    return (B, H, D, -(-S // 16) * 16)
+
+
+@quantize_q8.register_fake
+def _(q, k, v, precision):
+    if check_precision(precision, "quantize_q8: precision") == "bf16":
+        raise ValueError("quantize_q8: precision must be 'int8' or 'fp8', got 'bf16'")
+    B, H, S, D = q.shape
+    nb = -(-S // 128)
+    code = torch.int8 if precision == "int8" else torch.float8_e4m3fn
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (q.new_empty(q.shape, dtype=code), q.new_empty((B * H, nb), **f32),
+            q.new_empty(q.shape, dtype=code), q.new_empty((B * H, nb), **f32),
+            q.new_empty(_vt8_shape(q), dtype=torch.float8_e4m3fn), q.new_empty((B * H, D), **f32))
 
 
 def _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision, energy_rule,
