@@ -433,6 +433,9 @@ def _lower_sparse_attention_q8(q, k, v, masks, level_table, bucket_bounds, times
     if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q) \
             or (energy_rule and not math.isfinite(energy_threshold)):
         return fallback_handler(OP_Q8, add_to_fallback_set=False)(*eager_args)
+    # Realized first: a permuted view of a computed buffer (the (B, H, S, D) view of q after
+    # RoPE, as diffusers makes it) has no strides to read until it is (H100 run of 549ef1f).
+    q, k, v = (realize_inputs(x) for x in (q, k, v))
     quant = fallback_handler(QUANTIZE_Q8, add_to_fallback_set=False)(q, k, v, precision)
     q8, qs, k8, ks, vt8, vs = quant
     inputs = [realize_inputs(x) for x in (q8, k8, vt8, qs, ks, vs, masks, level_table,
