@@ -135,13 +135,13 @@ overlapfa4)  # issue 14: the best warp-specialised list kernel beside FA4 (FA4 i
   ;;
 q8tmpl)  # issue 15: the 8-bit Inductor template (pre-pass + template), GPU tests; the eager
   # kernel's after its tile refactor
-  step 200 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_lowering_q8.py \
+  step 170 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_lowering_q8.py \
     tests/test_precision.py
   step 150 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_kernel_q8.py \
     -k "every_config or deferred or autotuned or wan_head"
   ;;
 q8step14t)  # issue 15 bar 3 with the 8-bit template: eager vs FP8 attention + FP8 linears
-  step 420 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25-fp8-fp8lin \
+  step 390 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25-fp8-fp8lin \
     --regional --repeats 3 --out "$OUT/compile-q8tmpl-14b.json"
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
