@@ -108,8 +108,8 @@ DENSITY = {"ours-dense": 1.0, "ours-0.5": 0.5, "ours-0.25": 0.25}
 # "-nofa4": the same row compiled with SCALING_ATTN_FA4=0 (the template alone), for A/B against
 # the row without the suffix, whose lowering also offers FlashAttention-4 where it imports.
 NOFA4 = "-nofa4"
-# Issue 15: "-fp8" / "-int8" compile with precision= (8-bit attention, the eager 8-bit op: no
-# template yet); "-fp8lin" also quantizes every block Linear with torchao's float8
+# Issue 15: "-fp8" / "-int8" compile with precision= (8-bit attention: the pre-pass and the
+# 8-bit template since 2876aa4, the eager 8-bit op before); "-fp8lin" also quantizes every block Linear with torchao's float8
 # dynamic-activation / float8-weight config (rowwise scales), as the README's one-liner does. The
 # quantization is in place, so "-fp8lin" rows run after every other row of a model.
 PRECISIONS = ("-fp8", "-int8")

@@ -375,7 +375,8 @@ def scaling_attn_backend(plan, **options) -> ScalingAttnBackend:
             error.
         precision: ``"bf16"`` (default: the op in the input dtype, lowered to the Triton
             template), or ``"int8"`` / ``"fp8"``: 8-bit attention (Q.K^T in that format, P.V in
-            FP8; ``contract/quant.py``), run as the eager 8-bit op (no template yet), with the
+            FP8; ``contract/quant.py``), lowered to its quantize pre-pass and the 8-bit
+            template (``compile/lowering``), with the
             energy filter where one is given. ``None`` uses the plan's
             (``Plan.with_precision``), else bf16.
         fa4: offer FlashAttention-4 block-sparse to Inductor's autotuner beside the Triton

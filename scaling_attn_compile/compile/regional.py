@@ -297,7 +297,7 @@ def rewrite_block_sites(gm: torch.fx.GraphModule, sites: list[tuple], report, *,
             filtered = (rule, threshold) if rule else ()
         order = bind.args[4] if len(bind.args) > 4 else bind.kwargs.get("launch_order")
         kwargs = {"launch_order": order} if order is not None else {}
-        if precision != "bf16":  # the eager 8-bit op: no template, so no launch order
+        if precision != "bf16":  # the 8-bit op takes no launch order
             args, kwargs = (*args, precision, *filtered), {}
         else:
             args = (*args, *filtered)

@@ -136,7 +136,8 @@ def rewrite_self_attention(
         attached: the :class:`~.regional.RegionalTables` of the transformer being run, for a
             graph of one block (regional compilation); its sites bind the block's buffers.
         precision: ``"bf16"`` (the op Inductor lowers to the template) or ``"int8"``/``"fp8"``:
-            ``torch.ops.scaling_attn.sparse_attention_q8``, an extern call of the eager op.
+            ``torch.ops.scaling_attn.sparse_attention_q8`` (lowered to its pre-pass and the 8-bit
+            template on CUDA).
 
     Returns:
         A :class:`RewriteReport`.
