@@ -45,7 +45,7 @@ log_device
 # Records of this GPU already committed, for the benchmarks that merge runs split over calls.
 GPU_SLUG=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
 
-for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | overlap2 | overlapfa4 | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy | q8tmpl | q8step14t}"; do
+for stage in "${@:?stage: tests | kernel | attention | attention14 | shapes | train | compile | cold | west40 | demo | newtests | lpt | lpt14 | q8 | q8step14 | overlap | overlap2 | overlapfa4 | families | pareto-q | pareto-t | claims | fa4eager | compile14 | fa4op | q8tune | q8energy | q8tmpl | q8step14t | q8step13}"; do
 case "$stage" in
 tests)
   # 170 s cut this step after 30 of 54 tests on an H100 run beside a quality job (2026-12-05)
@@ -143,6 +143,12 @@ q8tmpl)  # issue 15: the 8-bit Inductor template (pre-pass + template), GPU test
 q8step14t)  # issue 15 bar 3 with the 8-bit template: eager vs FP8 attention + FP8 linears
   step 390 python3 benchmarks/bench_compile.py --models 14b --rows eager ours-0.25-fp8-fp8lin \
     --regional --repeats 3 --out "$OUT/compile-q8tmpl-14b.json"
+  ;;
+q8step13)  # issue 15's bench_compile rows at 1.3B/480p: bf16, FP8 attention (the 8-bit template),
+  # FP8 attention + FP8 linears, dense and 0.25, regional (no FA4 on the machine: template rows)
+  step 400 python3 benchmarks/bench_compile.py --models 1.3b --rows eager ours-dense ours-0.25 \
+    ours-dense-fp8 ours-0.25-fp8 ours-dense-fp8-fp8lin ours-0.25-fp8-fp8lin --regional \
+    --repeats 3 --out "$OUT/compile-q8tmpl-1.3b.json"
   ;;
 q8)  # issue 15: the 8-bit kernel (pre-quantized inputs, and the op with its pre-pass) vs bf16
   # (ours-triton gives the rows' rel-L2 against bf16; *-runacc: P.V into the running accumulator;
