@@ -11,18 +11,18 @@ graph holds the template, and its output equals the eager op's.
 import importlib.util
 import os
 import sys
-from unittest import mock
 
 import pytest
 import torch
 import triton
 
-from scaling_attn_compile.compile import lowering
+from scaling_attn_compile.compile import lowering, lowering_q8
 from scaling_attn_compile.contract.masks import dense_tables
 from scaling_attn_compile.kernels.launch_q8 import PV_EXACT, PV_EXACT_ENERGY, PV_MODES
 from scaling_attn_compile.testing import make_outlier_qkv
 
 sys.path.insert(0, os.path.dirname(__file__))
+from test_fa4_choice import capture_template_choices  # noqa: E402
 from test_kernel_q8 import fp8_cast_fix, random_tables  # noqa: E402, F401  (the fixture)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,21 +31,10 @@ OP_Q8 = torch.ops.scaling_attn.sparse_attention_q8
 
 def capture(fn, *args):
     """The 8-bit template's choices for ``fn(*args)``, rendered on the CPU, not benchmarked."""
-    import torch.utils._triton as triton_utils
-
-    captured = []
-
-    def select(name, choices, inputs, layout, **kwargs):
-        captured.extend(choices)
-        raise RuntimeError("choices captured")
-
-    with mock.patch.object(lowering, "_select", select), \
-            mock.patch.object(lowering, "TEMPLATE_DEVICE_TYPES", {"cuda", "cpu"}), \
-            mock.patch.object(triton_utils, "triton_hash_with_backend", lambda: "cpu-test"), \
-            torch._inductor.config.patch(cpu_backend="triton", fx_graph_cache=False), \
+    with capture_template_choices() as choices, \
             pytest.raises(Exception, match="choices captured"):
         torch.compile(fn, backend="inductor", fullgraph=True, dynamic=False)(*args)
-    return captured
+    return choices
 
 
 def case(S=300, H=2, D=64, seed=0, p=0.5):
@@ -64,7 +53,7 @@ def test_the_choices_are_every_config_with_every_exact_pv_form(energy_rule):
     args = case()
     choices = capture(lambda *a: OP_Q8(*a, 0.125, "int8", energy_rule, 0.5 * energy_rule), *args)
     pvs = PV_EXACT_ENERGY if energy_rule else PV_EXACT
-    expected = lowering.template_configs_q8(energy_rule)
+    expected = lowering_q8.template_configs_q8(energy_rule)
     assert len(choices) == len(expected) and {pv for _, pv in expected} == set(pvs)
     rendered = [source(c) for c in choices]
     for pv in pvs:
@@ -109,7 +98,7 @@ def test_rendered_template_equals_the_eager_kernel(precision, energy_rule):
     choices = capture(lambda *a: OP_Q8(*a, 0.125, precision, energy_rule, thr),
                       q, k, v, masks, lt, bb, ts)
     q8, qs, k8, ks, vt8, vs = torch.ops.scaling_attn.quantize_q8(q, k, v, precision)
-    configs = lowering.template_configs_q8(energy_rule)
+    configs = lowering_q8.template_configs_q8(energy_rule)
     for choice, (config, pv) in zip(choices, configs, strict=True):
         text = source(choice)
         assert f"BLOCK_M : tl.constexpr = {config['block_m']}" in text

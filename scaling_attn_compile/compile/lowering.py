@@ -7,7 +7,8 @@ reason against it, FlashAttention-4 block-sparse as an extern choice
 (``torch.ops.scaling_attn.sparse_attention_fa4``). ``SCALING_ATTN_FA4=0`` leaves FA4 out.
 :data:`PICKS` records what each lowered call was offered and what won.
 
-Importing this module registers the lowering; :mod:`scaling_attn_compile.compile.backend` imports it.
+Importing this module registers the lowering, and the 8-bit op's (:mod:`.lowering_q8`, imported at
+the end); :mod:`scaling_attn_compile.compile.backend` imports it.
 
 One source of kernel math: the template's source (:mod:`.template_source`) is a stub plus the
 *source text* of the kernel's jit functions, the same functions the eager launcher calls.
@@ -54,7 +55,6 @@ from ..kernels import block_sparse_attention as _kernel
 from ..kernels import block_sparse_attention_q8 as _kernel_q8
 from ..kernels import fa4 as _fa4
 from ..kernels import launch as _launch
-from ..kernels import launch_q8 as _launch_q8
 from ..kernels import quantize_q8 as _quantize_q8
 from ..ops import op as _op  # noqa: F401  (registers torch.ops.scaling_attn.sparse_attention)
 from ..ops.fa4_op import (  # noqa: F401  (FA4_ENV, fa4_choice, fa4_enabled: re-exported)
@@ -65,15 +65,12 @@ from ..ops.fa4_op import (  # noqa: F401  (FA4_ENV, fa4_choice, fa4_enabled: re-
     fa4_refusal_reason,
 )
 from . import template_source as _template_source
-from .template_source import _TILE_FN, _TILE_FN_Q8, template_source, template_source_q8
+from .template_source import _TILE_FN, template_source, template_source_q8
 
 log = logging.getLogger("scaling_attn_compile")
 
 OP = torch.ops.scaling_attn.sparse_attention.default
 TEMPLATE_NAME = "scaling_attn_bsa"
-OP_Q8 = torch.ops.scaling_attn.sparse_attention_q8.default
-QUANTIZE_Q8 = torch.ops.scaling_attn.quantize_q8.default
-TEMPLATE_NAME_Q8 = "scaling_attn_bsa_q8"
 
 # Devices the template is generated for. Anything else (the CPU) gets the eager op. Tests add
 # "cpu" (with Inductor's triton cpu backend) to render the template without a GPU.
@@ -106,8 +103,6 @@ _TEMPLATE_SOURCES = {(kv, lo): template_source(kv_lens=kv, launch_order=lo)
 _TEMPLATES = {key: _make_template(TEMPLATE_NAME + "_kv" * key[0] + "_lo" * key[1], src)
               for key, src in _TEMPLATE_SOURCES.items()}
 _TEMPLATE = _TEMPLATES[False, False]
-_TEMPLATE_SOURCE_Q8 = template_source_q8()
-_TEMPLATE_Q8 = _make_template(TEMPLATE_NAME_Q8, _TEMPLATE_SOURCE_Q8)
 
 
 def _select(name, choices, input_nodes, layout, **kwargs):
@@ -307,6 +302,23 @@ def _template_supported(q) -> bool:
     return q.get_dtype() in KERNEL_DTYPES and head_dim in HEAD_DIMS
 
 
+def _output_layout(q, device):
+    """``(size, layout)`` of the op's output: q's size, dtype and fill order, as the fake
+    (``empty_like(q)``) promises. ``q`` realized (a view of a computed buffer has no strides)."""
+    size = list(q.get_size())
+    stride = ir.FlexibleLayout.stride_ordered(size, ir.get_stride_order(q.get_stride()))
+    return size, ir.FixedLayout(device, q.get_dtype(), size, stride)
+
+
+def _timestep_stride(ts) -> int:
+    """The eager launcher reads timestep[b] with stride 0 when there is one timestep for the
+    whole batch; the same here (a (1,) timestep with B > 1 must not be read past its end)."""
+    ts_size = ts.get_size()
+    if len(ts_size) == 0 or V.graph.sizevars.statically_known_equals(ts_size[0], 1):
+        return 0
+    return _static(ts.get_stride()[0])
+
+
 @register_lowering(OP, type_promotion_kind=None)
 def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep, scale,
                             energy_rule=0, energy_threshold=0.0, kv_lens=None, launch_order=None):
@@ -330,20 +342,9 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
         inputs.append(ir.ExternKernel.require_contiguous(realize_inputs(launch_order)))
     template = _TEMPLATES[kv_lens is not None, launch_order is not None]
     q = inputs[0]
-    size = list(q.get_size())
+    size, layout = _output_layout(q, device)
     b, h, s, d = (_static(x) for x in size)
-    # Output: q's size and fill order, as the fake (empty_like(q)) promises.
-    stride = ir.FlexibleLayout.stride_ordered(size, ir.get_stride_order(q.get_stride()))
-    layout = ir.FixedLayout(device, q.get_dtype(), size, stride)
-
-    # The eager launcher reads timestep[b] with stride 0 when there is one timestep for the
-    # whole batch; the same here (a (1,) timestep with B > 1 must not be read past its end).
-    ts = inputs[6]
-    ts_size = ts.get_size()
-    if len(ts_size) == 0 or V.graph.sizevars.statically_known_equals(ts_size[0], 1):
-        stride_ts = 0
-    else:
-        stride_ts = _static(ts.get_stride()[0])
+    stride_ts = _timestep_stride(inputs[6])
     meta = _launch.launch_meta(s, _shape(inputs[3])[-1], _shape(inputs[5])[0], d)
     if energy_rule:  # the filter is the tile's constexpr rule and threshold (log2 units)
         meta.update(ENERGY_RULE=int(energy_rule), energy_thr=float(energy_threshold) * _kernel.LOG2E)
@@ -382,100 +383,6 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
     return node
 
 
-# -- the 8-bit kernel -----------------------------------------------------------------------------
-
-def _input_gen_fns_q8(seq_len: int, precision: str):
-    """Autotuning inputs for the 8-bit template: the pre-pass's outputs as codes in a realistic
-    range and unit scales, then the bf16 template's all-blocks tables (shifted by the six
-    quantized inputs)."""
-    def codes(node):
-        x = torch.randn(_shape(node)) * (32.0 if precision == "int8" else 64.0)
-        return _like(node, x.clamp(-127, 127).round() if precision == "int8" else x)
-
-    def vt(node):  # FP8 V^T, padding columns as the pre-pass leaves them: zeros
-        x = torch.randn(_shape(node)) * 64.0
-        x[..., seq_len:] = 0
-        return _like(node, x)
-
-    def scales(node):
-        return _like(node, torch.full(_shape(node), 1.0 / 64.0))
-
-    tables = _input_gen_fns(seq_len)
-    fns = {0: codes, 1: codes, 2: vt, 3: scales, 4: scales, 5: scales}
-    fns.update({i + 3: fn for i, fn in tables.items()})  # masks, level_table, bounds, timestep
-    return fns
-
-
-def template_configs_q8(energy_rule: int = 0) -> list[tuple[dict, str]]:
-    """The 8-bit template's choices: every plain config of ``launch_q8.CONFIGS_Q8`` with every
-    exact P.V form the eager autotuner races (``PV_EXACT``; with the energy filter
-    ``PV_EXACT_ENERGY`` and 128-row configs only). The TMA configs stay out, as in the eager
-    autotuner (slower on an H200: ``launch_q8.CONFIGS_Q8_TMA``)."""
-    pvs = _launch_q8.PV_EXACT_ENERGY if energy_rule else _launch_q8.PV_EXACT
-    out = []
-    for c in _launch_q8.CONFIGS_Q8:
-        if energy_rule and c.block_m != _kernel.MASK_BLOCK:
-            continue
-        out += [({"block_m": c.block_m, "num_warps": c.num_warps, "num_stages": c.num_stages},
-                 pv) for pv in pvs]
-    return out
-
-
-@register_lowering(OP_Q8, type_promotion_kind=None)
-def _lower_sparse_attention_q8(q, k, v, masks, level_table, bucket_bounds, timestep, scale,
-                               precision, energy_rule=0, energy_threshold=0.0):
-    """On CUDA: the pre-pass (``quantize_q8``, an extern call: one Triton launch) and the 8-bit
-    template over its outputs, its configs and exact P.V forms autotuned; elsewhere the eager
-    op."""
-    device = q.get_device()
-    eager_args = (q, k, v, masks, level_table, bucket_bounds, timestep, scale, precision,
-                  energy_rule, energy_threshold)
-    if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q) \
-            or (energy_rule and not math.isfinite(energy_threshold)):
-        return fallback_handler(OP_Q8, add_to_fallback_set=False)(*eager_args)
-    # Realized first: a permuted view of a computed buffer (the (B, H, S, D) view of q after
-    # RoPE, as diffusers makes it) has no strides to read until it is (H100 run of 549ef1f).
-    q, k, v = (realize_inputs(x) for x in (q, k, v))
-    quant = fallback_handler(QUANTIZE_Q8, add_to_fallback_set=False)(q, k, v, precision)
-    q8, qs, k8, ks, vt8, vs = quant
-    inputs = [realize_inputs(x) for x in (q8, k8, vt8, qs, ks, vs, masks, level_table,
-                                          bucket_bounds, timestep)]
-    size = list(q.get_size())
-    b, h, s, d = (_static(x) for x in size)
-    stride = ir.FlexibleLayout.stride_ordered(size, ir.get_stride_order(q.get_stride()))
-    layout = ir.FixedLayout(device, q.get_dtype(), size, stride)
-    ts = inputs[9]
-    ts_size = ts.get_size()
-    if len(ts_size) == 0 or V.graph.sizevars.statically_known_equals(ts_size[0], 1):
-        stride_ts = 0
-    else:
-        stride_ts = _static(ts.get_stride()[0])
-    meta = _launch.launch_meta(s, _shape(inputs[6])[-1], _shape(inputs[8])[0], d)
-    meta.update(QK_INT8=precision == "int8", USE_TMA=False)
-    if energy_rule:
-        meta.update(ENERGY_RULE=int(energy_rule), energy_thr=float(energy_threshold) * _kernel.LOG2E)
-    choices: list = []
-    for config, pv in template_configs_q8(energy_rule):
-        err = _TEMPLATE_Q8.maybe_append_choice(
-            choices, input_nodes=inputs, layout=layout, num_stages=config["num_stages"],
-            num_warps=config["num_warps"], call_sizes=size,
-            QK_SCALE=float(scale) * _kernel.LOG2E, STRIDE_TS=stride_ts,
-            **_tile_constexprs({**meta, "PV_MODE": _launch_q8.PV_MODES[pv]}, config, _TILE_FN_Q8))
-        if err is not None:
-            log.debug("sparse_attention_q8 template config %s %s skipped: %s", config, pv, err)
-    if not choices:
-        log.warning("sparse_attention_q8: no template choice for q %s %s; using the eager op",
-                    (b, h, s, d), q.get_dtype())
-        return fallback_handler(OP_Q8, add_to_fallback_set=False)(*eager_args)
-    node, picked = _select(_TEMPLATE_Q8.name, choices, inputs, layout,
-                           input_gen_fns=_input_gen_fns_q8(s, precision))
-    PICKS.append({"shape": (b, h, s, d), "choices": [c.name for c in choices], "fa4": "8-bit",
-                  "picked": picked, "precision": precision})
-    log.info("sparse_attention_q8 %s %s: %d choices, picked %s", (b, h, s, d), precision,
-             len(choices), picked)
-    return node
-
-
 _HASHED_FILES = (
     os.path.abspath(__file__),
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend.py"),
@@ -485,7 +392,8 @@ _HASHED_FILES = (
     os.path.abspath(_kernel.__file__),
     os.path.abspath(_launch.__file__),
     os.path.abspath(_kernel_q8.__file__),
-    os.path.abspath(_launch_q8.__file__),
+    os.path.join(os.path.dirname(os.path.abspath(_kernel_q8.__file__)), "launch_q8.py"),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "lowering_q8.py"),
     os.path.abspath(_quantize_q8.__file__),
     os.path.abspath(_op.__file__),
     os.path.abspath(_fa4.__file__),
@@ -501,7 +409,7 @@ def source_hash(paths=_HASHED_FILES) -> bytes:
     file this process's (old) generated code under the new file's key.
     """
     return get_hash_for_files(tuple(p for p in paths if os.path.exists(p)),
-                              "".join(_TEMPLATE_SOURCES.values()) + _TEMPLATE_SOURCE_Q8)
+                              "".join(_TEMPLATE_SOURCES.values()) + template_source_q8())
 
 
 _SOURCE_HASH = source_hash()
@@ -538,3 +446,6 @@ def _fa4_key() -> bytes:
     where FA4 is gone. Empty otherwise, so machines without FA4 keep their keys."""
     on = fa4_enabled() and torch.cuda.is_available() and _fa4._fa4_imports()
     return b"+fa4" if on else b""
+
+
+from . import lowering_q8  # noqa: E402, F401  (registers the 8-bit op's lowering)

@@ -210,34 +210,17 @@ def template_source(kv_lens: bool = False, launch_order: bool = False) -> str:
     return stub + "\n\n{% raw %}\n" + _helpers_source() + "\n{% endraw %}\n"
 
 
-# The 8-bit stub: the same grid and store as the bf16 one; Q and K are the pre-pass's 8-bit
-# codes (B, H, S, D), V its FP8 V^T in (B, H, D, pitch) memory (K-major for the P.V wgmma,
-# rows padded to 16 bytes), QS / KS / VS its float32 scales ((B * H, blocks) and (B * H, D)).
-_STUB_Q8 = r'''
-DEF_KERNEL
-    stride_qb, stride_qh, stride_qs, stride_qd = {{stride("Q")}}
-    stride_kb, stride_kh, stride_ks, stride_kd = {{stride("K")}}
-    stride_vb, stride_vh, stride_vd, stride_vs = {{stride("V")}}
-    stride_mh, stride_ml, stride_mu, stride_mw = {{stride("MASKS")}}
-    stride_lt_t, stride_lt_h = {{stride("LEVEL_TABLE")}}
-    stride_ts = STRIDE_TS
-    qk_scale = QK_SCALE
-    SEQ_LEN = {{size("Q", 2)}}
-    NUM_HEADS = {{size("Q", 1)}}
-    num_levels = {{size("MASKS", 1)}}
-    NQB = {{size("QS", 1)}}
-    NKB = {{size("KS", 1)}}
-    pid_m = tl.program_id(0)
-    off_b = tl.program_id(1)
-    off_h = tl.program_id(2)
-    TILE_CALL
-    idx_b = off_b.to(INDEX_DTYPE)
-    idx_h = off_h.to(INDEX_DTYPE)
-    idx_m = offs_m[:, None].to(INDEX_DTYPE)
-    idx_d = offs_d[None, :].to(INDEX_DTYPE)
-    mask = (idx_m < SEQ_LEN) & (idx_d < HEAD_DIM)
-    STORE_OUTPUT
-'''
+# The 8-bit stub: the bf16 one with other inputs. Q and K are the pre-pass's 8-bit codes
+# (B, H, S, D), V its FP8 V^T in (B, H, D, pitch) memory (K-major for the P.V wgmma, rows padded
+# to 16 bytes), QS / KS / VS its float32 scales ((B * H, blocks) and (B * H, D)); no key lengths
+# and no launch order.
+_STUB_Q8 = (_STUB.replace('stride_vb, stride_vh, stride_vs, stride_vd = {{stride("V")}}',
+                          'stride_vb, stride_vh, stride_vd, stride_vs = {{stride("V")}}')
+            .replace("BIND_KV_LENS", 'NUM_HEADS = {{size("Q", 1)}}\n    NQB = {{size("QS", 1)}}'
+                     '\n    NKB = {{size("KS", 1)}}')
+            .replace("    BIND_LAUNCH_ORDER\n", ""))
+assert 'stride_vd, stride_vs = {{stride("V")}}' in _STUB_Q8 and "BIND_" not in _STUB_Q8, \
+    "template_source: the bf16 stub changed; rebuild the 8-bit stub from it"
 
 INPUTS_Q8 = ("Q", "K", "V", "QS", "KS", "VS", "MASKS", "LEVEL_TABLE", "BOUNDS", "TS")
 
