@@ -51,6 +51,7 @@ from ..contract.validate import check_attention_tables
 from ..errors import PlanMismatchError
 from ..models.registry import adapter_for_graph
 from . import lowering as _lowering  # registers the Inductor lowering of the op
+from . import lowering_q8 as _lowering_q8  # noqa: F401  (and of the 8-bit op)
 from .joint import rewrite_joint_attention
 from .parallel import ulysses_head_range, ulysses_rank
 from .rewrite import RewriteReport, _pad_bounds, _register_constant, rewrite_self_attention

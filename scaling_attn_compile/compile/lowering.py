@@ -7,8 +7,8 @@ reason against it, FlashAttention-4 block-sparse as an extern choice
 (``torch.ops.scaling_attn.sparse_attention_fa4``). ``SCALING_ATTN_FA4=0`` leaves FA4 out.
 :data:`PICKS` records what each lowered call was offered and what won.
 
-Importing this module registers the lowering, and the 8-bit op's (:mod:`.lowering_q8`, imported at
-the end); :mod:`scaling_attn_compile.compile.backend` imports it.
+Importing this module registers the lowering; :mod:`scaling_attn_compile.compile.backend` imports
+it, and :mod:`.lowering_q8` (the 8-bit op's lowering, which builds on this module's helpers).
 
 One source of kernel math: the template's source (:mod:`.template_source`) is a stub plus the
 *source text* of the kernel's jit functions, the same functions the eager launcher calls.
@@ -447,5 +447,3 @@ def _fa4_key() -> bytes:
     on = fa4_enabled() and torch.cuda.is_available() and _fa4._fa4_imports()
     return b"+fa4" if on else b""
 
-
-from . import lowering_q8  # noqa: E402, F401  (registers the 8-bit op's lowering)

@@ -6,8 +6,8 @@ the same tile). The choices are the eager autotuner's: ``launch_q8.CONFIGS_Q8`` 
 forms. Everywhere else the eager op.
 
 The bf16 lowering (:mod:`.lowering`) owns what both share: the device list, the autotune call,
-``PICKS`` and the cache key (which hashes this file and the 8-bit template); it imports this
-module at its end.
+``PICKS`` and the cache key (which hashes this file and the 8-bit template). Importing this
+module registers the lowering (the backend does; without it Inductor calls the eager op).
 """
 
 from __future__ import annotations
