@@ -118,6 +118,24 @@ def test_rendered_template_equals_the_eager_kernel(precision, energy_rule):
         assert torch.equal(out, eager), f"{config} {pv}: template != eager kernel"
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantize_op_passes_opcheck_and_returns_the_kernels_layout(precision):
+    """The pre-pass op: schema, fake and eager agree (``opcheck``); V^T is the whole padded
+    (B, H, D, pitch) buffer, zeros past S, equal to the launcher's V view where it is read."""
+    from scaling_attn_compile.kernels.launch_q8 import quantize_for_kernel
+
+    q, k, v = case()[:3]
+    torch.library.opcheck(torch.ops.scaling_attn.quantize_q8.default, (q, k, v, precision))
+    q8, qs, k8, ks, vt8, vs = torch.ops.scaling_attn.quantize_q8(q, k, v, precision)
+    ref = quantize_for_kernel(q, k, v, precision, impl="torch")
+    assert vt8.shape == (1, 2, 64, 304) and vt8.is_contiguous()
+    assert torch.equal(vt8[..., :300].transpose(-1, -2).float(), ref[4].float())
+    assert not vt8[..., 300:].float().any()
+    for got, want in zip((q8, qs, k8, ks, vs), (ref[0], ref[1], ref[2], ref[3], ref[5]),
+                         strict=True):
+        assert torch.equal(got.float(), want.float())
+
+
 def test_cpu_graph_calls_the_eager_op():
     """No template on the CPU: the compiled op is the eager op (the reference there)."""
     q, k, v, masks, lt, bb, ts = case(S=256)

@@ -302,6 +302,15 @@ def _template_supported(q) -> bool:
     return q.get_dtype() in KERNEL_DTYPES and head_dim in HEAD_DIMS
 
 
+def _eager_only(device, q, energy_rule, energy_threshold) -> bool:
+    """Whether a call stays the eager op (an extern call): off the template's devices (the CPU),
+    unsupported dtypes / head dims on CUDA (which the eager op rejects with a clear error), and a
+    filter threshold of +-inf, which is no constexpr the generated code can spell. Both kernels'
+    lowerings ask it."""
+    return (device is None or device.type not in TEMPLATE_DEVICE_TYPES
+            or not _template_supported(q) or bool(energy_rule and not math.isfinite(energy_threshold)))
+
+
 def _output_layout(q, device):
     """``(size, layout)`` of the op's output: q's size, dtype and fill order, as the fake
     (``empty_like(q)``) promises. ``q`` realized (a view of a computed buffer has no strides)."""
@@ -328,11 +337,7 @@ def _lower_sparse_attention(q, k, v, masks, level_table, bucket_bounds, timestep
         or launch_order is not None else ()) + (
         (kv_lens,) if kv_lens is not None or launch_order is not None else ()) + (
         (launch_order,) if launch_order is not None else ())
-    if device is None or device.type not in TEMPLATE_DEVICE_TYPES or not _template_supported(q) \
-            or (energy_rule and not math.isfinite(energy_threshold)):
-        # CPU (and unsupported dtypes / head dims on CUDA, which the eager op rejects with a
-        # clear error; and a filter threshold of +-inf, which is no constexpr the generated code
-        # can spell): an extern call to the registered eager implementation.
+    if _eager_only(device, q, energy_rule, energy_threshold):
         return fallback_handler(OP, add_to_fallback_set=False)(*eager_args)
 
     inputs = [realize_inputs(x) for x in (q, k, v, masks, level_table, bucket_bounds, timestep)]
@@ -446,4 +451,3 @@ def _fa4_key() -> bytes:
     where FA4 is gone. Empty otherwise, so machines without FA4 keep their keys."""
     on = fa4_enabled() and torch.cuda.is_available() and _fa4._fa4_imports()
     return b"+fa4" if on else b""
-

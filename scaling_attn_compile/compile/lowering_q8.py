@@ -12,8 +12,6 @@ module registers the lowering (the backend does; without it Inductor calls the e
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import realize_inputs
@@ -28,7 +26,6 @@ from .lowering import (
     _output_layout,
     _shape,
     _static,
-    _template_supported,
     _timestep_stride,
     log,
 )
@@ -86,8 +83,7 @@ def _lower_sparse_attention_q8(q, k, v, masks, level_table, bucket_bounds, times
     device = q.get_device()
     eager_args = (q, k, v, masks, level_table, bucket_bounds, timestep, scale, precision,
                   energy_rule, energy_threshold)
-    if device is None or device.type not in _lowering.TEMPLATE_DEVICE_TYPES or not _template_supported(q) \
-            or (energy_rule and not math.isfinite(energy_threshold)):
+    if _lowering._eager_only(device, q, energy_rule, energy_threshold):
         return fallback_handler(OP_Q8, add_to_fallback_set=False)(*eager_args)
     # Realized first: a permuted view of a computed buffer (the (B, H, S, D) view of q after
     # RoPE, as diffusers makes it) has no strides to read until it is (H100 run of 549ef1f).
@@ -109,7 +105,8 @@ def _lower_sparse_attention_q8(q, k, v, masks, level_table, bucket_bounds, times
             choices, input_nodes=inputs, layout=layout, num_stages=config["num_stages"],
             num_warps=config["num_warps"], call_sizes=size,
             QK_SCALE=float(scale) * _kernel.LOG2E, STRIDE_TS=stride_ts,
-            **_lowering._tile_constexprs({**meta, "PV_MODE": _launch_q8.PV_MODES[pv]}, config, _TILE_FN_Q8))
+            **_lowering._tile_constexprs({**meta, "PV_MODE": _launch_q8.PV_MODES[pv]}, config,
+                                         _TILE_FN_Q8))
         if err is not None:
             log.debug("sparse_attention_q8 template config %s %s skipped: %s", config, pv, err)
     if not choices:
@@ -117,9 +114,9 @@ def _lower_sparse_attention_q8(q, k, v, masks, level_table, bucket_bounds, times
                     (b, h, s, d), q.get_dtype())
         return fallback_handler(OP_Q8, add_to_fallback_set=False)(*eager_args)
     node, picked = _lowering._select(_TEMPLATE_Q8.name, choices, inputs, layout,
-                           input_gen_fns=_input_gen_fns_q8(s, precision))
-    _lowering.PICKS.append({"shape": (b, h, s, d), "choices": [c.name for c in choices], "fa4": "8-bit",
-                  "picked": picked, "precision": precision})
+                                     input_gen_fns=_input_gen_fns_q8(s, precision))
+    _lowering.PICKS.append({"shape": (b, h, s, d), "choices": [c.name for c in choices],
+                            "fa4": "8-bit", "picked": picked, "precision": precision})
     log.info("sparse_attention_q8 %s %s: %d choices, picked %s", (b, h, s, d), precision,
              len(choices), picked)
     return node

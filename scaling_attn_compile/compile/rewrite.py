@@ -390,7 +390,7 @@ def rewrite_sites(gm: torch.fx.GraphModule, sites: list[tuple], per_layer: list,
             rule, threshold = energy(layer, s) if energy is not None else (0, 0.0)
             # The 8-argument form stays the default: it is what the template lowers
             filtered = (rule, threshold) if rule else ()
-            if precision != "bf16":  # the 8-bit op: no lowering, Inductor calls it eagerly
+            if precision != "bf16":  # the 8-bit op (its own lowering, no launch order)
                 new = g.call_function(OP_Q8, (*args, precision, *filtered))
             else:
                 new = g.call_function(OP, (*args, *filtered), launch_order_kwargs(

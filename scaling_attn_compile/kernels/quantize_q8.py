@@ -84,12 +84,17 @@ def _quantize_qkv_kernel(Q, K, V, KMEAN, VSCALE, Q8, K8, VT8, QS, KS,
              mask=inside)
 
 
+def vt8_shape(B: int, H: int, S: int, D: int) -> tuple[int, int, int, int]:
+    """The FP8 V^T buffer's ``(B, H, D, pitch)``: pitch = S rounded up to 16 bytes."""
+    return (B, H, D, -(-S // 16) * 16)
+
+
 def empty_vt8(B: int, H: int, S: int, D: int, device) -> torch.Tensor:
     """The FP8 V^T buffer the kernel reads: ``(B, H, D, pitch)``, pitch = S rounded up to 16
     bytes (TMA needs 16-byte row pitches; S = 32,760, Wan 1.3B, is not one). The padding
     columns are zeros, never read by the kernel: defined values for ``ops.op.quantize_q8``,
     which returns the whole buffer."""
-    vt8 = torch.empty(B, H, D, -(-S // 16) * 16, dtype=FP8, device=device)
+    vt8 = torch.empty(vt8_shape(B, H, S, D), dtype=FP8, device=device)
     vt8[..., S:].zero_()
     return vt8
 

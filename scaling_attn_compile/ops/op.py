@@ -48,7 +48,7 @@ import os
 
 import torch
 
-from ..contract.quant import check_precision, quantized_attention_reference
+from ..contract.quant import Q_BLOCK, check_precision, quantized_attention_reference
 from ..contract.reference import (
     block_masks_for,
     energy_filtered_attention_reference,
@@ -158,36 +158,38 @@ def quantize_q8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``vt8`` FP8 V^T in ``(B, H, D, pitch)`` memory (pitch = S rounded up to 16 bytes, for TMA),
     ``vs`` float32 ``(B * H, D)`` V scales. CUDA: one Triton launch
     (``kernels/quantize_q8``); the CPU: the spec (``contract/quant.quantize_qkv``)."""
-    if check_precision(precision, "quantize_q8: precision") == "bf16":
-        raise ValueError("quantize_q8: precision must be 'int8' or 'fp8', got 'bf16'")
+    _check_quantize_precision(precision)
     from ..kernels.launch_q8 import quantize_for_kernel
+    from ..kernels.quantize_q8 import vt8_shape
 
     q8, qs, k8, ks, v8, vs = quantize_for_kernel(q, k, v, precision,
                                                  impl="triton" if q.is_cuda else "torch")
     # v8 is a (B, H, S, D) view of (B, H, D, pitch) memory (kernels/quantize_q8.empty_vt8):
     # return that whole buffer, which is what the template reads
-    shape = _vt8_shape(q)
+    shape = vt8_shape(*q.shape)
     vt8 = v8.as_strided(shape, (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1),
                         v8.storage_offset())
     return q8, qs, k8, ks, vt8, vs
 
 
-def _vt8_shape(q: torch.Tensor) -> tuple[int, int, int, int]:
-    B, H, S, D = q.shape
-    return (B, H, D, -(-S // 16) * 16)
+def _check_quantize_precision(precision: str) -> None:
+    if check_precision(precision, "quantize_q8: precision") == "bf16":
+        raise ValueError("quantize_q8: precision must be 'int8' or 'fp8', got 'bf16'")
 
 
 @quantize_q8.register_fake
 def _(q, k, v, precision):
-    if check_precision(precision, "quantize_q8: precision") == "bf16":
-        raise ValueError("quantize_q8: precision must be 'int8' or 'fp8', got 'bf16'")
+    from ..kernels.quantize_q8 import vt8_shape
+
+    _check_quantize_precision(precision)
     B, H, S, D = q.shape
-    nb = -(-S // 128)
+    nb = -(-S // Q_BLOCK)
     code = torch.int8 if precision == "int8" else torch.float8_e4m3fn
     f32 = dict(dtype=torch.float32, device=q.device)
     return (q.new_empty(q.shape, dtype=code), q.new_empty((B * H, nb), **f32),
             q.new_empty(q.shape, dtype=code), q.new_empty((B * H, nb), **f32),
-            q.new_empty(_vt8_shape(q), dtype=torch.float8_e4m3fn), q.new_empty((B * H, D), **f32))
+            q.new_empty(vt8_shape(B, H, S, D), dtype=torch.float8_e4m3fn),
+            q.new_empty((B * H, D), **f32))
 
 
 def _check_q8(q, k, v, masks, level_table, bucket_bounds, timestep, precision, energy_rule,
